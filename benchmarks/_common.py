@@ -1,0 +1,116 @@
+"""Shared helpers of the benchmark scripts: the model, a simulated update, timing, peak RSS.
+
+Numbers are ratios measured side by side in one process: absolute times on a shared machine
+mean little.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def qwen2(
+    hidden: int = 512,
+    layers: int = 8,
+    vocab: int = 32000,
+    intermediate: int | None = None,
+    heads: int = 8,
+    kv_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A random-init Qwen2-style causal LM (hidden 512, 8 layers, vocab 32000: ~58M params)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=intermediate or int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    )
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def simulate_update(model: torch.nn.Module, scale: float = 1e-5, seed: int = 1) -> None:
+    """Add N(0, scale^2) noise to every weight (in the weight's dtype: bf16 rounds most away)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for p in model.parameters():
+        noise = torch.randn(p.shape, generator=gen).to(p.device)
+        p.add_((noise * scale).to(p.dtype))
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def best_of(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``repeat`` calls after ``warmup`` calls (synchronising CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+@contextmanager
+def peak_rss():
+    """Yields a dict whose ``"extra"`` is the peak RSS above the RSS at entry, in bytes."""
+    out = {"extra": 0}
+    base = current_rss()
+    stop = threading.Event()
+    peak = [base]
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], current_rss())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], current_rss())
+        out["extra"] = peak[0] - base
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A small Markdown table."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""grail-analysis: how are the weights changing, and would a sparse or low-rank update do?
+
+Three lines in a training loop::
+
+    from grail.trainer.analysis import ModelAnalysisManager, AnalysisConfig
+    analyzer = ModelAnalysisManager.create(AnalysisConfig(interval=100))
+    metrics = analyzer.on_optimizer_step(model, inputs=batch)   # after optimizer.step()
+"""
+
+from .config import AnalysisConfig
+from .manager import ModelAnalysisManager, measurement_steps
+from .metrics import (
+    AnalysisContext,
+    MetricComputer,
+    ParameterChangeMetrics,
+    SparseQualityMetrics,
+)
+from .naming import ParameterNaming
+from .primitives import ParameterDelta, ParameterSnapshot
+from .stats import StreamingStats
+
+__all__ = [
+    "AnalysisConfig",
+    "AnalysisContext",
+    "MetricComputer",
+    "ModelAnalysisManager",
+    "ParameterChangeMetrics",
+    "ParameterDelta",
+    "ParameterNaming",
+    "ParameterSnapshot",
+    "SparseQualityMetrics",
+    "StreamingStats",
+    "measurement_steps",
+]
+
+__version__ = "0.1.0"

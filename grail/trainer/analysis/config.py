@@ -1,0 +1,285 @@
+"""All options of the analysis in one validated dataclass.
+
+Every field is checked in ``__post_init__``: a bad value raises ``ValueError`` naming the field,
+the value and what is allowed, so a typo fails at construction instead of silently producing no
+metrics a thousand steps later.
+
+Decisions where the design is silent:
+
+* ``snapshot_device`` accepts any device string ``torch.device`` parses whose type is one of
+  ``cpu``, ``cuda``, ``mps``, ``xpu`` (``"cuda:1"`` included). It is not checked for availability
+  here: a config is a value that may be written on one machine and used on another.
+* Threshold lists are stored sorted and must be unique after formatting with ``f"{t:.0e}"``,
+  because that string is part of the metric key.
+* Gradient, Adam and low-rank metrics default to off: they need the optimizer, gradients that are
+  still present, or SVDs. ``comprehensive()`` turns everything on.
+
+Example:
+    >>> cfg = AnalysisConfig(interval=10, sparse_quality_thresholds=[1e-6, 1e-4])
+    >>> AnalysisConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    >>> AnalysisConfig.minimal().sparse_quality_enabled
+    False
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["SNAPSHOT_DTYPES", "AnalysisConfig", "format_threshold"]
+
+#: Accepted values of ``snapshot_dtype``; "auto" keeps each parameter's own dtype (lossless).
+SNAPSHOT_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def format_threshold(t: float) -> str:
+    """The key fragment of a threshold: ``format_threshold(1e-6) == "1e-06"``."""
+    return f"{t:.0e}"
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"AnalysisConfig.{name}={value!r} is invalid: {allowed}.")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "expected True or False")
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        _fail(name, value, f"expected an integer {rng}")
+
+
+def _check_thresholds(name: str, values: Any, allow_empty: bool = False) -> list[float]:
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]
+    if not isinstance(values, (list, tuple)):
+        _fail(name, values, "expected a list of finite numbers >= 0")
+    out: list[float] = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            _fail(name, values, f"every threshold must be a finite number >= 0 (got {v!r})")
+        out.append(float(v))
+    if not out and not allow_empty:
+        _fail(name, values, "expected at least one threshold")
+    seen: dict[str, float] = {}
+    for v in sorted(set(out)):
+        key = format_threshold(v)
+        if key in seen:
+            _fail(
+                name,
+                values,
+                f"thresholds {seen[key]!r} and {v!r} both format as {key!r} in metric keys; "
+                "keep one of them",
+            )
+        seen[key] = v
+    return sorted(set(out))
+
+
+def _check_ratios(name: str, values: Any) -> list[float]:
+    if not isinstance(values, (list, tuple)):
+        _fail(name, values, "expected a list of fractions in (0, 1]")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 < v <= 1.0):
+            _fail(name, values, f"every keep ratio must be in (0, 1] (got {v!r})")
+        out.append(float(v))
+    if len(set(out)) != len(out):
+        _fail(name, values, "keep ratios must be unique")
+    return sorted(out)
+
+
+def _check_ranks(name: str, values: Any) -> list[int]:
+    if not isinstance(values, (list, tuple)) or not values:
+        _fail(name, values, "expected a non-empty list of integers >= 1")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            _fail(name, values, f"every rank must be an integer >= 1 (got {v!r})")
+    if len(set(values)) != len(values):
+        _fail(name, values, "ranks must be unique")
+    return sorted(int(v) for v in values)
+
+
+@dataclass
+class AnalysisConfig:
+    """Options of :class:`~grail.trainer.analysis.ModelAnalysisManager` and its computers.
+
+    Example:
+        >>> AnalysisConfig(interval=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: AnalysisConfig.interval=0 is invalid: expected an integer >= 1.
+    """
+
+    # --- schedule and snapshots -------------------------------------------------------------
+    interval: int = 100  # optimizer steps between measurements; first snapshot at step `interval`
+    snapshot_device: str = "cpu"  # host memory is plentiful; GPU memory belongs to training
+    snapshot_dtype: str = "auto"  # "auto" = each parameter's own dtype: lossless diffs
+    trainable_only: bool = False  # True for LoRA/PEFT: frozen base weights would inflate sparsity
+    # Optional grouping of derived component names, e.g. {"q_proj": "attn", "k_proj": "attn"}.
+    component_map: dict[str, str] = field(default_factory=dict)
+
+    # --- parameter change (param_change/*) ---------------------------------------------------
+    param_change_enabled: bool = True
+    param_change_thresholds: list[float] = field(default_factory=lambda: [0.0, 1e-8, 1e-6, 1e-4])
+    param_change_per_layer: bool = False
+    param_change_track_components: bool = False
+    param_change_track_sign_flips: bool = False
+    # Jaccard overlap of the changed set with the previous interval's (one bit per parameter).
+    param_change_track_mask_overlap: bool = False
+
+    # --- sparse-update quality (sparse/*) ----------------------------------------------------
+    sparse_quality_enabled: bool = True
+    sparse_quality_thresholds: list[float] = field(default_factory=lambda: [1e-6])
+    sparse_quality_include_random: bool = True
+    sparse_quality_seed: int = 0
+    sparse_quality_rescale_random: bool = False  # also report the DARE (1/keep rescaled) mask
+    sparse_quality_keep_ratios: list[float] = field(default_factory=list)
+    sparse_quality_max_tokens: int = 4096  # bounds the cost of the extra forward passes
+
+    # --- gradients and optimizer state (gradient/*, adam_sign/*) -----------------------------
+    gradient_enabled: bool = False
+    gradient_thresholds: list[float] = field(default_factory=lambda: [0.0, 1e-8, 1e-6])
+    gradient_track_per_layer: bool = False
+    gradient_track_components: bool = False
+    adam_sign_enabled: bool = False
+    adam_sign_tolerance: float = 0.1  # |u| within this of 1 counts as sign descent
+    adam_sign_track_components: bool = False
+    histogram_samples: int = 0  # 0 = no histograms; else at most this many sampled values
+
+    # --- low-rank feasibility (lowrank/*) ----------------------------------------------------
+    low_rank_enabled: bool = False
+    low_rank_ranks: list[int] = field(default_factory=lambda: [1, 8, 64])
+    low_rank_include_embeddings: bool = False  # embeddings/output head are rarely LoRA targets
+    low_rank_exact_max_dim: int = 2048  # above this min(m, n), a randomized range finder is used
+    low_rank_oversampling: int = 8  # extra columns of the randomized range finder
+    low_rank_power_iterations: int = 2  # subspace iterations; 2 is plenty for decaying spectra
+    low_rank_quality_enabled: bool = True  # forward passes at each rank when inputs are given
+    low_rank_track_components: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("interval", self.interval, 1)
+        if not isinstance(self.snapshot_device, str):
+            _fail("snapshot_device", self.snapshot_device, "expected a device string like 'cpu'")
+        try:
+            dev = torch.device(self.snapshot_device)
+        except (RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in _DEVICE_TYPES:
+            _fail(
+                "snapshot_device",
+                self.snapshot_device,
+                f"expected a device of type {', '.join(_DEVICE_TYPES)} (e.g. 'cpu', 'cuda:0')",
+            )
+        if self.snapshot_dtype not in SNAPSHOT_DTYPES:
+            _fail("snapshot_dtype", self.snapshot_dtype, f"expected one of {list(SNAPSHOT_DTYPES)}")
+        if not isinstance(self.component_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in self.component_map.items()
+        ):
+            _fail("component_map", self.component_map, "expected a dict of str -> non-empty str")
+        for f in dataclasses.fields(self):
+            if f.type in ("bool", bool):
+                _check_bool(f.name, getattr(self, f.name))
+
+        self.param_change_thresholds = _check_thresholds(
+            "param_change_thresholds", self.param_change_thresholds
+        )
+        self.sparse_quality_thresholds = _check_thresholds(
+            "sparse_quality_thresholds", self.sparse_quality_thresholds, allow_empty=True
+        )
+        self.sparse_quality_keep_ratios = _check_ratios(
+            "sparse_quality_keep_ratios", self.sparse_quality_keep_ratios
+        )
+        if self.sparse_quality_enabled and not (
+            self.sparse_quality_thresholds or self.sparse_quality_keep_ratios
+        ):
+            _fail(
+                "sparse_quality_thresholds",
+                self.sparse_quality_thresholds,
+                "sparse quality is enabled but has neither thresholds nor keep ratios; "
+                "give one or set sparse_quality_enabled=False",
+            )
+        _check_int("sparse_quality_seed", self.sparse_quality_seed, 0, 2**63 - 1)
+        _check_int("sparse_quality_max_tokens", self.sparse_quality_max_tokens, 1)
+
+        self.gradient_thresholds = _check_thresholds("gradient_thresholds", self.gradient_thresholds)
+        tol = self.adam_sign_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0.0 < tol < 1.0):
+            _fail("adam_sign_tolerance", tol, "expected a number in (0, 1)")
+        self.adam_sign_tolerance = float(tol)
+        _check_int("histogram_samples", self.histogram_samples, 0)
+
+        self.low_rank_ranks = _check_ranks("low_rank_ranks", self.low_rank_ranks)
+        _check_int("low_rank_exact_max_dim", self.low_rank_exact_max_dim, 1)
+        _check_int("low_rank_oversampling", self.low_rank_oversampling, 0)
+        _check_int("low_rank_power_iterations", self.low_rank_power_iterations, 0)
+
+    # --- presets ---------------------------------------------------------------------------
+    @classmethod
+    def minimal(cls, **overrides: Any) -> AnalysisConfig:
+        """Cheapest useful setting: parameter change every 500 steps, no forward passes."""
+        base: dict[str, Any] = {
+            "interval": 500,
+            "param_change_enabled": True,
+            "sparse_quality_enabled": False,
+        }
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def comprehensive(cls, **overrides: Any) -> AnalysisConfig:
+        """Everything on, every 50 steps, with per-layer and per-component breakdowns."""
+        base: dict[str, Any] = {
+            "interval": 50,
+            "param_change_per_layer": True,
+            "param_change_track_components": True,
+            "param_change_track_sign_flips": True,
+            "param_change_track_mask_overlap": True,
+            "sparse_quality_rescale_random": True,
+            "sparse_quality_keep_ratios": [0.01, 0.1],
+            "gradient_enabled": True,
+            "gradient_track_per_layer": True,
+            "gradient_track_components": True,
+            "adam_sign_enabled": True,
+            "adam_sign_track_components": True,
+            "histogram_samples": 10_000,
+            "low_rank_enabled": True,
+            "low_rank_track_components": True,
+        }
+        return cls(**{**base, **overrides})
+
+    # --- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (lists and dicts are copies)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AnalysisConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that lists the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"AnalysisConfig.from_dict got unknown keys {unknown}; valid keys are {valid}."
+            )
+        return cls(**data)

@@ -1,0 +1,345 @@
+"""The analysis lifecycle: when to snapshot, when to measure, and never to break training.
+
+Step semantics (a schedule is a value: :func:`measurement_steps` spells it out). Steps are
+counted by calls to :meth:`ModelAnalysisManager.on_optimizer_step`. At step ``interval`` the
+first snapshot is taken and ``{}`` is returned; at ``2*interval``, ``3*interval``, ... every
+computer compares the live parameters with the snapshot taken ``interval`` steps earlier, then
+the snapshot is refilled in place from the live parameters. Any other step returns ``{}`` after
+incrementing a counter: no parameter is touched.
+
+Fail-safety lives here and only here: a computer that raises is logged once per computer and
+error type (a warning naming it; the traceback at debug level) and skipped, the others run, and
+nothing propagates into the training loop. When parameters are added, removed or reshaped
+between measurements, one warning names them and the snapshot is re-baselined.
+
+Decisions where the design is silent:
+
+* ``on_optimizer_step(..., step=N)`` sets the step counter to ``N`` first (the HF callback passes
+  the trainer's global step, so a resumed run keeps its schedule).
+* Computers run under ``torch.no_grad()``; the manager restores ``model.training`` of every
+  module after each computer, whatever the computer did.
+* ``state_dict()`` holds the step counter and the config; the snapshot only with
+  ``include_snapshot=True`` (it is as large as the model). Without it, a resumed run re-baselines
+  at its next measurement step.
+* In a process group, a computer's result is kept only if it succeeded on every rank (one tiny
+  all-reduce per computer), so all ranks return the same keys.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 4)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> analyzer = ModelAnalysisManager.create(AnalysisConfig(interval=2,
+    ...                                        sparse_quality_enabled=False))
+    >>> for step in range(1, 5):
+    ...     model(torch.randn(3, 4)).square().sum().backward()
+    ...     opt.step(); opt.zero_grad()
+    ...     metrics = analyzer.on_optimizer_step(model)
+    ...     print(step, len(metrics) > 0)
+    1 False
+    2 False
+    3 False
+    4 True
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SNAPSHOT_DTYPES, AnalysisConfig
+from .distributed import ShardInfo, all_reduce_, is_distributed, unsupported_engine
+from .metrics.base import AnalysisContext, MetricComputer
+from .primitives import ParameterSnapshot
+
+__all__ = ["ModelAnalysisManager", "measurement_steps"]
+
+logger = logging.getLogger(__name__)
+
+
+def measurement_steps(interval: int, last_step: int) -> list[int]:
+    """Steps in ``1..last_step`` at which metrics are returned (the first snapshot is silent).
+
+    >>> measurement_steps(5, 20)
+    [10, 15, 20]
+    """
+    return list(range(2 * interval, last_step + 1, interval))
+
+
+def _attention_mask(inputs: Any) -> torch.Tensor | None:
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        return mask if isinstance(mask, torch.Tensor) else None
+    return None
+
+
+class ModelAnalysisManager:
+    """Runs metric computers over parameter deltas every ``config.interval`` optimizer steps.
+
+    Args:
+        config: all options; ``None`` means ``AnalysisConfig()``.
+    """
+
+    def __init__(self, config: AnalysisConfig | None = None) -> None:
+        if config is not None and not isinstance(config, AnalysisConfig):
+            raise TypeError(
+                f"config must be an AnalysisConfig, got {type(config).__name__}; build one with "
+                "AnalysisConfig(...) or AnalysisConfig.from_dict(...)"
+            )
+        self.config = config or AnalysisConfig()
+        self.computers: list[MetricComputer] = []
+        self.step_count = 0
+        self.old_snapshot: ParameterSnapshot | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.last_histograms: dict[str, Any] = {}
+        self._reported: set[tuple[str, str]] = set()
+        self._skip_logged: set[tuple[str, str]] = set()
+
+    @classmethod
+    def create(
+        cls,
+        config: AnalysisConfig | None = None,
+        *,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> ModelAnalysisManager:
+        """A manager with every built-in computer that ``config`` enables.
+
+        ``output_fn`` maps a model output to logits for the forward-pass metrics (e.g. for an
+        encoder or a value head); by default ``.logits``, the first tuple element, or the tensor
+        itself is used.
+        """
+        from .metrics.registry import build_computers
+
+        manager = cls(config)
+        for computer in build_computers(manager.config, output_fn=output_fn):
+            manager.add_metric(computer)
+        return manager
+
+    def add_metric(self, computer: MetricComputer) -> ModelAnalysisManager:
+        """Append a computer; returns ``self`` so calls chain."""
+        if not isinstance(computer, MetricComputer):
+            raise TypeError(
+                f"add_metric expects a MetricComputer, got {type(computer).__name__}; subclass "
+                "grail.trainer.analysis.MetricComputer and implement compute()"
+            )
+        self.computers.append(computer)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.computers)
+
+    def __repr__(self) -> str:
+        names = ", ".join(c.name for c in self.computers)
+        return (
+            f"ModelAnalysisManager(interval={self.config.interval}, step={self.step_count}, "
+            f"computers=[{names}], snapshot={self.old_snapshot!r})"
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def is_measurement_step(self, step: int | None = None) -> bool:
+        step = self.step_count if step is None else step
+        return step > 0 and step % self.config.interval == 0
+
+    def on_optimizer_step(
+        self,
+        model: nn.Module,
+        inputs: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        step: int | None = None,
+        **metadata: Any,
+    ) -> dict[str, float]:
+        """Call once after every ``optimizer.step()``; returns metrics on measurement steps.
+
+        Never raises because of the analysis: problems are logged and ``{}`` is returned.
+        """
+        if step is not None:
+            self.step_count = int(step)
+        else:
+            self.step_count += 1
+        if not self.is_measurement_step():
+            return {}
+        try:
+            return self._measure(model, inputs, optimizer, metadata)
+        except Exception as err:  # the training loop must survive anything the analysis does
+            self._report("manager", err)
+            return {}
+
+    def _measure(
+        self,
+        model: nn.Module,
+        inputs: Any,
+        optimizer: torch.optim.Optimizer | None,
+        metadata: dict[str, Any],
+    ) -> dict[str, float]:
+        engine = unsupported_engine(model)
+        if engine is not None:
+            self._log_once("engine", engine, f"{engine} parameters cannot be analysed; skipping")
+            return {}
+        cfg = self.config
+        if self.old_snapshot is None:
+            self.old_snapshot = self._new_snapshot(model)
+            return {}
+        live = ParameterSnapshot.live(model, trainable_only=cfg.trainable_only)
+        changed = _spec_changes(self.old_snapshot.spec(), live.spec())
+        if changed:
+            logger.warning(
+                "model parameters changed since the last snapshot (%s); re-baselining without "
+                "metrics this step",
+                changed,
+            )
+            self.old_snapshot = self._new_snapshot(model)
+            return {}
+        delta = self.old_snapshot.compute_delta(live)
+        context = AnalysisContext(
+            model=model,
+            inputs=inputs,
+            attention_mask=_attention_mask(inputs),
+            optimizer=optimizer,
+            step=self.step_count,
+            metadata=dict(metadata),
+        )
+        metrics: dict[str, float] = {}
+        histograms: dict[str, Any] = {}
+        for computer in self.computers:
+            if not self._ready(computer, context):
+                continue
+            result = self._run(computer, delta, live, context, model)
+            if result is not None:
+                metrics.update(result)
+                hist = getattr(computer, "last_histograms", None)
+                if hist:
+                    histograms.update(hist)
+        self.old_snapshot.capture_(model)
+        self.last_metrics = metrics
+        self.last_histograms = histograms
+        return metrics
+
+    def _ready(self, computer: MetricComputer, context: AnalysisContext) -> bool:
+        if computer.requires_inputs() and context.inputs is None:
+            self._log_once(computer.name, "no-inputs", "no inputs passed; skipping")
+            return False
+        if computer.requires_model() and context.model is None:
+            self._log_once(computer.name, "no-model", "no model passed; skipping")
+            return False
+        return True
+
+    def _run(
+        self,
+        computer: MetricComputer,
+        delta: Any,
+        live: ParameterSnapshot,
+        context: AnalysisContext,
+        model: nn.Module,
+    ) -> dict[str, float] | None:
+        modes = [(m, m.training) for m in model.modules()]
+        failed = False
+        result: dict[str, float] = {}
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                raw = computer.compute(
+                    delta=delta,
+                    old_snapshot=self.old_snapshot,
+                    current_snapshot=live,
+                    context=context,
+                )
+            result = {str(k): float(v) for k, v in (raw or {}).items()}
+        except Exception as err:
+            failed = True
+            self._report(computer.name, err)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        if is_distributed():
+            flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64)
+            failed = bool(all_reduce_(flag, "max").item())
+        logger.debug("%s took %.3fs", computer.name, time.perf_counter() - start)
+        return None if failed else result
+
+    def _report(self, name: str, err: BaseException) -> None:
+        key = (name, type(err).__name__)
+        if key not in self._reported:
+            self._reported.add(key)
+            logger.warning(
+                "analysis computer %r failed with %s: %s (skipped; further %s errors from it "
+                "are not logged)",
+                name,
+                type(err).__name__,
+                err,
+                type(err).__name__,
+            )
+        logger.debug("traceback of %r", name, exc_info=err)
+
+    def _log_once(self, name: str, reason: str, message: str) -> None:
+        if (name, reason) not in self._skip_logged:
+            self._skip_logged.add((name, reason))
+            logger.info("%s: %s", name, message)
+
+    def _new_snapshot(self, model: nn.Module) -> ParameterSnapshot:
+        cfg = self.config
+        return ParameterSnapshot(
+            model,
+            device=cfg.snapshot_device,
+            dtype=SNAPSHOT_DTYPES[cfg.snapshot_dtype],
+            trainable_only=cfg.trainable_only,
+        )
+
+    # --- state -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the step count, the snapshot and every computer's carried state."""
+        self.step_count = 0
+        self.old_snapshot = None
+        self.last_metrics = {}
+        self.last_histograms = {}
+        for computer in self.computers:
+            computer.reset()
+
+    def state_dict(self, include_snapshot: bool = False) -> dict[str, Any]:
+        """Step counter and config (and, on request, the snapshot tensors) for checkpoints."""
+        state: dict[str, Any] = {"step_count": self.step_count, "config": self.config.to_dict()}
+        if include_snapshot and self.old_snapshot is not None:
+            state["snapshot"] = self.old_snapshot.state_dict()
+            state["snapshot_param_dtypes"] = {
+                n: str(d).removeprefix("torch.") for n, d in self.old_snapshot.param_dtypes.items()
+            }
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a different config is an error (it changes the keys)."""
+        if "config" in state and AnalysisConfig.from_dict(state["config"]) != self.config:
+            raise ValueError(
+                "the saved analysis config differs from this manager's; construct the manager "
+                "with AnalysisConfig.from_dict(state['config']) to resume it"
+            )
+        self.step_count = int(state["step_count"])
+        self.old_snapshot = None
+        if "snapshot" in state:
+            snap = ParameterSnapshot(
+                None,
+                device=self.config.snapshot_device,
+                dtype=SNAPSHOT_DTYPES[self.config.snapshot_dtype],
+                trainable_only=self.config.trainable_only,
+            )
+            dtypes = state.get("snapshot_param_dtypes", {})
+            for name, tensor in state["snapshot"].items():
+                snap.data[name] = tensor.to(self.config.snapshot_device).clone()
+                snap.param_dtypes[name] = getattr(torch, dtypes.get(name, ""), tensor.dtype)
+                snap.shards[name] = ShardInfo(tuple(tensor.shape), 0, False, True)
+            self.old_snapshot = snap
+
+
+def _spec_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    added = [n for n in new if n not in old]
+    removed = [n for n in old if n not in new]
+    reshaped = [n for n in new if n in old and new[n] != old[n]]
+    parts = []
+    for label, names in (("added", added), ("removed", removed), ("reshaped/retyped", reshaped)):
+        if names:
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            parts.append(f"{label}: {', '.join(names[:5])}{more}")
+    return "; ".join(parts)

@@ -1,0 +1,246 @@
+"""Which entries of an update a sparse mask keeps: magnitude, random, and budget thresholds.
+
+* **Magnitude**: keep ``|delta| > T``. ``T`` is applied exactly as a real number to the float32
+  delta (see :func:`~grail.trainer.analysis.stats.f32_floor`).
+* **Random**: keep each entry independently with probability ``keep``. The random bits of an entry
+  are a hash of ``(seed, parameter name, global flat position)`` (:func:`random_bits`), so the
+  mask does not depend on how the tensor is sharded over ranks or chunked, and no RNG state - the
+  global one least of all - is read or advanced.
+* **Budget**: :func:`keep_ratio_thresholds` finds the global magnitude threshold that keeps a
+  given fraction of all entries, exactly, by a two-pass radix select on the float32 bit pattern
+  of ``|delta|`` (monotone for non-negative floats): a 32768-bin histogram of the high 16 bits,
+  then one of the low 16 bits inside the selected bin. Memory is two histograms, not a
+  concatenation or sort of all deltas.
+
+Example:
+    >>> import torch
+    >>> d = torch.tensor([0.0, 1e-7, 1e-5, -1e-3])
+    >>> magnitude_keep_mask(d, 1e-6).tolist()
+    [False, False, True, True]
+    >>> m1 = random_keep_mask(10, 0.5, seed=1, name="w", offset=0, device="cpu")
+    >>> m2 = random_keep_mask(4, 0.5, seed=1, name="w", offset=6, device="cpu")
+    >>> bool((m1[6:] == m2).all())
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .stats import f32_floor
+
+__all__ = [
+    "DropFn",
+    "keep_ratio_thresholds",
+    "keep_threshold_bits",
+    "magnitude_drop",
+    "magnitude_keep_mask",
+    "mix_seed",
+    "random_bits",
+    "random_drop",
+    "random_keep_mask",
+    "random_uniforms",
+]
+
+_MASK63 = (1 << 63) - 1
+_M1 = 0x7FEB352D  # lowbias32 multipliers (C. Wellons' hash prospector), as signed int32
+_M2 = 0x846CA68B - (1 << 32)
+
+
+def mix_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _MASK63
+
+
+def magnitude_keep_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask ``|delta| > threshold`` (NaN deltas are kept: they certainly changed)."""
+    return ~(delta.float().abs() <= f32_floor(threshold))
+
+
+def _as_int32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _lowbias32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """In-place 32-bit integer hash of an int32 tensor (wrapping arithmetic, logical shifts)."""
+    for shift, mult in ((16, _M1), (15, _M2), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp).bitwise_and_((1 << (32 - shift)) - 1)
+        x.bitwise_xor_(tmp)
+        if mult is not None:
+            x.mul_(mult)
+    return x
+
+
+_ARANGE: dict[torch.device, torch.Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    cached = _ARANGE.get(device)
+    if cached is None or cached.numel() < n:
+        cached = torch.arange(max(n, 1 << 18), dtype=torch.int32, device=device)
+        _ARANGE[device] = cached
+    return cached[:n]
+
+
+def random_bits(
+    numel: int, seed: int, name: str, offset: int, device: torch.device | str
+) -> torch.Tensor:
+    """24 uniform random bits (int32 in [0, 2^24)) for global flat positions ``offset ..``.
+
+    A counter-based generator: the value at global position ``i`` of parameter ``name`` is
+    ``lowbias32(i + key)`` with ``key`` derived from ``(seed, name, i // 2^32)``, so it depends
+    neither on sharding nor on chunking, and no generator state (least of all the global one) is
+    involved. lowbias32 is a bijective 32-bit mixer with full avalanche; its top 24 bits are used.
+    """
+    device = torch.device(device)
+    out = torch.empty(numel, dtype=torch.int32, device=device)
+    tmp = torch.empty_like(out)
+    pos = 0
+    while pos < numel:
+        gi = offset + pos
+        high, low = gi >> 32, gi & 0xFFFFFFFF
+        n = min(numel - pos, (1 << 32) - low)  # stay inside one 2^32 block of positions
+        x = out[pos : pos + n]
+        torch.add(_arange(n, device), _as_int32(low + mix_seed(seed, name, high)), out=x)
+        _lowbias32_(x, tmp[pos : pos + n])
+        torch.bitwise_right_shift(x, 8, out=x).bitwise_and_(0xFFFFFF)
+        pos += n
+    return out
+
+
+def random_uniforms(
+    numel: int, seed: int, name: str, offset: int, device: torch.device | str
+) -> torch.Tensor:
+    """Uniforms in [0, 1) on a 2^-24 grid, from :func:`random_bits`."""
+    return random_bits(numel, seed, name, offset, device).float().mul_(2.0**-24)
+
+
+def keep_threshold_bits(keep: float) -> int:
+    """An entry is kept iff its 24 random bits are below this (so P(keep) = keep on the grid)."""
+    return round(min(max(keep, 0.0), 1.0) * (1 << 24))
+
+
+#: ``drop(name, global_offset, abs_bits, out) -> out``: int32 ``-1`` where an entry reverts to
+#: ``W_old``, ``0`` where it keeps ``W_new``. ``abs_bits`` is the int32 bit pattern of ``|delta|``
+#: of the chunk starting at ``global_offset``; ``out`` is an int32 buffer of the same size.
+DropFn = Callable[[str, int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _f32_bits(t: float) -> int:
+    return int(np.float32(t).view(np.int32))
+
+
+def magnitude_drop(threshold: float) -> DropFn:
+    """Drop entries with ``|delta| <= threshold`` (NaN deltas are kept)."""
+    limit = _f32_bits(f32_floor(threshold)) + 1
+
+    def drop(name: str, offset: int, abs_bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.sub(abs_bits, limit, out=out).bitwise_right_shift_(31)
+
+    return drop
+
+
+def random_drop(keep: float, seed: int) -> DropFn:
+    """Drop each entry with probability ``1 - keep`` (:func:`random_bits` decides)."""
+    limit = keep_threshold_bits(keep)
+
+    def drop(name: str, offset: int, abs_bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        bits = random_bits(abs_bits.numel(), seed, name, offset, abs_bits.device)
+        # kept iff bits < limit  <=>  (limit - 1 - bits) >= 0; drop = sign bit of that
+        return torch.sub(limit - 1, bits, out=out).bitwise_right_shift_(31)
+
+    return drop
+
+
+def random_keep_mask(
+    numel: int, keep: float, seed: int, name: str, offset: int, device: torch.device | str
+) -> torch.Tensor:
+    """Flat boolean mask keeping each entry with probability ``keep`` (see module docstring)."""
+    return random_bits(numel, seed, name, offset, device) < keep_threshold_bits(keep)
+
+
+_HI_BINS = 1 << 15  # non-negative finite float32 bit patterns are < 0x7F800000: high half < 2^15
+
+
+def keep_ratio_thresholds(
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    keep_ratios: Iterable[float],
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> dict[float, float]:
+    """Global magnitude thresholds ``T`` such that ``|delta| > T`` keeps each target fraction.
+
+    Args:
+        chunks: called once per pass; yields float32 delta chunks covering every entry once.
+        keep_ratios: targets in (0, 1].
+        reduce: sums a histogram over ranks (identity in one process).
+
+    The threshold keeps every entry at least as large as the k-th largest ``|delta|``
+    (``k = round(keep * N)``), so the achieved ratio is the target up to ties; non-finite
+    deltas are always kept and count towards ``N``. A target above the changed fraction gives
+    ``T = 0`` (all changed entries).
+    """
+    ratios = sorted(set(keep_ratios))
+    hist_hi: torch.Tensor | None = None
+    n_total = 0
+    for d in chunks():
+        bits = _abs_bits(d)
+        n_total += d.numel()
+        h = torch.bincount(bits >> 16, minlength=_HI_BINS + 1)
+        hist_hi = h if hist_hi is None else hist_hi + h
+    if hist_hi is None:
+        return dict.fromkeys(ratios, 0.0)
+    total = reduce(torch.tensor([n_total], dtype=torch.long, device=hist_hi.device))
+    hist_hi = reduce(hist_hi)
+    n = int(total.item())
+    # Walk bins from the largest values down; bin _HI_BINS collects non-finite (always kept).
+    desc = hist_hi.flip(0).cumsum(0).cpu()
+    targets = {}
+    for r in ratios:
+        k = max(1, min(n, round(r * n)))
+        j = int(torch.searchsorted(desc, k))  # first position where the cumulative count >= k
+        hi_bin = _HI_BINS - j
+        above = int(desc[j - 1]) if j > 0 else 0
+        targets[r] = (hi_bin, k - above)  # need the (k-above)-th largest inside hi_bin
+    out: dict[float, float] = {}
+    need = {hb for hb, _ in targets.values() if hb < _HI_BINS}
+    hist_lo: dict[int, torch.Tensor] = {}
+    if need:
+        for d in chunks():
+            bits = _abs_bits(d)
+            hi = bits >> 16
+            for hb in need:
+                sel = bits[hi == hb] & 0xFFFF
+                h = torch.bincount(sel, minlength=1 << 16)
+                hist_lo[hb] = h if hb not in hist_lo else hist_lo[hb] + h
+        for hb in need:
+            if hb not in hist_lo:
+                hist_lo[hb] = torch.zeros(1 << 16, dtype=torch.long, device=hist_hi.device)
+            hist_lo[hb] = reduce(hist_lo[hb])
+    for r, (hb, rank_in_bin) in targets.items():
+        if hb >= _HI_BINS:  # the k largest are all non-finite
+            out[r] = float("inf")
+            continue
+        desc_lo = hist_lo[hb].flip(0).cumsum(0).cpu()
+        j = int(torch.searchsorted(desc_lo, rank_in_bin))
+        value_bits = (hb << 16) | ((1 << 16) - 1 - j)
+        value = torch.tensor([value_bits], dtype=torch.int32).view(torch.float32).item()
+        if value <= 0.0:
+            out[r] = 0.0
+        else:
+            below = torch.nextafter(torch.tensor(value), torch.tensor(0.0)).item()
+            out[r] = float(below)
+    return out
+
+
+def _abs_bits(d: torch.Tensor) -> torch.Tensor:
+    a = d.float().abs()
+    a = torch.where(torch.isfinite(a), a, torch.full_like(a, float("inf")))
+    bits = a.view(torch.int32).long()
+    # +inf is 0x7F800000 -> high half 0x7F80 = 32640 < 2^15; route it to the overflow bin.
+    return torch.where(bits >= 0x7F800000, torch.full_like(bits, _HI_BINS << 16), bits)

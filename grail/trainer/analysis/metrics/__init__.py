@@ -1,0 +1,12 @@
+"""Built-in metric computers and the base class for your own."""
+
+from .base import AnalysisContext, MetricComputer
+from .parameter_change import ParameterChangeMetrics
+from .sparse_quality import SparseQualityMetrics
+
+__all__ = [
+    "AnalysisContext",
+    "MetricComputer",
+    "ParameterChangeMetrics",
+    "SparseQualityMetrics",
+]

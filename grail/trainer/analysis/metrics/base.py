@@ -1,0 +1,83 @@
+"""The plug-in interface: a computer turns a delta (and optionally the model) into floats.
+
+A subclass writes :meth:`MetricComputer.compute` and nothing else. The manager schedules it,
+passes only what it asks for, skips it (logging once) when it raises, and makes sure it runs on
+every rank. ``compute`` is always called with keyword arguments, so the minimal form works::
+
+    class DeltaCount(MetricComputer):
+        name = "custom"
+
+        def compute(self, delta, **kwargs):
+            return {"custom/tensors": float(len(delta))}
+
+A computer that runs forward passes declares it with ``requires_model()``/``requires_inputs()``;
+one that reads gradients or optimizer state with ``requires_optimizer()``. The manager never
+tests for a concrete class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..primitives import ParameterDelta, ParameterSnapshot
+
+__all__ = ["AnalysisContext", "MetricComputer"]
+
+
+@dataclass
+class AnalysisContext:
+    """What a measurement step knows besides the parameters.
+
+    ``inputs`` is whatever the caller passed (dict, ``BatchEncoding``, tensor, tuple or None);
+    ``attention_mask`` is extracted from it when present; ``metadata`` holds the extra keyword
+    arguments of ``on_optimizer_step``.
+    """
+
+    model: nn.Module | None = None
+    inputs: Any = None
+    attention_mask: torch.Tensor | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    step: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class MetricComputer(ABC):
+    """Base class of every metric family (see module docstring)."""
+
+    #: Prefix of the keys this computer returns, used in log messages.
+    name: str = "metric"
+
+    @abstractmethod
+    def compute(
+        self,
+        delta: ParameterDelta | None = None,
+        old_snapshot: ParameterSnapshot | None = None,
+        current_snapshot: ParameterSnapshot | None = None,
+        context: AnalysisContext | None = None,
+        **kwargs: Any,
+    ) -> dict[str, float]:
+        """Return ``{"family/name": value}`` for one measurement."""
+
+    def requires_model(self) -> bool:
+        """True if :attr:`AnalysisContext.model` must be set."""
+        return False
+
+    def requires_inputs(self) -> bool:
+        """True if the computer needs a batch (:attr:`AnalysisContext.inputs`)."""
+        return False
+
+    def requires_optimizer(self) -> bool:
+        """True if the computer reads the optimizer (or gradients) at the measurement step."""
+        return False
+
+    def reset(self) -> None:
+        """Forget state carried across measurements (called by ``manager.reset()``)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

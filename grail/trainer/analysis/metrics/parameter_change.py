@@ -1,0 +1,221 @@
+r"""How much, where and how sparsely the weights moved: ``param_change/*``.
+
+With :math:`\Delta = W_{new} - W_{old}` over all analysed entries (non-finite deltas are counted
+in ``nonfinite_count`` and excluded from every other statistic except the denominators of the
+ratios):
+
+==============================  ====================================================================
+key                             definition
+==============================  ====================================================================
+``norm_l2``                     :math:`\lVert\Delta\rVert_2`
+``norm_l1``                     :math:`\sum|\Delta|`
+``norm_max``                    :math:`\max|\Delta|`
+``mean`` / ``std``              mean and population standard deviation of the entries
+``min`` / ``max``               extreme entries
+``relative_norm``               :math:`\lVert\Delta\rVert_2 / \lVert W_{old}\rVert_2`
+``sparsity_at_{T}``             fraction of entries with :math:`|\Delta| \le T`
+``changed_ratio_at_{T}``        ``1 - sparsity_at_{T}``
+``exact_unchanged_ratio``       fraction whose stored value is equal before and after (in the
+                                snapshot's dtype; +0 and -0 count as equal)
+``bf16_unchanged_ratio``        fraction equal after rounding both sides to bfloat16: what a bf16
+                                run would call unchanged
+``sign_flip_ratio``             fraction with :math:`\mathrm{sign}(W_{new})\mathrm{sign}(W_{old}) < 0`
+                                (``param_change_track_sign_flips``)
+``nonfinite_count``             number of NaN/Inf deltas
+``num_params``                  number of entries analysed
+==============================  ====================================================================
+
+Per layer (``param_change/layer_{i}/...``) and per component (``param_change/component/{c}/...``)
+the keys are ``mean_abs_delta``, ``norm_l2``, ``relative_norm``, ``sparsity`` (=
+``exact_unchanged_ratio`` of the group) and ``sparsity_at_{T}``. Groups come from
+:mod:`~grail.trainer.analysis.naming`.
+
+Reading it: a bf16 model trained with a small learning rate shows a high
+``exact_unchanged_ratio`` because updates below about 2^-9 of a weight are rounded away; if
+``bf16_unchanged_ratio`` of an fp32 run is high but ``exact_unchanged_ratio`` is near 0, the
+apparent sparsity is rounding, not a sparse update.
+
+Example:
+    >>> import torch
+    >>> from grail.trainer.analysis.primitives import ParameterSnapshot
+    >>> model = torch.nn.Linear(3, 1, bias=False)
+    >>> old = ParameterSnapshot(model)
+    >>> with torch.no_grad():
+    ...     model.weight[0, 0] += 1e-3
+    >>> m = ParameterChangeMetrics(thresholds=[1e-4]).compute(
+    ...     old.compute_delta(ParameterSnapshot.live(model)))
+    >>> m["param_change/sparsity_at_1e-04"], m["param_change/exact_unchanged_ratio"]
+    (0.6666666666666666, 0.6666666666666666)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..config import format_threshold
+from ..naming import ParameterNaming
+from ..primitives import DeltaChunk, ParameterDelta
+from ..stats import StreamingStats, Summary, chunk_numel, count_zeros
+from .base import MetricComputer
+
+__all__ = ["ParameterChangeMetrics"]
+
+_EXTRAS = ("old_sum_sq", "exact_unchanged", "bf16_unchanged", "sign_flips")
+
+
+class ParameterChangeMetrics(MetricComputer):
+    """Streaming statistics of the parameter update (see module docstring for every key)."""
+
+    name = "param_change"
+
+    def __init__(
+        self,
+        thresholds: Sequence[float] = (0.0, 1e-8, 1e-6, 1e-4),
+        per_layer: bool = False,
+        track_components: bool = False,
+        track_sign_flips: bool = False,
+        component_map: Mapping[str, str] | None = None,
+    ) -> None:
+        self.thresholds = sorted(float(t) for t in thresholds)
+        self.per_layer = per_layer
+        self.track_components = track_components
+        self.track_sign_flips = track_sign_flips
+        self.component_map = dict(component_map or {})
+        self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
+        self._scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bf16: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    # --- grouping --------------------------------------------------------------------------
+    def _groups(self, names: list[str]) -> tuple[list[str], dict[str, list[int]]]:
+        key = tuple(names)
+        if self._naming is None or self._naming[0] != key:
+            self._naming = (key, ParameterNaming(names, self.component_map))
+        naming = self._naming[1]
+        groups = ["all"]
+        index: dict[str, int] = {}
+
+        def row(group: str) -> int:
+            if group not in index:
+                index[group] = len(groups)
+                groups.append(group)
+            return index[group]
+
+        rows: dict[str, list[int]] = {}
+        for n in names:
+            r = [0]
+            layer = naming.layer(n)
+            if self.per_layer and layer is not None:
+                r.append(row(f"layer/{layer}"))
+            if self.track_components:
+                r.append(row(f"component/{naming.component(n)}"))
+            rows[n] = r
+        return groups, rows
+
+    def _bf16_buffers(self, device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
+        bufs = self._bf16.get(device)
+        if bufs is None:
+            size = chunk_numel(device)
+            bufs = (
+                torch.empty(size, dtype=torch.bfloat16, device=device),
+                torch.empty(size, dtype=torch.bfloat16, device=device),
+                torch.empty(size, dtype=torch.int16, device=device),
+            )
+            self._bf16[device] = bufs
+        return tuple(b[:n] for b in bufs)
+
+    def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        bufs = self._scratch.get(device)
+        if bufs is None:
+            n = chunk_numel(device)
+            bufs = (torch.empty(n, device=device), torch.empty(n, device=device))
+            self._scratch[device] = bufs
+        return bufs
+
+    # --- computation -----------------------------------------------------------------------
+    def compute(
+        self, delta: ParameterDelta | None = None, **kwargs: Any
+    ) -> dict[str, float]:
+        if delta is None or len(delta) == 0:
+            return {}
+        groups, rows = self._groups(delta.names)
+        device = next(iter(delta.new.data.values())).device
+        stats = StreamingStats(
+            sorted({0.0, *self.thresholds}), groups=groups, extra_sums=_EXTRAS, device=device
+        )
+        for chunk in delta.stream():
+            self._update(stats, chunk, rows[chunk.name], delta)
+        stats.all_reduce()
+        return self._finalize(stats.results(), groups)
+
+    def _update(
+        self, stats: StreamingStats, c: DeltaChunk, rows: list[int], delta: ParameterDelta
+    ) -> None:
+        n = c.delta.numel()
+        if n == 0:
+            return
+        sums, maxes = stats.moments(c.delta)
+        a, b = self._buffers(c.delta.device)
+        a, b = a[:n], b[:n]
+        old32 = c.old if c.old.dtype == torch.float32 else a.copy_(c.old)
+        old_sum_sq = torch.mul(old32, old32, out=b).sum()
+        if c.lossless:
+            # The float32 delta of a lossless snapshot is exact, so it is zero iff the stored
+            # values are equal: the chunk's threshold-0 count is the exact-unchanged count.
+            exact = sums[stats.column(0.0)]
+        else:
+            a.copy_(c.new.to(c.old.dtype)).sub_(c.old)
+            exact = count_zeros(a, b)
+        if c.lossless and delta.new.param_dtypes[c.name] == torch.bfloat16:
+            bf16 = exact
+        else:
+            # Round both sides to bf16 and compare bit patterns: int16 arithmetic is cheap and
+            # a wrapped difference is zero iff the patterns are equal.
+            nb, ob, i16 = self._bf16_buffers(c.delta.device, n)
+            nb.copy_(c.new)
+            ob.copy_(c.old)
+            diff = torch.sub(nb.view(torch.int16), ob.view(torch.int16), out=i16)
+            bf16 = n - diff.sign_().abs_().sum(dtype=torch.int32).float()
+        if self.track_sign_flips:
+            torch.sign(c.new, out=a)
+            torch.sign(c.old, out=b)
+            flips = -a.mul_(b).clamp_(max=0).nan_to_num_(nan=0.0).sum()
+        else:
+            flips = old_sum_sq.new_zeros(())
+        extras = [old_sum_sq, exact, bf16, flips]
+        stats.accumulate(sums, maxes, rows, [e.double() for e in extras])
+
+    def _finalize(self, results: list[Summary], groups: list[str]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for group, r in zip(groups, results):
+            total = r.count + r.nonfinite
+            if total == 0:
+                continue
+            exact = r.extra["exact_unchanged"]
+            rel = r.norm_l2 / r.extra["old_sum_sq"] ** 0.5 if r.extra["old_sum_sq"] > 0 else 0.0
+            if group == "all":
+                p = "param_change/"
+                out.update({p + k: v for k, v in r.five_numbers().items()})
+                out[p + "relative_norm"] = rel
+                for t in self.thresholds:
+                    sp = r.le[t] / total
+                    out[f"{p}sparsity_at_{format_threshold(t)}"] = sp
+                    out[f"{p}changed_ratio_at_{format_threshold(t)}"] = 1.0 - sp
+                out[p + "exact_unchanged_ratio"] = exact / total
+                out[p + "bf16_unchanged_ratio"] = r.extra["bf16_unchanged"] / total
+                if self.track_sign_flips:
+                    out[p + "sign_flip_ratio"] = r.extra["sign_flips"] / total
+                out[p + "nonfinite_count"] = float(r.nonfinite)
+                out[p + "num_params"] = float(total)
+            else:
+                kind, label = group.split("/", 1)
+                p = f"param_change/{label}/" if kind == "layer" else f"param_change/{group}/"
+                out[p + "mean_abs_delta"] = r.mean_abs
+                out[p + "norm_l2"] = r.norm_l2
+                out[p + "relative_norm"] = rel
+                out[p + "sparsity"] = exact / total
+                for t in self.thresholds:
+                    out[f"{p}sparsity_at_{format_threshold(t)}"] = r.le[t] / total
+        return out

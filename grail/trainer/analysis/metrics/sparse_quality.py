@@ -1,0 +1,229 @@
+r"""Would the large changes alone have done the job? ``sparse/*``.
+
+For each magnitude threshold :math:`T` the live model (the full update :math:`W_{new}`) is
+compared with the model whose weights are
+
+.. math:: W_T = W_{old} + \Delta \odot [\,|\Delta| > T\,]
+
+(the *magnitude mask*) and with a *random mask* that keeps each entry with probability equal to
+the magnitude mask's global kept ratio. Optionally the random mask is rescaled by ``1/keep``
+(DARE: :math:`W_{old} + \Delta \odot m / p`). Targets can also be given as kept fractions
+(``sparse_quality_keep_ratios``): the global magnitude threshold keeping that fraction is found
+exactly, and the fraction actually achieved is reported.
+
+Keys, for a label ``L`` (``1e-06`` for a threshold, ``keep_0.01`` for a kept fraction):
+
+===============================  ===================================================================
+``sparse/kl_at_L``               mean over compared tokens of KL(P_full || P_masked)
+``sparse/cosine_at_L``           mean cosine similarity of the logit vectors
+``sparse/mse_at_L``              mean squared logit difference
+``sparse/top1_agree_at_L``       fraction of tokens whose argmax agrees
+``sparse/kept_ratio_at_L``       fraction of entries the magnitude mask keeps (``|Δ| > T``)
+``sparse/unchanged_ratio_at_L``  fraction left at ``W_old`` by the magnitude mask (``|Δ| <= T``)
+``..._random`` / ``..._dare``    the four quality numbers for the random / rescaled random mask
+``sparse/threshold_at_keep_r``   the threshold found for a kept fraction ``r``
+``sparse/tokens``                number of token positions compared
+``sparse/nonfinite``             token positions dropped because some logits were NaN/Inf
+===============================  ===================================================================
+
+Reading it: a small ``kl_at_L`` with a small ``kept_ratio_at_L`` means a sparse update of that
+density reproduces the fine-tune; if the random mask is nearly as good as the magnitude mask, the
+update is redundant rather than concentrated in large entries.
+
+All forward passes run in eval mode under ``no_grad`` on the batch the caller passes (cut to
+``max_tokens`` positions); weights, gradients, training flags and RNG states are exactly
+restored, also when a pass fails (see :mod:`~grail.trainer.analysis.patching`).
+
+Example:
+    >>> import torch
+    >>> from grail.trainer.analysis.primitives import ParameterSnapshot
+    >>> from grail.trainer.analysis.metrics.base import AnalysisContext
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
+    >>> old = ParameterSnapshot(model)
+    >>> with torch.no_grad():
+    ...     _ = model[1].weight.add_(0.01)
+    >>> delta = old.compute_delta(ParameterSnapshot.live(model))
+    >>> ctx = AnalysisContext(model=model, inputs=torch.randint(0, 10, (2, 5)), step=1)
+    >>> m = SparseQualityMetrics(thresholds=[0.0]).compute(delta, context=ctx)
+    >>> m["sparse/kl_at_0e+00"], m["sparse/top1_agree_at_0e+00"], m["sparse/tokens"]
+    (0.0, 1.0, 10.0)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..config import AnalysisConfig, format_threshold
+from ..distributed import all_reduce_, unwrap_model
+from ..divergence import LogitsReference
+from ..forward import PreparedInputs, prepare_inputs, run_forward
+from ..masks import (
+    keep_ratio_thresholds,
+    keep_threshold_bits,
+    magnitude_drop,
+    mix_seed,
+    random_bits,
+    random_drop,
+)
+from ..patching import ModulePatch, SelectPatch, analysis_mode
+from ..primitives import ParameterDelta
+from .base import AnalysisContext, MetricComputer
+
+__all__ = ["SparseQualityMetrics", "format_keep_ratio"]
+
+logger = logging.getLogger(__name__)
+
+_QUALITY = ("kl", "cosine", "mse", "top1_agree")
+
+
+def format_keep_ratio(r: float) -> str:
+    """Key label of a kept fraction: ``format_keep_ratio(0.01) == "keep_0.01"``."""
+    return f"keep_{r:g}"
+
+
+class SparseQualityMetrics(MetricComputer):
+    """Output quality of magnitude- and random-masked updates (see module docstring)."""
+
+    name = "sparse"
+
+    def __init__(
+        self,
+        thresholds: Sequence[float] = (1e-6,),
+        include_random: bool = True,
+        seed: int = 0,
+        rescale_random: bool = False,
+        keep_ratios: Sequence[float] = (),
+        max_tokens: int = 4096,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        self.thresholds = sorted(float(t) for t in thresholds)
+        self.include_random = include_random
+        self.seed = seed
+        self.rescale_random = rescale_random
+        self.keep_ratios = sorted(float(r) for r in keep_ratios)
+        self.max_tokens = max_tokens
+        self.output_fn = output_fn
+        self._logged: set[str] = set()
+
+    @classmethod
+    def from_config(
+        cls, config: AnalysisConfig, output_fn: Callable[[Any], torch.Tensor] | None = None
+    ) -> SparseQualityMetrics:
+        return cls(
+            thresholds=config.sparse_quality_thresholds,
+            include_random=config.sparse_quality_include_random,
+            seed=config.sparse_quality_seed,
+            rescale_random=config.sparse_quality_rescale_random,
+            keep_ratios=config.sparse_quality_keep_ratios,
+            max_tokens=config.sparse_quality_max_tokens,
+            output_fn=output_fn,
+        )
+
+    def requires_model(self) -> bool:
+        return True
+
+    def requires_inputs(self) -> bool:
+        return True
+
+    def _skip(self, reason: str) -> dict[str, float]:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            logger.info("sparse quality skipped: %s", reason)
+        return {}
+
+    # --- masks -----------------------------------------------------------------------------
+    def _targets(self, delta: ParameterDelta) -> list[tuple[str, float]]:
+        """``(label, threshold)`` for every configured threshold and kept fraction."""
+        targets = [(format_threshold(t), t) for t in self.thresholds]
+        if self.keep_ratios:
+            found = keep_ratio_thresholds(
+                lambda: (c.delta for c in delta.stream()),
+                self.keep_ratios,
+                reduce=lambda t: all_reduce_(t, "sum"),
+            )
+            targets += [(format_keep_ratio(r), found[r]) for r in self.keep_ratios]
+        return targets
+
+    @staticmethod
+    def _global_count(delta: ParameterDelta, local: int | None = None) -> int:
+        """Sum over ranks of ``local`` (default: this rank's owned entries)."""
+        if local is None:
+            local = sum(delta.new.data[n].numel() for n in delta.names if delta.shard(n).owner)
+        return int(all_reduce_(torch.tensor([local], dtype=torch.float64), "sum").item())
+
+    @staticmethod
+    def _dare(
+        delta: ParameterDelta, keep_prob: float, seed: int
+    ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        def make(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            def value(current: torch.Tensor) -> torch.Tensor:
+                old = delta.old.data[name].to(current.device).float().view_as(current)
+                bits = random_bits(
+                    current.numel(), seed, name, delta.shard(name).offset, current.device
+                ).view_as(current)
+                scaled = old + (current.float() - old) / keep_prob
+                return torch.where(bits < keep_threshold_bits(keep_prob), scaled, old)
+
+            return value
+
+        return {name: make(name) for name in delta.names}
+
+    # --- computation -----------------------------------------------------------------------
+    def compute(
+        self,
+        delta: ParameterDelta | None = None,
+        context: AnalysisContext | None = None,
+        **kwargs: Any,
+    ) -> dict[str, float]:
+        if delta is None or len(delta) == 0:
+            return self._skip("no parameter delta")
+        if context is None or context.model is None:
+            return self._skip("no model in the context")
+        model = unwrap_model(context.model)
+        prepared = prepare_inputs(model, context.inputs, self.max_tokens)
+        if isinstance(prepared, str):
+            return self._skip(prepared)
+        targets = self._targets(delta)
+        total = self._global_count(delta)
+        seed = mix_seed(self.seed, context.step)
+        out: dict[str, float] = {"sparse/tokens": float(prepared.tokens)}
+        nonfinite = 0
+        with analysis_mode(model):
+            ref = LogitsReference(self._forward(model, prepared))
+            nonfinite += int((~ref.finite).sum())
+            for label, threshold in targets:
+                with SelectPatch(delta, magnitude_drop(threshold)) as patch:
+                    q = ref.compare(self._forward(model, prepared))
+                dropped = self._global_count(delta, patch.dropped_count())
+                keep = 1.0 - dropped / total if total else 0.0
+                out[f"sparse/kept_ratio_at_{label}"] = keep
+                out[f"sparse/unchanged_ratio_at_{label}"] = 1.0 - keep
+                if label.startswith("keep_"):
+                    out[f"sparse/threshold_at_{label}"] = threshold
+                nonfinite += q["nonfinite_rows"]
+                out.update({f"sparse/{k}_at_{label}": q[k] for k in _QUALITY})
+                if self.include_random:
+                    with SelectPatch(delta, random_drop(keep, seed)):
+                        q = ref.compare(self._forward(model, prepared))
+                    nonfinite += q["nonfinite_rows"]
+                    out.update({f"sparse/{k}_at_{label}_random": q[k] for k in _QUALITY})
+                if self.rescale_random:
+                    if keep > 0.0:
+                        with ModulePatch(model, self._dare(delta, keep, seed)):
+                            q = ref.compare(self._forward(model, prepared))
+                        nonfinite += q["nonfinite_rows"]
+                    else:  # nothing kept: 1/keep rescaling is undefined; keys stay stable
+                        q = dict.fromkeys(_QUALITY, math.nan)
+                    out.update({f"sparse/{k}_at_{label}_dare": q[k] for k in _QUALITY})
+        out["sparse/nonfinite"] = float(nonfinite)
+        return out
+
+    def _forward(self, model: torch.nn.Module, prepared: PreparedInputs) -> torch.Tensor:
+        return run_forward(model, prepared, self.output_fn)

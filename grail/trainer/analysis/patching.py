@@ -1,0 +1,276 @@
+"""Swap weights for an extra forward pass and put every bit back, also when the pass fails.
+
+Three context managers:
+
+* :func:`analysis_mode` - ``torch.no_grad()``, every module in eval mode (dropout would make
+  identical weights look different), and on exit each module's own ``training`` flag and the
+  global CPU and CUDA RNG states exactly as they were.
+* :class:`SelectPatch` - every analysed parameter becomes ``W_new`` or ``W_old`` entry by entry
+  (a magnitude or random mask). A masked update is an element-wise *selection* between two values
+  that already exist, so the patch swaps the dropped entries between the parameter and the
+  snapshot and swaps them back afterwards: no copy of the model, exact by construction. Undoing
+  recomputes the mask, which is why a mask may depend only on ``|W_new - W_old|`` and on the
+  position. Where the snapshot's dtype differs from the parameter's (a bf16 snapshot of an fp32
+  model) the dropped values are saved instead and the snapshot is left alone.
+* :class:`ModulePatch` - arbitrary new values (DARE rescaling, low-rank truncation) that cannot
+  be swapped. Each parameter is written just before its owning module runs and restored right
+  after (forward pre-hook and an always-called forward hook), so at most one module's parameters
+  are saved at any time - O(largest module), not a clone of the model. Parameters shared by
+  several modules (tied embeddings) are patched for the whole pass with a saved copy.
+
+Everything runs on the parameters' own devices; snapshot chunks are brought over as needed.
+
+Example:
+    >>> import torch
+    >>> from grail.trainer.analysis.primitives import ParameterSnapshot
+    >>> from grail.trainer.analysis.masks import magnitude_drop
+    >>> model = torch.nn.Linear(2, 1, bias=False)
+    >>> old = ParameterSnapshot(model)
+    >>> w_old = model.weight.detach().clone()
+    >>> with torch.no_grad():
+    ...     model.weight += torch.tensor([[1e-3, 1.0]])
+    >>> w_new = model.weight.detach().clone()
+    >>> delta = old.compute_delta(ParameterSnapshot.live(model))
+    >>> with analysis_mode(model), SelectPatch(delta, magnitude_drop(0.1)):
+    ...     model.weight[0, 0] == w_old[0, 0], model.weight[0, 1] == w_new[0, 1]
+    (tensor(True), tensor(True))
+    >>> torch.equal(model.weight, w_new), torch.equal(old.data["weight"], w_old)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import local_tensor, unwrap_model
+from .masks import DropFn
+from .primitives import ParameterDelta, collect_parameters
+from .stats import chunk_numel
+
+__all__ = ["ModulePatch", "SelectPatch", "analysis_mode"]
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module) -> Iterator[None]:
+    """no_grad + eval for the duration; restores training flags and RNG states on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@dataclass
+class _Patched:
+    name: str
+    start: int
+    stop: int
+    index: torch.Tensor | None = None  # fallback path: positions written ...
+    saved: torch.Tensor | None = None  # ... and their original values
+
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class SelectPatch:
+    """Within the context, each parameter equals ``W_new`` where ``drop`` is 0 and ``W_old``
+    where it is -1 (see module docstring and :data:`~grail.trainer.analysis.masks.DropFn`).
+
+    When parameter and snapshot share a dtype, dropped entries are exchanged between them with
+    an XOR swap of their bit patterns (``x = (p ^ s) & m; p ^= x; s ^= x``): three integer ops,
+    no indices, no copy, an involution. Undoing recomputes the mask from ``|W_new - W_old|``,
+    which the swap leaves unchanged. Otherwise the dropped values are saved and written back.
+    """
+
+    def __init__(self, delta: ParameterDelta, drop: DropFn) -> None:
+        self.delta = delta
+        self.drop = drop
+        self._done: list[_Patched] = []
+        self._scratch: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._dropped: list[torch.Tensor] = []
+
+    def dropped_count(self) -> int:
+        """Entries (changed or not) that the mask sends back to ``W_old``, counted while
+        patching: this rank's local entries, replicated tensors on their owner rank only."""
+        return int(sum(int(t) for t in self._dropped))
+
+    def __enter__(self) -> SelectPatch:
+        self.delta.old.synchronize()
+        try:
+            for name in self.delta.names:
+                self._patch_tensor(name)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def _views(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.delta.new.data[name]
+        s = self.delta.old.data[name]
+        if not p.is_contiguous():
+            raise RuntimeError(f"parameter {name} is not contiguous; cannot patch it in place")
+        return p.view(-1), s.view(-1)
+
+    def _buffers(self, device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
+        bufs = self._scratch.get(device)
+        if bufs is None or bufs[0].numel() < n:
+            size = max(n, chunk_numel(device))
+            bufs = (
+                torch.empty(size, dtype=torch.float32, device=device),
+                torch.empty(size, dtype=torch.int32, device=device),
+                torch.empty(size * 8, dtype=torch.uint8, device=device),
+            )
+            self._scratch[device] = bufs
+        return bufs[0][:n], bufs[1][:n], bufs[2]
+
+    def _mask(
+        self, name: str, start: int, pc: torch.Tensor, sd: torch.Tensor, count: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 mask, -1 where the entry changed and is dropped; and a raw scratch buffer."""
+        n = pc.numel()
+        d, m, raw = self._buffers(pc.device, n)
+        if pc.dtype == torch.float32 and sd.dtype == torch.float32:
+            torch.sub(pc, sd, out=d)
+        else:
+            d.copy_(pc).sub_(sd)
+        abs_bits = d.abs_().view(torch.int32)
+        info = self.delta.shard(name)
+        m = self.drop(name, info.offset + start, abs_bits, m)
+        if count and info.owner:
+            self._dropped.append(-m.sum(dtype=torch.int64))
+        # changed iff |d| > 0 (NaN included): the sign bit of -bits
+        changed = abs_bits.neg_().bitwise_right_shift_(31)
+        return m.bitwise_and_(changed), raw
+
+    def _patch_tensor(self, name: str) -> None:
+        p, s = self._views(name)
+        step = chunk_numel(p.device)
+        for start in range(0, p.numel(), step):
+            stop = min(start + step, p.numel())
+            pc, sc = p[start:stop], s[start:stop]
+            sd = sc.to(pc.device, non_blocking=True) if sc.device != pc.device else sc
+            m, raw = self._mask(name, start, pc, sd, count=True)
+            if pc.dtype == sc.dtype:
+                self._xor_swap(pc, sd, m, raw)
+                if sd is not sc:
+                    sc.copy_(sd)
+                self._done.append(_Patched(name, start, stop))
+            else:
+                idx = m.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                self._done.append(_Patched(name, start, stop, idx, pc[idx]))
+                pc[idx] = sd[idx].to(pc.dtype)
+
+    @staticmethod
+    def _xor_swap(pc: torch.Tensor, sd: torch.Tensor, m: torch.Tensor, raw: torch.Tensor) -> None:
+        itype = _INT_VIEW[pc.element_size()]
+        pi, si = pc.view(itype), sd.view(itype)
+        x = raw[: pc.numel() * pc.element_size()].view(itype)
+        torch.bitwise_xor(pi, si, out=x)
+        x.bitwise_and_(m if itype == torch.int32 else m.to(itype))
+        pi.bitwise_xor_(x)
+        si.bitwise_xor_(x)
+
+    def _restore(self) -> None:
+        while self._done:
+            rec = self._done.pop()
+            p, s = self._views(rec.name)
+            pc, sc = p[rec.start : rec.stop], s[rec.start : rec.stop]
+            if rec.index is not None:
+                pc[rec.index] = rec.saved
+                continue
+            sd = sc.to(pc.device) if sc.device != pc.device else sc
+            m, raw = self._mask(rec.name, rec.start, pc, sd)
+            self._xor_swap(pc, sd, m, raw)
+            if sd is not sc:
+                sc.copy_(sd)
+
+
+class ModulePatch:
+    """Within the context, parameter ``name`` reads as ``values[name](local_tensor)`` while its
+    owning module runs (see module docstring).
+
+    Args:
+        model: the module whose forward will run.
+        values: ``name -> fn(current local tensor) -> new values`` (cast to the tensor's dtype).
+    """
+
+    def __init__(
+        self, model: nn.Module, values: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+    ) -> None:
+        self.model = unwrap_model(model)
+        self.values = values
+        self._handles: list[Any] = []
+        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.calls: dict[str, int] = dict.fromkeys(values, 0)
+
+    def _owners(self) -> dict[str, list[tuple[nn.Module, str]]]:
+        by_id: dict[int, list[tuple[nn.Module, str]]] = {}
+        for module in self.model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    by_id.setdefault(id(p), []).append((module, attr))
+        params = dict(collect_parameters(self.model))
+        return {name: by_id.get(id(params[name]), []) for name in self.values if name in params}
+
+    def _write(self, name: str, t: torch.Tensor) -> None:
+        if name in self._saved:
+            return  # already patched (a shared parameter, or a re-entrant module)
+        new = self.values[name](t)
+        self._saved[name] = (t, t.clone())
+        t.copy_(new.to(t.dtype))
+        self.calls[name] += 1
+
+    def _put_back(self, name: str) -> None:
+        entry = self._saved.pop(name, None)
+        if entry is not None:
+            entry[0].copy_(entry[1])
+
+    def __enter__(self) -> ModulePatch:
+        try:
+            for name, owners in self._owners().items():
+                if len(owners) != 1:  # shared or unowned: patch for the whole pass
+                    module, attr = owners[0]
+                    self._write(name, local_tensor(getattr(module, attr)))
+                    continue
+                module, attr = owners[0]
+                self._hook(module, attr, name)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _hook(self, module: nn.Module, attr: str, name: str) -> None:
+        def pre(mod: nn.Module, args: Any) -> None:
+            self._write(name, local_tensor(getattr(mod, attr)))
+
+        def post(mod: nn.Module, args: Any, output: Any) -> None:
+            self._put_back(name)
+
+        self._handles.append(module.register_forward_pre_hook(pre, prepend=True))
+        self._handles.append(module.register_forward_hook(post, always_call=True))
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for name in list(self._saved):
+            self._put_back(name)

@@ -1,0 +1,369 @@
+"""Streaming float64 accumulators: feed tensors one at a time, merge, all-reduce once, finalise.
+
+:class:`StreamingStats` keeps, for each of ``G`` groups (the whole model, each layer, each
+component, ...), the sums that every statistic of this library is derived from:
+
+=================  ==========================================  ==========
+field              definition over the finite values x         reduction
+=================  ==========================================  ==========
+``count``          number of finite values                     SUM
+``sum``            sum x                                       SUM
+``sum_sq``         sum x^2                                     SUM
+``sum_abs``        sum abs(x)                                  SUM
+``nonfinite``      number of NaN/Inf values (excluded above)   SUM
+``le[t]``          number of finite values with abs(x) <= t    SUM
+extra sums         caller-defined (e.g. sum of W_old^2)        SUM
+``max_abs``        max abs(x)                                  MAX
+``max``/``min``    max x / min x                               MAX / MIN
+=================  ==========================================  ==========
+
+Each tensor is processed in fixed-size chunks of its flattened view, so the extra memory is a
+chunk, never the whole tensor, and the chunk stays in cache for the dozen reductions applied to
+it. Chunk reductions run in float32 with PyTorch's cascade summation (relative error ~1e-7) and
+are accumulated across chunks in float64. Threshold counts are exact: ``t`` is compared in
+float32 against the largest float32 not above ``t``, which selects exactly the float32 values
+``v`` with ``v <= t`` in real arithmetic.
+
+``std`` is the population standard deviation ``sqrt(sum_sq / n - mean^2)``; it loses relative
+accuracy only when ``|mean| >> std``, which parameter updates do not exhibit.
+
+Example:
+    >>> import torch
+    >>> s = StreamingStats(thresholds=[0.5], groups=["all", "odd"])
+    >>> s.update(torch.tensor([1.0, -2.0, 0.25]), groups=[0, 1])
+    >>> s.update(torch.tensor([float("nan"), 0.0]), groups=[0])
+    >>> r = s.result(0)
+    >>> r.count, r.nonfinite, r.norm_l1, r.max, r.min, r.le[0.5]
+    (4, 1, 3.25, 1.0, -2.0, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .distributed import all_reduce_
+
+__all__ = [
+    "CPU_CHUNK",
+    "CUDA_CHUNK",
+    "StreamingStats",
+    "Summary",
+    "chunk_moments",
+    "chunk_numel",
+    "count_zeros",
+    "f32_floor",
+]
+
+#: Elements per chunk: 1 MiB of float32 fits in L2 on CPU; GPUs want fewer, larger launches.
+CPU_CHUNK = 1 << 18
+CUDA_CHUNK = 1 << 24
+
+_BASE_SUMS = ("count", "sum", "sum_sq", "sum_abs", "nonfinite")
+_MAXES = ("max_abs", "max", "neg_min")
+
+
+def chunk_numel(device: torch.device) -> int:
+    """Chunk size used for streaming reductions on ``device``."""
+    return CPU_CHUNK if device.type == "cpu" else CUDA_CHUNK
+
+
+def f32_floor(t: float) -> float:
+    """Largest float32 value that is <= ``t`` (so float32 ``v <= f32_floor(t)`` iff ``v <= t``)."""
+    v = np.float32(t)
+    if float(v) > t:
+        v = np.nextafter(v, np.float32(-np.inf))
+    return float(v)
+
+
+def count_zeros(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Number of exact zeros of a float32 ``x`` as a 0-d tensor (NaN counts as non-zero).
+
+    Float ops instead of ``x == 0``: on CPU, comparisons into bool tensors are several times
+    slower than arithmetic, and this runs on every chunk. ``scratch`` is overwritten.
+    """
+    nonzero = torch.abs(x, out=scratch).sign_().nan_to_num_(nan=1.0).sum()
+    return x.numel() - nonzero
+
+
+def _f32_bits(t: float) -> int:
+    return int(np.float32(t).view(np.int32))
+
+
+def chunk_moments(
+    x: torch.Tensor,
+    thresholds_f32: Sequence[float],
+    ax: torch.Tensor,
+    tmp: torch.Tensor,
+    ibuf: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base sums and maxima of one float32 chunk (layout of :class:`StreamingStats`).
+
+    ``ax``, ``tmp`` (float32) and ``ibuf`` (int32) are scratch buffers of ``x``'s size; ``ax``
+    holds ``|x|`` of the finite entries afterwards. Returns ``(sums, maxes)`` as float64
+    tensors on ``x``'s device: ``[count, sum, sum_sq, sum_abs, nonfinite, le(t)...]`` and
+    ``[max_abs, max, -min]``.
+
+    Counting uses arithmetic rather than comparisons, which are several times slower on CPU:
+    for non-negative floats the int32 bit pattern is monotone, so ``|x| <= t`` iff
+    ``bits(|x|) - bits(t) - 1 < 0``, whose sign bit an arithmetic shift turns into -1 or 0.
+    """
+    n = x.numel()
+    total = x.sum()
+    nonfinite = 0
+    if not bool(torch.isfinite(total)):
+        x = x[torch.isfinite(x)]
+        nonfinite = n - x.numel()
+        n = x.numel()
+        ax, tmp, ibuf = ax[:n], tmp[:n], ibuf[:n]
+        total = x.sum()
+    if n == 0:
+        sums = torch.zeros(5 + len(thresholds_f32), dtype=torch.float64, device=x.device)
+        sums[4] = nonfinite
+        return sums, torch.full((3,), -math.inf, dtype=torch.float64, device=x.device)
+    torch.abs(x, out=ax)
+    row = [
+        x.new_tensor(float(n)),
+        total,
+        torch.mul(ax, ax, out=tmp).sum(),
+        ax.sum(),
+        x.new_tensor(float(nonfinite)),
+    ]
+    bits = ax.view(torch.int32)
+    for t in thresholds_f32:
+        if t == 0.0:
+            row.append(n - torch.sign(ax, out=tmp).sum())
+        else:
+            neg = torch.sub(bits, _f32_bits(t) + 1, out=ibuf).bitwise_right_shift_(31)
+            row.append(-neg.sum(dtype=torch.int32).float())  # exact: a chunk has < 2^24 entries
+    lo, hi = torch.aminmax(x)
+    sums = torch.stack(row).double()
+    maxes = torch.stack([torch.maximum(hi.abs(), lo.abs()), hi, -lo]).double()
+    return sums, maxes
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Finalised statistics of one group (plain Python numbers)."""
+
+    count: int
+    nonfinite: int
+    sum: float
+    sum_sq: float
+    sum_abs: float
+    max_abs: float
+    max: float
+    min: float
+    le: dict[float, int]
+    extra: dict[str, float]
+
+    @property
+    def norm_l2(self) -> float:
+        return math.sqrt(self.sum_sq)
+
+    @property
+    def norm_l1(self) -> float:
+        return self.sum_abs
+
+    @property
+    def norm_max(self) -> float:
+        return self.max_abs
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    @property
+    def mean_abs(self) -> float:
+        return self.sum_abs / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        if not self.count:
+            return 0.0
+        mean = self.sum / self.count
+        return math.sqrt(max(self.sum_sq / self.count - mean * mean, 0.0))
+
+    def fraction_le(self, t: float) -> float:
+        """Fraction of all values (non-finite included in the denominator) with abs(x) <= t."""
+        total = self.count + self.nonfinite
+        return self.le[t] / total if total else 0.0
+
+    def five_numbers(self) -> dict[str, float]:
+        """``norm_l2, norm_l1, norm_max, mean, std, min, max`` as floats."""
+        return {
+            "norm_l2": self.norm_l2,
+            "norm_l1": self.norm_l1,
+            "norm_max": self.norm_max,
+            "mean": self.mean,
+            "std": self.std,
+            "min": self.min,
+            "max": self.max,
+        }
+
+
+class StreamingStats:
+    """float64 accumulators for ``len(groups)`` groups; see the module docstring.
+
+    Args:
+        thresholds: values ``t`` for the counts ``abs(x) <= t``.
+        groups: group names; ``update(..., groups=[i, j])`` feeds rows ``i`` and ``j``.
+        extra_sums: names of caller-defined sums fed through :meth:`add`.
+        device: where the accumulators live (keep them next to the data: no sync per tensor).
+    """
+
+    def __init__(
+        self,
+        thresholds: Sequence[float] = (),
+        groups: Sequence[str] = ("all",),
+        extra_sums: Sequence[str] = (),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.thresholds = sorted(float(t) for t in thresholds)
+        self._t32 = [f32_floor(t) for t in self.thresholds]
+        self.groups = list(groups)
+        self.extra_names = list(extra_sums)
+        self.device = torch.device(device)
+        n_sums = len(_BASE_SUMS) + len(self.thresholds) + len(self.extra_names)
+        self.sums = torch.zeros(len(self.groups), n_sums, dtype=torch.float64, device=self.device)
+        self.maxes = torch.full(
+            (len(self.groups), len(_MAXES)), -math.inf, dtype=torch.float64, device=self.device
+        )
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}
+        self._scratch: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    # --- feeding ---------------------------------------------------------------------------
+    def _rows(self, groups: Sequence[int] | int) -> torch.Tensor:
+        key = (groups,) if isinstance(groups, int) else tuple(groups)
+        idx = self._index.get(key)
+        if idx is None:
+            idx = torch.tensor(key, dtype=torch.long, device=self.device)
+            self._index[key] = idx
+        return idx
+
+    def update(self, x: torch.Tensor, groups: Sequence[int] | int = 0) -> None:
+        """Add every element of ``x`` (any floating dtype, any device) to the given groups."""
+        flat = x.detach().reshape(-1)
+        step = chunk_numel(flat.device)
+        for start in range(0, flat.numel(), step):
+            self.update_chunk(flat[start : start + step], groups)
+
+    def update_chunk(self, x: torch.Tensor, groups: Sequence[int] | int = 0) -> None:
+        """Like :meth:`update` for a 1-D tensor already small enough to be one chunk.
+
+        A float32 ``x`` may be a scratch buffer of the caller: it is read, never kept.
+        """
+        self.accumulate(*self.moments(x), groups)
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`chunk_moments` of one chunk with this accumulator's thresholds and scratch."""
+        if x.dtype != torch.float32:
+            x = x.float()
+        ax, tmp, ibuf = self.scratch(x.device, x.numel())
+        return chunk_moments(x, self._t32, ax, tmp, ibuf)
+
+    def accumulate(
+        self,
+        sums: torch.Tensor,
+        maxes: torch.Tensor,
+        groups: Sequence[int] | int = 0,
+        extras: Sequence[torch.Tensor] = (),
+    ) -> None:
+        """Add a row of base sums (and, in order, every extra sum) and fold in a row of maxima.
+
+        Passing the extras here instead of through :meth:`add` costs one small kernel per chunk
+        instead of several, which matters when chunks are small.
+        """
+        rows = self._rows(groups)
+        if extras:
+            if len(extras) != len(self.extra_names):
+                raise ValueError(f"expected {len(self.extra_names)} extras, got {len(extras)}")
+            sums = torch.cat([sums, torch.stack(list(extras)).to(sums)])
+        sums = sums.to(self.device, torch.float64)
+        self.sums[:, : sums.numel()].index_add_(0, rows, sums.expand(len(rows), -1))
+        cur = self.maxes.index_select(0, rows)
+        self.maxes.index_copy_(0, rows, torch.maximum(cur, maxes.to(self.device, torch.float64)))
+
+    def column(self, key: str | float) -> int:
+        """Column of a base field (``"count"``, ``"sum"``, ...) or of the count at threshold t."""
+        if isinstance(key, str):
+            return _BASE_SUMS.index(key)
+        return len(_BASE_SUMS) + self.thresholds.index(float(key))
+
+    def scratch(self, device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
+        """Two float32 and one int32 scratch buffer of ``n`` elements on ``device`` (reused)."""
+        bufs = self._scratch.get(device)
+        if bufs is None or bufs[0].numel() < n:
+            size = max(n, chunk_numel(device))
+            bufs = (
+                torch.empty(size, dtype=torch.float32, device=device),
+                torch.empty(size, dtype=torch.float32, device=device),
+                torch.empty(size, dtype=torch.int32, device=device),
+            )
+            self._scratch[device] = bufs
+        return tuple(b[:n] for b in bufs)
+
+    def add(self, name: str, value: torch.Tensor | float, groups: Sequence[int] | int = 0) -> None:
+        """Add ``value`` to the extra sum ``name`` of the given groups (no device sync)."""
+        col = len(_BASE_SUMS) + len(self.thresholds) + self.extra_names.index(name)
+        rows = self._rows(groups)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=self.device, dtype=torch.float64)
+        self.sums[:, col].index_add_(
+            0, rows, torch.as_tensor(value, dtype=torch.float64, device=self.device).expand(len(rows))
+        )
+
+    # --- combining -------------------------------------------------------------------------
+    def merge(self, other: StreamingStats) -> StreamingStats:
+        """Fold ``other`` (same thresholds, groups and extras) into ``self``; returns self."""
+        if (other.thresholds, other.groups, other.extra_names) != (
+            self.thresholds,
+            self.groups,
+            self.extra_names,
+        ):
+            raise ValueError("can only merge StreamingStats with the same layout")
+        self.sums += other.sums.to(self.device)
+        torch.maximum(self.maxes, other.maxes.to(self.device), out=self.maxes)
+        return self
+
+    def all_reduce(self) -> StreamingStats:
+        """Sum/max over all ranks (two collectives for every group at once); returns self."""
+        all_reduce_(self.sums, "sum")
+        all_reduce_(self.maxes, "max")
+        return self
+
+    # --- results ---------------------------------------------------------------------------
+    def results(self) -> list[Summary]:
+        """One :class:`Summary` per group, in group order (a single device-to-host copy)."""
+        sums = self.sums.cpu().tolist()
+        maxes = self.maxes.cpu().tolist()
+        out = []
+        nt = len(self.thresholds)
+        for row, mx in zip(sums, maxes):
+            count = int(row[0])
+            le = {t: int(c) for t, c in zip(self.thresholds, row[5 : 5 + nt])}
+            extra = dict(zip(self.extra_names, row[5 + nt :]))
+            empty = count == 0
+            out.append(
+                Summary(
+                    count=count,
+                    nonfinite=int(row[4]),
+                    sum=row[1],
+                    sum_sq=row[2],
+                    sum_abs=row[3],
+                    max_abs=0.0 if empty else mx[0],
+                    max=0.0 if empty else mx[1],
+                    min=0.0 if empty else -mx[2],
+                    le=le,
+                    extra=extra,
+                )
+            )
+        return out
+
+    def result(self, group: int | str = 0) -> Summary:
+        i = self.groups.index(group) if isinstance(group, str) else group
+        return self.results()[i]
