@@ -188,7 +188,7 @@ class AnalysisConfig:
                 self.snapshot_device,
                 f"expected a device of type {', '.join(_DEVICE_TYPES)} (e.g. 'cpu', 'cuda:0')",
             )
-        if self.snapshot_dtype not in SNAPSHOT_DTYPES:
+        if not isinstance(self.snapshot_dtype, str) or self.snapshot_dtype not in SNAPSHOT_DTYPES:
             _fail("snapshot_dtype", self.snapshot_dtype, f"expected one of {list(SNAPSHOT_DTYPES)}")
         if not isinstance(self.component_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and v for k, v in self.component_map.items()
