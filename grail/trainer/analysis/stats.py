@@ -24,8 +24,9 @@ are accumulated across chunks in float64. Threshold counts are exact: ``t`` is c
 float32 against the largest float32 not above ``t``, which selects exactly the float32 values
 ``v`` with ``v <= t`` in real arithmetic.
 
-``std`` is the population standard deviation ``sqrt(sum_sq / n - mean^2)``; it loses relative
-accuracy only when ``|mean| >> std``, which parameter updates do not exhibit.
+``std`` is the population standard deviation ``sqrt(sum_sq / n - mean^2)``: exact enough when
+``std`` is not much smaller than ``|mean|`` (parameter updates), with an absolute error of about
+``sqrt(eps32) * rms`` in the degenerate case of nearly constant values.
 
 Example:
     >>> import torch
@@ -86,8 +87,9 @@ def count_zeros(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     Float ops instead of ``x == 0``: on CPU, comparisons into bool tensors are several times
     slower than arithmetic, and this runs on every chunk. ``scratch`` is overwritten.
     """
-    nonzero = torch.abs(x, out=scratch).sign_().nan_to_num_(nan=1.0).sum()
-    return x.numel() - nonzero
+    bits = torch.abs(x, out=scratch).view(torch.int32)  # NaN has a non-zero pattern too
+    nonzero = -bits.neg_().bitwise_right_shift_(31).sum(dtype=torch.int32)
+    return x.numel() - nonzero.float()
 
 
 def _f32_bits(t: float) -> int:

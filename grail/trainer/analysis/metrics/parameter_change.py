@@ -179,8 +179,8 @@ class ParameterChangeMetrics(MetricComputer):
             diff = torch.sub(nb.view(torch.int16), ob.view(torch.int16), out=i16)
             bf16 = n - diff.sign_().abs_().sum(dtype=torch.int32).float()
         if self.track_sign_flips:
-            torch.sign(c.new, out=a)
-            torch.sign(c.old, out=b)
+            a.copy_(c.new).sign_()
+            b.copy_(c.old).sign_()
             flips = -a.mul_(b).clamp_(max=0).nan_to_num_(nan=0.0).sum()
         else:
             flips = old_sum_sq.new_zeros(())
