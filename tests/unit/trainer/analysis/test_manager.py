@@ -1,0 +1,241 @@
+"""ModelAnalysisManager: schedule, fail-safety, re-baselining, state and invariants."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import BatchEncoding
+
+from grail.trainer.analysis import (
+    AnalysisConfig,
+    MetricComputer,
+    ModelAnalysisManager,
+    measurement_steps,
+)
+from tests.conftest import tiny_qwen2
+
+from .reference import assert_same_state, state
+
+
+class Count(MetricComputer):
+    """Written the minimal way the design promises to support."""
+
+    name = "count"
+
+    def compute(self, delta, **kwargs):
+        return {"count/tensors": len(delta)}
+
+
+class Boom(MetricComputer):
+    name = "boom"
+
+    def __init__(self, exc=RuntimeError):
+        self.exc = exc
+        self.calls = 0
+
+    def compute(self, delta=None, **kwargs):
+        self.calls += 1
+        raise self.exc("kaboom")
+
+
+def _train_steps(model, manager, steps, inputs=None):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    seen = []
+    for step in range(1, steps + 1):
+        ids = torch.randint(0, 128, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if manager.on_optimizer_step(model, inputs=inputs if inputs is not None else ids):
+            seen.append(step)
+    return seen
+
+
+@pytest.mark.parametrize("interval,steps", [(1, 6), (5, 22), (100, 300)])
+def test_metrics_appear_exactly_at_multiples_after_the_first(interval, steps):
+    model = tiny_qwen2()
+    manager = ModelAnalysisManager(AnalysisConfig(interval=interval)).add_metric(Count())
+    if interval == 100:  # cheap: no training needed to exercise the schedule
+        seen = [s for s in range(1, steps + 1) if manager.on_optimizer_step(model)]
+    else:
+        seen = _train_steps(model, manager, steps)
+    assert seen == measurement_steps(interval, steps)
+    assert manager.step_count == steps
+
+
+def test_non_measurement_steps_do_not_touch_parameters():
+    class Exploding(torch.nn.Module):
+        def parameters(self, *a, **k):
+            raise AssertionError("parameters accessed on a non-measurement step")
+
+        named_parameters = parameters
+
+    manager = ModelAnalysisManager.create(AnalysisConfig(interval=10))
+    for _ in range(9):
+        assert manager.on_optimizer_step(Exploding()) == {}
+
+
+def test_custom_metric_minimal_signature_and_chaining():
+    model = tiny_qwen2()
+    manager = ModelAnalysisManager.create(AnalysisConfig(interval=1, sparse_quality_enabled=False))
+    assert manager.add_metric(Count()) is manager
+    assert len(manager) == 2
+    manager.on_optimizer_step(model)
+    m = manager.on_optimizer_step(model)
+    assert m["count/tensors"] == float(len(list(model.parameters())))
+    assert "param_change/norm_l2" in m
+
+
+def test_failing_computer_is_logged_once_per_error_type_and_skipped(caplog):
+    model = tiny_qwen2()
+    boom = Boom()
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(boom).add_metric(Count())
+    caplog.set_level(logging.WARNING, logger="grail.trainer.analysis.manager")
+    for _ in range(4):
+        m = manager.on_optimizer_step(model)
+    assert m == {"count/tensors": float(len(list(model.parameters())))}
+    assert boom.calls == 3
+    warnings = [r for r in caplog.records if "boom" in r.getMessage()]
+    assert len(warnings) == 1 and "RuntimeError" in warnings[0].getMessage()
+    boom.exc = ValueError
+    manager.on_optimizer_step(model)
+    assert len([r for r in caplog.records if "boom" in r.getMessage()]) == 2
+
+
+def test_architecture_change_rebaselines_with_one_warning(caplog):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(Count())
+    manager.on_optimizer_step(model)
+    assert manager.on_optimizer_step(model) == {"count/tensors": 2.0}
+    model.append(torch.nn.Linear(4, 2))
+    caplog.set_level(logging.WARNING)
+    assert manager.on_optimizer_step(model) == {}
+    assert any("1.weight" in r.getMessage() and "added" in r.getMessage() for r in caplog.records)
+    assert manager.on_optimizer_step(model) == {"count/tensors": 4.0}
+    model[0] = torch.nn.Linear(4, 3)  # reshaped
+    model[1] = torch.nn.Linear(3, 2)
+    assert manager.on_optimizer_step(model) == {}
+    assert manager.on_optimizer_step(model) == {"count/tensors": 4.0}
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        None,
+        torch.randint(0, 128, (2, 8)),
+        {"input_ids": torch.randint(0, 128, (2, 8)), "labels": torch.zeros(2, 8)},
+        BatchEncoding({"input_ids": torch.randint(0, 128, (2, 8))}),
+        (torch.randint(0, 128, (2, 8)),),
+        "not a batch",
+        {"nothing": 1},
+        [],
+        42,
+    ],
+)
+def test_any_inputs_never_raise(inputs):
+    model = tiny_qwen2()
+    manager = ModelAnalysisManager.create(AnalysisConfig(interval=1))
+    manager.on_optimizer_step(model, inputs=inputs)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    m = manager.on_optimizer_step(model, inputs=inputs)
+    assert "param_change/norm_l2" in m
+
+
+def test_invariants_of_a_full_measurement():
+    model = tiny_qwen2(attention_dropout=0.5)
+    model.train()
+    model.model.layers[0].eval()  # mixed modes must come back exactly
+    manager = ModelAnalysisManager.create(
+        AnalysisConfig.comprehensive(interval=1, low_rank_enabled=False, gradient_enabled=False,
+                                     adam_sign_enabled=False, param_change_track_mask_overlap=False)
+    )
+    ids = torch.randint(0, 128, (2, 8))
+    manager.on_optimizer_step(model, inputs=ids)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    model(input_ids=ids, labels=ids).loss.backward()  # grads present during analysis
+    before = state(model)
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    m = manager.on_optimizer_step(model, inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert "sparse/kl_at_1e-06" in m and "sparse/kl_at_keep_0.01_dare" in m
+    assert_same_state(before, state(model))
+    assert [mod.training for mod in model.modules()] == modes
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None or p.grad.grad_fn is None for p in model.parameters())
+
+
+def test_trainable_only_skips_frozen_parameters():
+    model = tiny_qwen2()
+    for n, p in model.named_parameters():
+        p.requires_grad_("q_proj" in n)
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1, trainable_only=True)).add_metric(Count())
+    manager.on_optimizer_step(model)
+    assert manager.on_optimizer_step(model) == {"count/tensors": 4.0}  # q_proj weight+bias x2
+    assert set(manager.old_snapshot.data) == {n for n, p in model.named_parameters() if "q_proj" in n}
+
+
+def test_snapshot_buffers_are_reused_between_measurements():
+    model = tiny_qwen2()
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(Count())
+    manager.on_optimizer_step(model)
+    ptrs = {n: t.data_ptr() for n, t in manager.old_snapshot.data.items()}
+    snap = manager.old_snapshot
+    for _ in range(3):
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        manager.on_optimizer_step(model)
+    assert manager.old_snapshot is snap
+    assert {n: t.data_ptr() for n, t in snap.data.items()} == ptrs
+    first_name, first = next(iter(model.named_parameters()))
+    assert torch.equal(snap.data[first_name], first.detach())
+
+
+def test_step_override_reset_state_dict_and_repr():
+    model = tiny_qwen2()
+    manager = ModelAnalysisManager.create(AnalysisConfig(interval=3, sparse_quality_enabled=False))
+    assert manager.on_optimizer_step(model, step=3) == {}  # first snapshot at a given step
+    assert manager.step_count == 3
+    assert manager.on_optimizer_step(model, step=6)
+    sd = manager.state_dict()
+    assert sd["step_count"] == 6 and "snapshot" not in sd
+    other = ModelAnalysisManager.create(AnalysisConfig(interval=3, sparse_quality_enabled=False))
+    other.load_state_dict(sd)
+    assert other.step_count == 6 and other.old_snapshot is None
+    other.load_state_dict(manager.state_dict(include_snapshot=True))
+    other.step_count = 8
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)
+    m = other.on_optimizer_step(model)  # step 9: compares with the restored snapshot
+    assert m["param_change/norm_max"] == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="config"):
+        ModelAnalysisManager(AnalysisConfig(interval=4)).load_state_dict(sd)
+    assert "interval=3" in repr(manager) and "param_change" in repr(manager)
+    manager.reset()
+    assert manager.step_count == 0 and manager.old_snapshot is None
+
+
+def test_construction_errors_say_what_to_do():
+    with pytest.raises(TypeError, match="AnalysisConfig"):
+        ModelAnalysisManager({"interval": 5})
+    with pytest.raises(TypeError, match="MetricComputer"):
+        ModelAnalysisManager().add_metric(lambda delta: {})
+    with pytest.raises(ValueError, match="interval"):
+        AnalysisConfig(interval=-1)
+
+
+def test_failures_inside_the_manager_never_reach_training(caplog, monkeypatch):
+    model = tiny_qwen2()
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(Count())
+
+    def broken(*a, **k):
+        raise MemoryError("no room for a snapshot")
+
+    monkeypatch.setattr(manager, "_new_snapshot", broken)
+    caplog.set_level(logging.WARNING)
+    assert manager.on_optimizer_step(model) == {}
+    assert any("MemoryError" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,172 @@
+"""Patching context managers: exact values inside, bit-exact restoration outside."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grail.trainer.analysis.masks import magnitude_drop, random_drop, random_keep_mask
+from grail.trainer.analysis.patching import ModulePatch, SelectPatch, analysis_mode
+from grail.trainer.analysis.primitives import ParameterSnapshot
+from grail.trainer.analysis.stats import CPU_CHUNK, f32_floor
+
+from .reference import assert_same_state, state
+
+
+def _model(dtype=torch.float32, big=False):
+    torch.manual_seed(0)
+    width = 1100 if big else 16
+    m = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 5))
+    return m.to(dtype)
+
+
+@torch.no_grad()
+def _update(model, scale=1e-3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        d = torch.randn(p.shape, generator=gen) * scale
+        d[torch.rand(p.shape, generator=gen) < 0.3] = 0
+        p.add_(d.to(p.dtype))
+
+
+def _expected(old, new, keep):
+    return {n: torch.where(keep[n], new[n], old[n]) for n in new}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["magnitude", "random"])
+@pytest.mark.parametrize("snapshot_dtype", [None, torch.float32, torch.bfloat16])
+def test_select_patch_values_and_exact_restore(dtype, kind, snapshot_dtype):
+    big = dtype == torch.float32 and snapshot_dtype is None  # one case spans several chunks
+    model = _model(dtype, big=big)
+    if big:
+        assert model[0].weight.numel() > CPU_CHUNK
+    snap = ParameterSnapshot(model, dtype=snapshot_dtype)
+    _update(model, scale=1e-2)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    old = {n: t.clone() for n, t in snap.data.items()}
+    new = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = 2e-3
+    if kind == "magnitude":
+        drop = magnitude_drop(t)
+        keep = {n: (new[n].float() - old[n].float()).abs() > f32_floor(t) for n in new}
+    else:
+        drop = random_drop(0.4, seed=7)
+        keep = {n: random_keep_mask(new[n].numel(), 0.4, 7, n, 0, "cpu").view(new[n].shape)
+                for n in new}
+    expect = _expected({n: old[n].to(dtype) for n in old}, new, keep)
+    with SelectPatch(delta, drop):
+        for n, p in model.named_parameters():
+            assert torch.equal(p, expect[n]), n
+    for n, p in model.named_parameters():
+        assert torch.equal(p.view(torch.int8), new[n].view(torch.int8)), n  # bit-exact
+        assert torch.equal(snap.data[n].view(torch.int8), old[n].view(torch.int8)), n
+
+
+def test_select_patch_counts_dropped_entries():
+    model = _model()
+    snap = ParameterSnapshot(model)
+    _update(model)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    d = np.concatenate([(p.detach() - snap.data[n]).numpy().reshape(-1)
+                        for n, p in model.named_parameters()])
+    with SelectPatch(delta, magnitude_drop(5e-4)) as patch:
+        pass
+    assert patch.dropped_count() == int((np.abs(d) <= f32_floor(5e-4)).sum())
+
+
+def test_select_patch_restores_when_the_mask_function_fails_halfway():
+    model = _model()
+    snap = ParameterSnapshot(model)
+    _update(model)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    before, snap_before = state(model), {n: t.clone() for n, t in snap.data.items()}
+    inner = magnitude_drop(1e-3)
+    calls = []
+
+    def flaky(name, offset, bits, out):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("mask failed")
+        return inner(name, offset, bits, out)
+
+    with pytest.raises(RuntimeError, match="mask failed"), SelectPatch(delta, flaky):
+        pass
+    assert_same_state(before, state(model))
+    for n in snap.data:
+        assert torch.equal(snap.data[n], snap_before[n])
+
+
+def test_forward_failure_inside_patch_restores_everything():
+    model = _model()
+    snap = ParameterSnapshot(model)
+    _update(model)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    before = state(model)
+
+    def fail(module, args, output):
+        raise RuntimeError("forward failed")
+
+    handle = model[2].register_forward_hook(fail)
+    with pytest.raises(RuntimeError), analysis_mode(model), SelectPatch(delta, magnitude_drop(1e-3)):
+        model(torch.randn(2, 16))
+    handle.remove()
+    assert_same_state(before, state(model))
+
+
+def test_analysis_mode_restores_flags_rng_and_grad_mode():
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.rand_like(x)  # consumes the global RNG
+
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), Noisy(), torch.nn.Linear(3, 3))
+    model.train()
+    model[2].eval()
+    rng = torch.get_rng_state()
+    with analysis_mode(model):
+        assert not any(m.training for m in model.modules())
+        assert not torch.is_grad_enabled()
+        model(torch.ones(2, 3))
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+    assert torch.equal(rng, torch.get_rng_state())
+    assert torch.is_grad_enabled()
+
+
+def test_module_patch_writes_only_while_the_owner_runs_and_restores():
+    model = _model()
+    seen = {}
+    w0 = model[0].weight.detach().clone()
+
+    def spy(module, args):
+        seen["inside"] = module.weight.detach().clone()
+
+    model[0].register_forward_pre_hook(spy)  # runs after the patch hook (prepended)
+    with ModulePatch(model, {"0.weight": lambda t: t * 2}) as patch:
+        assert torch.equal(model[0].weight, w0)  # not yet
+        model(torch.randn(1, 16))
+        assert torch.equal(model[0].weight, w0)  # restored right after the module
+    assert torch.equal(seen["inside"], w0 * 2)
+    assert patch.calls == {"0.weight": 1}
+
+
+def test_module_patch_restores_on_failure_and_handles_shared_weights():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied
+    model = torch.nn.Sequential(emb, head)
+    before = state(model)
+    with ModulePatch(model, {"0.weight": lambda t: t + 1}):
+        assert torch.equal(model[1].weight, before["p:0.weight"] + 1)  # whole-pass patch
+    assert_same_state(before, state(model))
+
+    mlp = _model()
+    before = state(mlp)
+
+    def fail(module, args, output):
+        raise RuntimeError("boom")
+
+    mlp[2].register_forward_hook(fail)
+    with pytest.raises(RuntimeError), ModulePatch(mlp, {"0.weight": lambda t: t * 0, "2.weight": lambda t: t * 3}):
+        mlp(torch.randn(1, 16))
+    assert_same_state(before, state(mlp))
