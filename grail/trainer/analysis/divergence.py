@@ -29,7 +29,7 @@ import torch
 
 __all__ = ["LogitsReference", "compare_logits", "kl_divergence"]
 
-_BLOCK_ELEMENTS = 1 << 20  # logits per row block (4 MiB of float32)
+_BLOCK_ELEMENTS = 1 << 18  # logits per row block (1 MiB of float32)
 
 
 class LogitsReference:

@@ -174,6 +174,6 @@ def run_forward(
     if logits.dim() == 1:
         logits = logits.unsqueeze(-1)
     mask = prepared.mask
-    if mask is not None and logits.shape[:-1] == mask.shape:
-        logits = logits[mask.to(logits.device)]
+    if mask is not None and logits.shape[:-1] == mask.shape and not bool(mask.all()):
+        logits = logits[mask.to(logits.device)]  # a copy: only when some positions are masked
     return logits.reshape(-1, logits.shape[-1]).float()
