@@ -138,7 +138,8 @@ def _f32_bits(t: float) -> int:
 
 def magnitude_drop(threshold: float) -> DropFn:
     """Drop entries with ``|delta| <= threshold`` (NaN deltas are kept)."""
-    limit = _f32_bits(f32_floor(threshold)) + 1
+    # A negative or NaN threshold drops nothing (limit 0); its bit pattern would wrap around.
+    limit = _f32_bits(f32_floor(threshold)) + 1 if threshold >= 0 else 0
 
     def drop(name: str, offset: int, abs_bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.sub(abs_bits, limit, out=out).bitwise_right_shift_(31)
@@ -223,8 +224,8 @@ def keep_ratio_thresholds(
                 hist_lo[hb] = torch.zeros(1 << 16, dtype=torch.long, device=hist_hi.device)
             hist_lo[hb] = reduce(hist_lo[hb])
     for r, (hb, rank_in_bin) in targets.items():
-        if hb >= _HI_BINS:  # the k largest are all non-finite
-            out[r] = float("inf")
+        if hb >= _HI_BINS:  # the k largest are all non-finite: keep exactly those
+            out[r] = float(np.finfo(np.float32).max)  # `|inf| > inf` is False: inf won't do
             continue
         desc_lo = hist_lo[hb].flip(0).cumsum(0).cpu()
         j = int(torch.searchsorted(desc_lo, rank_in_bin))
