@@ -104,7 +104,8 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
         if ids is None:
             ids = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if ids is None:
-            return f"inputs mapping has no tensor the model accepts (keys: {sorted(inputs)})"
+            keys = sorted(map(str, inputs))
+            return f"inputs mapping has no tensor the model accepts (keys: {keys})"
     elif isinstance(inputs, (tuple, list)) and inputs:
         args = tuple(inputs)
         kwargs = {}
