@@ -1,0 +1,325 @@
+r"""Is Adam doing sign descent? The normalised update from the optimizer state: ``adam_sign/*``.
+
+For every parameter with Adam state (``exp_avg`` :math:`m`, ``exp_avg_sq`` :math:`v` - or
+``max_exp_avg_sq`` when the group has ``amsgrad`` - and ``step`` :math:`t`) and its param group's
+``betas`` :math:`(\beta_1, \beta_2)`, ``eps`` :math:`\epsilon` and ``lr`` :math:`\eta`, the
+bias-corrected normalised update is, in torch's own order of operations,
+
+.. math:: u = \frac{m / (1-\beta_1^t)}{\sqrt{v} / \sqrt{1-\beta_2^t} + \epsilon}
+
+so that the step Adam just took is :math:`-\eta u` (plus AdamW's decoupled weight decay, which is
+not part of :math:`u`). Over all entries with state (non-finite :math:`u` are counted in
+``nonfinite_count`` and kept in the denominators of the fractions):
+
+=====================  ===========================================================================
+key                    definition
+=====================  ===========================================================================
+``mean_abs_u``         mean of :math:`|u|`
+``frac_near_one``      fraction with :math:`1 - \tau \le |u| \le 1 + \tau` (``adam_sign_tolerance``
+                       :math:`\tau`, default 0.1): coordinates in the sign-descent regime
+``frac_small``         fraction with :math:`|u| < 0.1`: noise-dominated coordinates
+``sign_agreement``     among entries where the current gradient :math:`g` (``p.grad``, negated for
+                       ``maximize``) and :math:`m` are both non-zero, the fraction with
+                       :math:`\mathrm{sign}(g) = \mathrm{sign}(m)`; omitted when there is no such
+                       pair (no gradients)
+``update_to_weight``   :math:`\lVert \eta u\rVert_2 / \lVert W\rVert_2` with the current (post-step)
+                       weights; 0 when :math:`\lVert W\rVert_2 = 0`
+``nonfinite_count``    number of non-finite :math:`u`
+``num_params``         number of entries with Adam state
+=====================  ===========================================================================
+
+Per component (``adam_sign/component/{c}/...``, ``adam_sign_track_components``) the first five
+keys are reported for each group that has Adam state.
+
+Reading the numbers: if the gradient of a coordinate is pure noise with mean zero, :math:`m`
+averages it away while :math:`\sqrt{v}` keeps its scale, and :math:`E|u|` is about 0.18 for the
+default betas; ``frac_small`` is then large. :math:`|u|` approaches 1 only when the gradient's
+mean dominates its spread, so ``frac_near_one`` tracks the fraction of coordinates whose gradient
+signal-to-noise ratio is about 2 or more, where Adam behaves like sign descent (Balles & Hennig,
+2018, "Dissecting Adam"). ``sign_agreement`` near 0.5 means the current gradient is uncorrelated
+with the momentum; note that :math:`m` already contains the current gradient with weight
+:math:`1-\beta_1`, which biases it slightly above 0.5.
+
+Optimizers are recognised by their state, not their class: ``torch.optim.Adam``/``AdamW`` (single
+tensor, ``foreach`` and ``fused``), ``amsgrad``, ``SparseAdam``, and wrappers exposing ``state``
+and ``param_groups`` (e.g. accelerate's). Adam variants with the same state layout (``NAdam``,
+``RAdam``) get the Adam-normalised update of their moments, not their own step. Without such
+state (SGD, Adafactor, no optimizer passed) the computer returns ``{}`` and logs one info message.
+``ZeroRedundancyOptimizer`` (state on one rank per parameter) is not supported.
+The arithmetic runs in float32 on the stored state, whatever its dtype.
+
+With ``histogram_samples > 0``, :attr:`last_histograms` is ``{"adam_sign/u": u at up to
+histogram_samples positions}`` (see :class:`~.gradient.HistogramSample`), else ``{}``.
+
+Example:
+    >>> import torch
+    >>> from grail.trainer.analysis.metrics.base import AnalysisContext
+    >>> model = torch.nn.Linear(4, 1, bias=False)
+    >>> model.weight.data.fill_(1.0)  # doctest: +ELLIPSIS
+    tensor(...)
+    >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    >>> model.weight.grad = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    >>> opt.step()
+    >>> m = AdamSignDescentMetrics().compute(context=AnalysisContext(model=model, optimizer=opt))
+    >>> round(m["adam_sign/mean_abs_u"], 4), m["adam_sign/frac_near_one"]
+    (1.0, 1.0)
+    >>> m["adam_sign/sign_agreement"], round(m["adam_sign/update_to_weight"], 3)
+    (1.0, 0.105)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import AnalysisConfig
+from ..distributed import local_tensor, shard_info
+from ..naming import ParameterNaming
+from ..primitives import collect_parameters
+from ..stats import StreamingStats, Summary, chunk_numel
+from .base import AnalysisContext, MetricComputer
+from .gradient import HistogramSample, group_prefix, group_rows, real_view
+
+__all__ = ["AdamSignDescentMetrics", "adam_entries", "bias_corrections"]
+
+logger = logging.getLogger(__name__)
+
+_EXTRAS = ("sign_sum", "sign_nonzero", "w_sq", "lr_u_sq")
+_SMALL = 0.1
+Scalar = float | torch.Tensor
+
+
+def bias_corrections(step: Any, beta1: float, beta2: float) -> tuple[Scalar, Scalar]:
+    """``(1 - beta1^t, sqrt(1 - beta2^t))`` as torch computes them.
+
+    A step held on an accelerator (``capturable``/``fused``) stays there: no host sync.
+
+    >>> bc1, bc2s = bias_corrections(torch.tensor(2.0), 0.9, 0.99)
+    >>> round(bc1, 6), round(bc2s ** 2, 6)
+    (0.19, 0.0199)
+    """
+    if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+        t = step.float()
+        return 1 - torch.pow(beta1, t), (1 - torch.pow(beta2, t)).sqrt()
+    t = float(step)
+    return 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
+
+
+def adam_entries(
+    optimizer: Any, params: Sequence[tuple[str, torch.Tensor]]
+) -> list[tuple[str, torch.Tensor, dict[str, Any], dict[str, Any]]]:
+    """``(name, parameter, state, param_group)`` of the parameters that have Adam state."""
+    groups = {id(p): g for g in getattr(optimizer, "param_groups", []) for p in g["params"]}
+    state = getattr(optimizer, "state", {})
+    out = []
+    for name, p in params:
+        group = groups.get(id(p))
+        st = state.get(p) if group is not None else None
+        if not st or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")):
+            continue
+        if "betas" not in group or "eps" not in group or "lr" not in group:
+            continue
+        if group.get("amsgrad") and "max_exp_avg_sq" not in st:
+            continue
+        out.append((name, p, st, group))
+    return out
+
+
+class AdamSignDescentMetrics(MetricComputer):
+    """Statistics of Adam's normalised update (see module docstring for every key)."""
+
+    name = "adam_sign"
+
+    def __init__(
+        self,
+        tolerance: float = 0.1,
+        track_components: bool = False,
+        component_map: Mapping[str, str] | None = None,
+        histogram_samples: int = 0,
+        trainable_only: bool = False,
+        histogram_seed: int = 0,
+    ) -> None:
+        self.tolerance = float(tolerance)
+        self.track_components = track_components
+        self.component_map = dict(component_map or {})
+        self.histogram_samples = histogram_samples
+        self.trainable_only = trainable_only
+        self.histogram_seed = histogram_seed
+        # |u| < 1 - tol and |u| < 0.1 as exact counts of |u| <= t: the largest double below.
+        self._lo = math.nextafter(1.0 - self.tolerance, 0.0)
+        self._hi = 1.0 + self.tolerance
+        self._small = math.nextafter(_SMALL, 0.0)
+        self.last_histograms: dict[str, np.ndarray] = {}
+        self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
+        self._logged: set[str] = set()
+        self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, config: AnalysisConfig) -> AdamSignDescentMetrics:
+        return cls(
+            tolerance=config.adam_sign_tolerance,
+            track_components=config.adam_sign_track_components,
+            component_map=config.component_map,
+            histogram_samples=config.histogram_samples,
+            trainable_only=config.trainable_only,
+        )
+
+    def requires_model(self) -> bool:
+        return True
+
+    def requires_optimizer(self) -> bool:
+        return True
+
+    def _skip(self, reason: str) -> dict[str, float]:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            logger.info("adam_sign metrics skipped: %s", reason)
+        return {}
+
+    def _scratch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        bufs = self._buffers.get(device)
+        if bufs is None:
+            n = chunk_numel(device)
+            bufs = (torch.empty(n, device=device), torch.empty(n, device=device))
+            self._buffers[device] = bufs
+        return bufs
+
+    def compute(
+        self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
+    ) -> dict[str, float]:
+        self.last_histograms = {}
+        model = context.model if context is not None else None
+        optimizer = context.optimizer if context is not None else None
+        if model is None or optimizer is None:
+            return self._skip("no model or no optimizer passed to on_optimizer_step")
+        params = collect_parameters(model, self.trainable_only)
+        entries = adam_entries(optimizer, params)
+        if not entries:
+            return self._skip(
+                f"{type(optimizer).__name__} holds no Adam state (exp_avg, exp_avg_sq, step) for "
+                "the model's parameters"
+            )
+        names = [n for n, _ in params]
+        if self._naming is None or self._naming[0] != tuple(names):
+            self._naming = (tuple(names), ParameterNaming(names, self.component_map))
+        groups, rows = group_rows(self._naming[1], names, False, self.track_components)
+        device = local_tensor(entries[0][2]["exp_avg"]).device
+        stats = StreamingStats(
+            [self._small, self._lo, self._hi], groups, extra_sums=_EXTRAS, device=device
+        )
+        for name, p, st, group in entries:
+            if shard_info(p).owner:
+                self._update(stats, p, st, group, rows[name])
+        stats.all_reduce()
+        if self.histogram_samples > 0:
+            self.last_histograms = {"adam_sign/u": self._histogram(entries)}
+        return self._finalize(stats.results(), groups)
+
+    def _state(
+        self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, Scalar, Scalar, float]:
+        """Flat ``m``, flat denominator state, the two bias corrections and ``eps``."""
+        beta1, beta2 = (float(b) for b in group["betas"])
+        bc1, bc2s = bias_corrections(st["step"], beta1, beta2)
+        v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
+        m = real_view(local_tensor(st["exp_avg"])).reshape(-1)
+        v = real_view(local_tensor(v)).reshape(-1)
+        return m, v, bc1, bc2s, float(group["eps"])
+
+    def _update(
+        self,
+        stats: StreamingStats,
+        p: torch.Tensor,
+        st: dict[str, Any],
+        group: dict[str, Any],
+        rows: list[int],
+    ) -> None:
+        m, v, bc1, bc2s, eps = self._state(p, st, group)
+        lr_sq = float(group["lr"]) ** 2
+        w = real_view(local_tensor(p)).reshape(-1)
+        grad = local_tensor(p.grad) if p.grad is not None else None
+        sign = -1.0 if group.get("maximize") else 1.0
+        dense = grad is not None and grad.layout == torch.strided
+        g = real_view(grad).reshape(-1) if dense else None
+        a_buf, b_buf = self._scratch(m.device)
+        zero = torch.zeros((), dtype=torch.float32, device=m.device)
+        step = chunk_numel(m.device)
+        for start in range(0, m.numel(), step):
+            stop = min(start + step, m.numel())
+            a, b = a_buf[: stop - start], b_buf[: stop - start]
+            mc, vc = m[start:stop], v[start:stop]
+            # u = (m / bc1) / (sqrt(v) / bc2s + eps), in torch's order, computed in b
+            torch.sqrt(vc, out=b) if vc.dtype == torch.float32 else b.copy_(vc).sqrt_()
+            b.div_(bc2s).add_(eps)
+            torch.div(mc, b, out=b).div_(bc1)
+            sums, maxes = stats.moments(b)
+            s_sum = s_nonzero = zero
+            if g is not None:
+                # sign(g) sign(m) is +1 (agree), -1 (disagree) or 0: its sum and its sum of
+                # squares give both counts; NaN (rare) is zeroed only when it occurs.
+                prod = torch.sign(g[start:stop], out=a).mul_(torch.sign(mc, out=b))
+                s_sum = prod.sum()
+                if not bool(torch.isfinite(s_sum)):
+                    s_sum = prod.nan_to_num_(nan=0.0).sum()
+                s_sum, s_nonzero = s_sum * sign, torch.dot(prod, prod)
+            wc = w[start:stop]
+            wf = wc if wc.dtype == torch.float32 else a.copy_(wc)
+            w_sq = torch.dot(wf, wf)  # float32 dot of one chunk: relative error ~1e-7
+            extras = [s_sum, s_nonzero, w_sq, sums[stats.column("sum_sq")] * lr_sq]
+            stats.accumulate(sums, maxes, rows, extras)
+        if grad is not None and not dense:
+            s_sum, s_nonzero = _sparse_sign_terms(grad, st["exp_avg"])
+            stats.add("sign_sum", s_sum * sign, rows)
+            stats.add("sign_nonzero", s_nonzero, rows)
+
+    def _histogram(self, entries: list[tuple[str, torch.Tensor, Any, Any]]) -> np.ndarray:
+        infos = [shard_info(p) for _, p, _, _ in entries]
+        sample = HistogramSample(
+            self.histogram_samples, [i.global_numel for i in infos], self.histogram_seed
+        )
+        for i, ((_, p, st, group), info) in enumerate(zip(entries, infos, strict=True)):
+            if not info.owner:
+                continue
+            m, v, bc1, bc2s, eps = self._state(p, st, group)
+
+            def u_at(pos: torch.Tensor, m=m, v=v, bc1=bc1, bc2s=bc2s, eps=eps) -> torch.Tensor:
+                pos = pos.to(m.device)
+                return (m[pos].float() / (v[pos].float().sqrt() / bc2s + eps)) / bc1
+
+            sample.fill(i, info.offset, m.numel(), u_at)
+        return sample.result()
+
+    def _finalize(self, results: list[Summary], groups: list[str]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for group, r in zip(groups, results, strict=True):
+            total = r.count + r.nonfinite
+            if total == 0:
+                continue
+            p = "adam_sign/" if group == "all" else group_prefix("adam_sign", group)
+            out[p + "mean_abs_u"] = r.mean_abs
+            out[p + "frac_near_one"] = (r.le[self._hi] - r.le[self._lo]) / total
+            out[p + "frac_small"] = r.le[self._small] / total
+            nonzero = r.extra["sign_nonzero"]
+            if nonzero > 0:
+                out[p + "sign_agreement"] = (r.extra["sign_sum"] + nonzero) / (2.0 * nonzero)
+            w_sq = r.extra["w_sq"]
+            out[p + "update_to_weight"] = math.sqrt(r.extra["lr_u_sq"] / w_sq) if w_sq > 0 else 0.0
+            if group == "all":
+                out[p + "nonfinite_count"] = float(r.nonfinite)
+                out[p + "num_params"] = float(total)
+        return out
+
+
+def _sparse_sign_terms(grad: torch.Tensor, exp_avg: torch.Tensor) -> tuple[float, float]:
+    """``(sum sign(g) sign(m), number of non-zero pairs)`` over a sparse gradient's entries."""
+    grad = grad.to_sparse_coo().coalesce()
+    m = local_tensor(exp_avg)
+    m_at = m[tuple(grad.indices().to(m.device))]  # (nnz, *dense dims): m where g is stored
+    prod = torch.sign(real_view(grad.values()).float()) * torch.sign(real_view(m_at).float())
+    prod = prod.nan_to_num_(nan=0.0)
+    return float(prod.sum()), float(prod.abs().sum())

@@ -1,0 +1,322 @@
+r"""What the gradients looked like at a measurement step: ``gradient/*``.
+
+Read from ``p.grad`` of every trainable parameter (``requires_grad``; frozen parameters never
+have one) right after ``optimizer.step()`` and before ``zero_grad``, i.e. the gradient the
+optimizer just used (after clipping and loss-scale unscaling, summed over accumulation steps).
+With :math:`g` the entries of all gradients that are present (non-finite entries are counted in
+``nonfinite_count`` and excluded from every other statistic except the denominators of ratios):
+
+=========================  =======================================================================
+key                        definition
+=========================  =======================================================================
+``norm_l2``                :math:`\lVert g\rVert_2` (what ``clip_grad_norm_`` reports, post-clip)
+``norm_l1``                :math:`\sum|g|`
+``norm_max``               :math:`\max|g|`
+``mean`` / ``std``         mean and population standard deviation of the entries
+``sparsity_at_{T}``        fraction of entries with :math:`|g| \le T`
+``nonfinite_count``        number of NaN/Inf entries
+``missing_ratio``          fraction of trainable entries whose parameter has no gradient
+                           (``p.grad is None``: unused in the forward, or already zeroed)
+``num_params``             number of entries with a gradient
+=========================  =======================================================================
+
+Per layer (``gradient/layer_{i}/...``, ``gradient_track_per_layer``) and per component
+(``gradient/component/{c}/...``, ``gradient_track_components``) the keys are ``norm_l2``,
+``mean_abs``, ``sparsity_at_{T}`` and ``missing_ratio``; a group is reported when it has a
+trainable entry. Groups come from :mod:`~grail.trainer.analysis.naming`.
+
+Sparse gradients (``nn.Embedding(sparse=True)``) are coalesced (duplicate indices summed, as the
+optimizer sees them) and their implicit zeros count as entries equal to zero. Complex gradients
+are read as pairs of reals.
+
+With ``histogram_samples > 0`` the computer also sets :attr:`last_histograms` to
+``{"gradient/abs_grad": |g| at up to histogram_samples positions}`` (see
+:class:`HistogramSample`); otherwise it is ``{}``.
+
+Decisions: when no parameter has a gradient (called after ``zero_grad(set_to_none=True)``) the
+computer returns ``{}`` and logs one info message, rather than reporting zero norms.
+
+Example:
+    >>> import torch
+    >>> from grail.trainer.analysis.metrics.base import AnalysisContext
+    >>> model = torch.nn.Linear(2, 1, bias=False)
+    >>> model.weight.grad = torch.tensor([[0.0, -3.0]])
+    >>> m = GradientSparsityMetrics(thresholds=[0.0]).compute(context=AnalysisContext(model=model))
+    >>> m["gradient/norm_l2"], m["gradient/sparsity_at_0e+00"], m["gradient/missing_ratio"]
+    (3.0, 0.5, 0.0)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import AnalysisConfig, format_threshold
+from ..distributed import all_reduce_, local_tensor, shard_info
+from ..naming import ParameterNaming
+from ..primitives import collect_parameters
+from ..stats import StreamingStats, Summary
+from .base import AnalysisContext, MetricComputer
+
+__all__ = ["GradientSparsityMetrics", "HistogramSample", "group_rows", "real_view"]
+
+logger = logging.getLogger(__name__)
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a complex ``t`` viewed as real pairs (as torch's optimizers read it)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def group_rows(
+    naming: ParameterNaming, names: Sequence[str], per_layer: bool, components: bool
+) -> tuple[list[str], dict[str, list[int]]]:
+    """Accumulator groups (``"all"``, ``"layer/layer_3"``, ``"component/q_proj"``, ...) and, per
+    parameter name, the rows of :class:`StreamingStats` it feeds."""
+    groups = ["all"]
+    index: dict[str, int] = {}
+
+    def row(group: str) -> int:
+        if group not in index:
+            index[group] = len(groups)
+            groups.append(group)
+        return index[group]
+
+    rows: dict[str, list[int]] = {}
+    for n in names:
+        r = [0]
+        layer = naming.layer(n)
+        if per_layer and layer is not None:
+            r.append(row(f"layer/{layer}"))
+        if components:
+            r.append(row(f"component/{naming.component(n)}"))
+        rows[n] = r
+    return groups, rows
+
+
+def group_prefix(family: str, group: str) -> str:
+    """Key prefix of a group: ``gradient/layer_3/``, ``gradient/component/q_proj/``."""
+    kind, label = group.split("/", 1)
+    return f"{family}/{label}/" if kind == "layer" else f"{family}/{group}/"
+
+
+class HistogramSample:
+    """Values at ``size`` positions drawn uniformly (with replacement) from a set of tensors.
+
+    The positions are global flat indices into the concatenation of the tensors (global shapes,
+    so sharding does not change them), drawn once from a ``torch.Generator`` seeded with ``seed``:
+    the global RNG is neither read nor advanced. When the tensors hold ``size`` entries or fewer,
+    every entry is taken once. Each rank fills the positions inside its local shards;
+    :meth:`result` sums over ranks (one collective), so every rank gets the whole sample.
+
+    >>> tensors = [torch.arange(3.0), torch.arange(10.0, 15.0)]
+    >>> s = HistogramSample(4, [t.numel() for t in tensors], seed=0)
+    >>> for i, t in enumerate(tensors):
+    ...     s.fill(i, 0, t.numel(), lambda pos, t=t: t[pos])
+    >>> s.result().tolist()
+    [0.0, 11.0, 12.0, 14.0]
+    """
+
+    def __init__(self, size: int, numels: Sequence[int], seed: int = 0) -> None:
+        total = int(sum(numels))
+        if total <= size:
+            pos = torch.arange(total, dtype=torch.int64)
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            pos = torch.randint(total, (size,), generator=gen, dtype=torch.int64).sort().values
+        self._pos = pos
+        starts = torch.tensor([0, *np.cumsum(numels).tolist()], dtype=torch.int64)
+        self._starts = starts
+        self._bounds = torch.searchsorted(pos, starts).tolist()
+        self.values = torch.zeros(pos.numel(), dtype=torch.float64)
+
+    def fill(
+        self,
+        index: int,
+        offset: int,
+        numel: int,
+        values_at: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Fill the positions of tensor ``index`` held locally (flat ``offset .. offset+numel``)
+        with ``values_at(local flat positions)``."""
+        lo, hi = self._bounds[index], self._bounds[index + 1]
+        if lo == hi:
+            return
+        local = self._pos[lo:hi] - (self._starts[index] + offset)
+        keep = (local >= 0) & (local < numel)
+        if not bool(keep.any()):
+            return
+        slots = torch.arange(lo, hi)[keep]
+        self.values[slots] = values_at(local[keep]).detach().double().cpu()
+
+    def result(self) -> np.ndarray:
+        """The sample as a float32 numpy array (collective in a process group)."""
+        all_reduce_(self.values, "sum")
+        return self.values.float().numpy()
+
+
+class GradientSparsityMetrics(MetricComputer):
+    """Streaming statistics of the gradients (see module docstring for every key)."""
+
+    name = "gradient"
+
+    def __init__(
+        self,
+        thresholds: Sequence[float] = (0.0, 1e-8, 1e-6),
+        per_layer: bool = False,
+        track_components: bool = False,
+        component_map: Mapping[str, str] | None = None,
+        histogram_samples: int = 0,
+        histogram_seed: int = 0,
+    ) -> None:
+        self.thresholds = sorted(float(t) for t in thresholds)
+        self.per_layer = per_layer
+        self.track_components = track_components
+        self.component_map = dict(component_map or {})
+        self.histogram_samples = histogram_samples
+        self.histogram_seed = histogram_seed
+        self.last_histograms: dict[str, np.ndarray] = {}
+        self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
+        self._logged: set[str] = set()
+
+    @classmethod
+    def from_config(cls, config: AnalysisConfig) -> GradientSparsityMetrics:
+        return cls(
+            thresholds=config.gradient_thresholds,
+            per_layer=config.gradient_track_per_layer,
+            track_components=config.gradient_track_components,
+            component_map=config.component_map,
+            histogram_samples=config.histogram_samples,
+        )
+
+    def requires_model(self) -> bool:
+        return True
+
+    def requires_optimizer(self) -> bool:
+        return True
+
+    def _skip(self, reason: str) -> dict[str, float]:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            logger.info("gradient metrics skipped: %s", reason)
+        return {}
+
+    def _groups(self, names: list[str]) -> tuple[list[str], dict[str, list[int]]]:
+        key = tuple(names)
+        if self._naming is None or self._naming[0] != key:
+            self._naming = (key, ParameterNaming(names, self.component_map))
+        return group_rows(self._naming[1], names, self.per_layer, self.track_components)
+
+    def compute(
+        self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
+    ) -> dict[str, float]:
+        self.last_histograms = {}
+        model = context.model if context is not None else None
+        if model is None:
+            return self._skip("no model passed")
+        params = collect_parameters(model, trainable_only=True)
+        if not params:
+            return self._skip("the model has no trainable parameters")
+        groups, rows = self._groups([n for n, _ in params])
+        with_grad = [(n, p) for n, p in params if p.grad is not None]
+        device = local_tensor(with_grad[0][1].grad).device if with_grad else torch.device("cpu")
+        stats = StreamingStats(self.thresholds, groups, extra_sums=("missing",), device=device)
+        for name, p in params:
+            if not shard_info(p).owner:
+                continue
+            if p.grad is None:
+                stats.add("missing", float(local_tensor(p).numel()), rows[name])
+                continue
+            grad = local_tensor(p.grad)
+            if grad.layout == torch.strided:
+                stats.update(real_view(grad), rows[name])
+            else:
+                self._update_sparse(stats, grad, rows[name])
+        stats.all_reduce()
+        results = stats.results()
+        if results[0].count + results[0].nonfinite == 0:
+            return self._skip(
+                "no parameter has a gradient; call on_optimizer_step after optimizer.step() and "
+                "before zero_grad()"
+            )
+        if self.histogram_samples > 0:
+            self.last_histograms = {"gradient/abs_grad": self._histogram(with_grad)}
+        return self._finalize(results, groups)
+
+    def _update_sparse(self, stats: StreamingStats, grad: torch.Tensor, rows: list[int]) -> None:
+        grad = grad.to_sparse_coo().coalesce()
+        values = real_view(grad.values())
+        stats.update(values, rows)
+        implicit = grad.numel() * (2 if grad.is_complex() else 1) - values.numel()
+        if implicit > 0:
+            # Implicit zeros: count, |0| <= t for every threshold, and 0 folded into max/min.
+            sums = torch.zeros(5 + len(stats.thresholds), dtype=torch.float64)
+            sums[stats.column("count")] = implicit
+            sums[5:] = implicit
+            stats.accumulate(sums, torch.zeros(3, dtype=torch.float64), rows)
+
+    def _histogram(self, with_grad: list[tuple[str, torch.Tensor]]) -> np.ndarray:
+        infos = [shard_info(p) for _, p in with_grad]
+        sample = HistogramSample(
+            self.histogram_samples, [i.global_numel for i in infos], self.histogram_seed
+        )
+        for i, ((_, p), info) in enumerate(zip(with_grad, infos, strict=True)):
+            if not info.owner:
+                continue
+            grad = local_tensor(p.grad)
+            if grad.layout == torch.strided:
+                flat = grad.abs().reshape(-1) if grad.is_complex() else grad.reshape(-1)
+                sample.fill(i, info.offset, flat.numel(), lambda pos, f=flat: f[pos].abs())
+            else:
+                sample.fill(i, info.offset, grad.numel(), lambda pos, g=grad: _sparse_at(g, pos))
+        return sample.result()
+
+    def _finalize(self, results: list[Summary], groups: list[str]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for group, r in zip(groups, results, strict=True):
+            present = r.count + r.nonfinite
+            trainable = present + r.extra["missing"]
+            if trainable == 0:
+                continue
+            missing = r.extra["missing"] / trainable
+            if group == "all":
+                p = "gradient/"
+                five = r.five_numbers()
+                for k in ("norm_l2", "norm_l1", "norm_max", "mean", "std"):
+                    out[p + k] = five[k]
+            else:
+                p = group_prefix("gradient", group)
+                out[p + "norm_l2"] = r.norm_l2
+                out[p + "mean_abs"] = r.mean_abs
+            for t in self.thresholds:
+                out[f"{p}sparsity_at_{format_threshold(t)}"] = r.fraction_le(t)
+            out[p + "missing_ratio"] = missing
+            if group == "all":
+                out[p + "nonfinite_count"] = float(r.nonfinite)
+                out[p + "num_params"] = float(present)
+        return out
+
+
+def _sparse_at(grad: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``|grad|`` of a sparse COO tensor at dense flat positions (implicit entries are 0)."""
+    grad = grad.to_sparse_coo().coalesce()
+    sparse_shape = grad.shape[: grad.sparse_dim()]
+    dense_numel = int(np.prod(grad.shape[grad.sparse_dim() :], dtype=np.int64))
+    strides = torch.tensor(
+        [int(np.prod(sparse_shape[k + 1 :], dtype=np.int64)) for k in range(len(sparse_shape))],
+        dtype=torch.int64,
+    )
+    linear = (grad.indices().cpu() * strides[:, None]).sum(0)  # sorted: the tensor is coalesced
+    values = grad.values().reshape(grad.values().shape[0], -1).abs()
+    pos = pos.cpu()
+    key, within = pos // dense_numel, pos % dense_numel
+    j = torch.searchsorted(linear, key).clamp_(max=max(linear.numel() - 1, 0))
+    out = torch.zeros(pos.numel(), dtype=torch.float64)
+    if linear.numel():
+        found = linear[j] == key
+        out[found] = values.cpu()[j[found], within[found]].double()
+    return out
