@@ -120,6 +120,8 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     batch = ids.shape[0]
     seq = ids.shape[1] if ids.dim() >= 2 and ids.dtype in (torch.long, torch.int) else None
+    if seq is None and isinstance(mask, torch.Tensor) and mask.shape == ids.shape[:2]:
+        seq = mask.shape[1]  # inputs_embeds [batch, seq, hidden]: the mask says what a position is
     per_row = seq if seq is not None else 1
     rows = max(1, min(batch, max_tokens // per_row))
     cols = min(seq, max_tokens) if seq is not None else None

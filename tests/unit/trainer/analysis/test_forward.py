@@ -321,3 +321,23 @@ def test_run_forward_one_dimensional_output():
     with torch.no_grad():
         out = run_forward(model, prepare_inputs(model, (torch.randn(6, 3),), max_tokens=100))
     assert out.shape == (6, 1)
+
+
+def test_inputs_embeds_with_attention_mask_are_cut_to_the_budget(qwen):
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(4, 10, 32, generator=g)
+    batch = {"inputs_embeds": embeds, "attention_mask": torch.ones(4, 10, dtype=torch.long)}
+    prepared = prepare_inputs(qwen, batch, max_tokens=25)
+    assert prepared.kwargs["inputs_embeds"].shape == (2, 10, 32)
+    assert prepared.tokens == 20
+    prepared = prepare_inputs(qwen, batch, max_tokens=7)
+    assert torch.equal(prepared.kwargs["inputs_embeds"], embeds[:1, :7])
+    assert prepared.kwargs["attention_mask"].shape == (1, 7)
+    with torch.no_grad():
+        assert run_forward(qwen, prepared).shape == (7, VOCAB)
+
+
+def test_float_features_without_mask_are_never_cut_along_features():
+    x = torch.randn(3, 10, 5)  # e.g. a batch of images or feature maps: only rows are cut
+    prepared = prepare_inputs(nn.Identity(), (x,), max_tokens=2)
+    assert prepared.args[0].shape == (2, 10, 5)
