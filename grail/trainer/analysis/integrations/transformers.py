@@ -1,0 +1,343 @@
+"""``ModelAnalysisCallback``: the analysis inside a Hugging Face ``Trainer`` or a TRL trainer.
+
+Usage::
+
+    analyzer = ModelAnalysisManager.create(AnalysisConfig(interval=100))
+    trainer = GRPOTrainer(..., callbacks=[ModelAnalysisCallback(analyzer)])
+    trainer.train()   # keys "analysis/param_change/...", "analysis/sparse/..." in every report_to
+
+Why a callback reading ``kwargs["inputs"]`` gets no batch: the Trainer passes every callback
+event only ``model, processing_class, optimizer, lr_scheduler, train_dataloader,
+eval_dataloader``; the batch is never among them. This callback gets one in two ways:
+
+* ``probe_inputs`` (recommended: a fixed batch makes numbers comparable across steps): a dict
+  of tensors (or a tensor), or a list of strings tokenized once, at train begin, with the
+  trainer's ``processing_class``, right-padded with an ``attention_mask``;
+* otherwise a forward pre-hook on the model keeps a reference (no copy) to the keyword
+  arguments of the most recent *grad-enabled* forward, i.e. the training forward; generation
+  and evaluation run under ``no_grad`` and are ignored, and the hook is off while the analysis
+  runs its own forwards. Generation-only keys (``logits_to_keep``, ``use_cache``,
+  ``past_key_values``) are dropped so every position is compared. With gradient accumulation
+  this is the last micro-batch.
+
+Timing. The analysis runs in ``on_optimizer_step`` (parameters updated, gradients still
+present), with the manager's step set to ``state.global_step + 1``: the trainer increments
+``global_step`` only after that event, so the N-th optimizer step is step N and a resumed run
+keeps its schedule. The metrics are logged in ``on_step_end`` of the same step, when
+``state.global_step == N``, through the trainer's own ``log`` so every ``report_to`` backend
+(wandb, tensorboard, trackio, ...) and ``state.log_history`` get them under ``prefix``.
+
+Decisions where the design is silent:
+
+* The trainer is found on the call stack at train begin (the callback API does not pass it);
+  set ``callback.trainer = trainer`` yourself if a custom loop hides it. Without a trainer the
+  metrics are appended to ``state.log_history`` only, with a warning.
+* The base ``transformers.Trainer.log`` is called, not an override: TRL's ``log`` drains its
+  buffered reward/KL averages into whatever it logs, which would move them off the trainer's
+  own log entry. ``control.should_log`` is saved and restored around the call because the
+  trainer's ``on_log`` resets it, which would drop the trainer's own loss log of that step.
+* Multi-process: every rank runs the analysis (it may issue collectives); only the world main
+  process logs.
+* Histograms (``analyzer.last_histograms``) go straight to the active wandb run when
+  ``report_to`` includes wandb, as ``wandb.Histogram`` under ``train/<prefix><name>`` beside
+  the scalars (``log_history`` must stay JSON-serialisable).
+* Resume: when training starts at a ``global_step`` the manager has not reached, the manager is
+  reset to that step. If the step is a measurement step the baseline snapshot is taken from
+  the loaded weights, which are exactly the weights the uninterrupted run snapshotted, so no
+  measurement is lost; otherwise the manager re-baselines at its next measurement step.
+
+Example:
+    >>> from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+    >>> cb = ModelAnalysisCallback(ModelAnalysisManager.create(AnalysisConfig(interval=10)),
+    ...                            probe_inputs=["a probe sentence"])
+    >>> cb.prefix
+    'analysis/'
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..manager import ModelAnalysisManager
+
+try:
+    from transformers import (
+        Trainer,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+except ImportError as err:  # pragma: no cover - exercised only without the hf extra
+    raise ImportError(
+        "ModelAnalysisCallback needs transformers: pip install 'grail-analysis[hf]'"
+    ) from err
+
+__all__ = ["ModelAnalysisCallback"]
+
+logger = logging.getLogger(__name__)
+
+#: Keyword arguments of a captured forward that only make sense for generation or the loss.
+_DROP_CAPTURED = frozenset(
+    {"labels", "logits_to_keep", "num_logits_to_keep", "past_key_values", "use_cache"}
+)
+
+
+def _is_strings(value: Any) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) > 0
+        and all(isinstance(s, str) for s in value)
+    )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def tokenize_probe(texts: Sequence[str], processing_class: Any) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` of ``texts``.
+
+    Padding is done here (with the pad, else the eos, else id 0) so tokenizers without a pad
+    token work; padded positions are masked out of every comparison.
+    """
+    tok = getattr(processing_class, "tokenizer", processing_class)
+    if tok is None or not callable(tok):
+        raise ValueError(
+            "probe_inputs given as strings need a tokenizer: pass processing_class= to the "
+            "trainer, or give probe_inputs as a dict of tensors"
+        )
+    rows = [list(tok(t)["input_ids"]) for t in texts]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("a probe string tokenized to zero tokens")
+    pad = next(
+        (i for i in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+         if isinstance(i, int)),
+        0,
+    )
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class ModelAnalysisCallback(TrainerCallback):
+    """Runs ``analyzer`` once per optimizer step and logs its metrics (see module docstring).
+
+    Args:
+        analyzer: the manager, e.g. ``ModelAnalysisManager.create(AnalysisConfig(...))``.
+        probe_inputs: fixed batch for forward-pass metrics: a dict of tensors, a tensor, or a
+            list of strings; ``None`` uses the captured training batch.
+        prefix: prepended to every metric key.
+    """
+
+    def __init__(
+        self,
+        analyzer: ModelAnalysisManager,
+        probe_inputs: Mapping[str, torch.Tensor] | torch.Tensor | Sequence[str] | None = None,
+        prefix: str = "analysis/",
+    ) -> None:
+        if not isinstance(analyzer, ModelAnalysisManager):
+            raise TypeError(
+                f"analyzer must be a ModelAnalysisManager, got {type(analyzer).__name__}"
+            )
+        if not (
+            probe_inputs is None
+            or isinstance(probe_inputs, (Mapping, torch.Tensor))
+            or _is_strings(probe_inputs)
+        ):
+            raise TypeError(
+                "probe_inputs must be None, a dict of tensors, a tensor, or a non-empty list of "
+                f"strings; got {type(probe_inputs).__name__}"
+            )
+        self.analyzer = analyzer
+        self.probe_inputs = probe_inputs
+        self.prefix = prefix
+        self.trainer: Trainer | None = None
+        self._probe: Any = None
+        self._captured: Any = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._running = False
+        self._pending: tuple[dict[str, float], dict[str, Any]] | None = None
+        self._warned = False
+
+    # --- events ----------------------------------------------------------------------------
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.trainer is None:
+            self.trainer = self._find_trainer()
+        if model is None:
+            return
+        if self.probe_inputs is not None:
+            raw = self.probe_inputs
+            if _is_strings(raw):
+                raw = tokenize_probe(raw, processing_class)
+            self._probe = _to(raw, _device_of(model))
+        self._remove_hook()
+        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._sync_step(model, state.global_step)
+
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            return
+        step = state.global_step + 1  # the trainer increments global_step after this event
+        inputs = None
+        if self.analyzer.is_measurement_step(step):
+            inputs = self._probe if self._probe is not None else self._captured
+        inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer
+        if isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner
+        self._running = True
+        try:
+            metrics = self.analyzer.on_optimizer_step(model, inputs, optimizer, step=step)
+        finally:
+            self._running = False
+        if metrics:
+            self._pending = (metrics, dict(self.analyzer.last_histograms))
+
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or not state.is_world_process_zero:
+            return
+        metrics, histograms = pending
+        self._log(args, state, control, {f"{self.prefix}{k}": v for k, v in metrics.items()})
+        if histograms:
+            self._log_histograms(args, state, histograms)
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        self._remove_hook()
+        self._captured = None
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._running or not torch.is_grad_enabled():
+            return
+        batch = {k: v for k, v in kwargs.items() if k not in _DROP_CAPTURED}
+        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in batch:
+            if len(args) > 1 or not batch:
+                self._captured = args  # a plain module called positionally
+                return
+            batch["input_ids"] = args[0]
+        self._captured = batch or None
+
+    def _sync_step(self, model: nn.Module, step: int) -> None:
+        """Align the manager with the trainer's step when training starts (see module docs)."""
+        if self.analyzer.step_count == step:
+            return
+        self.analyzer.reset()
+        self.analyzer.step_count = step
+        if self.analyzer.is_measurement_step(step):
+            self.analyzer.on_optimizer_step(model, step=step)  # baseline from loaded weights
+            logger.info("analysis resumed at step %d with a baseline from the loaded weights", step)
+        elif step > 0:
+            logger.info("analysis resumed at step %d; re-baselines at the next measurement", step)
+
+    def _find_trainer(self) -> Trainer | None:
+        frame = inspect.currentframe()
+        try:
+            f = frame.f_back if frame is not None else None
+            for _ in range(32):
+                if f is None:
+                    break
+                obj = f.f_locals.get("self")
+                handler = getattr(obj, "callback_handler", None)
+                if isinstance(obj, Trainer) and any(
+                    cb is self for cb in getattr(handler, "callbacks", ())
+                ):
+                    return obj
+                f = f.f_back
+        finally:
+            del frame
+        return None
+
+    def _log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float],
+    ) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "ModelAnalysisCallback could not find its trainer; metrics go to "
+                    "state.log_history only. Set callback.trainer = trainer to fix this."
+                )
+            state.log_history.append({**logs, "step": state.global_step})
+            return
+        should_log = control.should_log
+        Trainer.log(trainer, logs)
+        control.should_log = should_log
+        trainer.control.should_log = should_log
+
+    def _log_histograms(
+        self, args: TrainingArguments, state: TrainerState, histograms: dict[str, Any]
+    ) -> None:
+        report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
+        if "wandb" not in report_to and "all" not in report_to:
+            return
+        try:
+            import wandb
+        except ImportError:
+            return
+        if wandb.run is None:
+            return
+        payload: dict[str, Any] = {
+            f"train/{self.prefix}{k}": wandb.Histogram(v) for k, v in histograms.items()
+        }
+        payload["train/global_step"] = state.global_step
+        wandb.log(payload)
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

@@ -1,0 +1,158 @@
+"""ModelAnalysisCallback: batch capture, probe inputs, logging, ranks (no training loop)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import TrainerControl, TrainerState
+
+from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+from grail.trainer.analysis.integrations import ModelAnalysisCallback
+from grail.trainer.analysis.integrations.transformers import tokenize_probe
+from tests.conftest import tiny_qwen2
+
+from ._hf import Recorder, bpe_tokenizer
+
+
+def _manager(interval: int = 1, **cfg) -> ModelAnalysisManager:
+    return ModelAnalysisManager.create(AnalysisConfig(interval=interval, **cfg))
+
+
+def test_constructor_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="ModelAnalysisManager"):
+        ModelAnalysisCallback(AnalysisConfig())
+    for bad in ("one string", [], [1, 2], 3.0):
+        with pytest.raises(TypeError, match="probe_inputs"):
+            ModelAnalysisCallback(_manager(), probe_inputs=bad)
+
+
+def test_tokenize_probe_right_pads_with_mask():
+    tok = bpe_tokenizer()
+    texts = ["1 plus 4 makes 5", "12", "7 plus 10 makes 17 and more"]
+    batch = tokenize_probe(texts, tok)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    expected = [tok(t)["input_ids"] for t in texts]
+    assert ids.shape == (3, max(len(e) for e in expected)) and ids.dtype == torch.long
+    for row, want in enumerate(expected):
+        n = len(want)
+        assert ids[row, :n].tolist() == want
+        assert mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+        assert (ids[row, n:] == tok.pad_token_id).all()
+
+    class Processor:  # multimodal processors carry the tokenizer as an attribute
+        tokenizer = tok
+
+    assert torch.equal(tokenize_probe(texts, Processor())["input_ids"], ids)
+    with pytest.raises(ValueError, match="processing_class"):
+        tokenize_probe(texts, None)
+
+
+def _begin(cb, model, processing_class=None, step=0):
+    state = TrainerState()
+    state.global_step = step
+    cb.on_train_begin(None, state, TrainerControl(), model=model,
+                      processing_class=processing_class)
+    return state
+
+
+def test_hook_captures_only_grad_enabled_forwards_by_reference():
+    model = tiny_qwen2()
+    cb = ModelAnalysisCallback(_manager(interval=100))
+    _begin(cb, model)
+    ids = torch.randint(0, 128, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
+    assert set(cb._captured) == {"input_ids", "attention_mask"}  # generation-only keys dropped
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert set(cb._captured) == {"input_ids", "attention_mask"}
+    assert cb._captured["input_ids"] is ids and cb._captured["attention_mask"] is mask
+    with torch.no_grad():  # generation / evaluation
+        model(input_ids=ids[:, :2])
+    assert cb._captured["input_ids"] is ids
+    cb._running = True  # the analysis' own forwards
+    model(input_ids=ids[:, :3])
+    cb._running = False
+    assert cb._captured["input_ids"] is ids
+    short = ids[:, :4]
+    model(short)  # positional call: the arguments are kept as a tuple
+    assert isinstance(cb._captured, tuple) and cb._captured[0] is short
+    model(short, attention_mask=mask[:, :4])  # HF style: ids positional, the rest by name
+    assert cb._captured["input_ids"] is short and "attention_mask" in cb._captured
+    cb.on_train_end(None, TrainerState(), TrainerControl())
+    model(input_ids=ids)
+    assert cb._captured is None  # hook removed, reference released
+
+
+def test_analysis_forwards_do_not_replace_the_captured_batch():
+    model = tiny_qwen2()
+    rec = Recorder()
+    cb = ModelAnalysisCallback(_manager(interval=1).add_metric(rec))
+    state = _begin(cb, model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 128, (2, 6))
+    for step in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        state.global_step = step
+        cb.on_optimizer_step(None, state, TrainerControl(), model=model, optimizer=opt)
+        assert cb._captured["input_ids"] is ids  # the sparse forwards were not captured
+        opt.zero_grad()
+    assert [c["step"] for c in rec.calls] == [2, 3]
+    assert all(c["inputs"]["input_ids"] is ids and c["grads"] for c in rec.calls)
+    assert "sparse/kl_at_1e-06" in cb.analyzer.last_metrics
+
+
+def test_probe_strings_are_tokenized_once_and_used(caplog):
+    tok = bpe_tokenizer()
+    model = tiny_qwen2(vocab=len(tok))
+    rec = Recorder()
+    texts = ["3 plus 6 makes 9", "10 plus"]
+    cb = ModelAnalysisCallback(_manager(interval=1).add_metric(rec), probe_inputs=texts)
+    state = _begin(cb, model, processing_class=tok)
+    want = tokenize_probe(texts, tok)
+    for step in range(2):
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.01)
+        state.global_step = step
+        cb.on_optimizer_step(None, state, TrainerControl(), model=model)
+    got = rec.calls[-1]["inputs"]
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    metrics = cb.analyzer.last_metrics
+    assert metrics["sparse/tokens"] == float(want["attention_mask"].sum())
+    with pytest.raises(ValueError, match="tokenizer"):
+        _begin(ModelAnalysisCallback(_manager(), probe_inputs=texts), model)
+
+
+def _measure_once(cb, model, is_main: bool):
+    state = _begin(cb, model)
+    state.is_world_process_zero = is_main
+    control = TrainerControl()
+    for step in range(2):
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.01)
+        state.global_step = step
+        cb.on_optimizer_step(None, state, control, model=model)
+        state.global_step = step + 1
+        cb.on_step_end(None, state, control)
+    return state
+
+
+def test_only_the_main_process_logs_but_every_rank_measures(caplog):
+    model = tiny_qwen2()
+    cb = ModelAnalysisCallback(_manager(interval=1, sparse_quality_enabled=False))
+    state = _measure_once(cb, model, is_main=False)
+    assert state.log_history == []
+    assert cb.analyzer.last_metrics["param_change/norm_l2"] > 0  # the analysis did run
+
+    cb = ModelAnalysisCallback(_manager(interval=1, sparse_quality_enabled=False), prefix="x/")
+    with caplog.at_level(logging.WARNING):
+        state = _measure_once(cb, model, is_main=True)
+    assert "could not find its trainer" in caplog.text  # no Trainer on the call stack here
+    assert [e["step"] for e in state.log_history] == [2]
+    assert state.log_history[0]["x/param_change/norm_l2"] == cb.analyzer.last_metrics[
+        "param_change/norm_l2"]
