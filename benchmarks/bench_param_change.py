@@ -1,0 +1,86 @@
+"""Snapshot capture and parameter-change metrics against their bandwidth floors.
+
+On a random-init ~58M-parameter Qwen2-style model (hidden 512, 8 layers, vocab 32000), in fp32
+and bf16, side by side in one process:
+
+* capture: refilling the snapshot in place vs a plain ``clone()`` of every parameter;
+* metrics: ``ParameterChangeMetrics`` (4 thresholds, per layer, per component) vs one pass over
+  the live parameters and the snapshot (``torch.sub`` into a preallocated buffer + one sum);
+* peak RSS of a measurement above model + snapshot, as a fraction of the model's bytes.
+
+Run: ``python benchmarks/bench_param_change.py [--device cuda] [--hidden 1536 --layers 28
+--vocab 151936 --intermediate 8960 --heads 12 --kv-heads 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import best_of, model_bytes, peak_rss, qwen2, simulate_update, table  # noqa: E402
+
+from grail.trainer.analysis.metrics import ParameterChangeMetrics  # noqa: E402
+from grail.trainer.analysis.primitives import ParameterSnapshot  # noqa: E402
+
+
+def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
+    model = qwen2(args.hidden, args.layers, args.vocab, args.intermediate, args.heads,
+                  args.kv_heads, dtype=dtype, device=args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    params = [p.detach() for p in model.parameters()]
+    snap = ParameterSnapshot(model)
+    t_clone = best_of(lambda: [p.clone() for p in params])
+    t_capture = best_of(lambda: snap.capture_(model).synchronize())
+    simulate_update(model)
+    live = ParameterSnapshot.live(model)
+    olds = [snap.data[n] for n, _ in model.named_parameters()]
+    buf = torch.empty(max(p.numel() for p in params), dtype=dtype, device=args.device)
+
+    def floor() -> None:
+        total = torch.zeros((), device=args.device)
+        for p, o in zip(params, olds):
+            if o.device != p.device:
+                o = o.to(p.device, non_blocking=True)
+            out = buf[: p.numel()].view_as(p)
+            torch.sub(p, o, out=out)
+            total += out.sum()
+        float(total)
+
+    computer = ParameterChangeMetrics([0.0, 1e-8, 1e-6, 1e-4], per_layer=True, track_components=True)
+    t_floor = best_of(floor)
+    t_metrics = best_of(lambda: computer.compute(snap.compute_delta(live)))
+    with peak_rss() as mem:
+        computer.compute(snap.compute_delta(live))
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "params": f"{n_params / 1e6:.1f}M",
+        "capture / clone": f"{t_capture / t_clone:.2f}",
+        "metrics / one-pass floor": f"{t_metrics / t_floor:.2f}",
+        "metrics ms": f"{t_metrics * 1e3:.0f}",
+        "floor ms": f"{t_floor * 1e3:.0f}",
+        "extra peak RSS / model bytes": f"{mem['extra'] / model_bytes(model):.3f}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--intermediate", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args()
+    rows = [run(getattr(torch, d), args) for d in args.dtypes.split(",")]
+    print(f"device: {args.device}  threads: {torch.get_num_threads()}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

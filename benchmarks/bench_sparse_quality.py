@@ -1,0 +1,79 @@
+"""Sparse-quality computer against its floor: three bare forward passes.
+
+Same ~58M Qwen2-style model as ``bench_param_change.py``, batch 4 x 128, fp32 and bf16, one
+threshold (1e-6) with the random baseline: the computer runs three forwards (full, magnitude,
+random) plus the masking and the comparisons; the floor is three forwards of the unpatched model
+in eval mode under ``no_grad``. Also the peak RSS above model + snapshot, in units of the
+model's bytes and of one logits tensor.
+
+Run: ``python benchmarks/bench_sparse_quality.py [--device cuda] [model size flags]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import best_of, model_bytes, peak_rss, qwen2, simulate_update, table  # noqa: E402
+
+from grail.trainer.analysis.metrics import SparseQualityMetrics  # noqa: E402
+from grail.trainer.analysis.metrics.base import AnalysisContext  # noqa: E402
+from grail.trainer.analysis.primitives import ParameterSnapshot  # noqa: E402
+
+
+def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
+    model = qwen2(args.hidden, args.layers, args.vocab, args.intermediate, args.heads,
+                  args.kv_heads, dtype=dtype, device=args.device)
+    snap = ParameterSnapshot(model)
+    simulate_update(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(args.device)
+
+    def floor() -> None:
+        with torch.no_grad():
+            for _ in range(3):
+                model(input_ids=ids, use_cache=False).logits.float().sum().item()
+
+    computer = SparseQualityMetrics(thresholds=[1e-6])
+    ctx = AnalysisContext(model=model, inputs={"input_ids": ids}, step=1)
+    live = ParameterSnapshot.live(model)
+    t_floor = best_of(floor)
+    t_sparse = best_of(lambda: computer.compute(snap.compute_delta(live), context=ctx))
+    with peak_rss() as mem:
+        metrics = computer.compute(snap.compute_delta(live), context=ctx)
+    logits_bytes = args.batch * args.seq * args.vocab * 4
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "computer / 3 forwards": f"{t_sparse / t_floor:.2f}",
+        "computer s": f"{t_sparse:.3f}",
+        "floor s": f"{t_floor:.3f}",
+        "kept at 1e-6": f"{metrics['sparse/kept_ratio_at_1e-06']:.3f}",
+        "extra RSS / model": f"{mem['extra'] / model_bytes(model):.3f}",
+        "extra RSS / logits": f"{mem['extra'] / logits_bytes:.2f}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--intermediate", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args()
+    rows = [run(getattr(torch, d), args) for d in args.dtypes.split(",")]
+    print(f"device: {args.device}  threads: {torch.get_num_threads()}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
