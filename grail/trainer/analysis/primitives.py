@@ -349,5 +349,5 @@ class ParameterDelta:
                 info = self.new.shards[name]
                 mask = random_keep_mask(d.numel(), keep, seed, name, info.offset, d.device)
                 mask = mask.view(d.shape)
-            out[name] = d * mask
+            out[name] = torch.where(mask, d, 0.0)  # d * mask would turn a dropped NaN/inf into NaN
         return out
