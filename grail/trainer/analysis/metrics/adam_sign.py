@@ -23,7 +23,7 @@ key                    definition
                        :math:`\mathrm{sign}(g) = \mathrm{sign}(m)`; omitted when there is no such
                        pair (no gradients)
 ``update_to_weight``   :math:`\lVert \eta u\rVert_2 / \lVert W\rVert_2` with the current (post-step)
-                       weights; 0 when :math:`\lVert W\rVert_2 = 0`
+                       weights; 0 when :math:`\lVert W\rVert_2 = 0`, NaN when a weight is NaN
 ``nonfinite_count``    number of non-finite :math:`u`
 ``num_params``         number of entries with Adam state
 =====================  ===========================================================================
@@ -254,7 +254,7 @@ class AdamSignDescentMetrics(MetricComputer):
             a, b = a_buf[: stop - start], b_buf[: stop - start]
             mc, vc = m[start:stop], v[start:stop]
             # u = (m / bc1) / (sqrt(v) / bc2s + eps), in torch's order, computed in b
-            torch.sqrt(vc, out=b) if vc.dtype == torch.float32 else b.copy_(vc).sqrt_()
+            torch.sqrt(_f32(vc, b), out=b)
             b.div_(bc2s).add_(eps)
             torch.div(mc, b, out=b).div_(bc1)
             sums, maxes = stats.moments(b)
@@ -262,13 +262,13 @@ class AdamSignDescentMetrics(MetricComputer):
             if g is not None:
                 # sign(g) sign(m) is +1 (agree), -1 (disagree) or 0: its sum and its sum of
                 # squares give both counts; NaN (rare) is zeroed only when it occurs.
-                prod = torch.sign(g[start:stop], out=a).mul_(torch.sign(mc, out=b))
+                prod = torch.sign(_f32(g[start:stop], a), out=a)
+                prod.mul_(torch.sign(_f32(mc, b), out=b))
                 s_sum = prod.sum()
                 if not bool(torch.isfinite(s_sum)):
                     s_sum = prod.nan_to_num_(nan=0.0).sum()
                 s_sum, s_nonzero = s_sum * sign, torch.dot(prod, prod)
-            wc = w[start:stop]
-            wf = wc if wc.dtype == torch.float32 else a.copy_(wc)
+            wf = _f32(w[start:stop], a)
             w_sq = torch.dot(wf, wf)  # float32 dot of one chunk: relative error ~1e-7
             extras = [s_sum, s_nonzero, w_sq, sums[stats.column("sum_sq")] * lr_sq]
             stats.accumulate(sums, maxes, rows, extras)
@@ -308,11 +308,17 @@ class AdamSignDescentMetrics(MetricComputer):
             if nonzero > 0:
                 out[p + "sign_agreement"] = (r.extra["sign_sum"] + nonzero) / (2.0 * nonzero)
             w_sq = r.extra["w_sq"]
-            out[p + "update_to_weight"] = math.sqrt(r.extra["lr_u_sq"] / w_sq) if w_sq > 0 else 0.0
+            # NaN weights give NaN (not a reassuring 0); only an all-zero weight gives 0.
+            out[p + "update_to_weight"] = math.sqrt(r.extra["lr_u_sq"] / w_sq) if w_sq else 0.0
             if group == "all":
                 out[p + "nonfinite_count"] = float(r.nonfinite)
                 out[p + "num_params"] = float(total)
         return out
+
+
+def _f32(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``x`` if it is float32, else ``x`` copied into the float32 buffer ``buf``."""
+    return x if x.dtype == torch.float32 else buf.copy_(x)
 
 
 def _sparse_sign_terms(grad: torch.Tensor, exp_avg: torch.Tensor) -> tuple[float, float]:
