@@ -209,3 +209,15 @@ def test_vocabulary_larger_than_a_block():
     v = divergence._BLOCK_ELEMENTS + 5  # a single row per block
     a, b = _pair(2, v, 0.1, seed=12)
     _assert_close(LogitsReference(a).compare(b), _reference(a, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compare_on_cuda():
+    a, b = _pair(40, 3000, 0.4, seed=14)
+    b[3, 1] = float("nan")
+    got = LogitsReference(a.cuda()).compare(b.cuda())
+    _assert_close(got, _reference(a, b))
+    same = LogitsReference(a.cuda()).compare(a.cuda())
+    assert same["kl"] == 0.0 and same["top1_agree"] == 1.0
+    # a CPU tensor compared with a CUDA reference is moved, not rejected
+    _assert_close(LogitsReference(a.cuda()).compare(b), _reference(a, b))

@@ -436,3 +436,39 @@ def test_keep_ratio_thresholds_reads_chunks_at_most_twice():
 
     keep_ratio_thresholds(chunks, [0.1, 0.2, 0.3])
     assert len(passes) == 2
+
+
+# --- CUDA: the same bits and thresholds on every device ----------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("offset", [0, 12345, 2**32 - 1000])
+def test_random_bits_identical_on_cuda(offset):
+    cpu = random_bits(5000, 3, "w", offset, "cpu")
+    gpu = random_bits(5000, 3, "w", offset, "cuda")
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    drop = random_drop(0.3, 3)
+    bits = torch.zeros(5000, dtype=torch.int32)
+    assert torch.equal(
+        drop("w", offset, bits.cuda(), torch.empty_like(bits, device="cuda")).cpu(),
+        drop("w", offset, bits, torch.empty_like(bits)),
+    )
+
+
+@cuda
+def test_magnitude_drop_and_keep_ratio_thresholds_on_cuda():
+    values = _probe_values(THRESHOLDS)
+    x = torch.from_numpy(values)
+    abs_bits = x.abs().view(torch.int32)
+    for t in THRESHOLDS:
+        cpu = magnitude_drop(t)("w", 0, abs_bits, torch.empty_like(abs_bits))
+        gpu = magnitude_drop(t)("w", 0, abs_bits.cuda(), torch.empty_like(abs_bits, device="cuda"))
+        assert torch.equal(gpu.cpu(), cpu)
+        assert torch.equal(magnitude_keep_mask(x.cuda(), t).cpu(), magnitude_keep_mask(x, t))
+    rng = np.random.default_rng(6)
+    data = (rng.standard_normal(100_000) * 1e-3).astype(np.float32)
+    t = torch.from_numpy(data)
+    on_gpu = keep_ratio_thresholds(lambda: iter(t.cuda().split(30_000)), RATIOS)
+    assert on_gpu == keep_ratio_thresholds(lambda: iter([t]), RATIOS)

@@ -479,3 +479,54 @@ def test_apply_sparse_mask_rejects_unknown_type():
     delta, _ = _delta_for({"w": torch.zeros(2)}, {"w": torch.ones(2)})
     with pytest.raises(ValueError, match="mask_type"):
         delta.apply_sparse_mask(0.0, mask_type="topk")
+
+
+# --- CUDA: pinned, non-blocking snapshots -------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_snapshot_is_a_consistent_copy_even_when_the_model_moves_on():
+    g = _gen(20)
+    values = {"big": torch.randn(1 << 24, generator=g), "small": torch.randn(7, generator=g)}
+    model = Params(values).cuda()
+    snap = ParameterSnapshot(model)
+    assert snap.device == "cpu"
+    with torch.no_grad():  # queued right behind the copies on the same stream
+        model.big.mul_(3.0)
+        model.small.zero_()
+    # read straight away through the public dict
+    assert torch.equal(snap.data["big"], values["big"])
+    assert torch.equal(snap.data["small"], values["small"])
+    # capture again into the same pinned buffers, then change the model at once
+    ptr = snap.data["big"].data_ptr()
+    snap.capture_(model)
+    with torch.no_grad():
+        model.big.add_(1.0)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    assert snap.data["big"].data_ptr() == ptr
+    d = delta.deltas["big"]
+    assert bool((d.cpu() == 1.0).all())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_delta_statistics_match_float64_reference(dtype):
+    old, new = _update_pair(dtype, seed=21)
+    model = Params(old).cuda()
+    before = ParameterSnapshot(model)
+    model.assign({k: v.cuda() for k, v in new.items()})
+    delta = before.compute_delta(ParameterSnapshot.live(model))
+    refs = {n: _ref_delta(old[n], new[n]) for n in old}
+    _assert_stats(delta.statistics(), _ref_stats(list(refs.values())))
+    for name, ref in refs.items():
+        _assert_stats(delta.per_layer_statistics()[name], _ref_stats([ref]))
+    d = np.concatenate(list(refs.values()))
+    for t in (0.0, 2.0**-20, 1e-6, 0.25):
+        assert delta.sparsity_at_threshold(t)["kept_params"] == int(np.sum(np.abs(d) > t))
+    # the random mask is the same on every device (a hash of the position, not an RNG)
+    cpu_delta, _ = _delta_for(old, new)
+    a = delta.apply_sparse_mask(1e-4, mask_type="random", seed=5)
+    b = cpu_delta.apply_sparse_mask(1e-4, mask_type="random", seed=5)
+    assert all(torch.equal(a[n].cpu(), b[n]) for n in a)
