@@ -33,10 +33,12 @@ __all__ = [
     "all_reduce_",
     "barrier",
     "broadcast_",
+    "fsdp_units",
     "get_rank",
     "get_world_size",
     "is_distributed",
     "local_tensor",
+    "reshard",
     "shard_info",
     "unsupported_engine",
     "unwrap_model",
@@ -139,6 +141,38 @@ def unsupported_engine(model: torch.nn.Module) -> str | None:
             return "DeepSpeed ZeRO-3"
         break
     return None
+
+
+def _fsdp_module_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return FSDPModule
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Return every FSDP2 module to its sharded state (no-op for other models).
+
+    After a forward without backward, FSDP2 leaves the root module's parameters unsharded; the
+    analysis reshards at the start of a measurement (so snapshots and deltas always see the
+    same local shards) and after each of its own forwards (so a forward with patched shards
+    leaves no patched unsharded copy behind).
+    """
+    fsdp = _fsdp_module_type()
+    if fsdp is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp):
+            module.reshard()
+
+
+def fsdp_units(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``qualified name -> module`` of every FSDP2 module (each manages its own parameters)."""
+    fsdp = _fsdp_module_type()
+    if fsdp is None:
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, fsdp)}
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

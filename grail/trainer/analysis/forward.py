@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import reshard
+
 __all__ = ["PreparedInputs", "logits_from_output", "prepare_inputs", "run_forward"]
 
 _ALWAYS_DROP = {"labels"}
@@ -127,10 +129,7 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
     cols = min(seq, max_tokens) if seq is not None else None
     args = tuple(_cut(a, rows, cols, batch, seq) for a in args)
     kwargs = {k: _cut(v, rows, cols, batch, seq) for k, v in kwargs.items()}
-    if isinstance(mask, torch.Tensor):
-        mask = _cut(mask, rows, cols, batch, seq).bool()
-    else:
-        mask = None
+    mask = _cut(mask, rows, cols, batch, seq).bool() if isinstance(mask, torch.Tensor) else None
 
     def move(v: Any) -> Any:
         return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -173,7 +172,10 @@ def run_forward(
     output_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One forward pass; logits as float32 ``[positions, classes]`` of the unmasked positions."""
-    logits = logits_from_output(model(*prepared.args, **prepared.kwargs), output_fn)
+    try:
+        logits = logits_from_output(model(*prepared.args, **prepared.kwargs), output_fn)
+    finally:
+        reshard(model)  # FSDP2: drop unsharded copies of (possibly patched) parameters
     if logits.dim() == 1:
         logits = logits.unsqueeze(-1)
     mask = prepared.mask

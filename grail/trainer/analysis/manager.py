@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
-from .distributed import ShardInfo, all_reduce_, is_distributed, unsupported_engine
+from .distributed import ShardInfo, all_reduce_, is_distributed, reshard, unsupported_engine
 from .metrics.base import AnalysisContext, MetricComputer
 from .primitives import ParameterSnapshot
 
@@ -178,8 +178,15 @@ class ModelAnalysisManager:
     ) -> dict[str, float]:
         engine = unsupported_engine(model)
         if engine is not None:
-            self._log_once("engine", engine, f"{engine} parameters cannot be analysed; skipping")
+            if ("engine", engine) not in self._skip_logged:
+                self._skip_logged.add(("engine", engine))
+                logger.warning(
+                    "%s partitions parameters into placeholders outside their forward; the "
+                    "analysis cannot read them and reports nothing for this model",
+                    engine,
+                )
             return {}
+        reshard(model)  # FSDP2: analyse local shards, whatever the last forward left behind
         cfg = self.config
         if self.old_snapshot is None:
             self.old_snapshot = self._new_snapshot(model)

@@ -173,13 +173,16 @@ def keep_ratio_thresholds(
     chunks: Callable[[], Iterable[torch.Tensor]],
     keep_ratios: Iterable[float],
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    device: torch.device | str = "cpu",
 ) -> dict[float, float]:
     """Global magnitude thresholds ``T`` such that ``|delta| > T`` keeps each target fraction.
 
     Args:
         chunks: called once per pass; yields float32 delta chunks covering every entry once.
         keep_ratios: targets in (0, 1].
-        reduce: sums a histogram over ranks (identity in one process).
+        reduce: sums a histogram over ranks (identity in one process). Every rank issues the
+            same reductions in the same order, whether or not it holds any entries.
+        device: where the histograms live when this rank yields no chunk.
 
     The threshold keeps every entry at least as large as the k-th largest ``|delta|``
     (``k = round(keep * N)``), so the achieved ratio is the target up to ties; non-finite
@@ -195,10 +198,12 @@ def keep_ratio_thresholds(
         h = torch.bincount(bits >> 16, minlength=_HI_BINS + 1)
         hist_hi = h if hist_hi is None else hist_hi + h
     if hist_hi is None:
-        return dict.fromkeys(ratios, 0.0)
+        hist_hi = torch.zeros(_HI_BINS + 1, dtype=torch.long, device=device)
     total = reduce(torch.tensor([n_total], dtype=torch.long, device=hist_hi.device))
     hist_hi = reduce(hist_hi)
     n = int(total.item())
+    if n == 0:
+        return dict.fromkeys(ratios, 0.0)
     # Walk bins from the largest values down; bin _HI_BINS collects non-finite (always kept).
     desc = hist_hi.flip(0).cumsum(0).cpu()
     targets = {}
@@ -209,7 +214,7 @@ def keep_ratio_thresholds(
         above = int(desc[j - 1]) if j > 0 else 0
         targets[r] = (hi_bin, k - above)  # need the (k-above)-th largest inside hi_bin
     out: dict[float, float] = {}
-    need = {hb for hb, _ in targets.values() if hb < _HI_BINS}
+    need = sorted({hb for hb, _ in targets.values() if hb < _HI_BINS})  # same order on all ranks
     hist_lo: dict[int, torch.Tensor] = {}
     if need:
         for d in chunks():

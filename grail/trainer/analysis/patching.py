@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import local_tensor, unwrap_model
+from .distributed import fsdp_units, local_tensor, shard_info, unwrap_model
 from .masks import DropFn
 from .primitives import ParameterDelta, collect_parameters
 from .stats import chunk_numel
@@ -204,6 +205,14 @@ class SelectPatch:
                 sc.copy_(sd)
 
 
+def _local_attr(module: nn.Module, attr: str) -> torch.Tensor:
+    return local_tensor(getattr(module, attr))
+
+
+def _local_parameter(model: nn.Module, name: str) -> torch.Tensor:
+    return local_tensor(model.get_parameter(name))
+
+
 class ModulePatch:
     """Within the context, parameter ``name`` reads as ``values[name](local_tensor)`` while its
     owning module runs (see module docstring).
@@ -222,14 +231,39 @@ class ModulePatch:
         self._saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.calls: dict[str, int] = dict.fromkeys(values, 0)
 
-    def _owners(self) -> dict[str, list[tuple[nn.Module, str]]]:
+    def _targets(self) -> dict[str, tuple[nn.Module | None, Callable[[], torch.Tensor]]]:
+        """``name -> (module to hook or None for the whole pass, current local tensor)``.
+
+        Plain parameters are hooked on their owning module; one shared by several modules is
+        patched for the whole pass. An FSDP2-sharded parameter is hooked on the FSDP unit that
+        manages it, ahead of the unit's own all-gather, and patched in its local shard.
+        """
         by_id: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in self.model.modules():
             for attr, p in module._parameters.items():
                 if p is not None:
                     by_id.setdefault(id(p), []).append((module, attr))
         params = dict(collect_parameters(self.model))
-        return {name: by_id.get(id(params[name]), []) for name in self.values if name in params}
+        units = fsdp_units(self.model)
+        out: dict[str, tuple[nn.Module | None, Callable[[], torch.Tensor]]] = {}
+        for name in self.values:
+            if name not in params:
+                continue
+            if shard_info(params[name]).sharded and units:
+                unit = max(
+                    (u for u in units if not u or name.startswith(u + ".")), key=len, default=None
+                )
+                if unit is not None:
+                    get = functools.partial(_local_parameter, self.model, name)
+                    out[name] = (units[unit], get)
+                    continue
+            owners = by_id.get(id(params[name]), [])
+            module, attr = owners[0] if owners else (None, "")
+            get = functools.partial(_local_attr, module, attr) if module is not None else (
+                functools.partial(_local_parameter, self.model, name)
+            )
+            out[name] = (module if len(owners) == 1 else None, get)
+        return out
 
     def _write(self, name: str, t: torch.Tensor) -> None:
         if name in self._saved:
@@ -246,21 +280,19 @@ class ModulePatch:
 
     def __enter__(self) -> ModulePatch:
         try:
-            for name, owners in self._owners().items():
-                if len(owners) != 1:  # shared or unowned: patch for the whole pass
-                    module, attr = owners[0]
-                    self._write(name, local_tensor(getattr(module, attr)))
-                    continue
-                module, attr = owners[0]
-                self._hook(module, attr, name)
+            for name, (module, get) in self._targets().items():
+                if module is None:  # shared or unowned: patch for the whole pass
+                    self._write(name, get())
+                else:
+                    self._hook(module, name, get)
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
-    def _hook(self, module: nn.Module, attr: str, name: str) -> None:
+    def _hook(self, module: nn.Module, name: str, get: Callable[[], torch.Tensor]) -> None:
         def pre(mod: nn.Module, args: Any) -> None:
-            self._write(name, local_tensor(getattr(mod, attr)))
+            self._write(name, get())
 
         def post(mod: nn.Module, args: Any, output: Any) -> None:
             self._put_back(name)

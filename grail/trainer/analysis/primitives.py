@@ -97,7 +97,7 @@ class ParameterSnapshot:
         self._device = torch.device(device)
         self._dtype = dtype
         self.trainable_only = trainable_only
-        self.data: dict[str, torch.Tensor] = {}
+        self._data: dict[str, torch.Tensor] = {}
         self.shards: dict[str, ShardInfo] = {}
         self.param_dtypes: dict[str, torch.dtype] = {}
         self.is_live = False
@@ -162,6 +162,16 @@ class ParameterSnapshot:
             self._pending.synchronize()
             self._pending = None
 
+    @property
+    def data(self) -> dict[str, torch.Tensor]:
+        """``name -> tensor``; waits for pending non-blocking copies, so a read is always safe."""
+        self.synchronize()
+        return self._data
+
+    @data.setter
+    def data(self, value: dict[str, torch.Tensor]) -> None:
+        self._data = value
+
     # --- introspection ---------------------------------------------------------------------
     @property
     def device(self) -> str:
@@ -173,9 +183,18 @@ class ParameterSnapshot:
         dtypes = {t.dtype for t in self.data.values()}
         return dtypes.pop() if len(dtypes) == 1 else None
 
-    def spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """``name -> (global shape, parameter dtype)``: what must match to diff two snapshots."""
-        return {n: (self.shards[n].global_shape, self.param_dtypes[n]) for n in self.data}
+    def spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, tuple[int, ...], int]]:
+        """``name -> (global shape, dtype, local shape, shard offset)``: what must match to diff
+        two snapshots (a change of placement re-baselines like a change of shape)."""
+        return {
+            n: (
+                self.shards[n].global_shape,
+                self.param_dtypes[n],
+                tuple(self.data[n].shape),
+                self.shards[n].offset,
+            )
+            for n in self.data
+        }
 
     def is_lossless(self, name: str) -> bool:
         """True when the stored dtype represents every value of the parameter's dtype exactly."""
@@ -249,7 +268,9 @@ class ParameterDelta:
             self._buffers[device] = buf
         return buf
 
-    def stream(self, names: list[str] | None = None, owned_only: bool = True) -> Iterator[DeltaChunk]:
+    def stream(
+        self, names: list[str] | None = None, owned_only: bool = True
+    ) -> Iterator[DeltaChunk]:
         """Yield the delta chunk by chunk, tensor by tensor.
 
         ``owned_only`` skips replicated tensors that another rank counts (no-op in one process).

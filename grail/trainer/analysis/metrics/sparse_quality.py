@@ -147,6 +147,7 @@ class SparseQualityMetrics(MetricComputer):
                 lambda: (c.delta for c in delta.stream()),
                 self.keep_ratios,
                 reduce=lambda t: all_reduce_(t, "sum"),
+                device=next(iter(delta.new.data.values())).device,
             )
             targets += [(format_keep_ratio(r), found[r]) for r in self.keep_ratios]
         return targets
