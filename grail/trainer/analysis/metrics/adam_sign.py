@@ -261,11 +261,15 @@ class AdamSignDescentMetrics(MetricComputer):
             s_sum = s_nonzero = zero
             if g is not None:
                 # sign(g) sign(m) is +1 (agree), -1 (disagree) or 0: its sum and its sum of
-                # squares give both counts; NaN (rare) is zeroed only when it occurs.
+                # squares give both counts. NaN is zeroed; on CPU only when it occurs (the
+                # check is free there), on accelerators always (no host sync).
                 prod = torch.sign(_f32(g[start:stop], a), out=a)
                 prod.mul_(torch.sign(_f32(mc, b), out=b))
-                s_sum = prod.sum()
-                if not bool(torch.isfinite(s_sum)):
+                if prod.is_cpu:
+                    s_sum = prod.sum()
+                    if not bool(torch.isfinite(s_sum)):
+                        s_sum = prod.nan_to_num_(nan=0.0).sum()
+                else:
                     s_sum = prod.nan_to_num_(nan=0.0).sum()
                 s_sum, s_nonzero = s_sum * sign, torch.dot(prod, prod)
             wf = _f32(w[start:stop], a)

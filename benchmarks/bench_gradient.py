@@ -1,0 +1,97 @@
+"""Cost of the gradient and Adam-state metrics against the bandwidth floor.
+
+The floor is one read of every gradient, ``exp_avg`` and ``exp_avg_sq`` (a ``sum`` over each
+tensor): no implementation of these metrics can read less. Both computers are timed on the same
+~56M-parameter Qwen2-style model (fp32, AdamW state after two steps), side by side in one
+process; the ratio is what the README reports. One AdamW step is timed as context.
+
+Run: ``python benchmarks/bench_gradient.py [--repeat 5] [--threads N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import best_of, peak_rss, qwen2, table
+
+from grail.trainer.analysis.metrics.adam_sign import AdamSignDescentMetrics
+from grail.trainer.analysis.metrics.base import AnalysisContext
+from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
+
+
+def setup(device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = qwen2(device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+        opt.step()
+    return model, opt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, opt = setup(args.device)
+    n = sum(p.numel() for p in model.parameters())
+    ctx = AnalysisContext(model=model, optimizer=opt, step=1)
+    tensors = [p.grad for p in model.parameters()]
+    for p in model.parameters():
+        tensors += [opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]]
+
+    def floor() -> None:
+        for t in tensors:
+            t.sum()
+
+    plain = (GradientSparsityMetrics(), AdamSignDescentMetrics())
+    full = (
+        GradientSparsityMetrics(per_layer=True, track_components=True, histogram_samples=10_000),
+        AdamSignDescentMetrics(track_components=True, histogram_samples=10_000),
+    )
+
+    def run(computers: tuple, which: str = "both") -> None:
+        with torch.no_grad():
+            if which in ("both", "gradient"):
+                computers[0].compute(context=ctx)
+            if which in ("both", "adam"):
+                computers[1].compute(context=ctx)
+
+    torch.set_grad_enabled(False)
+    t_floor = best_of(floor, repeat=args.repeat)
+    rows = [{"what": "floor: read grads + exp_avg + exp_avg_sq", "ms": f"{t_floor * 1e3:.0f}",
+             "x floor": "1.00", "extra RSS MiB": "-"}]
+    cases = [
+        ("gradient/* (defaults)", plain, "gradient"),
+        ("adam_sign/* (defaults)", plain, "adam"),
+        ("both (defaults)", plain, "both"),
+        ("both, per layer + components + histograms", full, "both"),
+    ]
+    for label, computers, which in cases:
+        t = best_of(lambda c=computers, w=which: run(c, w), repeat=args.repeat)
+        with peak_rss() as mem:
+            run(computers, which)
+        rows.append({"what": label, "ms": f"{t * 1e3:.0f}", "x floor": f"{t / t_floor:.2f}",
+                     "extra RSS MiB": f"{mem['extra'] / 2**20:.1f}"})
+    # context, timed last because it changes the state: the optimizer step these metrics follow
+    t_step = best_of(opt.step, repeat=args.repeat)
+    rows.append({"what": "context: one AdamW step (foreach)", "ms": f"{t_step * 1e3:.0f}",
+                 "x floor": f"{t_step / t_floor:.2f}", "extra RSS MiB": "-"})
+    print(f"model: {n / 1e6:.1f}M parameters, fp32, AdamW; device {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
