@@ -107,6 +107,24 @@ def peak_rss():
         out["extra"] = peak[0] - base
 
 
+@contextmanager
+def peak_memory(device: str):
+    """Peak extra memory of the block: host RSS on CPU, allocated GPU memory on CUDA."""
+    if not str(device).startswith("cuda"):
+        with peak_rss() as out:
+            yield out
+        return
+    out = {"extra": 0}
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        yield out
+    finally:
+        torch.cuda.synchronize()
+        out["extra"] = torch.cuda.max_memory_allocated() - base
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """A small Markdown table."""
     keys = list(rows[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, model_bytes, peak_rss, qwen2, simulate_update, table  # noqa: E402
+from _common import best_of, model_bytes, peak_memory, qwen2, simulate_update, table  # noqa: E402
 
 from grail.trainer.analysis.metrics import ParameterChangeMetrics  # noqa: E402
 from grail.trainer.analysis.primitives import ParameterSnapshot  # noqa: E402
@@ -53,7 +53,7 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
     computer = ParameterChangeMetrics([0.0, 1e-8, 1e-6, 1e-4], per_layer=True, track_components=True)
     t_floor = best_of(floor)
     t_metrics = best_of(lambda: computer.compute(snap.compute_delta(live)))
-    with peak_rss() as mem:
+    with peak_memory(args.device) as mem:
         computer.compute(snap.compute_delta(live))
     return {
         "dtype": str(dtype).removeprefix("torch."),
@@ -62,7 +62,7 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
         "metrics / one-pass floor": f"{t_metrics / t_floor:.2f}",
         "metrics ms": f"{t_metrics * 1e3:.0f}",
         "floor ms": f"{t_floor * 1e3:.0f}",
-        "extra peak RSS / model bytes": f"{mem['extra'] / model_bytes(model):.3f}",
+        "extra peak memory / model bytes": f"{mem['extra'] / model_bytes(model):.3f}",
     }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, model_bytes, peak_rss, qwen2, simulate_update, table  # noqa: E402
+from _common import best_of, model_bytes, peak_memory, qwen2, simulate_update, table  # noqa: E402
 
 from grail.trainer.analysis.metrics import SparseQualityMetrics  # noqa: E402
 from grail.trainer.analysis.metrics.base import AnalysisContext  # noqa: E402
@@ -43,7 +43,7 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
     live = ParameterSnapshot.live(model)
     t_floor = best_of(floor)
     t_sparse = best_of(lambda: computer.compute(snap.compute_delta(live), context=ctx))
-    with peak_rss() as mem:
+    with peak_memory(args.device) as mem:
         metrics = computer.compute(snap.compute_delta(live), context=ctx)
     logits_bytes = args.batch * args.seq * args.vocab * 4
     return {
@@ -52,8 +52,8 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
         "computer s": f"{t_sparse:.3f}",
         "floor s": f"{t_floor:.3f}",
         "kept at 1e-6": f"{metrics['sparse/kept_ratio_at_1e-06']:.3f}",
-        "extra RSS / model": f"{mem['extra'] / model_bytes(model):.3f}",
-        "extra RSS / logits": f"{mem['extra'] / logits_bytes:.2f}",
+        "extra memory / model": f"{mem['extra'] / model_bytes(model):.3f}",
+        "extra memory / logits": f"{mem['extra'] / logits_bytes:.2f}",
     }
 
 
