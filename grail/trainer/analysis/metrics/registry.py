@@ -34,6 +34,10 @@ def build_computers(
                 component_map=config.component_map,
             )
         )
+    if config.param_change_track_mask_overlap:
+        from .mask_overlap import MaskOverlapMetrics
+
+        out.append(MaskOverlapMetrics())
     if config.gradient_enabled:
         from .gradient import GradientSparsityMetrics
 
