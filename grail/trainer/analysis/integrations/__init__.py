@@ -16,13 +16,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .batch import BatchCapture, tokenize_probe
     from .sinks import JsonlSink, MetricSink, WandbSink, read_jsonl
     from .transformers import ModelAnalysisCallback
 
-__all__ = ["JsonlSink", "MetricSink", "ModelAnalysisCallback", "WandbSink", "read_jsonl"]
+__all__ = [
+    "BatchCapture",
+    "JsonlSink",
+    "MetricSink",
+    "ModelAnalysisCallback",
+    "WandbSink",
+    "read_jsonl",
+    "tokenize_probe",
+]
 
 _WHERE = {
     "ModelAnalysisCallback": ".transformers",
+    "BatchCapture": ".batch",
+    "tokenize_probe": ".batch",
     "JsonlSink": ".sinks",
     "MetricSink": ".sinks",
     "WandbSink": ".sinks",

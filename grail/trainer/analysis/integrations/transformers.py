@@ -12,13 +12,12 @@ eval_dataloader``; the batch is never among them. This callback gets one in two 
 
 * ``probe_inputs`` (recommended: a fixed batch makes numbers comparable across steps): a dict
   of tensors (or a tensor), or a list of strings tokenized once, at train begin, with the
-  trainer's ``processing_class``, right-padded with an ``attention_mask``;
-* otherwise a forward pre-hook on the model keeps a reference (no copy) to the keyword
-  arguments of the most recent *grad-enabled* forward, i.e. the training forward; generation
-  and evaluation run under ``no_grad`` and are ignored, and the hook is off while the analysis
-  runs its own forwards. Generation-only keys (``logits_to_keep``, ``use_cache``,
-  ``past_key_values``) are dropped so every position is compared. With gradient accumulation
-  this is the last micro-batch.
+  trainer's ``processing_class`` (:func:`~.batch.tokenize_probe`);
+* otherwise the inputs of the most recent training forward, referenced (not copied) by a
+  forward pre-hook that ignores ``no_grad`` calls (generation, evaluation) and is paused while
+  the analysis runs its own forwards (:class:`~.batch.BatchCapture`).
+
+Tensors are moved to the model's device.
 
 Timing. The analysis runs in ``on_optimizer_step`` (parameters updated, gradients still
 present), with the manager's step set to ``state.global_step + 1``: the trainer increments
@@ -29,8 +28,9 @@ keeps its schedule. The metrics are logged in ``on_step_end`` of the same step, 
 
 Decisions where the design is silent:
 
-* The trainer is found on the call stack at train begin (the callback API does not pass it);
-  set ``callback.trainer = trainer`` yourself if a custom loop hides it. Without a trainer the
+* The trainer is found on the call stack at train begin (the callback API does not pass it):
+  the frame whose ``self`` is a ``Trainer`` holding this callback. Set ``callback.trainer =
+  trainer`` yourself if a wrapper hides it. Without a trainer the
   metrics are appended to ``state.log_history`` only, with a warning.
 * The base ``transformers.Trainer.log`` is called, not an override: TRL's ``log`` drains its
   buffered reward/KL averages into whatever it logs, which would move them off the trainer's
@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from ..manager import ModelAnalysisManager
+from .batch import BatchCapture, tokenize_probe
 
 try:
     from transformers import (
@@ -82,11 +83,6 @@ except ImportError as err:  # pragma: no cover - exercised only without the hf e
 __all__ = ["ModelAnalysisCallback"]
 
 logger = logging.getLogger(__name__)
-
-#: Keyword arguments of a captured forward that only make sense for generation or the loss.
-_DROP_CAPTURED = frozenset(
-    {"labels", "logits_to_keep", "num_logits_to_keep", "past_key_values", "use_cache"}
-)
 
 
 def _is_strings(value: Any) -> bool:
@@ -110,35 +106,6 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, Mapping):
         return {k: _to(v, device) for k, v in value.items()}
     return value
-
-
-def tokenize_probe(texts: Sequence[str], processing_class: Any) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` of ``texts``.
-
-    Padding is done here (with the pad, else the eos, else id 0) so tokenizers without a pad
-    token work; padded positions are masked out of every comparison.
-    """
-    tok = getattr(processing_class, "tokenizer", processing_class)
-    if tok is None or not callable(tok):
-        raise ValueError(
-            "probe_inputs given as strings need a tokenizer: pass processing_class= to the "
-            "trainer, or give probe_inputs as a dict of tensors"
-        )
-    rows = [list(tok(t)["input_ids"]) for t in texts]
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("a probe string tokenized to zero tokens")
-    pad = next(
-        (i for i in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
-         if isinstance(i, int)),
-        0,
-    )
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 class ModelAnalysisCallback(TrainerCallback):
@@ -174,10 +141,8 @@ class ModelAnalysisCallback(TrainerCallback):
         self.probe_inputs = probe_inputs
         self.prefix = prefix
         self.trainer: Trainer | None = None
+        self.capture = BatchCapture()
         self._probe: Any = None
-        self._captured: Any = None
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._running = False
         self._pending: tuple[dict[str, float], dict[str, Any]] | None = None
         self._warned = False
 
@@ -191,8 +156,7 @@ class ModelAnalysisCallback(TrainerCallback):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
-        if self.trainer is None:
-            self.trainer = self._find_trainer()
+        self.trainer = self._find_trainer() or self.trainer
         if model is None:
             return
         if self.probe_inputs is not None:
@@ -200,8 +164,7 @@ class ModelAnalysisCallback(TrainerCallback):
             if _is_strings(raw):
                 raw = tokenize_probe(raw, processing_class)
             self._probe = _to(raw, _device_of(model))
-        self._remove_hook()
-        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self.capture.attach(model)
         self._sync_step(model, state.global_step)
 
     def on_optimizer_step(
@@ -218,15 +181,12 @@ class ModelAnalysisCallback(TrainerCallback):
         step = state.global_step + 1  # the trainer increments global_step after this event
         inputs = None
         if self.analyzer.is_measurement_step(step):
-            inputs = self._probe if self._probe is not None else self._captured
+            inputs = self._probe if self._probe is not None else self.capture.batch
         inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer
         if isinstance(inner, torch.optim.Optimizer):
             optimizer = inner
-        self._running = True
-        try:
+        with self.capture.paused():  # the analysis' own forwards are not a training batch
             metrics = self.analyzer.on_optimizer_step(model, inputs, optimizer, step=step)
-        finally:
-            self._running = False
         if metrics:
             self._pending = (metrics, dict(self.analyzer.last_histograms))
 
@@ -252,21 +212,9 @@ class ModelAnalysisCallback(TrainerCallback):
         control: TrainerControl,
         **kwargs: Any,
     ) -> None:
-        self._remove_hook()
-        self._captured = None
+        self.capture.detach()
 
     # --- helpers ---------------------------------------------------------------------------
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._running or not torch.is_grad_enabled():
-            return
-        batch = {k: v for k, v in kwargs.items() if k not in _DROP_CAPTURED}
-        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in batch:
-            if len(args) > 1 or not batch:
-                self._captured = args  # a plain module called positionally
-                return
-            batch["input_ids"] = args[0]
-        self._captured = batch or None
-
     def _sync_step(self, model: nn.Module, step: int) -> None:
         """Align the manager with the trainer's step when training starts (see module docs)."""
         if self.analyzer.step_count == step:
@@ -336,8 +284,3 @@ class ModelAnalysisCallback(TrainerCallback):
         }
         payload["train/global_step"] = state.global_step
         wandb.log(payload)
-
-    def _remove_hook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None

@@ -12,8 +12,7 @@ pytest.importorskip("transformers")
 from transformers import TrainerControl, TrainerState
 
 from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
-from grail.trainer.analysis.integrations import ModelAnalysisCallback
-from grail.trainer.analysis.integrations.transformers import tokenize_probe
+from grail.trainer.analysis.integrations import ModelAnalysisCallback, tokenize_probe
 from tests.conftest import tiny_qwen2
 
 from ._hf import Recorder, bpe_tokenizer
@@ -31,61 +30,12 @@ def test_constructor_rejects_bad_arguments():
             ModelAnalysisCallback(_manager(), probe_inputs=bad)
 
 
-def test_tokenize_probe_right_pads_with_mask():
-    tok = bpe_tokenizer()
-    texts = ["1 plus 4 makes 5", "12", "7 plus 10 makes 17 and more"]
-    batch = tokenize_probe(texts, tok)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    expected = [tok(t)["input_ids"] for t in texts]
-    assert ids.shape == (3, max(len(e) for e in expected)) and ids.dtype == torch.long
-    for row, want in enumerate(expected):
-        n = len(want)
-        assert ids[row, :n].tolist() == want
-        assert mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
-        assert (ids[row, n:] == tok.pad_token_id).all()
-
-    class Processor:  # multimodal processors carry the tokenizer as an attribute
-        tokenizer = tok
-
-    assert torch.equal(tokenize_probe(texts, Processor())["input_ids"], ids)
-    with pytest.raises(ValueError, match="processing_class"):
-        tokenize_probe(texts, None)
-
-
 def _begin(cb, model, processing_class=None, step=0):
     state = TrainerState()
     state.global_step = step
     cb.on_train_begin(None, state, TrainerControl(), model=model,
                       processing_class=processing_class)
     return state
-
-
-def test_hook_captures_only_grad_enabled_forwards_by_reference():
-    model = tiny_qwen2()
-    cb = ModelAnalysisCallback(_manager(interval=100))
-    _begin(cb, model)
-    ids = torch.randint(0, 128, (2, 6))
-    mask = torch.ones(2, 6, dtype=torch.long)
-    model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
-    assert set(cb._captured) == {"input_ids", "attention_mask"}  # generation-only keys dropped
-    model(input_ids=ids, attention_mask=mask, labels=ids)
-    assert set(cb._captured) == {"input_ids", "attention_mask"}
-    assert cb._captured["input_ids"] is ids and cb._captured["attention_mask"] is mask
-    with torch.no_grad():  # generation / evaluation
-        model(input_ids=ids[:, :2])
-    assert cb._captured["input_ids"] is ids
-    cb._running = True  # the analysis' own forwards
-    model(input_ids=ids[:, :3])
-    cb._running = False
-    assert cb._captured["input_ids"] is ids
-    short = ids[:, :4]
-    model(short)  # positional call: the arguments are kept as a tuple
-    assert isinstance(cb._captured, tuple) and cb._captured[0] is short
-    model(short, attention_mask=mask[:, :4])  # HF style: ids positional, the rest by name
-    assert cb._captured["input_ids"] is short and "attention_mask" in cb._captured
-    cb.on_train_end(None, TrainerState(), TrainerControl())
-    model(input_ids=ids)
-    assert cb._captured is None  # hook removed, reference released
 
 
 def test_analysis_forwards_do_not_replace_the_captured_batch():
@@ -100,11 +50,15 @@ def test_analysis_forwards_do_not_replace_the_captured_batch():
         opt.step()
         state.global_step = step
         cb.on_optimizer_step(None, state, TrainerControl(), model=model, optimizer=opt)
-        assert cb._captured["input_ids"] is ids  # the sparse forwards were not captured
+        assert cb.capture.batch["input_ids"] is ids  # the sparse forwards were not captured
         opt.zero_grad()
     assert [c["step"] for c in rec.calls] == [2, 3]
     assert all(c["inputs"]["input_ids"] is ids and c["grads"] for c in rec.calls)
     assert "sparse/kl_at_1e-06" in cb.analyzer.last_metrics
+    cb.on_train_end(None, state, TrainerControl())
+    assert cb.capture.batch is None  # the hook is gone and the reference released
+    model(input_ids=ids)
+    assert cb.capture.batch is None
 
 
 def test_probe_strings_are_tokenized_once_and_used(caplog):

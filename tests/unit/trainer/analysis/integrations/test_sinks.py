@@ -134,6 +134,7 @@ def test_sinks_satisfy_the_protocol(tmp_path):
     assert not isinstance(object(), MetricSink)
 
 
+@pytest.mark.slow
 def test_importing_the_packages_loads_no_heavy_library():
     code = (
         "import sys, grail.trainer.analysis, grail.trainer.analysis.integrations as i\n"
