@@ -342,3 +342,94 @@ def test_from_config() -> None:
     assert (c.tolerance, c.track_components, c.histogram_samples, c.trainable_only) == (
         0.2, True, 9, True)
     assert c.requires_model() and c.requires_optimizer() and not c.requires_inputs()
+
+
+# --- two processes (gloo): sharded and replicated models give the one-process numbers ---------
+def _dist_worker(mode: str, rank: int, world: int, port: int, out: str) -> None:
+    """One rank: three AdamW steps on a tiny Qwen2, then both computers with histograms."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
+    train = model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif mode == "ddp":
+        train = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(train.parameters(), lr=1e-2, foreach=False)
+    for step in range(3):
+        opt.zero_grad()
+        ids = torch.randint(0, 131, (2, 12), generator=torch.Generator().manual_seed(step))
+        train(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    metrics, hists = {}, {}
+    for computer in (GradientSparsityMetrics(per_layer=True, track_components=True,
+                                             histogram_samples=64),
+                     AdamSignDescentMetrics(track_components=True, histogram_samples=64)):
+        metrics.update(_compute(computer, train, opt))
+        hists.update({k: v.tolist() for k, v in computer.last_histograms.items()})
+    with open(out, "w") as f:
+        json.dump({"metrics": metrics, "hists": hists}, f)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _spawn(mode: str, world: int, tmp_path) -> list[dict]:
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[5]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    outs = [tmp_path / f"{mode}-{r}.json" for r in range(world)]
+    code = "from tests.unit.trainer.analysis.metrics.test_adam_sign import _dist_worker; " \
+        "_dist_worker(*{})"
+    procs = [subprocess.Popen([sys.executable, "-c", code.format((mode, r, world, port, str(o)))],
+                              cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r, o in enumerate(outs)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{mode} timed out (deadlock?)")
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    return [json.loads(o.read_text()) for o in outs]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_and_ddp_ranks_equal_one_process_including_histograms(tmp_path) -> None:
+    (single,) = _spawn("single", 1, tmp_path)
+    assert len(single["hists"]["adam_sign/u"]) == 64 and "gradient/layer_1/norm_l2" in (
+        single["metrics"])
+    for mode in ("fsdp", "ddp"):
+        for rank, got in enumerate(_spawn(mode, 2, tmp_path)):
+            where = f"{mode} rank {rank}"
+            assert got["metrics"].keys() == single["metrics"].keys(), where
+            for k, want in single["metrics"].items():
+                exact = any(s in k for s in ("sparsity", "ratio", "count", "num_params", "frac"))
+                tol = {"abs": 1e-12} if exact else {"rel": 1e-5, "abs": 1e-9}
+                assert got["metrics"][k] == pytest.approx(want, **tol), (where, k)
+            for k, want in single["hists"].items():
+                np.testing.assert_allclose(got["hists"][k], want, rtol=1e-5, err_msg=where)
