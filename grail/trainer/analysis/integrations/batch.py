@@ -4,9 +4,10 @@
 to the arguments of its most recent forward that ran with gradients enabled, i.e. a training
 forward: generation and evaluation run under ``no_grad`` and are ignored, and so are forwards
 made inside :meth:`BatchCapture.paused` (the analysis' own). Keyword arguments that only serve
-generation or the loss (``labels``, ``logits_to_keep``, ``use_cache``, ``past_key_values``) are
-dropped, so the analysis compares every position. With gradient accumulation the capture is the
-last micro-batch. Holding the reference keeps that one batch alive until the next forward.
+generation or the loss (``labels``, ``num_items_in_batch``, ``logits_to_keep``, ``use_cache``,
+``past_key_values``) are dropped, so the analysis compares every position. With gradient
+accumulation the capture is the last micro-batch. Holding the reference keeps that one batch
+alive until the next forward.
 
 :func:`tokenize_probe` turns a list of strings into a right-padded batch with an
 ``attention_mask`` (padded positions are excluded from every comparison).
@@ -39,7 +40,14 @@ __all__ = ["BatchCapture", "tokenize_probe"]
 
 #: Keyword arguments of a captured forward that only make sense for generation or the loss.
 DROPPED_KEYS = frozenset(
-    {"labels", "logits_to_keep", "num_logits_to_keep", "past_key_values", "use_cache"}
+    {
+        "labels",
+        "logits_to_keep",
+        "num_items_in_batch",
+        "num_logits_to_keep",
+        "past_key_values",
+        "use_cache",
+    }
 )
 
 

@@ -41,7 +41,7 @@ def test_capture_keeps_only_grad_enabled_forwards_by_reference():
     mask = torch.ones(2, 6, dtype=torch.long)
     model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
     assert set(capture.batch) == {"input_ids", "attention_mask"}  # generation-only keys dropped
-    model(input_ids=ids, attention_mask=mask, labels=ids)
+    model(input_ids=ids, attention_mask=mask, labels=ids, num_items_in_batch=torch.tensor(12))
     assert set(capture.batch) == {"input_ids", "attention_mask"}
     assert capture.batch["input_ids"] is ids and capture.batch["attention_mask"] is mask
     with torch.no_grad():  # generation / evaluation
