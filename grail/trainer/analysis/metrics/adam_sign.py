@@ -45,7 +45,8 @@ tensor, ``foreach`` and ``fused``), ``amsgrad``, ``SparseAdam``, and wrappers ex
 and ``param_groups`` (e.g. accelerate's). Adam variants with the same state layout (``NAdam``,
 ``RAdam``) get the Adam-normalised update of their moments, not their own step. Without such
 state (SGD, Adafactor, no optimizer passed) the computer returns ``{}`` and logs one info message.
-``ZeroRedundancyOptimizer`` (state on one rank per parameter) is not supported.
+Not supported: ``ZeroRedundancyOptimizer`` (state on one rank per parameter) and 8-bit
+optimizers (quantised state under other names, so they are skipped like SGD).
 The arithmetic runs in float32 on the stored state, whatever its dtype.
 
 With ``histogram_samples > 0``, :attr:`last_histograms` is ``{"adam_sign/u": u at up to
