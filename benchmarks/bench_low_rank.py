@@ -1,0 +1,81 @@
+"""Cost of the low-rank computer against the sparse-quality computer on the same model and batch.
+
+Runs on CPU by default, on CUDA with ``--device cuda``. The update is dense Gaussian noise
+(``simulate_update``); the SVD cost does not depend on its spectrum. Printed numbers are median
+wall times of side-by-side runs in one process and their ratios.
+
+    python benchmarks/bench_low_rank.py [--device cuda] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import best_of, qwen2, simulate_update, table
+
+from grail.trainer.analysis.config import AnalysisConfig
+from grail.trainer.analysis.metrics.base import AnalysisContext
+from grail.trainer.analysis.metrics.low_rank import LowRankMetrics
+from grail.trainer.analysis.metrics.sparse_quality import SparseQualityMetrics
+from grail.trainer.analysis.patching import analysis_mode
+from grail.trainer.analysis.primitives import ParameterSnapshot
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    dev = args.device
+
+    model = qwen2(device=dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    old = ParameterSnapshot(model, device=dev)
+    simulate_update(model)
+    delta = old.compute_delta(ParameterSnapshot.live(model))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32000, (4, 128), generator=gen).to(dev)
+    ctx = AnalysisContext(
+        model=model, inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}, step=1
+    )
+    cfg = AnalysisConfig.comprehensive(low_rank_track_components=False)
+    sparse = SparseQualityMetrics.from_config(AnalysisConfig())
+    cases = {
+        "sparse quality (defaults: 1e-06 + random)": lambda: sparse.compute(delta, context=ctx),
+        "low-rank, whole computer (ranks 1/8/64)": lambda: LowRankMetrics.from_config(cfg).compute(
+            delta, context=ctx
+        ),
+        "low-rank, spectrum only": lambda: LowRankMetrics.from_config(
+            cfg
+        ).compute(delta, context=AnalysisContext(model=model, step=1)),
+        "low-rank, whole, method=svd": lambda: LowRankMetrics(method="svd").compute(
+            delta, context=ctx
+        ),
+    }
+
+    def forward() -> None:
+        with analysis_mode(model):
+            model(ids)
+
+    times = {"one forward pass": best_of(forward, repeat=args.repeat)}
+    times.update({k: best_of(fn, repeat=args.repeat) for k, fn in cases.items()})
+    base = times["sparse quality (defaults: 1e-06 + random)"]
+    rows = [
+        {"what": k, "seconds": f"{v:.3f}", "vs sparse quality": f"{v / base:.2f}x"}
+        for k, v in times.items()
+    ]
+    if dev.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads"
+    print(f"Qwen2-style model, {n_params / 1e6:.1f}M parameters, fp32, batch 4x128, {name}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

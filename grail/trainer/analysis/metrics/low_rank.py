@@ -1,0 +1,326 @@
+r"""Would LoRA at rank r have produced the same model? ``lowrank/*`` (and sparse at equal budget).
+
+**Matrices.** Every analysed 2-D parameter (``nn.Linear``, GPT-2's ``Conv1D``, fused projections)
+except embeddings and the output head, unless ``include_embeddings``: parameters owned by an
+``nn.Embedding``/``nn.EmbeddingBag``, by the module ``model.get_output_embeddings()`` returns, or
+sharing storage with one of those (tied heads). Without a model (offline) a name rule stands in:
+the owning module's last name contains ``embed`` or is ``lm_head``, ``wte`` or ``wpe``. Matrices
+with a non-finite update are left out; sharded ``DTensor`` matrices raise ``NotImplementedError``.
+
+**Spectrum** (:mod:`~grail.trainer.analysis.spectrum`: float32 on the delta's device, one matrix
+materialised at a time; weighted by :math:`E_i = \lVert\Delta_i\rVert_F^2`, see
+:func:`~grail.trainer.analysis.spectrum.aggregate_spectra`):
+
+===================================  ==============================================================
+``lowrank/energy_at_r{r}``           share of the update's energy kept by rank-r truncations
+``lowrank/stable_rank``              :math:`E`-weighted mean of :math:`E_i / \sigma_{i,1}^2`
+``lowrank/effective_rank``           :math:`E`-weighted mean of exp(entropy of normalised
+                                     :math:`\sigma^2`)
+``lowrank/rank_for_energy_0.9``      :math:`E`-weighted mean of the smallest rank keeping 90%
+``lowrank/param_ratio_at_r{r}``      :math:`\sum_i r(m_i+n_i) / \sum_i m_i n_i` (LoRA's trainable
+                                     parameters; above 1 when r exceeds what a matrix needs)
+``lowrank/num_matrices``             matrices analysed; ``randomized_matrices`` of them by the
+                                     range finder; ``nonfinite_matrices`` left out
+===================================  ==============================================================
+
+With ``track_components`` the first five repeat as ``lowrank/component/{c}/...``. A zero update
+has no spectrum: its ratios are NaN, never a reassuring 1.
+
+**Output quality** (inputs given and ``quality`` on; the machinery, inputs handling and
+invariants of :mod:`~grail.trainer.analysis.metrics.sparse_quality`):
+
+======================================  =========================================================
+``lowrank/kl_at_r{r}``                  mean KL(P_full || P_r) over tokens, with
+                                        :math:`W_{old} + U_r\Sigma_rV_r^\top` in every matrix
+                                        (all other parameters keep their full update)
+``lowrank/top1_agree_at_r{r}``          fraction of tokens whose argmax agrees
+``sparse/kl_at_budget_r{r}``            the same for the update keeping exactly the
+                                        :math:`k = \min(N, \sum_i r(m_i+n_i))` largest
+                                        :math:`|\Delta|` over these matrices jointly
+``sparse/top1_agree_at_budget_r{r}``    its top-1 agreement
+``lowrank/nonfinite``                   token positions dropped for non-finite logits
+======================================  =========================================================
+
+Truncation factors are computed once per matrix and measurement; only they are kept
+(:math:`r_{max}(m+n)` floats per matrix, on the delta's device), and
+:class:`~grail.trainer.analysis.patching.ModulePatch` writes
+:math:`W_{old} + \mathrm{left}_{:,:r}\mathrm{right}_{:r}` just before a module runs. The budget
+mask is exact, ties included (:mod:`~grail.trainer.analysis.budget_mask`). Every rank computes the
+same numbers from its own full copies, with no collective.
+
+Example:
+    >>> import torch
+    >>> from grail.trainer.analysis.primitives import ParameterSnapshot
+    >>> model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
+    >>> old = ParameterSnapshot(model)
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.add_(torch.ones(4, 1) @ torch.ones(1, 6))
+    >>> m = LowRankMetrics(ranks=[1, 2]).compute(old.compute_delta(ParameterSnapshot.live(model)))
+    >>> m["lowrank/energy_at_r1"], m["lowrank/param_ratio_at_r1"], m["lowrank/rank_for_energy_0.9"]
+    (1.0, 0.4166666666666667, 1.0)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..budget_mask import exact_budget_drops, subset_delta
+from ..config import AnalysisConfig
+from ..distributed import local_tensor, unwrap_model
+from ..divergence import LogitsReference
+from ..forward import PreparedInputs, prepare_inputs, run_forward
+from ..masks import mix_seed
+from ..naming import ParameterNaming
+from ..patching import ModulePatch, SelectPatch, analysis_mode
+from ..primitives import ParameterDelta, collect_parameters
+from ..spectrum import Spectrum, aggregate_spectra, matrix_spectrum
+from ..stats import StreamingStats
+from .base import AnalysisContext, MetricComputer
+
+__all__ = ["LowRankMetrics", "low_rank_targets"]
+
+logger = logging.getLogger(__name__)
+
+_HEAD_NAMES = ("lm_head", "wte", "wpe")
+
+
+def _embedding_names(model: nn.Module, names: list[str]) -> set[str]:
+    model = unwrap_model(model)
+    owned: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            owned += list(module.parameters(recurse=False))
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = None
+    if callable(get_head):
+        try:
+            head = get_head()
+        except (NotImplementedError, AttributeError):
+            head = None
+    if isinstance(head, nn.Module):
+        owned += list(head.parameters(recurse=False))
+    ids = {id(p) for p in owned}
+    ptrs = {local_tensor(p).data_ptr() for p in owned if p.numel()}
+    params = dict(collect_parameters(model))
+    out = set()
+    for n in names:
+        p = params.get(n)
+        if p is not None and (id(p) in ids or (p.numel() and local_tensor(p).data_ptr() in ptrs)):
+            out.add(n)
+    return out
+
+
+def low_rank_targets(
+    delta: ParameterDelta, model: nn.Module | None = None, include_embeddings: bool = False
+) -> list[str]:
+    """Names of the 2-D matrices the low-rank analysis covers (rule in the module docstring)."""
+    names = [n for n in delta.names if len(delta.shard(n).global_shape) == 2]
+    if include_embeddings:
+        return names
+    if model is not None:
+        skip = _embedding_names(model, names)
+    else:
+        owner = {n: n.rsplit(".", 1)[0].rsplit(".", 1)[-1] for n in names}
+        skip = {n for n, o in owner.items() if "embed" in o.lower() or o in _HEAD_NAMES}
+    return [n for n in names if n not in skip]
+
+
+class LowRankMetrics(MetricComputer):
+    """Spectrum of every matrix update and output quality at rank r (see module docstring)."""
+
+    name = "lowrank"
+
+    def __init__(
+        self,
+        ranks: Sequence[int] = (1, 8, 64),
+        include_embeddings: bool = False,
+        exact_max_dim: int = 2048,
+        oversampling: int = 8,
+        power_iterations: int = 2,
+        quality: bool = True,
+        track_components: bool = False,
+        component_map: dict[str, str] | None = None,
+        seed: int = 0,
+        max_tokens: int = 4096,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        method: str = "gram",
+    ) -> None:
+        self.ranks = sorted(int(r) for r in ranks)
+        if not self.ranks or self.ranks[0] < 1:
+            raise ValueError(f"ranks must be a non-empty list of integers >= 1, got {ranks!r}")
+        if method not in ("gram", "svd"):
+            raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
+        self.include_embeddings = include_embeddings
+        self.exact_max_dim = exact_max_dim
+        self.oversampling = oversampling
+        self.power_iterations = power_iterations
+        self.quality = quality
+        self.track_components = track_components
+        self.component_map = dict(component_map or {})
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.output_fn = output_fn
+        self.method = method
+        self._logged: set[str] = set()
+
+    @classmethod
+    def from_config(
+        cls, config: AnalysisConfig, output_fn: Callable[[Any], torch.Tensor] | None = None
+    ) -> LowRankMetrics:
+        return cls(
+            ranks=config.low_rank_ranks,
+            include_embeddings=config.low_rank_include_embeddings,
+            exact_max_dim=config.low_rank_exact_max_dim,
+            oversampling=config.low_rank_oversampling,
+            power_iterations=config.low_rank_power_iterations,
+            quality=config.low_rank_quality_enabled,
+            track_components=config.low_rank_track_components,
+            component_map=config.component_map,
+            seed=config.sparse_quality_seed,
+            max_tokens=config.sparse_quality_max_tokens,
+            output_fn=output_fn,
+        )
+
+    def _log_once(self, reason: str) -> None:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            logger.info("low-rank analysis: %s", reason)
+
+    # --- computation -----------------------------------------------------------------------
+    def compute(
+        self,
+        delta: ParameterDelta | None = None,
+        context: AnalysisContext | None = None,
+        **kwargs: Any,
+    ) -> dict[str, float]:
+        if delta is None or len(delta) == 0:
+            self._log_once("no parameter delta")
+            return {}
+        model = unwrap_model(context.model) if context and context.model is not None else None
+        names = low_rank_targets(delta, model, self.include_embeddings)
+        sharded = [n for n in names if delta.shard(n).sharded]
+        if sharded:
+            raise NotImplementedError(
+                f"low-rank analysis of sharded DTensor parameters ({sharded[0]} and "
+                f"{len(sharded) - 1} more) needs the full matrix; gathering it is not supported yet"
+            )
+        if not names:
+            self._log_once("no 2-D matrices to analyse")
+            return {"lowrank/num_matrices": 0.0}
+        prepared: PreparedInputs | str = "output quality is disabled"
+        if self.quality:
+            prepared = (
+                prepare_inputs(model, context.inputs, self.max_tokens)
+                if model is not None and context is not None
+                else "no model in the context"
+            )
+        if isinstance(prepared, str):
+            self._log_once(f"output quality skipped: {prepared}")
+        start = time.perf_counter()
+        step = context.step if context is not None else 0
+        spectra, nonfinite = self._spectra(delta, names, not isinstance(prepared, str), step)
+        logger.debug("spectra of %d matrices took %.3fs", len(spectra), time.perf_counter() - start)
+        group_of = None
+        if self.track_components:
+            group_of = ParameterNaming(delta.names, self.component_map).component
+        summary = aggregate_spectra(spectra, self.ranks, group_of)
+        out = {f"lowrank/{k}": v for k, v in summary.items()}
+        out["lowrank/randomized_matrices"] = float(sum(not s.exact for s in spectra.values()))
+        out["lowrank/nonfinite_matrices"] = float(len(nonfinite))
+        if not isinstance(prepared, str) and spectra:
+            out.update(self._quality(model, prepared, delta, spectra))
+        return out
+
+    def _spectra(
+        self, delta: ParameterDelta, names: list[str], factors: bool, step: int
+    ) -> tuple[dict[str, Spectrum], list[str]]:
+        """One matrix at a time: stream its delta into a scratch matrix, then its spectrum."""
+        stats = StreamingStats(groups=names, device=delta.new.data[names[0]].device)
+        scratch: dict[torch.device, torch.Tensor] = {}
+        spectra: dict[str, Spectrum] = {}
+        nonfinite: list[str] = []
+        for i, name in enumerate(names):
+            shape = delta.new.data[name].shape
+            device = delta.new.data[name].device
+            buf = scratch.get(device)
+            if buf is None or buf.numel() < shape.numel():
+                biggest = max(delta.new.data[n].numel() for n in names)
+                buf = scratch[device] = torch.empty(biggest, dtype=torch.float32, device=device)
+            flat = buf[: shape.numel()]
+            for c in delta.stream([name], owned_only=False):
+                flat[c.start : c.start + c.delta.numel()].copy_(c.delta)
+                stats.update_chunk(c.delta, i)
+            s = stats.result(i)
+            if s.nonfinite:
+                nonfinite.append(name)
+                continue
+            spectra[name] = matrix_spectrum(
+                flat.view(shape),
+                self.ranks[-1],
+                exact_max_dim=self.exact_max_dim,
+                oversampling=self.oversampling,
+                power_iterations=self.power_iterations,
+                seed=mix_seed(self.seed, step, name),
+                keep_factors=factors,
+                frob_sq=s.sum_sq,
+                method=self.method,
+            )
+        if nonfinite:
+            logger.warning("low-rank analysis left out %d matrices with non-finite updates "
+                           "(first: %s)", len(nonfinite), nonfinite[0])
+        return spectra, nonfinite
+
+    # --- output quality --------------------------------------------------------------------
+    def _quality(
+        self,
+        model: nn.Module,
+        prepared: PreparedInputs,
+        delta: ParameterDelta,
+        spectra: dict[str, Spectrum],
+    ) -> dict[str, float]:
+        view = subset_delta(delta, list(spectra))
+        size = sum(s.shape[0] * s.shape[1] for s in spectra.values())
+        budgets = [min(size, sum(r * sum(s.shape) for s in spectra.values())) for r in self.ranks]
+        drops = exact_budget_drops(view, budgets)
+        out: dict[str, float] = {}
+        nonfinite = 0
+        with analysis_mode(model):
+            ref = LogitsReference(self._forward(model, prepared))
+            nonfinite += int((~ref.finite).sum())
+            for r, drop in zip(self.ranks, drops, strict=True):
+                with ModulePatch(model, self._truncations(delta, spectra, r)):
+                    q = ref.compare(self._forward(model, prepared))
+                nonfinite += q["nonfinite_rows"]
+                out[f"lowrank/kl_at_r{r}"] = q["kl"]
+                out[f"lowrank/top1_agree_at_r{r}"] = q["top1_agree"]
+                with SelectPatch(view, drop):
+                    q = ref.compare(self._forward(model, prepared))
+                nonfinite += q["nonfinite_rows"]
+                out[f"sparse/kl_at_budget_r{r}"] = q["kl"]
+                out[f"sparse/top1_agree_at_budget_r{r}"] = q["top1_agree"]
+        out["lowrank/nonfinite"] = float(nonfinite)
+        return out
+
+    @staticmethod
+    def _truncations(
+        delta: ParameterDelta, spectra: dict[str, Spectrum], r: int
+    ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """``name -> (current -> W_old + left[:, :r] @ right[:r])`` for matrices of rank > r."""
+
+        def make(name: str, s: Spectrum) -> Callable[[torch.Tensor], torch.Tensor]:
+            def value(current: torch.Tensor) -> torch.Tensor:
+                old = delta.old.data[name].to(current.device).float().view(s.shape)
+                return torch.addmm(old, s.left[:, :r], s.right[:r]).view_as(current)
+
+            return value
+
+        return {n: make(n, s) for n, s in spectra.items() if r < s.full_rank}
+
+    def _forward(self, model: nn.Module, prepared: PreparedInputs) -> torch.Tensor:
+        return run_forward(model, prepared, self.output_fn)
