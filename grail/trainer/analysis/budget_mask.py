@@ -76,13 +76,17 @@ def exact_budget_drops(delta: ParameterDelta, budgets: Sequence[int]) -> list[Dr
         for k, v in value_bits.items():
             if v < 0:
                 value_bits[k] = 1 if nonzero >= k else 0
-    gt = {k: dict.fromkeys(sizes, 0) for k in live}
-    eq = {k: dict.fromkeys(sizes, 0) for k in live}
-    for c in delta.stream(owned_only=False):
+    # counts stay on the device until the pass is over: one synchronisation, not one per chunk
+    counts: dict[str, list[torch.Tensor]] = {}
+    for c in delta.stream(owned_only=False) if live else ():
         bits = c.delta.abs().view(torch.int32)
-        for k in live:
-            gt[k][c.name] += int((bits > value_bits[k]).sum())
-            eq[k][c.name] += int((bits == value_bits[k]).sum())
+        row = torch.stack(
+            [t for k in live for t in ((bits > value_bits[k]).sum(), (bits == value_bits[k]).sum())]
+        )
+        counts.setdefault(c.name, []).append(row)
+    per_name = {n: torch.stack(rows).sum(0).tolist() for n, rows in counts.items()}
+    gt = {k: {n: per_name[n][2 * i] for n in per_name} for i, k in enumerate(live)}
+    eq = {k: {n: per_name[n][2 * i + 1] for n in per_name} for i, k in enumerate(live)}
     drops: list[DropFn] = []
     for k in budgets:
         if k >= total:
