@@ -1,29 +1,200 @@
-"""Command line: ``grail-analysis``."""
+"""Command line: ``grail-analysis`` (also ``python -m grail.trainer.analysis``).
+
+``grail-analysis diff BASE TUNED --out DIR`` compares two checkpoints with the online metric code
+(:mod:`.offline_diff`) and writes ``DIR/metrics.json`` and ``DIR/report.html``;
+``grail-analysis plot RUN.jsonl --out DIR`` writes ``DIR/report.html`` for a training run logged
+with ``JsonlSink``.
+
+Bad input ends with one line on stderr and exit status 1 (2 for a malformed command line), never
+a traceback; ``--debug`` shows the traceback instead.
+
+Example:
+    >>> main(["diff", "no/such/dir", "no/such/other", "--out", "unused"])
+    1
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("grail.trainer.analysis.cli")
+
+
+class _Failure(Exception):
+    """An error reported to the user as one line."""
+
+
+def _common() -> argparse.ArgumentParser:
+    # accepted before or after the command; SUPPRESS keeps a later default from overwriting
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress details")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks of errors")
+    return common
+
+
+def _add_diff(sub: Any) -> None:
+    from .offline_diff import DEFAULT_KEEP_RATIOS
+
+    p = sub.add_parser(
+        "diff",
+        parents=[_common()],
+        help="compare a base and a tuned checkpoint",
+        description="Compare two checkpoints tensor by tensor (memory: a few tensors, not the "
+        "model) and write DIR/metrics.json and DIR/report.html.",
+    )
+    p.add_argument("base", metavar="BASE", help="model directory or .safetensors/.pt file")
+    p.add_argument("tuned", metavar="TUNED", help="model directory or .safetensors/.pt file")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="one prompt per line: also measure sparse and low-rank output quality "
+                   "(TUNED must be a transformers directory with its tokenizer)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 1e-8, 1e-6, 1e-4],
+                   metavar="T", help="|dW| thresholds (default: 0 1e-8 1e-6 1e-4)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128],
+                   metavar="R", help="ranks of the low-rank analysis (default: 1 2 4 ... 128)")
+    p.add_argument("--keep-ratios", type=float, nargs="+", default=DEFAULT_KEEP_RATIOS,
+                   metavar="K", help="kept fractions for sparse quality (default: "
+                   + " ".join(f"{k:g}" for k in DEFAULT_KEEP_RATIOS) + ")")
+    p.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-layer and per-component metrics and heatmaps (default: on)")
+    p.add_argument("--low-rank", action=argparse.BooleanOptionalAction, default=True,
+                   help="singular spectra of the weight-matrix updates (default: on; the "
+                   "slowest part on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                   help="token positions compared in forward passes (default: 4096)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-mask baseline")
+    p.add_argument("--no-hash", dest="hash_files", action="store_false",
+                   help="do not record SHA-256 hashes of the input files")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="write metrics.json only (no matplotlib needed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grail-analysis",
         description="Analyse how fine-tuning changed a model's weights.",
+        parents=[_common()],
     )
-    parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_diff(sub)
+    p = sub.add_parser(
+        "plot",
+        parents=[_common()],
+        help="report of a training run logged as JSON lines",
+        description="Write DIR/report.html for a JSONL log written by JsonlSink.",
+    )
+    p.add_argument("log", metavar="RUN.jsonl", help="the log file")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise _Failure(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _Failure(f"cannot create --out {out}: {err.strerror or err}") from None
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise _Failure(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from .offline_diff import DiffOptions, run_diff
+
+    if args.report:
+        from .report_plots import require_matplotlib
+
+        require_matplotlib()  # fail before the work, not after it
+    opts = DiffOptions(
+        base=args.base, tuned=args.tuned, out=args.out, prompts=args.prompts,
+        thresholds=args.thresholds, ranks=args.ranks, keep_ratios=args.keep_ratios,
+        per_layer=args.per_layer, device=args.device, max_tokens=args.max_tokens,
+        seed=args.seed, low_rank=args.low_rank, hash_files=args.hash_files,
+    )  # fmt: skip
+    out = _out_dir(args.out)
+    result = run_diff(opts)
+    for note in result["notes"]:
+        sys.stderr.write(f"grail-analysis: note: {note}\n")
+    _write(out / "metrics.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
+    written = [out / "metrics.json"]
+    if args.report:
+        from .report import render_diff_report
+
+        _write(out / "report.html", render_diff_report(result))
+        written.append(out / "report.html")
+    sys.stdout.write("wrote " + " and ".join(str(p) for p in written) + "\n")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .report import render_run_report
+    from .report_plots import require_matplotlib
+    from .runlog import read_run_log
+
+    require_matplotlib()
+    records = read_run_log(args.log)
+    if not records:
+        raise _Failure(f"{args.log} holds no measurements")
+    out = _out_dir(args.out)
+    _write(out / "report.html", render_run_report(records, str(args.log)))
+    sys.stdout.write(f"wrote {out / 'report.html'}\n")
+    return 0
+
+
+def _fail(message: str, code: int = 1) -> int:
+    sys.stderr.write(f"grail-analysis: error: {message}\n")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed its one-line usage error (or --help)
+        return int(exit_.code or 0)
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    args.verbose = getattr(args, "verbose", False)
+    args.debug = getattr(args, "debug", False)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="grail-analysis: %(levelname)s: %(message)s",
+                            level=logging.INFO if args.verbose else logging.WARNING)
+    from .offline import CheckpointError
+
+    try:
+        return _diff(args) if args.command == "diff" else _plot(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except (_Failure, CheckpointError, ImportError, ValueError, OSError) as err:
+        if args.debug:
+            raise
+        return _fail(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+    except Exception as err:
+        if args.debug:
+            raise
+        return _fail(f"unexpected {type(err).__name__}: {err} (rerun with --debug for the "
+                     "traceback)".replace("\n", " "))
 
 
 if __name__ == "__main__":

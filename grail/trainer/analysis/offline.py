@@ -8,9 +8,11 @@ and dtypes (:class:`TensorSpec`).
 :meth:`Checkpoint.load` reads one tensor.
 Safetensors are memory-mapped (``safetensors.safe_open``); ``.pt``/``.bin`` files are opened with
 ``torch.load(mmap=True, weights_only=True)``. A memory map keeps every page it touched resident
-for as long as it is open, so the open file is *recycled* (closed and reopened) after
-:data:`RECYCLE_BYTES` have been read through it: resident memory stays at a few tensors, not the
-file. Legacy (non-zip) ``torch.save`` files cannot be mapped and are loaded whole, with a note.
+for as long as it is open, so maps are short-lived: a safetensors file is opened anew for each
+tensor (re-reading its header costs well under a millisecond) and a torch file, whose index is
+slower to unpickle, after :data:`RECYCLE_BYTES` have been read through it. Resident memory stays
+at a few tensors, not the file. Legacy (non-zip) ``torch.save`` files cannot be mapped and are
+loaded whole, with a note.
 
 Example:
     >>> import os, tempfile, torch
@@ -47,7 +49,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Bytes read through one open memory map before it is closed and reopened.
+#: Bytes read through one memory map of a torch file before it is closed and reopened.
 RECYCLE_BYTES = 16 << 20
 
 _ST_DTYPES = {
@@ -225,7 +227,12 @@ class Checkpoint:
     def load(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, read from its file (memory-mapped where the format allows)."""
         spec = self.specs[name]
-        if self._open is None or self._open[0] != spec.file or self._read >= RECYCLE_BYTES:
+        if (
+            self._open is None
+            or self._open[0] != spec.file
+            or self._read >= RECYCLE_BYTES
+            or self.format == "safetensors"
+        ):
             self.close()
             self._open = (spec.file, self._handle(spec.file))
             self._read = 0

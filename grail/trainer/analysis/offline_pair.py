@@ -4,7 +4,7 @@
 builds one lazily loaded :class:`~grail.trainer.analysis.primitives.ParameterSnapshot` per side,
 so that the online metric computers run unchanged on checkpoints of any size: ``.data`` is a
 :class:`LazyTensors`, a read-only mapping ``name -> tensor`` whose values are loaded on access and
-not kept (a two-entry cache covers the repeated reads of one tensor while it is streamed);
+not kept (a one-entry cache covers the repeated reads of one tensor while it is streamed);
 ``.param_dtypes`` and ``.shards`` come from the headers (one process, unsharded:
 ``ShardInfo(shape, 0, False, True)``).
 
@@ -63,7 +63,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         names: Sequence[str],
         device: str | torch.device = "cpu",
         upcast: frozenset[str] = frozenset(),
-        cache: int = 2,
+        cache: int = 1,
     ) -> None:
         self.checkpoint = checkpoint
         self.names = list(names)

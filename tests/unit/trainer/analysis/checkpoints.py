@@ -9,8 +9,8 @@ import torch
 
 from tests.conftest import tiny_qwen2
 
-WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "far", "away", "big", "small",
-         "red", "blue", "green", "tree"]
+CORPUS = ["the cat sat on the mat", "a big red dog ran far away", "the small blue cat",
+          "green tree"]
 
 
 @torch.no_grad()
@@ -24,15 +24,22 @@ def perturb(model: torch.nn.Module, seed: int = 1, scale: float = 1e-3) -> None:
 
 
 def tokenizer():
-    """A word-level fast tokenizer over :data:`WORDS` (ids < 32), with pad and eos tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A byte-level BPE tokenizer of 300 tokens trained on :data:`CORPUS` (pad = eos).
+
+    Byte-level BPE because transformers picks the tokenizer class from the model type of the
+    directory (Qwen2 here), and Qwen2's class rebuilds a byte-level BPE from the saved files.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS * 10, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+        tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
 
 
@@ -45,6 +52,8 @@ def save_pair(
     **model_kwargs,
 ) -> tuple[torch.nn.Module, torch.nn.Module, Path, Path]:
     """``(base_model, tuned_model, base_dir, tuned_dir)`` saved with ``save_pretrained``."""
+    if with_tokenizer:
+        model_kwargs.setdefault("vocab", 320)
     base = tiny_qwen2(dtype=base_dtype, **model_kwargs)
     tuned = tiny_qwen2(dtype=base_dtype, **model_kwargs)
     perturb(tuned)

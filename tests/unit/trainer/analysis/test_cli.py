@@ -1,0 +1,326 @@
+"""``grail-analysis diff`` / ``plot`` end to end: same numbers as online, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from grail.trainer.analysis.cli import main
+from grail.trainer.analysis.metrics.base import AnalysisContext
+from grail.trainer.analysis.metrics.registry import build_computers
+from grail.trainer.analysis.offline_diff import DiffOptions, build_config
+from grail.trainer.analysis.primitives import ParameterSnapshot
+
+from .checkpoints import float64_reference, save_pair, tokenizer
+
+PROMPTS = "the cat sat on the mat\n\na big red dog ran far away\nthe small blue cat\ngreen tree\n"
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _same(a: float | None, b: float) -> bool:
+    if a is None:
+        return not math.isfinite(b)
+    return a == pytest.approx(b, rel=1e-12, abs=1e-15)
+
+
+def _online(base, tuned, opts: DiffOptions, context=None) -> dict[str, float]:
+    """The online computers of the same config on in-memory snapshots of the same models."""
+    config = build_config(opts)
+    config = dataclasses.replace(config, sparse_quality_enabled=context is not None)
+    old = ParameterSnapshot(base)
+    new = ParameterSnapshot.live(tuned) if context is not None else ParameterSnapshot(tuned)
+    out: dict[str, float] = {}
+    for computer in build_computers(config):
+        out.update(computer.compute(delta=old.compute_delta(new), context=context))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shard"),
+    [(torch.float32, False), (torch.bfloat16, True)],
+    ids=["fp32", "bf16-sharded"],
+)
+def test_diff_metrics_equal_online_metrics(tmp_path, capsys, dtype, shard):
+    base, tuned, bdir, tdir = save_pair(tmp_path, dtype, shard=shard)
+    rc, out, err = _run(capsys, "diff", str(bdir), str(tdir), "--out", str(tmp_path / "o"),
+                        "--ranks", "1", "4", "--no-report")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    online = _online(base, tuned, DiffOptions(str(bdir), str(tdir), ranks=[1, 4]))
+    assert doc["metrics"].keys() == online.keys()
+    assert any(k.startswith("param_change/layer_1/") for k in online)
+    assert all(_same(doc["metrics"][k], v) for k, v in online.items())
+    assert doc["compared"]["dtypes"] == {str(dtype).removeprefix("torch."): 27}
+    assert not (tmp_path / "o" / "report.html").exists() and "metrics.json" in out
+
+
+def test_diff_norms_equal_float64_and_records_inputs(tmp_path, capsys):
+    base, tuned, bdir, tdir = save_pair(tmp_path, shard=True)
+    rc, _, err = _run(capsys, "diff", str(bdir), str(tdir), "--out", str(tmp_path / "o"),
+                      "--thresholds", "0", "1e-4", "--no-report", "--no-per-layer")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    m, ref = doc["metrics"], float64_reference(base, tuned)
+    for key in ("norm_l2", "norm_l1", "norm_max"):
+        assert m[f"param_change/{key}"] == pytest.approx(ref[key], rel=1e-6)
+    assert m["param_change/exact_unchanged_ratio"] == ref["exact_unchanged_ratio"]
+    assert not any("/layer_" in k for k in m) and "param_change/sparsity_at_1e-04" in m
+    assert doc["arguments"]["thresholds"] == [0.0, 1e-4] and doc["arguments"]["per_layer"] is False
+    assert doc["config"]["param_change_thresholds"] == [0.0, 1e-4]
+    assert {"python", "torch", "transformers", "grail-analysis"} <= doc["versions"].keys()
+    assert doc["versions"]["torch"] == torch.__version__
+    files = doc["inputs"]["tuned"]["files"]
+    assert len(files) > 1
+    for f in files + doc["inputs"]["base"]["files"]:
+        root = tdir if f in files else bdir
+        assert f["sha256"] == hashlib.sha256((root / f["file"]).read_bytes()).hexdigest()
+
+
+def test_different_dtypes_are_compared_in_float32(tmp_path, capsys):
+    base, tuned, bdir, tdir = save_pair(tmp_path, torch.bfloat16, tuned_dtype=torch.float32)
+    rc, _, err = _run(capsys, "diff", str(bdir), str(tdir), "--out", str(tmp_path / "o"),
+                      "--no-report")
+    assert rc == 0 and "compared in float32" in err
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert doc["compared"]["dtypes"] == {"bfloat16 -> float32": 27}
+    assert any("compared in float32" in n for n in doc["notes"])
+    online = _online(base.float(), tuned, DiffOptions(str(bdir), str(tdir)))
+    assert all(_same(doc["metrics"][k], v) for k, v in online.items() if k.startswith("param_"))
+
+
+@pytest.mark.slow
+def test_diff_with_prompts_equals_online_forward_metrics(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from grail.trainer.analysis.offline_quality import tokenize
+
+    base, tuned, bdir, tdir = save_pair(tmp_path, shard=True, with_tokenizer=True)
+    (tmp_path / "p.txt").write_text(PROMPTS)
+    args = ["--thresholds", "0", "1e-4", "--keep-ratios", "0.1", "0.5", "--ranks", "1", "4"]
+    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    rc, _, err = _run(capsys, "diff", str(bdir), str(tdir), "--out", str(tmp_path / "o"),
+                      "--prompts", str(tmp_path / "p.txt"), "--no-report", *args)
+    assert rc == 0, err
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]
+    lines = [line for line in PROMPTS.splitlines() if line]
+    assert m["sparse/tokens"] == sum(len(tokenizer()(line)["input_ids"]) for line in lines)
+    from transformers import AutoTokenizer
+
+    batch = tokenize(AutoTokenizer.from_pretrained(tdir), lines, 4096)
+    assert batch["attention_mask"].sum() == m["sparse/tokens"]
+    opts = DiffOptions(str(bdir), str(tdir), prompts="p", thresholds=[0.0, 1e-4],
+                       keep_ratios=[0.1, 0.5], ranks=[1, 4])
+    online = _online(base, tuned, opts, AnalysisContext(model=tuned, inputs=batch))
+    forward = {k: v for k, v in online.items() if k.startswith(("sparse/", "lowrank/"))}
+    assert "sparse/kl_at_keep_0.1_random" in forward and "sparse/kl_at_1e-04" in forward
+    assert "sparse/kl_at_0e+00" not in m  # threshold 0 keeps the whole update
+    assert all(_same(m[k], v) for k, v in forward.items())
+    assert m["sparse/kl_at_keep_0.1"] > 0
+    for n, p in tuned.named_parameters():  # the online reference left its model intact
+        assert torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("missing", "does not exist"),
+        ("garbage", "not a safetensors file"),
+        ("names", r"parameter names differ: 1 only in BASE \(b\); 1 only in TUNED \(c\)"),
+        ("shapes", "shapes differ for 1 tensors"),
+        ("prompts-not-hf", "needs a transformers model directory"),
+        ("prompts-missing", "prompts file .* does not exist"),
+        ("prompts-empty", "holds no prompts"),
+        ("bad-threshold", "param_change_thresholds"),
+        ("out-is-file", "exists and is not a directory"),
+        ("no-float", "no floating-point tensors"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys, case, match):
+    x, y = tmp_path / "x.safetensors", tmp_path / "y.safetensors"
+    save_file({"a": torch.ones(2, 3), "b": torch.ones(3)}, x)
+    save_file({"a": torch.zeros(2, 3), "b": torch.ones(3)}, y)
+    extra: list[str] = []
+    out = str(tmp_path / "o")
+    if case == "missing":
+        x = tmp_path / "nope"
+    elif case == "garbage":
+        y.write_bytes(b"\xff" * 64)
+    elif case == "names":
+        save_file({"a": torch.ones(2, 3), "c": torch.ones(3)}, y)
+    elif case == "shapes":
+        save_file({"a": torch.ones(3, 2), "b": torch.ones(3)}, y)
+    elif case.startswith("prompts"):
+        p = tmp_path / "p.txt"
+        if case != "prompts-missing":
+            p.write_text("hello\n" if case == "prompts-not-hf" else "\n \n")
+        extra = ["--prompts", str(p)]
+    elif case == "bad-threshold":
+        extra = ["--thresholds", "-1"]
+    elif case == "out-is-file":
+        (tmp_path / "o").write_text("")
+    elif case == "no-float":
+        save_file({"n": torch.tensor([1])}, x)
+        save_file({"n": torch.tensor([2])}, y)
+    rc, _, err = _run(capsys, "diff", str(x), str(y), "--out", out, "--no-report", *extra)
+    assert rc == 1
+    assert err.count("\n") == 1 and err.startswith("grail-analysis: error: "), err
+    assert "Traceback" not in err
+    assert re.search(match, err), err
+
+
+def test_non_floating_tensors_are_skipped_with_a_note(tmp_path, capsys):
+    save_file({"a": torch.ones(4), "step": torch.tensor([3])}, tmp_path / "x.safetensors")
+    save_file({"a": torch.full((4,), 2.0), "step": torch.tensor([9])}, tmp_path / "y.safetensors")
+    rc, _, err = _run(capsys, "diff", str(tmp_path / "x.safetensors"),
+                      str(tmp_path / "y.safetensors"), "--out", str(tmp_path / "o"), "--no-report")
+    assert rc == 0 and "skipped 1 non-floating tensors: step (int64)" in err
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert doc["compared"]["skipped"] == ["step (int64)"]
+    assert doc["metrics"]["param_change/num_params"] == 4.0
+    assert doc["metrics"]["param_change/norm_l1"] == 4.0
+
+
+def test_usage_errors_and_debug(tmp_path, capsys):
+    assert main([]) == 0
+    rc, _, err = _run(capsys, "diff", "a", "b")
+    assert rc == 2 and "--out" in err
+    with pytest.raises(Exception, match="does not exist"):
+        main(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path), "--debug"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_a_gpu_is_an_error(tmp_path, capsys):
+    rc, _, err = _run(capsys, "diff", "a", "b", "--out", str(tmp_path), "--device", "cuda")
+    assert rc == 1 and "no CUDA device" in err
+
+
+def _write_run_log(path) -> None:
+    records = []
+    for i, step in enumerate((10, 20, 30)):
+        records.append({"step": step, "time": 1.0 * i, "metrics": {
+            "param_change/norm_l2": 1.0 / (i + 1),
+            "param_change/relative_norm": 1e-3 / (i + 1),
+            "param_change/exact_unchanged_ratio": 0.02,
+            "param_change/bf16_unchanged_ratio": 0.9,
+            "param_change/sparsity_at_1e-06": 0.1 * i,
+            "param_change/sparsity_at_1e-04": 0.5,
+            "param_change/layer_0/mean_abs_delta": 1e-4,
+            "param_change/layer_1/mean_abs_delta": 2e-4 * (i + 1),
+            "sparse/kl_at_1e-06": 0.01 * (i + 1),
+            "sparse/kl_at_1e-06_random": 0.05 * (i + 1),
+            "sparse/kept_ratio_at_1e-06": 0.9,
+        }})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 40, "ti')
+
+
+def test_plot_writes_a_report_of_the_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _write_run_log(tmp_path / "run.jsonl")
+    rc, _, err = _run(capsys, "plot", str(tmp_path / "run.jsonl"), "--out", str(tmp_path / "r"))
+    assert rc == 0, err
+    html = (tmp_path / "r" / "report.html").read_text()
+    # one grid per family (param_change, sparse) and the layer x step heatmap
+    assert html.count("<img") == 3
+    assert "From step 10 to step 30" in html and "the sparsity is rounding" in html
+    rc, _, err = _run(capsys, "plot", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r"))
+    assert rc == 1 and "does not exist" in err
+    (tmp_path / "empty.jsonl").write_text("")
+    rc, _, err = _run(capsys, "plot", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r"))
+    assert rc == 1 and "no measurements" in err
+
+
+@pytest.mark.slow
+def test_module_and_console_script_entry_points(tmp_path):
+    cmds = [[sys.executable, "-m", "grail.trainer.analysis"]]
+    script = shutil.which("grail-analysis", path=os.path.dirname(sys.executable))
+    if script:
+        cmds.append([script])
+    for cmd in cmds:
+        proc = subprocess.run([*cmd, "diff", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                               str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1
+        assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr, proc.stderr
+    assert script, "the grail-analysis console script is not installed"
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, threading, time
+    from grail.trainer.analysis.cli import main
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    small, big = sys.argv[1:3], sys.argv[3:5]
+    out, flags = sys.argv[5], ["--no-report", "--no-low-rank"]
+    assert main(["diff", *small, "--out", out + "-warm", *flags]) == 0  # imports, allocators
+    peak, stop = [rss()], threading.Event()
+    base = peak[0]
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    rc = main(["diff", *big, "--out", out, *flags])
+    stop.set()
+    t.join()
+    print(json.dumps({"rc": rc, "extra": max(peak[0], rss()) - base}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_memory_is_a_few_tensors_not_a_checkpoint(tmp_path):
+    """Two ~200 MB checkpoints are diffed in a fresh process using far less than one of them.
+
+    The low-rank spectra are switched off: they add one float32 matrix (see their own tests)
+    and most of the run time on CPU.
+    """
+    from .checkpoints import perturb, tiny_qwen2
+
+    save_pair(tmp_path / "small")
+    model = tiny_qwen2(vocab=8192, hidden=512, layers=16)
+    model.save_pretrained(tmp_path / "base")
+    perturb(model, scale=1e-4)
+    model.save_pretrained(tmp_path / "tuned", max_shard_size="100MB")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    assert 180e6 < size < 260e6 and largest < 0.1 * size
+    small = tmp_path / "small"
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(small / "base"), str(small / "tuned"),
+         str(tmp_path / "base"), str(tmp_path / "tuned"), str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["rc"] == 0
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert doc["metrics"]["param_change/num_params"] * 4 == size
+    assert len(doc["inputs"]["tuned"]["files"]) > 1
+    print(f"peak extra RSS {r['extra'] / 1e6:.0f} MB for two {size / 1e6:.0f} MB checkpoints "
+          f"(largest tensor {largest / 1e6:.0f} MB)")
+    assert r["extra"] < min(0.35 * size, 4 * largest), r
