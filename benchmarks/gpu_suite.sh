@@ -9,6 +9,6 @@ log="${OUT:-/tmp}/gpu_benchmarks.log"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     timeout 200 python3 benchmarks/run_suite.py --device cuda
-    timeout 60 python3 benchmarks/bench_gradient.py --device cuda --repeat 5
-    timeout 90 python3 benchmarks/bench_low_rank.py --device cuda --repeat 3
+    [ -n "${WITH_GRADIENT:-}" ] && timeout 60 python3 benchmarks/bench_gradient.py --device cuda --repeat 5
+    timeout 75 python3 benchmarks/bench_low_rank.py --device cuda --repeat 2
 } 2>&1 | tee "$log"
