@@ -18,9 +18,11 @@ Two ways to get the spectrum, always in float32 on the matrix's own device:
   values) rather than the eigenvalues: the eigenvalues of :math:`G` carry an absolute error of
   about :math:`\epsilon\sigma_1^2`, which would inflate the effective rank of an exactly low-rank
   update, while :math:`\lVert X v_i\rVert^2` is off only by :math:`O(\epsilon^2\sigma_1^2)` and the
-  values sum to :math:`E`. On CPU this is 2-4x faster than ``torch.linalg.svd`` and on GPU ~10x
-  faster for 4096-wide matrices; ``method="svd"`` uses LAPACK/cuSOLVER (``svdvals`` when no factors
-  are needed) instead. Both give every singular value.
+  values sum to :math:`E`. On CPU this is 2-4x faster than ``torch.linalg.svd`` and on an H100
+  ~10x faster for 4096-wide matrices; ``method="svd"`` uses LAPACK/cuSOLVER (``svdvals`` when no
+  factors are needed) instead. Both give every singular value. On a GPU a small eigensolve is
+  latency-bound (~13 ms for 512 x 512 on an H100, whatever the size below that), so models with
+  many small matrices pay ~15 ms per matrix; lowering ``exact_max_dim`` trades exactness for speed.
 * **Randomized** (``min(m, n) > exact_max_dim``): a range finder with ``rank + oversampling``
   Gaussian columns drawn from its own ``torch.Generator`` (the global RNG is never touched) and
   ``power_iterations`` QR-orthonormalised subspace iterations, then an SVD of the small projected
@@ -144,7 +146,7 @@ def _svd(a: torch.Tensor, rank: int) -> _Parts:
     if not rank:
         return torch.linalg.svdvals(a).square(), None, None
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return s.square(), u[:, :rank] * s[:rank], vh[:rank].contiguous()
+    return s.square(), u[:, :rank] * s[:rank], vh[:rank].clone()  # keep no view of vh
 
 
 def _randomized(
@@ -160,7 +162,7 @@ def _randomized(
         q = torch.linalg.qr(a @ z).Q
     ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
     s = s[:rank]
-    return s.square(), (q @ ub[:, :rank]) * s, vh[:rank].contiguous()
+    return s.square(), (q @ ub[:, :rank]) * s, vh[:rank].clone()
 
 
 def matrix_spectrum(

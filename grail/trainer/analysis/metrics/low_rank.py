@@ -46,7 +46,14 @@ Truncation factors are computed once per matrix and measurement; only they are k
 :class:`~grail.trainer.analysis.patching.ModulePatch` writes
 :math:`W_{old} + \mathrm{left}_{:,:r}\mathrm{right}_{:r}` just before a module runs. The budget
 mask is exact, ties included (:mod:`~grail.trainer.analysis.budget_mask`). Every rank computes the
-same numbers from its own full copies, with no collective.
+same numbers from its own full copies, with no collective. The range finder's seed mixes
+``sparse_quality_seed``, the step and the parameter name, so results do not depend on the order of
+matrices; its Gaussian draws come from a generator on the matrix's device, so a CPU and a CUDA
+run agree to the range finder's accuracy, not bit for bit.
+
+Cost: besides the spectra, ``1 + 2 len(ranks)`` forward passes (the full model, then per rank the
+truncated and the budget-sparse one) against sparse quality's 3 with its defaults; see the
+benchmark in the README.
 
 Example:
     >>> import torch
@@ -271,9 +278,11 @@ class LowRankMetrics(MetricComputer):
                 frob_sq=s.sum_sq,
                 method=self.method,
             )
-        if nonfinite:
-            logger.warning("low-rank analysis left out %d matrices with non-finite updates "
-                           "(first: %s)", len(nonfinite), nonfinite[0])
+        if nonfinite and "nonfinite" not in self._logged:
+            self._logged.add("nonfinite")
+            logger.warning("low-rank analysis leaves out matrices with non-finite updates (now "
+                           "%d, first %s); counted in lowrank/nonfinite_matrices",
+                           len(nonfinite), nonfinite[0])
         return spectra, nonfinite
 
     # --- output quality --------------------------------------------------------------------

@@ -75,6 +75,16 @@ def test_planted_rank2_and_exact_rank1(method: str) -> None:
     assert s1.stable_rank() == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("kw", [{"method": "gram"}, {"method": "svd"}, {"exact_max_dim": 8}])
+@pytest.mark.parametrize("shape", [(60, 40), (40, 60)])
+def test_factors_hold_only_their_own_storage(kw: dict, shape: tuple[int, int]) -> None:
+    """Only r(m+n) floats per matrix may stay alive, never a view of a full decomposition."""
+    s = matrix_spectrum(decaying(*shape), rank=3, keep_factors=True, **kw)
+    assert s.left.shape == (shape[0], 3) and s.right.shape == (3, shape[1])
+    for t in (s.left, s.right):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_rank_beyond_full_rank_is_full_energy() -> None:
     a = decaying(10, 6)
     s = matrix_spectrum(a, rank=64, keep_factors=True)
