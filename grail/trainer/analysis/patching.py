@@ -107,7 +107,9 @@ class SelectPatch:
     def dropped_count(self) -> int:
         """Entries (changed or not) that the mask sends back to ``W_old``, counted while
         patching: this rank's local entries, replicated tensors on their owner rank only."""
-        return int(sum(int(t) for t in self._dropped))
+        if not self._dropped:
+            return 0
+        return int(torch.stack([t.cpu() for t in self._dropped]).sum())
 
     def __enter__(self) -> SelectPatch:
         self.delta.old.synchronize()
@@ -171,7 +173,7 @@ class SelectPatch:
             if pc.dtype == sc.dtype:
                 self._xor_swap(pc, sd, m, raw)
                 if sd is not sc:
-                    sc.copy_(sd)
+                    sc.copy_(sd, non_blocking=sc.is_pinned())
                 self._done.append(_Patched(name, start, stop))
             else:
                 idx = m.nonzero().squeeze(1)
@@ -191,6 +193,15 @@ class SelectPatch:
         si.bitwise_xor_(x)
 
     def _restore(self) -> None:
+        devices = {torch.device(t.device) for t in self.delta.new.data.values()}
+        try:
+            self._undo()
+        finally:
+            for device in devices:  # pinned write-backs of the snapshot are asynchronous
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+
+    def _undo(self) -> None:
         while self._done:
             rec = self._done.pop()
             p, s = self._views(rec.name)
@@ -202,7 +213,7 @@ class SelectPatch:
             m, raw = self._mask(rec.name, rec.start, pc, sd)
             self._xor_swap(pc, sd, m, raw)
             if sd is not sc:
-                sc.copy_(sd)
+                sc.copy_(sd, non_blocking=sc.is_pinned())
 
 
 def _local_attr(module: nn.Module, attr: str) -> torch.Tensor:

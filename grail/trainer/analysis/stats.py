@@ -102,6 +102,7 @@ def chunk_moments(
     ax: torch.Tensor,
     tmp: torch.Tensor,
     ibuf: torch.Tensor,
+    sync_free: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Base sums and maxima of one float32 chunk (layout of :class:`StreamingStats`).
 
@@ -113,7 +114,14 @@ def chunk_moments(
     Counting uses arithmetic rather than comparisons, which are several times slower on CPU:
     for non-negative floats the int32 bit pattern is monotone, so ``|x| <= t`` iff
     ``bits(|x|) - bits(t) - 1 < 0``, whose sign bit an arithmetic shift turns into -1 or 0.
+
+    On accelerators (or with ``sync_free=True``) no value is read back to the host: non-finite
+    entries are masked instead of removed, so kernels queue without waiting.
     """
+    if sync_free is None:
+        sync_free = x.device.type != "cpu"
+    if sync_free:
+        return _chunk_moments_sync_free(x, thresholds_f32, ax, tmp)
     n = x.numel()
     total = x.sum()
     nonfinite = 0
@@ -145,6 +153,31 @@ def chunk_moments(
     lo, hi = torch.aminmax(x)
     sums = torch.stack(row).double()
     maxes = torch.stack([torch.maximum(hi.abs(), lo.abs()), hi, -lo]).double()
+    return sums, maxes
+
+
+def _chunk_moments_sync_free(
+    x: torch.Tensor, thresholds_f32: Sequence[float], ax: torch.Tensor, tmp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    finite = torch.isfinite(x)
+    nonfinite = (~finite).sum(dtype=torch.float32)
+    tmp.copy_(x).masked_fill_(~finite, 0.0)
+    torch.abs(tmp, out=ax)
+    row = [
+        x.numel() - nonfinite,
+        tmp.sum(),
+        torch.mul(ax, ax).sum(),
+        ax.sum(),
+        nonfinite,
+    ]
+    for t in thresholds_f32:
+        row.append(((ax <= t) & finite).sum(dtype=torch.float32))
+    hi = torch.where(finite, x, -math.inf).amax()
+    lo = torch.where(finite, x, math.inf).amin()
+    sums = torch.stack(row).double()
+    maxes = torch.stack([torch.maximum(hi.abs(), lo.abs()), hi, -lo]).double()
+    empty = nonfinite == x.numel()  # no finite entry: maxima stay at -inf, like the CPU path
+    maxes = torch.where(empty, torch.full_like(maxes, -math.inf), maxes)
     return sums, maxes
 
 
@@ -315,9 +348,8 @@ class StreamingStats:
         rows = self._rows(groups)
         if isinstance(value, torch.Tensor):
             value = value.to(device=self.device, dtype=torch.float64)
-        self.sums[:, col].index_add_(
-            0, rows, torch.as_tensor(value, dtype=torch.float64, device=self.device).expand(len(rows))
-        )
+        value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        self.sums[:, col].index_add_(0, rows, value.expand(len(rows)))
 
     # --- combining -------------------------------------------------------------------------
     def merge(self, other: StreamingStats) -> StreamingStats:

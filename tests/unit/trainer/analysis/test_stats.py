@@ -115,3 +115,28 @@ def test_std_is_population_std():
     s.update(x)
     assert s.result(0).std == pytest.approx(float(np.std([1, 2, 3, 4])))
     assert s.result(0).five_numbers()["mean"] == 2.5
+
+
+@pytest.mark.parametrize("numel", [1, 5000])
+def test_sync_free_path_equals_the_host_path(numel):
+    from grail.trainer.analysis.stats import chunk_moments
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(numel, generator=gen) * 1e-4
+    if numel > 10:
+        x[::9] = 0
+        x[4] = float("nan")
+        x[7] = float("inf")
+    t32 = [f32_floor(t) for t in THRESHOLDS]
+    bufs = [torch.empty(numel), torch.empty(numel), torch.empty(numel, dtype=torch.int32)]
+    a = chunk_moments(x, t32, *bufs, sync_free=False)
+    b = chunk_moments(x, t32, *bufs, sync_free=True)
+    assert torch.equal(a[1], b[1])
+    scale = float(a[0][3])  # sum of |x|: the scale of summation error of the signed sum
+    assert torch.allclose(a[0], b[0], rtol=1e-6, atol=1e-6 * scale)
+    assert torch.equal(a[0][[0, 4, 5, 6, 7, 8, 9]], b[0][[0, 4, 5, 6, 7, 8, 9]])  # counts exact
+    allbad = torch.tensor([float("nan")] * 3)
+    small = [torch.empty(3), torch.empty(3), torch.empty(3, dtype=torch.int32)]
+    c = chunk_moments(allbad, t32, *small, sync_free=True)
+    d = chunk_moments(allbad, t32, *small, sync_free=False)
+    assert torch.equal(c[0], d[0]) and torch.equal(c[1], d[1])
