@@ -19,6 +19,17 @@ Decisions:
   model itself) and ``--keep-ratios``; parameter change uses every threshold.
 * Sign flips are always tracked offline; per-layer and per-component keys follow ``--per-layer``.
 * Non-finite values are written to ``metrics.json`` as ``null`` (strict JSON).
+
+Example:
+    >>> import os, tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> d = tempfile.mkdtemp()
+    >>> a, b = os.path.join(d, "a.safetensors"), os.path.join(d, "b.safetensors")
+    >>> save_file({"w": torch.zeros(2, 2)}, a)
+    >>> save_file({"w": torch.tensor([[0.5, 0.0], [0.0, 0.0]])}, b)
+    >>> doc = run_diff(DiffOptions(a, b, low_rank=False, hash_files=False, progress=False))
+    >>> doc["metrics"]["param_change/norm_l1"], doc["metrics"]["param_change/exact_unchanged_ratio"]
+    (0.5, 0.75)
 """
 
 from __future__ import annotations

@@ -18,6 +18,14 @@ Decisions:
 * When the BASE tensor names do not match the model's parameter names (a checkpoint format that
   transformers renames on load), BASE is loaded with ``from_pretrained`` as well, snapshotted and
   freed.
+
+Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "prompts.txt")
+    >>> with open(path, "w") as f:
+    ...     _ = f.write("first prompt\\n\\nsecond prompt\\n")
+    >>> read_prompts(path)
+    ['first prompt', 'second prompt']
 """
 
 from __future__ import annotations

@@ -12,6 +12,13 @@ masks and, with the low-rank metrics, LoRA truncation vs a magnitude mask of equ
 Run report figures: one grid of time series per metric family (keys that differ only by a
 threshold or kept-fraction label share a panel; random/DARE baselines are dashed) and, when the
 log has per-layer keys, a layer x step heatmap of mean |dW|.
+
+Example:
+    >>> records = [{"step": s, "time": 0.0, "metrics": {"param_change/norm_l2": 1.0 / s}}
+    ...            for s in (10, 20)]
+    >>> html = render_run_report(records, "run.jsonl")
+    >>> html.startswith("<!DOCTYPE html>"), html.count("<img"), "From step 10 to step 20" in html
+    (True, 1, True)
 """
 
 from __future__ import annotations
