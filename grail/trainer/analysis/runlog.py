@@ -12,9 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,45 +19,28 @@ from .offline import CheckpointError
 
 __all__ = ["read_run_log"]
 
-logger = logging.getLogger(__name__)
-
 
 def read_run_log(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSONL training log (``{"step", "time", "metrics"}`` per line).
+    """Records of a JSONL training log written by ``JsonlSink`` (``{"step", "time", "metrics"}``).
 
-    Uses :func:`grail.trainer.analysis.integrations.sinks.read_jsonl` when that module is
-    installed; otherwise an equivalent reader: blank lines are ignored, a last line that does not
-    parse (a write cut off by a crash) is skipped, any other bad line raises ``CheckpointError``
-    naming its number, and ``null`` metric values read as ``nan``.
+    Reads with :func:`~grail.trainer.analysis.integrations.sinks.read_jsonl` (a truncated last
+    line is skipped, ``null`` values read as ``nan``) and turns every problem - a missing file, a
+    bad line, a line that is not such a record - into a one-line ``CheckpointError``.
     """
+    from .integrations.sinks import read_jsonl
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist or is not a file")
     try:
-        from .integrations.sinks import read_jsonl
-    except ImportError:
-        read_jsonl = None
-    try:
-        if read_jsonl is not None:
-            return _checked(path, read_jsonl(path))
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        records = read_jsonl(path)
     except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from None
     except ValueError as err:
         raise CheckpointError(str(err).splitlines()[0][:300]) from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                logger.warning("%s: skipping truncated last line %d", path, number)
-                break
-            raise CheckpointError(f"{path}: line {number} is not valid JSON") from None
-        if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
-            metrics = record["metrics"]
-            record["metrics"] = {k: math.nan if v is None else v for k, v in metrics.items()}
-        records.append(record)
+    except (AttributeError, TypeError):  # a JSON line that is not an object
+        msg = f"{path} holds lines that are not {{step, metrics}} records"
+        raise CheckpointError(msg) from None
     return _checked(path, records)
 
 

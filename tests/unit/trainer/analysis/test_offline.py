@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import weakref
 
 import numpy as np
@@ -15,7 +16,7 @@ from grail.trainer.analysis.metrics.parameter_change import ParameterChangeMetri
 from grail.trainer.analysis.naming import ParameterNaming
 from grail.trainer.analysis.offline import CheckpointError, open_checkpoint
 from grail.trainer.analysis.offline_pair import open_pair, pair_checkpoints
-from grail.trainer.analysis.offline_stream import CellStats, ObservedDelta
+from grail.trainer.analysis.offline_stream import CellStats, ObservedDelta, Progress
 from grail.trainer.analysis.primitives import ParameterSnapshot
 from grail.trainer.analysis.runlog import read_run_log
 
@@ -249,10 +250,13 @@ def test_run_log_reader(tmp_path):
     assert [r["step"] for r in records] == [10, 20]
     assert records[1]["metrics"]["a/b"] == 2.0 and np.isnan(records[0]["metrics"]["a/c"])
     path.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
-    with pytest.raises((CheckpointError, ValueError), match="line 2"):
+    with pytest.raises(CheckpointError, match="line 2"):
         read_run_log(path)
     path.write_text(json.dumps({"step": "x", "metrics": {}}) + "\n")
     with pytest.raises(CheckpointError, match="record 1"):
+        read_run_log(path)
+    path.write_text("[1, 2]\n" + lines[0] + "\n")
+    with pytest.raises(CheckpointError, match=re.escape("not {step, metrics} records")):
         read_run_log(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_run_log(tmp_path / "nope.jsonl")
@@ -267,3 +271,16 @@ def test_pair_from_snapshots_of_models_matches_pairing(tmp_path):
     assert lazy.keys() == mem.keys()
     for name in lazy:
         assert lazy[name] == pytest.approx(mem[name], rel=1e-12, abs=1e-15)
+
+
+def test_progress_counts_tensors_and_bytes_once(tmp_path):
+    _, _, bdir, tdir = save_pair(tmp_path, torch.bfloat16, shard=True)
+    pair = open_pair(str(bdir), str(tdir))
+    progress = Progress(len(pair.names), pair.bytes_of, enabled=True)
+    delta = ObservedDelta(pair.old, pair.new, [progress])
+    for _ in range(2):
+        ParameterChangeMetrics().compute(delta)
+    seconds = progress.close()
+    files = sum(f.stat().st_size for f in [*pair.base.files, *pair.tuned.files])
+    assert progress.done_bytes == sum(2 * s.numel for s in pair.tuned.specs.values()) * 2
+    assert 0.9 * files < progress.done_bytes <= files and seconds > 0
