@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -46,29 +47,52 @@ from .base import MetricComputer
 
 __all__ = ["MaskOverlapMetrics", "pack_bits", "unpack_bits"]
 
-_WEIGHTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _weights(device: torch.device) -> torch.Tensor:
-    w = _WEIGHTS.get(device)
-    if w is None:
-        w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
-        _WEIGHTS[device] = w
-    return w
-
-
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a flat boolean tensor into ``ceil(n / 8)`` bytes (bit ``i % 8`` of byte ``i // 8``)."""
+    """Pack a flat 0/1 tensor into ``ceil(n / 8)`` bytes (bit ``i % 8`` of byte ``i // 8``).
+
+    Eight 0/1 bytes are read as one little-endian int64 (element ``j`` at bit ``8j``) and their
+    bits shifted into place: a few integer ops on n/8 words instead of a reduction per byte.
+    """
     n = mask.numel()
     padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=mask.device)
     padded[:n] = mask.reshape(-1)
-    return (padded.view(-1, 8) * _weights(mask.device)).sum(dim=1, dtype=torch.uint8)
+    words = padded.view(torch.int64) if sys.byteorder == "little" else None
+    if words is None:  # pragma: no cover - big-endian hosts
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], device=mask.device)
+        return (padded.view(-1, 8).long() * weights).sum(dim=1).to(torch.uint8)
+    out = words & 1
+    for j in range(1, 8):
+        out |= (words >> (7 * j)) & (1 << j)
+    return out.to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits` for the first ``n`` bits."""
-    bits = packed.unsqueeze(1).bitwise_and(_weights(packed.device)).ne(0)
-    return bits.reshape(-1)[:n]
+    """Inverse of :func:`pack_bits` for the first ``n`` bits, as a boolean tensor."""
+    b = packed.to(torch.int64)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        shifts = torch.arange(8, device=packed.device)
+        return ((b.unsqueeze(1) >> shifts) & 1).bool().reshape(-1)[:n]
+    words = b & 1
+    for j in range(1, 8):
+        words |= (b & (1 << j)) << (7 * j)
+    return words.view(torch.uint8)[:n].view(torch.bool)
+
+
+def _popcount_table(device: torch.device) -> torch.Tensor:
+    table = _POPCOUNT.get(device)
+    if table is None:
+        table = torch.tensor([bin(i).count("1") for i in range(256)], device=device)
+        _POPCOUNT[device] = table
+    return table
+
+
+_POPCOUNT: dict[torch.device, torch.Tensor] = {}
+
+
+def _changed(delta: torch.Tensor) -> torch.Tensor:
+    """0/1 bytes: 1 where ``delta != 0`` (NaN included), via the sign bit of ``-bits(|delta|)``."""
+    bits = delta.abs().view(torch.int32)
+    return bits.neg_().bitwise_right_shift_(31).neg_().to(torch.uint8)
 
 
 class MaskOverlapMetrics(MetricComputer):
@@ -93,16 +117,15 @@ class MaskOverlapMetrics(MetricComputer):
         stats = StreamingStats(extra_sums=("intersection", "union", "previous"), device=device)
         current: dict[str, list[torch.Tensor]] = {}
         for chunk in delta.stream():
-            changed = chunk.delta != 0  # NaN != 0: a non-finite delta is a change
-            packed = pack_bits(changed)
+            packed = pack_bits(_changed(chunk.delta))  # NaN counts as a change
             current.setdefault(chunk.name, []).append(packed)
             if have_previous:
-                start = chunk.start // 8
-                prev = unpack_bits(self._previous[chunk.name][start : start + packed.numel()],
-                                   changed.numel())
-                stats.add("intersection", (changed & prev).sum())
-                stats.add("union", (changed | prev).sum())
-                stats.add("previous", prev.sum())
+                start = chunk.start // 8  # chunks start at multiples of 8
+                prev = self._previous[chunk.name][start : start + packed.numel()]
+                count = _popcount_table(packed.device)
+                stats.add("intersection", count[(packed & prev).long()].sum())
+                stats.add("union", count[(packed | prev).long()].sum())
+                stats.add("previous", count[prev.long()].sum())
         self._previous = {n: torch.cat(parts) for n, parts in current.items()}
         self._names = names
         if not have_previous:
