@@ -89,7 +89,13 @@ def _arange(n: int, device: torch.device) -> torch.Tensor:
 
 
 def random_bits(
-    numel: int, seed: int, name: str, offset: int, device: torch.device | str
+    numel: int,
+    seed: int,
+    name: str,
+    offset: int,
+    device: torch.device | str,
+    out: torch.Tensor | None = None,
+    tmp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """24 uniform random bits (int32 in [0, 2^24)) for global flat positions ``offset ..``.
 
@@ -97,10 +103,12 @@ def random_bits(
     ``lowbias32(i + key)`` with ``key`` derived from ``(seed, name, i // 2^32)``, so it depends
     neither on sharding nor on chunking, and no generator state (least of all the global one) is
     involved. lowbias32 is a bijective 32-bit mixer with full avalanche; its top 24 bits are used.
+    ``out`` and ``tmp`` are optional int32 buffers of ``numel`` elements (the result goes to
+    ``out``).
     """
     device = torch.device(device)
-    out = torch.empty(numel, dtype=torch.int32, device=device)
-    tmp = torch.empty_like(out)
+    out = torch.empty(numel, dtype=torch.int32, device=device) if out is None else out
+    tmp = torch.empty_like(out) if tmp is None else tmp
     pos = 0
     while pos < numel:
         gi = offset + pos
@@ -150,11 +158,16 @@ def magnitude_drop(threshold: float) -> DropFn:
 def random_drop(keep: float, seed: int) -> DropFn:
     """Drop each entry with probability ``1 - keep`` (:func:`random_bits` decides)."""
     limit = keep_threshold_bits(keep)
+    scratch: dict[torch.device, torch.Tensor] = {}
 
     def drop(name: str, offset: int, abs_bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        bits = random_bits(abs_bits.numel(), seed, name, offset, abs_bits.device)
+        n = abs_bits.numel()
+        tmp = scratch.get(abs_bits.device)
+        if tmp is None or tmp.numel() < n:
+            tmp = scratch[abs_bits.device] = torch.empty_like(out)
+        bits = random_bits(n, seed, name, offset, abs_bits.device, out=out, tmp=tmp[:n])
         # kept iff bits < limit  <=>  (limit - 1 - bits) >= 0; drop = sign bit of that
-        return torch.sub(limit - 1, bits, out=out).bitwise_right_shift_(31)
+        return bits.neg_().add_(limit - 1).bitwise_right_shift_(31)
 
     return drop
 
