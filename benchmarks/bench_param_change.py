@@ -21,15 +21,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, model_bytes, peak_memory, qwen2, simulate_update, table  # noqa: E402
+from _common import best_of, model_bytes, peak_memory, qwen2, simulate_update, table
 
-from grail.trainer.analysis.metrics import ParameterChangeMetrics  # noqa: E402
-from grail.trainer.analysis.primitives import ParameterSnapshot  # noqa: E402
+from grail.trainer.analysis.metrics import ParameterChangeMetrics
+from grail.trainer.analysis.primitives import ParameterSnapshot
 
 
 def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
-    model = qwen2(args.hidden, args.layers, args.vocab, args.intermediate, args.heads,
-                  args.kv_heads, dtype=dtype, device=args.device)
+    model = qwen2(
+        args.hidden,
+        args.layers,
+        args.vocab,
+        args.intermediate,
+        args.heads,
+        args.kv_heads,
+        dtype=dtype,
+        device=args.device,
+    )
     n_params = sum(p.numel() for p in model.parameters())
     params = [p.detach() for p in model.parameters()]
     snap = ParameterSnapshot(model)
@@ -50,7 +58,9 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
             total += out.sum()
         float(total)
 
-    computer = ParameterChangeMetrics([0.0, 1e-8, 1e-6, 1e-4], per_layer=True, track_components=True)
+    computer = ParameterChangeMetrics(
+        [0.0, 1e-8, 1e-6, 1e-4], per_layer=True, track_components=True
+    )
     t_floor = best_of(floor)
     t_metrics = best_of(lambda: computer.compute(snap.compute_delta(live)))
     with peak_memory(args.device) as mem:

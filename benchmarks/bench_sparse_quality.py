@@ -18,16 +18,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, model_bytes, peak_memory, qwen2, simulate_update, table  # noqa: E402
+from _common import best_of, model_bytes, peak_memory, qwen2, simulate_update, table
 
-from grail.trainer.analysis.metrics import SparseQualityMetrics  # noqa: E402
-from grail.trainer.analysis.metrics.base import AnalysisContext  # noqa: E402
-from grail.trainer.analysis.primitives import ParameterSnapshot  # noqa: E402
+from grail.trainer.analysis.metrics import SparseQualityMetrics
+from grail.trainer.analysis.metrics.base import AnalysisContext
+from grail.trainer.analysis.primitives import ParameterSnapshot
 
 
 def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
-    model = qwen2(args.hidden, args.layers, args.vocab, args.intermediate, args.heads,
-                  args.kv_heads, dtype=dtype, device=args.device)
+    model = qwen2(
+        args.hidden,
+        args.layers,
+        args.vocab,
+        args.intermediate,
+        args.heads,
+        args.kv_heads,
+        dtype=dtype,
+        device=args.device,
+    )
     snap = ParameterSnapshot(model)
     simulate_update(model)
     gen = torch.Generator().manual_seed(0)

@@ -17,15 +17,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_param_change  # noqa: E402
-import bench_sparse_quality  # noqa: E402
-from _common import table  # noqa: E402
+import bench_param_change
+import bench_sparse_quality
+from _common import table
 
 SIZES = {
-    "58M": {"hidden": 512, "layers": 8, "vocab": 32000, "intermediate": None, "heads": 8,
-            "kv_heads": None},
-    "1.5B": {"hidden": 1536, "layers": 28, "vocab": 151936, "intermediate": 8960, "heads": 12,
-             "kv_heads": 2},
+    "58M": {
+        "hidden": 512,
+        "layers": 8,
+        "vocab": 32000,
+        "intermediate": None,
+        "heads": 8,
+        "kv_heads": None,
+    },
+    "1.5B": {
+        "hidden": 1536,
+        "layers": 28,
+        "vocab": 151936,
+        "intermediate": 8960,
+        "heads": 12,
+        "kv_heads": 2,
+    },
 }
 
 

@@ -219,7 +219,9 @@ class AnalysisConfig:
         _check_int("sparse_quality_seed", self.sparse_quality_seed, 0, 2**63 - 1)
         _check_int("sparse_quality_max_tokens", self.sparse_quality_max_tokens, 1)
 
-        self.gradient_thresholds = _check_thresholds("gradient_thresholds", self.gradient_thresholds)
+        self.gradient_thresholds = _check_thresholds(
+            "gradient_thresholds", self.gradient_thresholds
+        )
         tol = self.adam_sign_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0.0 < tol < 1.0):
             _fail("adam_sign_tolerance", tol, "expected a number in (0, 1)")

@@ -49,7 +49,9 @@ class LogitsReference:
         """``kl, cosine, mse, top1_agree, nonfinite_rows`` of ``other`` against the reference."""
         other = other.float().to(self.logits.device)
         if other.shape != self.logits.shape:
-            raise ValueError(f"logits shapes differ: {tuple(self.logits.shape)} vs {tuple(other.shape)}")
+            raise ValueError(
+                f"logits shapes differ: {tuple(self.logits.shape)} vs {tuple(other.shape)}"
+            )
         n, v = other.shape
         step = max(1, _BLOCK_ELEMENTS // max(v, 1))
         kl = cos = sq = agree = 0.0
@@ -82,7 +84,13 @@ class LogitsReference:
             rows += a.shape[0]
         if rows == 0:
             nan = math.nan
-            return {"kl": nan, "cosine": nan, "mse": nan, "top1_agree": nan, "nonfinite_rows": nonfinite}
+            return {
+                "kl": nan,
+                "cosine": nan,
+                "mse": nan,
+                "top1_agree": nan,
+                "nonfinite_rows": nonfinite,
+            }
         return {
             "kl": kl / rows,
             "cosine": cos / rows,

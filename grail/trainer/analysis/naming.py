@@ -20,7 +20,8 @@ stacks - and checkpoints read offline, where no module object exists.
 Example:
     >>> n = ParameterNaming(["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
     ...                      "model.layers.1.mlp.down_proj.weight", "lm_head.weight"])
-    >>> n.layer("model.layers.1.mlp.down_proj.weight"), n.component("model.layers.1.mlp.down_proj.weight")
+    >>> name = "model.layers.1.mlp.down_proj.weight"
+    >>> n.layer(name), n.component(name)
     ('layer_1', 'down_proj')
     >>> n.layer("lm_head.weight") is None, n.component("model.embed_tokens.weight")
     (True, 'embed_tokens')
@@ -28,9 +29,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["ParameterNaming", "split_name"]
+__all__ = ["ParameterNaming", "group_prefix", "group_rows", "split_name"]
 
 
 def split_name(name: str) -> tuple[str | None, int | None, str, str]:
@@ -97,12 +98,47 @@ def _shortest_unique_suffixes(paths: set[str]) -> dict[str, str]:
     for p, parts in split.items():
         for k in range(1, len(parts) + 1):
             suffix = parts[-k:]
-            clash = any(
-                q != p and len(qp) >= k and qp[-k:] == suffix for q, qp in split.items()
-            )
+            clash = any(q != p and len(qp) >= k and qp[-k:] == suffix for q, qp in split.items())
             if not clash:
                 out[p] = ".".join(suffix)
                 break
         else:  # p is itself a suffix of a longer path: keep it whole
             out[p] = p
     return out
+
+
+def group_rows(
+    naming: ParameterNaming, names: Sequence[str], per_layer: bool, components: bool
+) -> tuple[list[str], dict[str, list[int]]]:
+    """Accumulator groups (``"all"``, ``"layer/layer_3"``, ``"component/q_proj"``, ...) and, per
+    parameter name, the rows of a :class:`~grail.trainer.analysis.stats.StreamingStats` it feeds.
+
+    >>> n = ParameterNaming(["model.layers.0.mlp.up_proj.weight", "lm_head.weight"])
+    >>> group_rows(n, n.names, per_layer=True, components=True)[0]
+    ['all', 'layer/layer_0', 'component/up_proj', 'component/lm_head']
+    """
+    groups = ["all"]
+    index: dict[str, int] = {}
+
+    def row(group: str) -> int:
+        if group not in index:
+            index[group] = len(groups)
+            groups.append(group)
+        return index[group]
+
+    rows: dict[str, list[int]] = {}
+    for n in names:
+        r = [0]
+        layer = naming.layer(n)
+        if per_layer and layer is not None:
+            r.append(row(f"layer/{layer}"))
+        if components:
+            r.append(row(f"component/{naming.component(n)}"))
+        rows[n] = r
+    return groups, rows
+
+
+def group_prefix(family: str, group: str) -> str:
+    """Key prefix of a group: ``gradient/layer_3/``, ``gradient/component/q_proj/``."""
+    kind, label = group.split("/", 1)
+    return f"{family}/{label}/" if kind == "layer" else f"{family}/{group}/"

@@ -80,11 +80,11 @@ import torch
 
 from ..config import AnalysisConfig
 from ..distributed import local_tensor, shard_info
-from ..naming import ParameterNaming
+from ..naming import ParameterNaming, group_prefix, group_rows
 from ..primitives import collect_parameters
 from ..stats import StreamingStats, Summary, chunk_numel
 from .base import AnalysisContext, MetricComputer
-from .gradient import HistogramSample, group_prefix, group_rows, real_view
+from .gradient import HistogramSample, real_view
 
 __all__ = ["AdamSignDescentMetrics", "adam_entries", "bias_corrections"]
 
@@ -157,7 +157,6 @@ class AdamSignDescentMetrics(MetricComputer):
         self._small = math.nextafter(_SMALL, 0.0)
         self.last_histograms: dict[str, np.ndarray] = {}
         self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
-        self._logged: set[str] = set()
         self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -176,12 +175,6 @@ class AdamSignDescentMetrics(MetricComputer):
     def requires_optimizer(self) -> bool:
         return True
 
-    def _skip(self, reason: str) -> dict[str, float]:
-        if reason not in self._logged:
-            self._logged.add(reason)
-            logger.info("adam_sign metrics skipped: %s", reason)
-        return {}
-
     def _scratch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         bufs = self._buffers.get(device)
         if bufs is None:
@@ -197,11 +190,11 @@ class AdamSignDescentMetrics(MetricComputer):
         model = context.model if context is not None else None
         optimizer = context.optimizer if context is not None else None
         if model is None or optimizer is None:
-            return self._skip("no model or no optimizer passed to on_optimizer_step")
+            return self.skip("no model or no optimizer passed to on_optimizer_step")
         params = collect_parameters(model, self.trainable_only)
         entries = adam_entries(optimizer, params)
         if not entries:
-            return self._skip(
+            return self.skip(
                 f"{type(optimizer).__name__} holds no Adam state (exp_avg, exp_avg_sq, step) for "
                 "the model's parameters"
             )

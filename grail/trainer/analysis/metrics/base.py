@@ -17,6 +17,7 @@ tests for a concrete class.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -76,8 +77,22 @@ class MetricComputer(ABC):
         """True if the computer reads the optimizer (or gradients) at the measurement step."""
         return False
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Forget state carried across measurements (called by ``manager.reset()``)."""
+
+    def skip(self, reason: str) -> dict[str, float]:
+        """Return ``{}`` for this measurement, logging ``reason`` once per computer (INFO).
+
+        For conditions that are not errors - no batch, no optimizer state, nothing to analyse -
+        so the metric quietly steps aside without repeating itself every interval.
+        """
+        seen = self.__dict__.setdefault("_skip_reasons", set())
+        if reason not in seen:
+            seen.add(reason)
+            logging.getLogger(type(self).__module__).info(
+                "%s metrics skipped: %s", self.name, reason
+            )
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -57,12 +57,12 @@ import torch
 
 from ..config import AnalysisConfig, format_threshold
 from ..distributed import all_reduce_, local_tensor, shard_info
-from ..naming import ParameterNaming
+from ..naming import ParameterNaming, group_prefix, group_rows
 from ..primitives import collect_parameters
 from ..stats import StreamingStats, Summary
 from .base import AnalysisContext, MetricComputer
 
-__all__ = ["GradientSparsityMetrics", "HistogramSample", "group_rows", "real_view"]
+__all__ = ["GradientSparsityMetrics", "HistogramSample", "real_view"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,38 +70,6 @@ logger = logging.getLogger(__name__)
 def real_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or a complex ``t`` viewed as real pairs (as torch's optimizers read it)."""
     return torch.view_as_real(t) if t.is_complex() else t
-
-
-def group_rows(
-    naming: ParameterNaming, names: Sequence[str], per_layer: bool, components: bool
-) -> tuple[list[str], dict[str, list[int]]]:
-    """Accumulator groups (``"all"``, ``"layer/layer_3"``, ``"component/q_proj"``, ...) and, per
-    parameter name, the rows of :class:`StreamingStats` it feeds."""
-    groups = ["all"]
-    index: dict[str, int] = {}
-
-    def row(group: str) -> int:
-        if group not in index:
-            index[group] = len(groups)
-            groups.append(group)
-        return index[group]
-
-    rows: dict[str, list[int]] = {}
-    for n in names:
-        r = [0]
-        layer = naming.layer(n)
-        if per_layer and layer is not None:
-            r.append(row(f"layer/{layer}"))
-        if components:
-            r.append(row(f"component/{naming.component(n)}"))
-        rows[n] = r
-    return groups, rows
-
-
-def group_prefix(family: str, group: str) -> str:
-    """Key prefix of a group: ``gradient/layer_3/``, ``gradient/component/q_proj/``."""
-    kind, label = group.split("/", 1)
-    return f"{family}/{label}/" if kind == "layer" else f"{family}/{group}/"
 
 
 class HistogramSample:
@@ -181,7 +149,6 @@ class GradientSparsityMetrics(MetricComputer):
         self.histogram_seed = histogram_seed
         self.last_histograms: dict[str, np.ndarray] = {}
         self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
-        self._logged: set[str] = set()
 
     @classmethod
     def from_config(cls, config: AnalysisConfig) -> GradientSparsityMetrics:
@@ -199,12 +166,6 @@ class GradientSparsityMetrics(MetricComputer):
     def requires_optimizer(self) -> bool:
         return True
 
-    def _skip(self, reason: str) -> dict[str, float]:
-        if reason not in self._logged:
-            self._logged.add(reason)
-            logger.info("gradient metrics skipped: %s", reason)
-        return {}
-
     def _groups(self, names: list[str]) -> tuple[list[str], dict[str, list[int]]]:
         key = tuple(names)
         if self._naming is None or self._naming[0] != key:
@@ -217,10 +178,10 @@ class GradientSparsityMetrics(MetricComputer):
         self.last_histograms = {}
         model = context.model if context is not None else None
         if model is None:
-            return self._skip("no model passed")
+            return self.skip("no model passed")
         params = collect_parameters(model, trainable_only=True)
         if not params:
-            return self._skip("the model has no trainable parameters")
+            return self.skip("the model has no trainable parameters")
         groups, rows = self._groups([n for n, _ in params])
         with_grad = [(n, p) for n, p in params if p.grad is not None]
         device = local_tensor(with_grad[0][1].grad).device if with_grad else torch.device("cpu")
@@ -239,7 +200,7 @@ class GradientSparsityMetrics(MetricComputer):
         stats.all_reduce()
         results = stats.results()
         if results[0].count + results[0].nonfinite == 0:
-            return self._skip(
+            return self.skip(
                 "no parameter has a gradient; call on_optimizer_step after optimizer.step() and "
                 "before zero_grad()"
             )

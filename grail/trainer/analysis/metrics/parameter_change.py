@@ -19,8 +19,8 @@ key                             definition
                                 snapshot's dtype; +0 and -0 count as equal)
 ``bf16_unchanged_ratio``        fraction equal after rounding both sides to bfloat16: what a bf16
                                 run would call unchanged
-``sign_flip_ratio``             fraction with :math:`\mathrm{sign}(W_{new})\mathrm{sign}(W_{old}) < 0`
-                                (``param_change_track_sign_flips``)
+``sign_flip_ratio``             fraction with :math:`\mathrm{sign}(W_{new})\,\mathrm{sign}(W_{old})`
+                                negative (``param_change_track_sign_flips``)
 ``nonfinite_count``             number of NaN/Inf deltas
 ``num_params``                  number of entries analysed
 ==============================  ====================================================================
@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from ..config import format_threshold
-from ..naming import ParameterNaming
+from ..naming import ParameterNaming, group_prefix, group_rows
 from ..primitives import DeltaChunk, ParameterDelta
 from ..stats import StreamingStats, Summary, chunk_numel, count_zeros
 from .base import MetricComputer
@@ -93,26 +93,7 @@ class ParameterChangeMetrics(MetricComputer):
         key = tuple(names)
         if self._naming is None or self._naming[0] != key:
             self._naming = (key, ParameterNaming(names, self.component_map))
-        naming = self._naming[1]
-        groups = ["all"]
-        index: dict[str, int] = {}
-
-        def row(group: str) -> int:
-            if group not in index:
-                index[group] = len(groups)
-                groups.append(group)
-            return index[group]
-
-        rows: dict[str, list[int]] = {}
-        for n in names:
-            r = [0]
-            layer = naming.layer(n)
-            if self.per_layer and layer is not None:
-                r.append(row(f"layer/{layer}"))
-            if self.track_components:
-                r.append(row(f"component/{naming.component(n)}"))
-            rows[n] = r
-        return groups, rows
+        return group_rows(self._naming[1], names, self.per_layer, self.track_components)
 
     def _bf16_buffers(self, device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
         bufs = self._bf16.get(device)
@@ -135,9 +116,7 @@ class ParameterChangeMetrics(MetricComputer):
         return bufs
 
     # --- computation -----------------------------------------------------------------------
-    def compute(
-        self, delta: ParameterDelta | None = None, **kwargs: Any
-    ) -> dict[str, float]:
+    def compute(self, delta: ParameterDelta | None = None, **kwargs: Any) -> dict[str, float]:
         if delta is None or len(delta) == 0:
             return {}
         groups, rows = self._groups(delta.names)
@@ -210,8 +189,7 @@ class ParameterChangeMetrics(MetricComputer):
                 out[p + "nonfinite_count"] = float(r.nonfinite)
                 out[p + "num_params"] = float(total)
             else:
-                kind, label = group.split("/", 1)
-                p = f"param_change/{label}/" if kind == "layer" else f"param_change/{group}/"
+                p = group_prefix("param_change", group)
                 out[p + "mean_abs_delta"] = r.mean_abs
                 out[p + "norm_l2"] = r.norm_l2
                 out[p + "relative_norm"] = rel

@@ -110,7 +110,6 @@ class SparseQualityMetrics(MetricComputer):
         self.keep_ratios = sorted(float(r) for r in keep_ratios)
         self.max_tokens = max_tokens
         self.output_fn = output_fn
-        self._logged: set[str] = set()
 
     @classmethod
     def from_config(
@@ -131,12 +130,6 @@ class SparseQualityMetrics(MetricComputer):
 
     def requires_inputs(self) -> bool:
         return True
-
-    def _skip(self, reason: str) -> dict[str, float]:
-        if reason not in self._logged:
-            self._logged.add(reason)
-            logger.info("sparse quality skipped: %s", reason)
-        return {}
 
     # --- masks -----------------------------------------------------------------------------
     def _targets(self, delta: ParameterDelta) -> list[tuple[str, float]]:
@@ -184,13 +177,13 @@ class SparseQualityMetrics(MetricComputer):
         **kwargs: Any,
     ) -> dict[str, float]:
         if delta is None or len(delta) == 0:
-            return self._skip("no parameter delta")
+            return self.skip("no parameter delta")
         if context is None or context.model is None:
-            return self._skip("no model in the context")
+            return self.skip("no model in the context")
         model = unwrap_model(context.model)
         prepared = prepare_inputs(model, context.inputs, self.max_tokens)
         if isinstance(prepared, str):
-            return self._skip(prepared)
+            return self.skip(prepared)
         targets = self._targets(delta)
         total = self._global_count(delta)
         seed = mix_seed(self.seed, context.step)

@@ -51,7 +51,9 @@ def moments(x: np.ndarray, thresholds=()) -> dict:
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Bit-exact copy of every parameter and buffer, plus grads."""
     out = {f"p:{n}": p.detach().clone() for n, p in model.named_parameters()}
-    out.update({f"g:{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    out.update(
+        {f"g:{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    )
     out.update({f"b:{n}": b.clone() for n, b in model.named_buffers()})
     return out
 
@@ -61,6 +63,18 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     for k in a:
         x, y = a[k], b[k]
         assert x.dtype == y.dtype and x.shape == y.shape, k
-        ix = x.view(torch.int16) if x.element_size() == 2 else x.view(torch.int32) if x.element_size() == 4 else x
-        iy = y.view(torch.int16) if y.element_size() == 2 else y.view(torch.int32) if y.element_size() == 4 else y
+        ix = (
+            x.view(torch.int16)
+            if x.element_size() == 2
+            else x.view(torch.int32)
+            if x.element_size() == 4
+            else x
+        )
+        iy = (
+            y.view(torch.int16)
+            if y.element_size() == 2
+            else y.view(torch.int32)
+            if y.element_size() == 4
+            else y
+        )
         assert torch.equal(ix, iy), f"{k} changed"

@@ -149,8 +149,13 @@ def test_invariants_of_a_full_measurement():
     model.train()
     model.model.layers[0].eval()  # mixed modes must come back exactly
     manager = ModelAnalysisManager.create(
-        AnalysisConfig.comprehensive(interval=1, low_rank_enabled=False, gradient_enabled=False,
-                                     adam_sign_enabled=False, param_change_track_mask_overlap=False)
+        AnalysisConfig.comprehensive(
+            interval=1,
+            low_rank_enabled=False,
+            gradient_enabled=False,
+            adam_sign_enabled=False,
+            param_change_track_mask_overlap=False,
+        )
     )
     ids = torch.randint(0, 128, (2, 8))
     manager.on_optimizer_step(model, inputs=ids)
@@ -161,7 +166,9 @@ def test_invariants_of_a_full_measurement():
     before = state(model)
     modes = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    m = manager.on_optimizer_step(model, inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    m = manager.on_optimizer_step(
+        model, inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    )
     assert "sparse/kl_at_1e-06" in m and "sparse/kl_at_keep_0.01_dare" in m
     assert_same_state(before, state(model))
     assert [mod.training for mod in model.modules()] == modes
@@ -173,10 +180,14 @@ def test_trainable_only_skips_frozen_parameters():
     model = tiny_qwen2()
     for n, p in model.named_parameters():
         p.requires_grad_("q_proj" in n)
-    manager = ModelAnalysisManager(AnalysisConfig(interval=1, trainable_only=True)).add_metric(Count())
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1, trainable_only=True)).add_metric(
+        Count()
+    )
     manager.on_optimizer_step(model)
     assert manager.on_optimizer_step(model) == {"count/tensors": 4.0}  # q_proj weight+bias x2
-    assert set(manager.old_snapshot.data) == {n for n, p in model.named_parameters() if "q_proj" in n}
+    assert set(manager.old_snapshot.data) == {
+        n for n, p in model.named_parameters() if "q_proj" in n
+    }
 
 
 def test_snapshot_buffers_are_reused_between_measurements():

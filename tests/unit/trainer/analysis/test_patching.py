@@ -17,7 +17,9 @@ from .reference import assert_same_state, state
 def _model(dtype=torch.float32, big=False):
     torch.manual_seed(0)
     width = 1100 if big else 16
-    m = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 5))
+    m = torch.nn.Sequential(
+        torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 5)
+    )
     return m.to(dtype)
 
 
@@ -53,8 +55,9 @@ def test_select_patch_values_and_exact_restore(dtype, kind, snapshot_dtype):
         keep = {n: (new[n].float() - old[n].float()).abs() > f32_floor(t) for n in new}
     else:
         drop = random_drop(0.4, seed=7)
-        keep = {n: random_keep_mask(new[n].numel(), 0.4, 7, n, 0, "cpu").view(new[n].shape)
-                for n in new}
+        keep = {
+            n: random_keep_mask(new[n].numel(), 0.4, 7, n, 0, "cpu").view(new[n].shape) for n in new
+        }
     expect = _expected({n: old[n].to(dtype) for n in old}, new, keep)
     with SelectPatch(delta, drop):
         for n, p in model.named_parameters():
@@ -69,8 +72,9 @@ def test_select_patch_counts_dropped_entries():
     snap = ParameterSnapshot(model)
     _update(model)
     delta = snap.compute_delta(ParameterSnapshot.live(model))
-    d = np.concatenate([(p.detach() - snap.data[n]).numpy().reshape(-1)
-                        for n, p in model.named_parameters()])
+    d = np.concatenate(
+        [(p.detach() - snap.data[n]).numpy().reshape(-1) for n, p in model.named_parameters()]
+    )
     with SelectPatch(delta, magnitude_drop(5e-4)) as patch:
         pass
     assert patch.dropped_count() == int((np.abs(d) <= f32_floor(5e-4)).sum())
@@ -109,7 +113,11 @@ def test_forward_failure_inside_patch_restores_everything():
         raise RuntimeError("forward failed")
 
     handle = model[2].register_forward_hook(fail)
-    with pytest.raises(RuntimeError), analysis_mode(model), SelectPatch(delta, magnitude_drop(1e-3)):
+    with (
+        pytest.raises(RuntimeError),
+        analysis_mode(model),
+        SelectPatch(delta, magnitude_drop(1e-3)),
+    ):
         model(torch.randn(2, 16))
     handle.remove()
     assert_same_state(before, state(model))
@@ -167,6 +175,9 @@ def test_module_patch_restores_on_failure_and_handles_shared_weights():
         raise RuntimeError("boom")
 
     mlp[2].register_forward_hook(fail)
-    with pytest.raises(RuntimeError), ModulePatch(mlp, {"0.weight": lambda t: t * 0, "2.weight": lambda t: t * 3}):
+    with (
+        pytest.raises(RuntimeError),
+        ModulePatch(mlp, {"0.weight": lambda t: t * 0, "2.weight": lambda t: t * 3}),
+    ):
         mlp(torch.randn(1, 16))
     assert_same_state(before, state(mlp))

@@ -75,7 +75,9 @@ def _compare(metrics: dict, ref: dict, prefix: str = "param_change/") -> None:
         if "ratio" in key or "sparsity" in key or key.endswith("count") or key == "num_params":
             assert got == value, key  # counts are exact
         elif key in ("mean", "std"):
-            assert got == pytest.approx(value, rel=1e-5, abs=1e-6 * ref["norm_l1"] / ref["num_params"])
+            assert got == pytest.approx(
+                value, rel=1e-5, abs=1e-6 * ref["norm_l1"] / ref["num_params"]
+            )
         else:
             assert got == pytest.approx(value, rel=1e-6), key
 
@@ -92,9 +94,10 @@ def test_global_metrics_match_reference(dtype):
     )
     _compare(metrics, _reference(old_copy, new))
     if dtype == torch.bfloat16:
-        assert metrics["param_change/bf16_unchanged_ratio"] == metrics[
-            "param_change/exact_unchanged_ratio"
-        ]
+        assert (
+            metrics["param_change/bf16_unchanged_ratio"]
+            == metrics["param_change/exact_unchanged_ratio"]
+        )
 
 
 def test_large_tensor_spans_many_chunks_and_nonfinite_is_excluded():
@@ -155,8 +158,10 @@ def _group_reference(model, old_copy, new, groups_of):
             "norm_l2": float(np.sqrt((d**2).sum())),
             "relative_norm": float(np.sqrt((d**2).sum()) / np.sqrt((o**2).sum())),
             "sparsity": eq / d.size,
-            **{f"sparsity_at_{format_threshold(t)}": float((np.abs(d) <= t).mean())
-               for t in THRESHOLDS},
+            **{
+                f"sparsity_at_{format_threshold(t)}": float((np.abs(d) <= t).mean())
+                for t in THRESHOLDS
+            },
         }
     return out
 
@@ -167,9 +172,20 @@ def test_per_layer_and_component_groups(arch):
         model = tiny_qwen2()
         layer_of = lambda n: f"layer_{n.split('.')[2]}" if n.startswith("model.layers.") else None  # noqa: E731
         comp_of = lambda n: n.split(".")[-2]  # noqa: E731
-        expected_components = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                               "down_proj", "input_layernorm", "post_attention_layernorm",
-                               "embed_tokens", "norm", "lm_head"}
+        expected_components = {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "embed_tokens",
+            "norm",
+            "lm_head",
+        }
     elif arch == "gpt2":
         model = tiny_gpt2()
         layer_of = lambda n: f"layer_{n.split('.')[2]}" if n.startswith("transformer.h.") else None  # noqa: E731
@@ -180,8 +196,17 @@ def test_per_layer_and_component_groups(arch):
                 return ".".join(parts[-2:])
             return parts[-1]
 
-        expected_components = {"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "ln_1", "ln_2",
-                               "wte", "wpe", "ln_f"}
+        expected_components = {
+            "c_attn",
+            "attn.c_proj",
+            "c_fc",
+            "mlp.c_proj",
+            "ln_1",
+            "ln_2",
+            "wte",
+            "wpe",
+            "ln_f",
+        }
     else:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))

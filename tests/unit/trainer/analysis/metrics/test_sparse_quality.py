@@ -37,8 +37,9 @@ def _setup(dtype=torch.float32, **kw):
     ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     mask[2, 8:] = 0
-    ctx = AnalysisContext(model=model, inputs={"input_ids": ids, "attention_mask": mask,
-                                               "labels": ids}, step=7)
+    ctx = AnalysisContext(
+        model=model, inputs={"input_ids": ids, "attention_mask": mask, "labels": ids}, step=7
+    )
     return model, snap, old, ctx
 
 
@@ -65,8 +66,12 @@ def _reference_quality(model, old, keep, ids, mask, scale=None):
     lp, lq = log_softmax(a), log_softmax(b)
     kl = np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0).mean()
     cos = ((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).mean()
-    return {"kl": kl, "cosine": cos, "mse": ((a - b) ** 2).mean(),
-            "top1_agree": (a.argmax(-1) == b.argmax(-1)).mean()}
+    return {
+        "kl": kl,
+        "cosine": cos,
+        "mse": ((a - b) ** 2).mean(),
+        "top1_agree": (a.argmax(-1) == b.argmax(-1)).mean(),
+    }
 
 
 def _check(metrics, ref, suffix):
@@ -91,8 +96,9 @@ def test_matches_independent_reconstruction_magnitude_random_and_dare():
     assert m["sparse/tokens"] == float(mask.sum())
     _check(m, _reference_quality(model, old, keep_mag, ids, mask), "at_1e-03")
     seed = mix_seed(3, 7)
-    keep_rand = {n: random_keep_mask(new[n].numel(), kept, seed, n, 0, "cpu").view(new[n].shape)
-                 for n in new}
+    keep_rand = {
+        n: random_keep_mask(new[n].numel(), kept, seed, n, 0, "cpu").view(new[n].shape) for n in new
+    }
     _check(m, _reference_quality(model, old, keep_rand, ids, mask), "at_1e-03_random")
     _check(m, _reference_quality(model, old, keep_rand, ids, mask, scale=kept), "at_1e-03_dare")
     assert m["sparse/nonfinite"] == 0.0
@@ -100,7 +106,7 @@ def test_matches_independent_reconstruction_magnitude_random_and_dare():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "mixed"])
 def test_threshold_zero_is_exact_identity_even_with_dropout_in_train_mode(dtype):
-    model, snap, old, ctx = _setup(
+    model, snap, _old, ctx = _setup(
         dtype=torch.float32 if dtype == "mixed" else dtype, attention_dropout=0.5
     )
     if dtype == "mixed":  # bf16 embedding, fp32 head: each parameter keeps its own dtype
@@ -119,7 +125,7 @@ def test_threshold_zero_is_exact_identity_even_with_dropout_in_train_mode(dtype)
 
 
 def test_invariants_when_a_forward_fails_halfway():
-    model, snap, old, ctx = _setup(attention_dropout=0.1)
+    model, snap, _old, ctx = _setup(attention_dropout=0.1)
     model.train()
     model.model.layers[1].eval()
     snap_before = {n: t.clone() for n, t in snap.data.items()}
@@ -149,7 +155,7 @@ def test_invariants_when_a_forward_fails_halfway():
 
 
 def test_reproducible_and_seed_dependent():
-    model, snap, old, ctx = _setup()
+    model, snap, _old, ctx = _setup()
     delta = snap.compute_delta(ParameterSnapshot.live(model))
     a = SparseQualityMetrics(thresholds=[1e-3], seed=1).compute(delta, context=ctx)
     b = SparseQualityMetrics(thresholds=[1e-3], seed=1).compute(delta, context=ctx)
@@ -161,7 +167,7 @@ def test_reproducible_and_seed_dependent():
 
 @pytest.mark.parametrize("form", ["dict", "batch_encoding", "tensor", "tuple"])
 def test_input_forms(form):
-    model, snap, old, ctx = _setup()
+    model, snap, _old, ctx = _setup()
     ids = ctx.inputs["input_ids"]
     inputs = {
         "dict": {"input_ids": ids, "advantages": torch.ones(3), "completion_mask": ids},
@@ -200,19 +206,21 @@ def test_output_forms_and_output_fn():
 
 
 def test_missing_or_unusable_inputs_return_empty_and_log_once(caplog):
-    model, snap, old, ctx = _setup()
+    model, snap, _old, ctx = _setup()
     delta = snap.compute_delta(ParameterSnapshot.live(model))
     computer = SparseQualityMetrics()
     caplog.set_level(logging.INFO)
     for inputs in (None, None, "text", {"labels": torch.ones(2)}):
         ctx.inputs = inputs
         assert computer.compute(delta, context=ctx) == {}
-    messages = [r.getMessage() for r in caplog.records if "sparse quality skipped" in r.getMessage()]
+    messages = [
+        r.getMessage() for r in caplog.records if "sparse metrics skipped" in r.getMessage()
+    ]
     assert len(messages) == 3  # one per distinct reason
 
 
 def test_keep_ratio_targets_land_within_one_percent():
-    model, snap, old, ctx = _setup()
+    model, snap, _old, ctx = _setup()
     ratios = [0.01, 0.1, 0.5]
     m = SparseQualityMetrics(thresholds=[], keep_ratios=ratios, include_random=False).compute(
         snap.compute_delta(ParameterSnapshot.live(model)), context=ctx
@@ -225,7 +233,7 @@ def test_keep_ratio_targets_land_within_one_percent():
 
 
 def test_dare_keys_only_when_enabled_and_nonfinite_logits_reported():
-    model, snap, old, ctx = _setup()
+    model, snap, _old, ctx = _setup()
     delta = snap.compute_delta(ParameterSnapshot.live(model))
     m = SparseQualityMetrics(thresholds=[1e-3]).compute(delta, context=ctx)
     assert not any(k.endswith("_dare") for k in m)
