@@ -34,6 +34,7 @@ __all__ = [
     "barrier",
     "broadcast_",
     "fsdp_units",
+    "gather_",
     "get_rank",
     "get_world_size",
     "is_distributed",
@@ -226,6 +227,29 @@ def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
     if work is not tensor:
         tensor.copy_(work)
     return tensor
+
+
+def gather_(tensor: torch.Tensor, dst: int) -> torch.Tensor | None:
+    """Stack ``tensor`` from every rank, in rank order, on rank ``dst``; None on the others.
+
+    Every rank passes a tensor of the same shape and dtype. The result has shape
+    ``[world_size, *tensor.shape]`` on ``tensor``'s device; in one process it is
+    ``tensor.unsqueeze(0)`` (no copy).
+    """
+    if not is_distributed():
+        return tensor.unsqueeze(0)
+    backend = dist.get_backend()
+    work = tensor
+    if backend == "nccl" and tensor.device.type != "cuda":
+        work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    elif backend == "gloo" and tensor.device.type != "cpu":
+        work = tensor.cpu()
+    work = work.contiguous()
+    out = None
+    if get_rank() == dst:
+        out = torch.empty((get_world_size(), *work.shape), dtype=work.dtype, device=work.device)
+    dist.gather(work, gather_list=list(out.unbind(0)) if out is not None else None, dst=dst)
+    return out.to(tensor.device) if out is not None else None
 
 
 def barrier() -> None:
