@@ -58,7 +58,7 @@ from .stats import StreamingStats
 
 _Parts = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
-__all__ = ["Spectrum", "aggregate_spectra", "matrix_spectrum"]
+__all__ = ["Spectrum", "aggregate_spectra", "matrix_spectrum", "spectrum_layout"]
 
 
 @dataclass
@@ -165,6 +165,33 @@ def _randomized(
     return s.square(), (q @ ub[:, :rank]) * s, vh[:rank].clone()
 
 
+def _use_randomized(full: int, rank: int, exact_max_dim: int, oversampling: int) -> bool:
+    return full > exact_max_dim and rank + oversampling < full and rank > 0
+
+
+def spectrum_layout(
+    shape: tuple[int, int],
+    rank: int,
+    *,
+    exact_max_dim: int = 2048,
+    oversampling: int = 8,
+    keep_factors: bool = False,
+) -> tuple[int, int]:
+    """``(len(sigma_sq), factor columns)`` of :func:`matrix_spectrum` for a matrix of ``shape``.
+
+    Known from the shape alone, so ranks receiving a spectrum can size their buffers:
+
+    >>> spectrum_layout((30, 20), 4, keep_factors=True)
+    (20, 4)
+    >>> spectrum_layout((3000, 2500), 4, exact_max_dim=2048)
+    (4, 0)
+    """
+    full = min(shape)
+    rank = max(0, min(rank, full))
+    randomized = _use_randomized(full, rank, exact_max_dim, oversampling)
+    return (rank if randomized else full), (rank if keep_factors else 0)
+
+
 def matrix_spectrum(
     a: torch.Tensor,
     rank: int,
@@ -200,7 +227,7 @@ def matrix_spectrum(
         frob_sq = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
     keep = rank if keep_factors else 0
     shape = (int(a.shape[0]), int(a.shape[1]))
-    if full > exact_max_dim and rank + oversampling < full and rank > 0:
+    if _use_randomized(full, rank, exact_max_dim, oversampling):
         sq, left, right = _randomized(a, rank, oversampling, power_iterations, seed)
         exact = False
         if not keep_factors:
