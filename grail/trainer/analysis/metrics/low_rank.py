@@ -5,7 +5,7 @@ except embeddings and the output head, unless ``include_embeddings``: parameters
 ``nn.Embedding``/``nn.EmbeddingBag``, by the module ``model.get_output_embeddings()`` returns, or
 sharing storage with one of those (tied heads). Without a model (offline) a name rule stands in:
 the owning module's last name contains ``embed`` or is ``lm_head``, ``wte`` or ``wpe``. Matrices
-with a non-finite update are left out; sharded ``DTensor`` matrices raise ``NotImplementedError``.
+with a non-finite update are left out.
 
 **Spectrum** (:mod:`~grail.trainer.analysis.spectrum`: float32 on the delta's device, one matrix
 materialised at a time; weighted by :math:`E_i = \lVert\Delta_i\rVert_F^2`, see
@@ -45,11 +45,18 @@ Truncation factors are computed once per matrix and measurement; only they are k
 (:math:`r_{max}(m+n)` floats per matrix, on the delta's device), and
 :class:`~grail.trainer.analysis.patching.ModulePatch` writes
 :math:`W_{old} + \mathrm{left}_{:,:r}\mathrm{right}_{:r}` just before a module runs. The budget
-mask is exact, ties included (:mod:`~grail.trainer.analysis.budget_mask`). Every rank computes the
-same numbers from its own full copies, with no collective. The range finder's seed mixes
-``sparse_quality_seed``, the step and the parameter name, so results do not depend on the order of
-matrices; its Gaussian draws come from a generator on the matrix's device, so a CPU and a CUDA
-run agree to the range finder's accuracy, not bit for bit.
+mask is exact, ties included (:mod:`~grail.trainer.analysis.budget_mask`). The range finder's seed
+mixes ``sparse_quality_seed``, the step and the parameter name, so results do not depend on the
+order of matrices; its Gaussian draws come from a generator on the matrix's device, so a CPU and a
+CUDA run agree to the range finder's accuracy, not bit for bit.
+
+**Distributed** (DDP, FSDP2): every rank returns the same numbers, equal to one process analysing
+the unsharded model. Each matrix is decomposed once, on rank ``i mod world`` (a sharded one is
+gathered there first), and its spectrum and factors are broadcast
+(:mod:`~grail.trainer.analysis.sharded_spectrum`). Under FSDP2 each rank patches its own rows,
+:math:`W_{old,local} + \mathrm{left}_{rows,:r}\mathrm{right}_{:r}`. The budget mask is the global
+one, whatever the sharding. KL and top-1 agreement are averaged over the compared tokens of all
+ranks (with the same batch on every rank: that batch's values).
 
 Cost: besides the spectra, ``1 + 2 len(ranks)`` forward passes (the full model, then per rank the
 truncated and the budget-sparse one) against sparse quality's 3 with its defaults; see the
@@ -70,6 +77,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,15 +87,15 @@ from torch import nn
 
 from ..budget_mask import exact_budget_drops, subset_delta
 from ..config import AnalysisConfig
-from ..distributed import local_tensor, unwrap_model
+from ..distributed import all_reduce_, local_tensor, unwrap_model
 from ..divergence import LogitsReference
 from ..forward import PreparedInputs, prepare_inputs, run_forward
 from ..masks import mix_seed
 from ..naming import ParameterNaming
 from ..patching import ModulePatch, SelectPatch, analysis_mode
 from ..primitives import ParameterDelta, collect_parameters
-from ..spectrum import Spectrum, aggregate_spectra, matrix_spectrum
-from ..stats import StreamingStats
+from ..sharded_spectrum import sharded_spectra
+from ..spectrum import Spectrum, aggregate_spectra, matrix_spectrum, spectrum_layout
 from .base import AnalysisContext, MetricComputer
 
 __all__ = ["LowRankMetrics", "low_rank_targets"]
@@ -113,12 +121,16 @@ def _embedding_names(model: nn.Module, names: list[str]) -> set[str]:
     if isinstance(head, nn.Module):
         owned += list(head.parameters(recurse=False))
     ids = {id(p) for p in owned}
-    ptrs = {local_tensor(p).data_ptr() for p in owned if p.numel()}
+    # Local storage: an empty shard (a rank holding no rows) has no address worth comparing.
+    ptrs = {local_tensor(p).data_ptr() for p in owned if local_tensor(p).numel()}
     params = dict(collect_parameters(model))
     out = set()
     for n in names:
         p = params.get(n)
-        if p is not None and (id(p) in ids or (p.numel() and local_tensor(p).data_ptr() in ptrs)):
+        if p is None:
+            continue
+        local = local_tensor(p)
+        if id(p) in ids or (local.numel() and local.data_ptr() in ptrs):
             out.add(n)
     return out
 
@@ -211,12 +223,6 @@ class LowRankMetrics(MetricComputer):
             return {}
         model = unwrap_model(context.model) if context and context.model is not None else None
         names = low_rank_targets(delta, model, self.include_embeddings)
-        sharded = [n for n in names if delta.shard(n).sharded]
-        if sharded:
-            raise NotImplementedError(
-                f"low-rank analysis of sharded DTensor parameters ({sharded[0]} and "
-                f"{len(sharded) - 1} more) needs the full matrix; gathering it is not supported yet"
-            )
         if not names:
             self._log_once("no 2-D matrices to analyse")
             return {"lowrank/num_matrices": 0.0}
@@ -227,6 +233,10 @@ class LowRankMetrics(MetricComputer):
                 if model is not None and context is not None
                 else "no model in the context"
             )
+            # every rank must agree: the factors and the forward passes involve collectives
+            usable = torch.tensor([0.0 if isinstance(prepared, str) else 1.0], dtype=torch.float64)
+            if not all_reduce_(usable, "min").item() and not isinstance(prepared, str):
+                prepared = "another rank has no usable inputs"
         if isinstance(prepared, str):
             self._log_once(f"output quality skipped: {prepared}")
         start = time.perf_counter()
@@ -247,37 +257,32 @@ class LowRankMetrics(MetricComputer):
     def _spectra(
         self, delta: ParameterDelta, names: list[str], factors: bool, step: int
     ) -> tuple[dict[str, Spectrum], list[str]]:
-        """One matrix at a time: stream its delta into a scratch matrix, then its spectrum."""
-        stats = StreamingStats(groups=names, device=delta.new.data[names[0]].device)
-        scratch: dict[torch.device, torch.Tensor] = {}
-        spectra: dict[str, Spectrum] = {}
-        nonfinite: list[str] = []
-        for i, name in enumerate(names):
-            shape = delta.new.data[name].shape
-            device = delta.new.data[name].device
-            buf = scratch.get(device)
-            if buf is None or buf.numel() < shape.numel():
-                biggest = max(delta.new.data[n].numel() for n in names)
-                buf = scratch[device] = torch.empty(biggest, dtype=torch.float32, device=device)
-            flat = buf[: shape.numel()]
-            for c in delta.stream([name], owned_only=False):
-                flat[c.start : c.start + c.delta.numel()].copy_(c.delta)
-                stats.update_chunk(c.delta, i)
-            s = stats.result(i)
-            if s.nonfinite:
-                nonfinite.append(name)
-                continue
-            spectra[name] = matrix_spectrum(
-                flat.view(shape),
-                self.ranks[-1],
+        """One matrix at a time, each decomposed on one rank and shared (see module docstring)."""
+        top = self.ranks[-1]
+
+        def compute(name: str, matrix: torch.Tensor, frob_sq: float) -> Spectrum:
+            return matrix_spectrum(
+                matrix,
+                top,
                 exact_max_dim=self.exact_max_dim,
                 oversampling=self.oversampling,
                 power_iterations=self.power_iterations,
                 seed=mix_seed(self.seed, step, name),
                 keep_factors=factors,
-                frob_sq=s.sum_sq,
+                frob_sq=frob_sq,
                 method=self.method,
             )
+
+        def layout(shape: tuple[int, int]) -> tuple[int, int]:
+            return spectrum_layout(
+                shape,
+                top,
+                exact_max_dim=self.exact_max_dim,
+                oversampling=self.oversampling,
+                keep_factors=factors,
+            )
+
+        spectra, nonfinite = sharded_spectra(delta, names, compute, layout)
         if nonfinite and "nonfinite" not in self._logged:
             self._logged.add("nonfinite")
             logger.warning("low-rank analysis leaves out matrices with non-finite updates (now "
@@ -297,35 +302,58 @@ class LowRankMetrics(MetricComputer):
         size = sum(s.shape[0] * s.shape[1] for s in spectra.values())
         budgets = [min(size, sum(r * sum(s.shape) for s in spectra.values())) for r in self.ranks]
         drops = exact_budget_drops(view, budgets)
-        out: dict[str, float] = {}
+        keys: list[tuple[str, str]] = []
+        sums: list[list[float]] = []  # per comparison: KL sum, agreeing rows, compared rows
         nonfinite = 0
+
+        def compare(kl_key: str, top1_key: str) -> None:
+            nonlocal nonfinite
+            logits = self._forward(model, prepared)
+            q = ref.compare(logits)
+            rows = logits.shape[0] - q["nonfinite_rows"]
+            nonfinite += q["nonfinite_rows"]
+            keys.append((kl_key, top1_key))
+            sums.append([q["kl"] * rows, float(round(q["top1_agree"] * rows)), float(rows)]
+                        if rows else [0.0, 0.0, 0.0])
+
         with analysis_mode(model):
             ref = LogitsReference(self._forward(model, prepared))
             nonfinite += int((~ref.finite).sum())
             for r, drop in zip(self.ranks, drops, strict=True):
                 with ModulePatch(model, self._truncations(delta, spectra, r)):
-                    q = ref.compare(self._forward(model, prepared))
-                nonfinite += q["nonfinite_rows"]
-                out[f"lowrank/kl_at_r{r}"] = q["kl"]
-                out[f"lowrank/top1_agree_at_r{r}"] = q["top1_agree"]
+                    compare(f"lowrank/kl_at_r{r}", f"lowrank/top1_agree_at_r{r}")
                 with SelectPatch(view, drop):
-                    q = ref.compare(self._forward(model, prepared))
-                nonfinite += q["nonfinite_rows"]
-                out[f"sparse/kl_at_budget_r{r}"] = q["kl"]
-                out[f"sparse/top1_agree_at_budget_r{r}"] = q["top1_agree"]
-        out["lowrank/nonfinite"] = float(nonfinite)
+                    compare(f"sparse/kl_at_budget_r{r}", f"sparse/top1_agree_at_budget_r{r}")
+        # token-weighted means over every rank's batch: one reduction for all comparisons
+        flat = [x for row in sums for x in row] + [float(nonfinite)]
+        total = all_reduce_(torch.tensor(flat, dtype=torch.float64), "sum").tolist()
+        out: dict[str, float] = {}
+        for i, (kl_key, top1_key) in enumerate(keys):
+            kl, agree, rows = total[3 * i : 3 * i + 3]
+            out[kl_key] = kl / rows if rows else math.nan
+            out[top1_key] = agree / rows if rows else math.nan
+        out["lowrank/nonfinite"] = total[-1]
         return out
 
     @staticmethod
     def _truncations(
         delta: ParameterDelta, spectra: dict[str, Spectrum], r: int
     ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """``name -> (current -> W_old + left[:, :r] @ right[:r])`` for matrices of rank > r."""
+        """``name -> (local -> W_old + left[rows, :r] @ right[:r])`` for matrices of rank > r.
+
+        ``rows`` are the global rows this rank holds: all of them for a replicated matrix, the
+        FSDP2 shard's block (from its flat offset) for a sharded one.
+        """
 
         def make(name: str, s: Spectrum) -> Callable[[torch.Tensor], torch.Tensor]:
+            cols = s.shape[1]
+            row0 = delta.shard(name).offset // cols
+
             def value(current: torch.Tensor) -> torch.Tensor:
-                old = delta.old.data[name].to(current.device).float().view(s.shape)
-                return torch.addmm(old, s.left[:, :r], s.right[:r]).view_as(current)
+                rows = current.numel() // cols
+                old = delta.old.data[name].to(current.device).float().view(rows, cols)
+                left = s.left[row0 : row0 + rows, :r]
+                return torch.addmm(old, left, s.right[:r]).view_as(current)
 
             return value
 

@@ -28,7 +28,83 @@ def config_dict(low_rank: bool) -> dict:
         "adam_sign_enabled": True,
         "low_rank_enabled": low_rank,
         "low_rank_ranks": [1, 4],
+        # embeddings and head: 131 rows, uneven shards; a limit of 16 sends the 32-wide
+        # matrices through the range finder and keeps k_proj (16 x 32) exact
+        "low_rank_include_embeddings": True,
+        "low_rank_track_components": True,
+        "low_rank_exact_max_dim": 16,
     }
+
+
+def budget_ties(mode: str) -> dict:
+    """Exact budget masks over sharded and replicated tensors whose updates tie a lot.
+
+    ``first`` (7 x 5, uneven 4/3-row shards) and ``last`` (1 x 6: one rank holds no row) are
+    FSDP2-sharded in ``fsdp`` mode; ``mid`` is a plain tensor on every rank (replicated) in
+    between, so the tie order crosses shards, ranks and a replicated tensor. Returns, per budget,
+    each tensor's local flat offset and the kept flags the drop function gives this rank's
+    entries; checks that :class:`SelectPatch` applies exactly those flags.
+    """
+    import torch
+    from torch import nn
+
+    from grail.trainer.analysis.budget_mask import exact_budget_drops
+    from grail.trainer.analysis.patching import SelectPatch
+    from grail.trainer.analysis.primitives import ParameterSnapshot
+
+    gen = torch.Generator().manual_seed(7)
+    shapes = {"first": (7, 5), "mid": (5, 3), "last": (1, 6)}
+    model = nn.Module()
+    updates = {}
+    for name, shape in shapes.items():
+        child = nn.Module()
+        child.weight = nn.Parameter(torch.randint(-8, 8, shape, generator=gen) / 4)
+        model.add_module(name, child)
+        # values from {0, +-1/2, +-1, +-2}: dyadic, so W_old + u is exact and ties are plenty
+        choice = torch.tensor([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -2.0])
+        updates[name] = choice[torch.randint(0, 7, shape, generator=gen)]
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model.first)
+        fully_shard(model.last)
+    train_model = model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model)
+    old = ParameterSnapshot(train_model)
+    live = ParameterSnapshot.live(train_model)
+    with torch.no_grad():
+        for name in shapes:
+            info = live.shards[f"{name}.weight"]
+            local = live.data[f"{name}.weight"]
+            rows = info.offset // shapes[name][1]
+            local.add_(updates[name][rows : rows + local.shape[0]])
+    delta = old.compute_delta(live)
+    total = sum(delta.shard(n).global_numel for n in delta.names)
+    budgets = list(range(total + 2))
+    out: dict = {"names": delta.names, "masks": {}}
+    for k, drop in zip(budgets, exact_budget_drops(delta, budgets), strict=True):
+        flags = {}
+        for name in delta.names:
+            new, prev = live.data[name].reshape(-1), old.data[name].reshape(-1)
+            bits = (new - prev).abs().view(torch.int32)
+            offset = delta.shard(name).offset
+            kept = drop(name, offset, bits, torch.empty_like(bits)) == 0
+            flags[name] = {"offset": offset, "kept": kept.int().tolist()}
+        before = {n: live.data[n].clone() for n in delta.names}
+        w_old = {n: old.data[n].clone() for n in delta.names}  # the patch swaps into `old`
+        with SelectPatch(delta, drop):
+            for name in delta.names:
+                kept = torch.tensor(flags[name]["kept"], dtype=torch.bool)
+                want = torch.where(kept, before[name].reshape(-1), w_old[name].reshape(-1))
+                assert torch.equal(live.data[name].reshape(-1), want), (k, name)
+        for name in delta.names:
+            assert torch.equal(live.data[name], before[name]), (k, name)
+            assert torch.equal(old.data[name], w_old[name]), (k, name)
+        out["masks"][str(k)] = flags
+    return out
 
 
 def main() -> None:
@@ -39,6 +115,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--low-rank", action="store_true")
+    parser.add_argument("--budget-ties", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -52,6 +129,12 @@ def main() -> None:
     if args.world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
         dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
+    if args.budget_ties:
+        Path(args.out).write_text(json.dumps(budget_ties(args.mode)))
+        if args.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return
     model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
     train_model = model
     if args.mode == "fsdp":
@@ -82,7 +165,19 @@ def main() -> None:
             records[str(step)] = metrics
         if manager.old_snapshot is not None:
             snapshot_bytes = manager.old_snapshot.nbytes()
-    Path(args.out).write_text(json.dumps({"metrics": records, "snapshot_bytes": snapshot_bytes}))
+    result = {"metrics": records, "snapshot_bytes": snapshot_bytes}
+    if args.low_rank:  # inputs on rank 0 only: every rank must skip the forwards, none may hang
+        from grail.trainer.analysis.metrics.base import AnalysisContext
+        from grail.trainer.analysis.metrics.low_rank import LowRankMetrics
+        from grail.trainer.analysis.primitives import ParameterSnapshot
+
+        inputs = {"input_ids": ids} if args.rank == 0 else None
+        delta = manager.old_snapshot.compute_delta(ParameterSnapshot.live(train_model))
+        one_sided = LowRankMetrics(ranks=[1]).compute(
+            delta, context=AnalysisContext(model=train_model, inputs=inputs, step=7)
+        )
+        result["one_sided_keys"] = sorted(one_sided)
+    Path(args.out).write_text(json.dumps(result))
     if args.world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch.distributed as dist
+
+from .test_budget_mask import reference_keep
 
 pytestmark = [
     pytest.mark.distributed,
@@ -29,7 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(mode: str, world: int, tmp: Path, low_rank: bool = False) -> list[dict]:
+def _run(mode: str, world: int, tmp: Path, low_rank: bool = False, *flags: str) -> list[dict]:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs, outs = [], []
@@ -39,6 +42,7 @@ def _run(mode: str, world: int, tmp: Path, low_rank: bool = False) -> list[dict]
                "--rank", str(rank), "--world", str(world), "--port", str(port), "--out", str(out)]
         if low_rank:
             cmd.append("--low-rank")
+        cmd += flags
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
         outs.append(out)
@@ -93,3 +97,94 @@ def test_fsdp_snapshot_holds_only_local_shards(single, tmp_path):
     for r in ranks:
         assert 0.35 * total < r["snapshot_bytes"] < 0.65 * total
     assert sum(r["snapshot_bytes"] for r in ranks) == total
+
+
+@pytest.fixture(scope="module")
+def single_low_rank(tmp_path_factory):
+    return _run("single", 1, tmp_path_factory.mktemp("single-low-rank"), low_rank=True)[0]
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_low_rank_two_ranks_agree_with_each_other_and_with_one_process(
+    mode, single_low_rank, tmp_path
+):
+    ranks = _run(mode, 2, tmp_path, low_rank=True)
+    keys = single_low_rank["metrics"]["4"]
+    for key in ("lowrank/energy_at_r1", "lowrank/component/q_proj/stable_rank",
+                "lowrank/kl_at_r1", "lowrank/top1_agree_at_r4", "sparse/kl_at_budget_r1",
+                "sparse/top1_agree_at_budget_r4"):
+        assert key in keys, key
+    assert keys["lowrank/num_matrices"] == 16  # 14 projections, the embedding and the head
+    assert 0 < keys["lowrank/randomized_matrices"] < 16
+    assert keys["lowrank/kl_at_r1"] > 0
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # bitwise the same on every rank
+    _assert_close(ranks[0]["metrics"], single_low_rank["metrics"], mode)
+    # inputs on rank 0 only: both ranks skip output quality together (and nobody hangs)
+    assert "lowrank/kl_at_r1" in single_low_rank["one_sided_keys"]
+    for r in ranks:
+        assert "lowrank/energy_at_r1" in r["one_sided_keys"]
+        assert not any("kl" in k for k in r["one_sided_keys"])
+
+
+def _global_masks(ranks: list[dict], shapes: dict[str, tuple[int, ...]]) -> dict:
+    """``budget -> name -> global kept flags`` put together from every rank's local pieces;
+    a replicated tensor's copies must agree."""
+    out: dict = {}
+    for k in ranks[0]["masks"]:
+        out[k] = {}
+        for name, shape in shapes.items():
+            flags = np.full(int(np.prod(shape)), -1)
+            for r in ranks:
+                piece = r["masks"][k][name]
+                kept = np.array(piece["kept"], dtype=int)
+                here = flags[piece["offset"] : piece["offset"] + kept.size]
+                assert ((here == -1) | (here == kept)).all(), (k, name)  # copies agree
+                here[:] = kept
+            assert (flags >= 0).all(), (k, name)
+            out[k][name] = flags.astype(bool)
+    return out
+
+
+def test_budget_mask_ties_are_global_under_sharding(tmp_path):
+    """Budgets 0..N+1 over tied dyadic updates: FSDP2 (uneven and empty shards next to a
+    replicated tensor) and DDP build the single-process mask, which is the numpy reference."""
+    (single,) = _run("single", 1, tmp_path, False, "--budget-ties")
+    names = single["names"]
+    assert names == ["first.weight", "mid.weight", "last.weight"]
+    shapes = {"first.weight": (7, 5), "mid.weight": (5, 3), "last.weight": (1, 6)}
+    want = _global_masks([single], shapes)
+    for mode in ("fsdp", "ddp"):
+        ranks = _run(mode, 2, tmp_path, False, "--budget-ties")
+        if mode == "fsdp":  # sharded as intended: rank 1 holds rows 4..6 and no row of `last`
+            assert ranks[1]["masks"]["0"]["first.weight"]["offset"] == 20
+            assert ranks[1]["masks"]["0"]["last.weight"]["kept"] == []
+        got = _global_masks(ranks, shapes)
+        for k in want:
+            for name in names:
+                assert (got[k][name] == want[k][name]).all(), (mode, k, name)
+    # the single-process mask is the exact top-k with ties in (name, position) order
+    gen_deltas = _tied_deltas(shapes)
+    total = sum(d.size for d in gen_deltas.values())
+    ties_cut = 0
+    for k, masks in want.items():
+        ref = reference_keep(gen_deltas, min(int(k), total))
+        assert sum(int(m.sum()) for m in masks.values()) == min(int(k), total)
+        for name in names:
+            assert (masks[name] == ref[name]).all(), (k, name)
+        kept = np.concatenate([np.abs(gen_deltas[n]).reshape(-1)[masks[n]] for n in names])
+        dropped = np.concatenate([np.abs(gen_deltas[n]).reshape(-1)[~masks[n]] for n in names])
+        ties_cut += bool(kept.size and dropped.size and kept.min() == dropped.max())
+    assert ties_cut > total // 2  # most budgets split a group of equal values
+
+
+def _tied_deltas(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The updates the worker draws (same generator and order), as float64 numpy arrays."""
+    import torch
+
+    gen = torch.Generator().manual_seed(7)
+    choice = torch.tensor([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -2.0])
+    out = {}
+    for name, shape in shapes.items():
+        torch.randint(-8, 8, shape, generator=gen)  # W_old
+        out[name] = choice[torch.randint(0, 7, shape, generator=gen)].double().numpy()
+    return out

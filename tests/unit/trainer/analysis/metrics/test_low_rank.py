@@ -277,13 +277,35 @@ def test_nonfinite_and_zero_updates() -> None:
     assert m["lowrank/param_ratio_at_r1"] > 0
 
 
-def test_sharded_matrices_are_refused() -> None:
+def test_a_matrix_sharded_over_one_rank_matches_the_unsharded_result() -> None:
+    """In one process a row-sharded matrix is the whole matrix: the gather path changes nothing."""
     _, delta, _, ctx = _setup()
-    name = "model.layers.0.self_attn.q_proj.weight"
-    info = delta.new.shards[name]
-    delta.new.shards[name] = ShardInfo(info.global_shape, 0, True, True)
-    with pytest.raises(NotImplementedError, match="sharded"):
-        LowRankMetrics(ranks=RANKS).compute(delta, context=ctx)
+    plain = LowRankMetrics(ranks=RANKS, exact_max_dim=16).compute(delta, context=ctx)
+    for name in low_rank_targets(delta, ctx.model):
+        info = delta.new.shards[name]
+        delta.new.shards[name] = ShardInfo(info.global_shape, 0, True, True)
+    sharded = LowRankMetrics(ranks=RANKS, exact_max_dim=16).compute(delta, context=ctx)
+    assert sharded == plain
+    assert plain["lowrank/randomized_matrices"] > 0
+
+
+def test_truncation_of_a_row_shard_uses_its_global_rows() -> None:
+    """A rank holding rows 2..4 of a 7 x 5 matrix writes rows 2..4 of W_old + U_r S_r V_r^T."""
+    gen = torch.Generator().manual_seed(4)
+    w_old, d = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen)
+    full_old = ParameterSnapshot(nn.ParameterDict({"w": nn.Parameter(w_old.clone())}))
+    full_new = ParameterSnapshot(nn.ParameterDict({"w": nn.Parameter(w_old + d)}))
+    full = full_old.compute_delta(full_new)
+    spectra = LowRankMetrics(ranks=[2])._spectra(full, ["w"], True, step=0)[0]
+    shard_old = ParameterSnapshot(nn.ParameterDict({"w": nn.Parameter(w_old[2:5].clone())}))
+    shard_new = ParameterSnapshot(nn.ParameterDict({"w": nn.Parameter((w_old + d)[2:5])}))
+    shard_old.shards["w"] = shard_new.shards["w"] = ShardInfo((7, 5), 2 * 5, True, True)
+    shard = shard_old.compute_delta(shard_new)
+    value = LowRankMetrics._truncations(shard, spectra, 2)["w"]
+    u, s, vh = np.linalg.svd((w_old + d).double().numpy() - w_old.double().numpy())
+    want = w_old.double().numpy() + (u[:, :2] * s[:2]) @ vh[:2]
+    got = value(shard_new.data["w"].clone())
+    np.testing.assert_allclose(got.double().numpy(), want[2:5], rtol=1e-5, atol=1e-5)
 
 
 def test_config_registry_and_manager() -> None:
