@@ -92,7 +92,7 @@ def overlap_figure(res: dict[str, Any], path: str) -> None:
     """Jaccard of consecutive changed sets: against lr, and per interval at one lr."""
     runs = res["runs"]
     lrs = [r["lr"] for r in runs]
-    fig = _figure(11, 4.2)
+    fig = _figure(11, 5.0)
     ax = fig.add_subplot(1, 2, 1)
     rules = {"bf16_view": "interval_rule_overlap", "pure_bf16": "step_rule_overlap"}
     rule_names = {"bf16_view": "drift rule", "pure_bf16": "per-step rule"}
@@ -110,23 +110,23 @@ def overlap_figure(res: dict[str, Any], path: str) -> None:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("Jaccard of consecutive changed sets\n(mean over intervals)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6.5, loc="lower right")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=7.5)
 
     target = res["settings"]["overlap_lr"]
     run = min(runs, key=lambda r: abs(math.log(r["lr"] / target)))
     ax = fig.add_subplot(1, 2, 2)
-    for mode, (label, color, marker) in MODE_STYLE.items():
+    for mode, (_, color, marker) in MODE_STYLE.items():
         values = [r["mask_overlap"] for r in run[mode] if "mask_overlap" in r]
         xs = list(range(2, len(values) + 2))
-        ax.plot(xs, values, marker=marker, color=color, label=label.split(" (")[0], ms=6)
+        ax.plot(xs, values, marker=marker, color=color, ms=6)
         if mode in rules:
             ax.plot(xs, overlap_baselines(run[mode]), "--", color=color, lw=1)
             ax.plot(xs, run[rules[mode]], ":", color=color, lw=1.5)
+    ax.set_xticks(xs)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("interval k (Jaccard of changed sets k-1 and k)")
     ax.set_ylabel("Jaccard")
     ax.set_title(f"lr {run['lr']:.0e}; dashed: independent sets, dotted: rounding rule",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     fig.savefig(path, dpi=90)

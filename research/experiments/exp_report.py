@@ -88,7 +88,7 @@ predictions computed from the fp32 run's own weights and deltas:
   {fp32_max:.1e} of the entries kept their exact value over any interval.
 * The very same run looks sparse through bf16: {_pct(view[0])} of the entries unchanged at
   lr {lo['lr']:.0e}, {_pct(view[-1])} at {hi['lr']:.0e}. The rounding rule predicts the bf16 view
-  to within {view_gap:.3f} (absolute) at every learning rate, from |Δ| and |w| alone. The
+  to within {view_gap:.4f} (absolute) at every learning rate, from |Δ| and |w| alone. The
   library's `bf16_unchanged_ratio` of the fp32 run equals the view's `exact_unchanged_ratio`
   exactly, so an fp32 run reports its bf16 "sparsity" without a bf16 copy.
 * Pure bf16 training looks sparser still ({_pct(pure[0])} unchanged at {lo['lr']:.0e},
@@ -142,32 +142,44 @@ def _mask_conclusions(res: dict[str, Any]) -> str:
     keep = res["settings"]["keep"]
     lines = [f"**Conclusions ({CAVEAT}, one random mask per point).**"]
     for regime, title in (("sft", "SFT"), ("rl", "RL")):
-        c = res[regime]["curves"]
+        r = res[regime]
+        c = r["curves"]
         mag, rnd, dare = ([p[1] for p in c[k]] for k in ("magnitude", "random", "dare"))
         dare_wins = [f"{f:g}" for i, f in enumerate(keep) if dare[i] < mag[i]]
-        ranks = res[regime]["matched_ranks"]
-        low = {p[2]: p[1] for p in c["low_rank"]}
-        beats = [f"{f:g}" for i, f in enumerate(keep) if low[ranks[f"{f:g}"]] < mag[i]]
         dare_text = (
-            f"DARE's 1/keep rescaling has a lower KL than the magnitude mask at "
-            f"{', '.join(dare_wins)}" if dare_wins
-            else "DARE's 1/keep rescaling does not beat it at any kept fraction"
+            "DARE's 1/keep rescaling has a lower KL than the magnitude mask at kept fractions "
+            + ", ".join(dare_wins) if dare_wins
+            else "DARE's 1/keep rescaling does not beat the magnitude mask at any kept fraction"
         )
-        low_text = f" ({', '.join(beats)})" if beats else ""
+        worse = [i for i in range(len(keep)) if dare[i] > r["kl_base"]]
+        if worse:
+            dare_text += (
+                f", but at {', '.join(f'{keep[i]:g}' for i in worse)} it is worse than no update "
+                f"at all (the rescaled entries overshoot: KL "
+                f"{', '.join(f'{dare[i]:.3g}' for i in worse)} against {r['kl_base']:.3g} for the "
+                "base model)"
+            )
+        near_base = (
+            f" (at {keep[0]:g} both are close to the base model's {r['kl_base']:.3g})"
+            if min(mag[0], rnd[0]) > 0.8 * r["kl_base"] else ""
+        )
+        low = {p[2]: p[1] for p in c["low_rank"]}
+        matched = [low[r["matched_ranks"][f"{f:g}"]] < mag[i] for i, f in enumerate(keep)]
+        same = [p[1] < q[1] for p, q in zip(c["low_rank"], c["magnitude_at_rank_budget"])]
         lines.append(
             f"* {title}: the magnitude mask's KL is "
-            f"{', '.join(f'{m / r:.2f}' for m, r in zip(mag, rnd))} times the random mask's at "
-            f"kept fractions {', '.join(f'{f:g}' for f in keep)}; {dare_text} (DARE "
-            f"{', '.join(f'{d:.3g}' for d in dare)} vs magnitude "
-            f"{', '.join(f'{m:.3g}' for m in mag)}). Low rank at the matched rank has a lower KL "
-            f"than the magnitude mask at {len(beats)} of {len(keep)} kept fractions{low_text}."
+            f"{', '.join(f'{m / q:.2f}' for m, q in zip(mag, rnd))} times the random mask's at "
+            f"kept fractions {', '.join(f'{f:g}' for f in keep)}{near_base}; {dare_text}. "
+            f"Low rank at the matched rank has a lower KL than the magnitude mask at "
+            f"{sum(matched)} of {len(keep)} kept fractions, and at exactly equal budgets over "
+            f"the same matrices (dotted line) at {sum(same)} of {len(same)} ranks."
         )
     even = ", ".join(f"{t} {res[k]['evenness']:.2f}" for k, t in (("sft", "SFT"), ("rl", "RL")))
     lines.append(
-        "* A plausible reading, not tested further here: AdamW's normalised steps give the "
-        f"entries of the update rather even sizes ((Σ|Δ|)² / (N ΣΔ²) = {even}, against 1 when "
-        "all entries are equal and 2/π ≈ 0.64 for Gaussian entries), so keeping only the largest "
-        "entries discards much of the update's combined effect, while an unbiased rescaled "
+        "* A plausible reading, not tested further here: the update is not concentrated in a few "
+        f"large entries ((Σ|Δ|)² / (N ΣΔ²) = {even}; 1 when all entries are equal, 2/π ≈ 0.64 "
+        "for Gaussian entries, near 0 for an update carried by a few entries), so keeping only "
+        "the largest entries discards much of its combined effect, while an unbiased rescaled "
         "random subset (DARE) or a low-rank truncation keeps more of it. Whether this order "
         "carries over to large models is not shown by these runs."
     )
@@ -231,6 +243,9 @@ def _overlap(res: dict[str, Any], fig: str) -> str:
         for m, p in zip(_overlaps(r["bf16_view"]), r["interval_rule_overlap"], strict=True)
     )
     pure_gap = max(
+        abs(mean(r["pure_bf16"], "mask_overlap") - _avg(r["step_rule_overlap"])) for r in runs
+    )
+    pure_worst = max(
         abs(m - p)
         for r in runs
         for m, p in zip(_overlaps(r["pure_bf16"]), r["step_rule_overlap"], strict=True)
@@ -266,9 +281,11 @@ draw.
 * pure bf16: the overlap is far above independent sets
   ({mean(lo['pure_bf16'], 'mask_overlap'):.2f} against
   {_avg(overlap_baselines(lo['pure_bf16'])):.3f} at lr {lo['lr']:.0e}): the same few entries move
-  in every interval. The per-step rule predicts the overlap to within {pure_gap:.3f}: this
-  "subnetwork" is the set of weights small enough for one step's update to reach half a bf16
-  spacing.
+  in every interval. The per-step rule, computed from the fp32 run, comes within {pure_gap:.3f}
+  of the measured overlap averaged over intervals at every learning rate (within {pure_worst:.3f}
+  in single intervals: at mid learning rates the fp32 trajectory drifts away from the pure-bf16
+  one). So this "subnetwork" is, to that
+  accuracy, the set of weights small enough for one step's update to reach half a bf16 spacing.
 """
 
 

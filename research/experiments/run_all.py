@@ -1,6 +1,6 @@
 """Run every experiment, write JSON results and figures, check the claims, write RESULTS.md.
 
-    python research/experiments/run_all.py --quick    # about 2 minutes on 2 CPU cores (CI)
+    python research/experiments/run_all.py --quick    # about a minute on one CPU core (CI)
     python research/experiments/run_all.py            # full mode: the committed figures
 
 Results go to ``--out`` (default ``research/experiments/results/``; quick mode
@@ -8,8 +8,9 @@ Results go to ``--out`` (default ``research/experiments/results/``; quick mode
 ``masks.json`` (experiment 2), ``checks.json`` (every claim with the numbers it compared),
 ``run.json`` (settings, versions, runtime), the figures ``precision.png``, ``masks.png``,
 ``overlap.png`` and ``RESULTS.md`` (full mode: ``research/experiments/RESULTS.md``, linking the
-figures). Exits with status 1 when a claim fails. Seeds are fixed and torch uses one thread, so
-a rerun on the same machine reproduces every number.
+figures). Exits with status 1 when a claim fails. ``--from-results`` re-checks the claims and
+redraws figures and report from the JSON files already in ``--out``, without training. Seeds
+are fixed and torch uses one thread, so a rerun on the same machine reproduces every number.
 """
 
 from __future__ import annotations
@@ -68,28 +69,10 @@ def _dump(obj: Any, path: str) -> None:
         f.write("\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small settings (CI smoke test)")
-    parser.add_argument("--out", default=None, help="directory for JSON results and figures")
-    parser.add_argument("--report", default=None, help="path of the generated RESULTS.md")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("grail").setLevel(logging.WARNING)
-    for name in ("exp_precision", "exp_masks"):
-        logging.getLogger(name).setLevel(logging.INFO)
-
-    settings = QUICK if args.quick else FULL
-    out = args.out or os.path.join(HERE, "results", "quick" if args.quick else "")
-    os.makedirs(out, exist_ok=True)
-    report = args.report or (
-        os.path.join(out, "RESULTS.md") if args.quick else os.path.join(HERE, "RESULTS.md")
-    )
+def experiment(settings: dict[str, Any], seed: int, mode: str) -> tuple[dict, dict, dict]:
+    """Pre-train, run every experiment; ``(precision, masks, run_info)``, JSON-ready."""
     torch.set_num_threads(1)  # reproducible reductions, and no stalls on a loaded machine
     start = time.perf_counter()
-    seed = args.seed
-
     pre_chain = exp_common.markov_chain(seed)
     sft_chain = exp_common.shifted_chain(pre_chain, seed + 1)
     base, losses = exp_common.pretrain(pre_chain, settings["pretrain_steps"], seed)
@@ -101,14 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     masks = exp_masks.run(base, pre_chain, sft_chain, settings["masks"], seed + 3)
     t2 = time.perf_counter()
-
-    claims = {
-        "precision": exp_checks.precision_claims(precision),
-        "overlap": exp_checks.overlap_claims(precision),
-        "masks": exp_checks.mask_claims(masks),
-    }
     run_info = {
-        "mode": "quick" if args.quick else "full",
+        "mode": mode,
         "seed": seed,
         "model": {**vars(exp_common.SETTINGS), "parameters": exp_common.num_params(base)},
         "pretrain": {
@@ -117,37 +94,74 @@ def main(argv: list[str] | None = None) -> int:
             "loss_last": losses[-1],
             "chain_entropy": exp_common.chain_entropy(pre_chain),
         },
-        "seconds": {
-            "pretrain": t0 - start,
-            "precision": t1 - t0,
-            "masks": t2 - t1,
-        },
+        "seconds": {"pretrain": t0 - start, "precision": t1 - t0, "masks": t2 - t1,
+                    "total": t2 - start},
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
         },
     }
+    return precision, masks, run_info
+
+
+def publish(out: str, report: str, precision: dict, masks: dict, run_info: dict) -> int:
+    """Check the claims, write JSON, figures and the report; the number of failed claims."""
+    claims = {
+        "precision": exp_checks.precision_claims(precision),
+        "overlap": exp_checks.overlap_claims(precision),
+        "masks": exp_checks.mask_claims(masks),
+    }
     _dump(precision, os.path.join(out, "precision.json"))
     _dump(masks, os.path.join(out, "masks.json"))
+    _dump(run_info, os.path.join(out, "run.json"))
     _dump({k: [c.as_dict() for c in v] for k, v in claims.items()},
           os.path.join(out, "checks.json"))
     exp_figures.precision_figure(precision, os.path.join(out, "precision.png"))
     exp_figures.masks_figure(masks, os.path.join(out, "masks.png"))
     exp_figures.overlap_figure(precision, os.path.join(out, "overlap.png"))
-    run_info["seconds"]["total"] = time.perf_counter() - start
-    _dump(run_info, os.path.join(out, "run.json"))
     exp_report.write(report, out, run_info, precision, masks, claims)
-
     failed = 0
     print("\nClaims:")
     for group in claims.values():
         for c in group:
             failed += not c.passed
             print(f"  [{'PASS' if c.passed else 'FAIL'}] {c.text} ({c.detail})")
-    print(f"\n{sum(map(len, claims.values())) - failed} passed, {failed} failed; "
-          f"{run_info['seconds']['total']:.0f} s; results in {out}, report {report}")
-    return 1 if failed else 0
+    print(f"\n{sum(map(len, claims.values())) - failed} passed, {failed} failed; experiments "
+          f"took {run_info['seconds']['total']:.0f} s; results in {out}, report {report}")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small settings (CI smoke test)")
+    parser.add_argument("--out", default=None, help="directory for JSON results and figures")
+    parser.add_argument("--report", default=None, help="path of the generated RESULTS.md")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-results", action="store_true",
+                        help="re-check and redraw from the JSON files in --out without training")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("grail").setLevel(logging.WARNING)
+    for name in ("exp_precision", "exp_masks"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+    out = args.out or os.path.join(HERE, "results", "quick" if args.quick else "")
+    os.makedirs(out, exist_ok=True)
+    report = args.report or (
+        os.path.join(out, "RESULTS.md") if args.quick else os.path.join(HERE, "RESULTS.md")
+    )
+    if args.from_results:
+        loaded = []
+        for name in ("precision", "masks", "run"):
+            with open(os.path.join(out, f"{name}.json")) as f:
+                loaded.append(json.load(f))
+        precision, masks, run_info = loaded
+    else:
+        settings = QUICK if args.quick else FULL
+        mode = "quick" if args.quick else "full"
+        precision, masks, run_info = experiment(settings, args.seed, mode)
+    return 1 if publish(out, report, precision, masks, run_info) else 0
 
 
 if __name__ == "__main__":

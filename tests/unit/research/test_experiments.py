@@ -140,6 +140,7 @@ def test_quick_mode_passes_its_checks(tmp_path):
         "bf16_view_overlap_above_independent",
         "bf16_view_overlap_matches_rule",
         "pure_bf16_overlap_above_independent",
+        "pure_bf16_overlap_matches_rule",
         "sft_magnitude_beats_random",
         "rl_magnitude_beats_random",
         "sft_dare_beats_random",
