@@ -30,7 +30,12 @@ from exp_common import clone, finetune_sft
 from exp_rules import StepRule, change_probabilities, drift_jaccard, jaccard, mean_of, scaled_moves
 from torch import nn
 
-from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager, ParameterSnapshot
+from grail.trainer.analysis import (
+    AnalysisConfig,
+    ModelAnalysisManager,
+    ParameterSnapshot,
+    measurement_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +87,13 @@ def run_fp32(
     rule = StepRule(model)
     out: dict[str, Any] = {key: [] for key in ("fp32", "bf16_view", *RULES)}
     previous: dict[str, dict[str, torch.Tensor]] = {}
+    steps = s.interval * (s.intervals + 1)
+    measured = set(measurement_steps(s.interval, steps))
 
     def on_step(step: int, model: nn.Module) -> None:
         rule.update(model)
         fp32 = managers["fp32"]
-        if fp32.is_measurement_step(step) and fp32.old_snapshot is not None:
+        if step in measured and fp32.old_snapshot is not None:
             # The manager's snapshot is the start of this interval: predict before it advances.
             moves = scaled_moves(fp32.old_snapshot.compute_delta(ParameterSnapshot.live(model)))
             current = {
@@ -113,7 +120,7 @@ def run_fp32(
         if m := managers["bf16_view"].on_optimizer_step(shadow):
             out["bf16_view"].append(_keep(m))
 
-    losses = finetune_sft(model, chain, lr, s.interval * (s.intervals + 1), seed, on_step)
+    losses = finetune_sft(model, chain, lr, steps, seed, on_step)
     out["final_loss"] = losses[-1]
     return out
 

@@ -15,7 +15,6 @@ from exp_checks import overlap_baselines
 from exp_precision import mean
 
 NAMES = {"magnitude": "magnitude", "random": "random", "dare": "DARE", "low_rank": "low rank"}
-CAVEAT = "one 0.2M-parameter model, one seed"
 
 
 def _avg(values: list[float]) -> float:
@@ -37,7 +36,7 @@ def _overlaps(rows: list[dict[str, float]]) -> list[float]:
 
 
 # --- experiment 1 ------------------------------------------------------------------------------
-def _precision(res: dict[str, Any], fig: str) -> str:
+def _precision(res: dict[str, Any], fig: str, caveat: str) -> str:
     runs = res["runs"]
     s = res["settings"]
     rows = [
@@ -83,7 +82,7 @@ predictions computed from the fp32 run's own weights and deltas:
 
 {_table(header, rows)}
 
-**Conclusions ({CAVEAT}).**
+**Conclusions ({caveat}).**
 * fp32 storage gives a dense update at every learning rate: at most a fraction
   {fp32_max:.1e} of the entries kept their exact value over any interval.
 * The very same run looks sparse through bf16: {_pct(view[0])} of the entries unchanged at
@@ -138,9 +137,9 @@ def _regime_table(res: dict[str, Any], regime: str, title: str) -> str:
     )
 
 
-def _mask_conclusions(res: dict[str, Any]) -> str:
+def _mask_conclusions(res: dict[str, Any], caveat: str) -> str:
     keep = res["settings"]["keep"]
-    lines = [f"**Conclusions ({CAVEAT}, one random mask per point).**"]
+    lines = [f"**Conclusions ({caveat}, one random mask per point).**"]
     for regime, title in (("sft", "SFT"), ("rl", "RL")):
         r = res[regime]
         c = r["curves"]
@@ -186,7 +185,7 @@ def _mask_conclusions(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _masks(res: dict[str, Any], fig: str) -> str:
+def _masks(res: dict[str, Any], fig: str, caveat: str) -> str:
     s = res["settings"]
     tables = "\n".join(
         _regime_table(res, regime, title)
@@ -216,12 +215,12 @@ matrices with exactly the rank's budget.
 ![KL against kept fraction]({fig})
 
 {tables}
-{_mask_conclusions(res)}
+{_mask_conclusions(res, caveat)}
 """
 
 
 # --- experiment 3 ------------------------------------------------------------------------------
-def _overlap(res: dict[str, Any], fig: str) -> str:
+def _overlap(res: dict[str, Any], fig: str, caveat: str) -> str:
     runs = res["runs"]
     rows = [
         [
@@ -269,7 +268,7 @@ draw.
 
 {_table(header, rows)}
 
-**Conclusions ({CAVEAT}).**
+**Conclusions ({caveat}).**
 * fp32: every entry changes in every interval, so the overlap is trivially about 1.
 * bf16 view: the changed sets overlap more than independent random sets of the same sizes
   ({mean(lo['bf16_view'], 'mask_overlap'):.2f} against
@@ -315,6 +314,7 @@ def write(
         return name if rel == "." else f"{rel}/{name}"
 
     m = run["model"]
+    caveat = f"one {m['parameters'] / 1e6:.1f}M-parameter model, one seed"
     p = run["pretrain"]
     sec = run["seconds"]
     files = ", ".join(
@@ -343,9 +343,9 @@ Regenerate with `python research/experiments/run_all.py` ({sec['total']:.0f} s f
 {run['mode']} run, torch on one CPU thread); `--quick` is the CI smoke test with the same checks.
 Numbers: {files}.
 
-{_precision(precision, link("precision.png"))}
-{_masks(masks, link("masks.png"))}
-{_overlap(precision, link("overlap.png"))}
+{_precision(precision, link("precision.png"), caveat)}
+{_masks(masks, link("masks.png"), caveat)}
+{_overlap(precision, link("overlap.png"), caveat)}
 {_checks(claims)}
 
 Versions: Python {run['versions']['python']}, torch {run['versions']['torch']}, transformers
