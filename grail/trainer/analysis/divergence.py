@@ -24,10 +24,13 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["LogitsReference", "compare_logits", "kl_divergence"]
+from .distributed import all_reduce_
+
+__all__ = ["Comparisons", "LogitsReference", "compare_logits", "kl_divergence", "means"]
 
 _BLOCK_ELEMENTS = 1 << 18  # logits per row block (1 MiB of float32)
 
@@ -45,8 +48,12 @@ class LogitsReference:
         self.norm = torch.linalg.vecdot(self.logits, self.logits).double()
         self.top1 = self.logits.argmax(dim=-1)
 
-    def compare(self, other: torch.Tensor) -> dict[str, float]:
-        """``kl, cosine, mse, top1_agree, nonfinite_rows`` of ``other`` against the reference."""
+    def compare_sums(self, other: torch.Tensor) -> list[float]:
+        """Per-row sums ``[kl, cosine, squared error, top-1 agreements, rows, nonfinite rows]``.
+
+        Sums, not means, so that comparisons over several batches (ranks) combine exactly;
+        :func:`means` turns them into :meth:`compare`'s numbers.
+        """
         other = other.float().to(self.logits.device)
         if other.shape != self.logits.shape:
             raise ValueError(
@@ -82,21 +89,61 @@ class LogitsReference:
             sq += float(torch.linalg.vecdot(diff, diff).double().sum())
             agree += float((b.argmax(dim=-1) == top_a).sum())
             rows += a.shape[0]
-        if rows == 0:
-            nan = math.nan
-            return {
-                "kl": nan,
-                "cosine": nan,
-                "mse": nan,
-                "top1_agree": nan,
-                "nonfinite_rows": nonfinite,
-            }
+        return [kl, cos, sq / max(v, 1), agree, float(rows), float(nonfinite)]
+
+    def compare(self, other: torch.Tensor) -> dict[str, float]:
+        """``kl, cosine, mse, top1_agree, nonfinite_rows`` of ``other`` against the reference."""
+        return means(self.compare_sums(other))
+
+
+def means(sums: Sequence[float]) -> dict[str, float]:
+    """Means from (possibly summed over batches) :meth:`LogitsReference.compare_sums` values;
+    NaN when no finite row was compared."""
+    kl, cos, sq, agree, rows, nonfinite = sums
+    nan = math.nan
+    return {
+        "kl": kl / rows if rows else nan,
+        "cosine": cos / rows if rows else nan,
+        "mse": sq / rows if rows else nan,
+        "top1_agree": agree / rows if rows else nan,
+        "nonfinite_rows": int(nonfinite),
+    }
+
+
+class Comparisons:
+    """Several comparisons against one reference, combined over ranks with one reduction.
+
+    Each rank compares its own batch; :meth:`results` sums the per-row sums over ranks, so the
+    means are token-weighted over every rank's batch and identical on every rank (one process:
+    the batch's own means).
+
+    >>> ref = LogitsReference(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    >>> c = Comparisons(ref)
+    >>> c.add("same", torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    >>> c.results()["same"]["kl"], c.reference_nonfinite
+    (0.0, 0)
+    """
+
+    def __init__(self, reference: LogitsReference) -> None:
+        self.reference = reference
+        self._labels: list[str] = []  # after results(): reference counts summed over ranks
+        self._sums: list[list[float]] = []
+        self.reference_nonfinite = int((~reference.finite).sum())
+        self.reference_rows = int(reference.logits.shape[0])
+
+    def add(self, label: str, logits: torch.Tensor) -> None:
+        self._labels.append(label)
+        self._sums.append(self.reference.compare_sums(logits))
+
+    def results(self) -> dict[str, dict[str, float]]:
+        flat = [x for row in self._sums for x in row]
+        flat += [float(self.reference_nonfinite), float(self.reference_rows)]
+        total = all_reduce_(torch.tensor(flat, dtype=torch.float64), "sum").tolist()
+        self.reference_nonfinite, self.reference_rows = int(total[-2]), int(total[-1])
+        width = len(self._sums[0]) if self._sums else 0
         return {
-            "kl": kl / rows,
-            "cosine": cos / rows,
-            "mse": sq / (rows * v),
-            "top1_agree": agree / rows,
-            "nonfinite_rows": nonfinite,
+            label: means(total[i * width : (i + 1) * width])
+            for i, label in enumerate(self._labels)
         }
 
 

@@ -34,9 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import reshard
+from .distributed import all_reduce_, is_distributed, reshard
 
-__all__ = ["PreparedInputs", "logits_from_output", "prepare_inputs", "run_forward"]
+__all__ = [
+    "PreparedInputs",
+    "agree_across_ranks",
+    "logits_from_output",
+    "prepare_inputs",
+    "run_forward",
+]
 
 _ALWAYS_DROP = {"labels"}
 _ID_KEYS = ("input_ids", "input", "x", "inputs_embeds")
@@ -142,6 +148,20 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
     else:
         tokens = rows * (cols if cols is not None else 1)
     return PreparedInputs(args=args, kwargs=kwargs, mask=mask, tokens=tokens)
+
+
+def agree_across_ranks(prepared: PreparedInputs | str) -> PreparedInputs | str:
+    """Forwards run only if every rank has usable inputs (one reduction; identity alone).
+
+    Analysis forwards of a sharded model are collectives: a rank that skipped them would leave
+    the others waiting.
+    """
+    if not is_distributed():
+        return prepared
+    usable = torch.tensor([0.0 if isinstance(prepared, str) else 1.0], dtype=torch.float64)
+    if not all_reduce_(usable, "min").item() and not isinstance(prepared, str):
+        return "another rank has no usable inputs"
+    return prepared
 
 
 def logits_from_output(output: Any, output_fn: Callable[[Any], torch.Tensor] | None = None):

@@ -80,18 +80,20 @@ class MetricComputer(ABC):
     def reset(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Forget state carried across measurements (called by ``manager.reset()``)."""
 
+    def log_once(self, message: str) -> None:
+        """Log ``message`` at INFO level the first time this computer says it."""
+        seen = self.__dict__.setdefault("_said", set())
+        if message not in seen:
+            seen.add(message)
+            logging.getLogger(type(self).__module__).info("%s: %s", self.name, message)
+
     def skip(self, reason: str) -> dict[str, float]:
         """Return ``{}`` for this measurement, logging ``reason`` once per computer (INFO).
 
         For conditions that are not errors - no batch, no optimizer state, nothing to analyse -
         so the metric quietly steps aside without repeating itself every interval.
         """
-        seen = self.__dict__.setdefault("_skip_reasons", set())
-        if reason not in seen:
-            seen.add(reason)
-            logging.getLogger(type(self).__module__).info(
-                "%s metrics skipped: %s", self.name, reason
-            )
+        self.log_once(f"metrics skipped: {reason}")
         return {}
 
     def __repr__(self) -> str:

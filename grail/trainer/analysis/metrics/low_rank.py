@@ -77,7 +77,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -87,9 +86,9 @@ from torch import nn
 
 from ..budget_mask import exact_budget_drops, subset_delta
 from ..config import AnalysisConfig
-from ..distributed import all_reduce_, local_tensor, unwrap_model
-from ..divergence import LogitsReference
-from ..forward import PreparedInputs, prepare_inputs, run_forward
+from ..distributed import local_tensor, unwrap_model
+from ..divergence import Comparisons, LogitsReference
+from ..forward import PreparedInputs, agree_across_ranks, prepare_inputs, run_forward
 from ..masks import mix_seed
 from ..naming import ParameterNaming
 from ..patching import ModulePatch, SelectPatch, analysis_mode
@@ -186,7 +185,6 @@ class LowRankMetrics(MetricComputer):
         self.max_tokens = max_tokens
         self.output_fn = output_fn
         self.method = method
-        self._logged: set[str] = set()
 
     @classmethod
     def from_config(
@@ -206,11 +204,6 @@ class LowRankMetrics(MetricComputer):
             output_fn=output_fn,
         )
 
-    def _log_once(self, reason: str) -> None:
-        if reason not in self._logged:
-            self._logged.add(reason)
-            logger.info("low-rank analysis: %s", reason)
-
     # --- computation -----------------------------------------------------------------------
     def compute(
         self,
@@ -219,12 +212,12 @@ class LowRankMetrics(MetricComputer):
         **kwargs: Any,
     ) -> dict[str, float]:
         if delta is None or len(delta) == 0:
-            self._log_once("no parameter delta")
+            self.log_once("no parameter delta")
             return {}
         model = unwrap_model(context.model) if context and context.model is not None else None
         names = low_rank_targets(delta, model, self.include_embeddings)
         if not names:
-            self._log_once("no 2-D matrices to analyse")
+            self.log_once("no 2-D matrices to analyse")
             return {"lowrank/num_matrices": 0.0}
         prepared: PreparedInputs | str = "output quality is disabled"
         if self.quality:
@@ -234,11 +227,9 @@ class LowRankMetrics(MetricComputer):
                 else "no model in the context"
             )
             # every rank must agree: the factors and the forward passes involve collectives
-            usable = torch.tensor([0.0 if isinstance(prepared, str) else 1.0], dtype=torch.float64)
-            if not all_reduce_(usable, "min").item() and not isinstance(prepared, str):
-                prepared = "another rank has no usable inputs"
+            prepared = agree_across_ranks(prepared)
         if isinstance(prepared, str):
-            self._log_once(f"output quality skipped: {prepared}")
+            self.log_once(f"output quality skipped: {prepared}")
         start = time.perf_counter()
         step = context.step if context is not None else 0
         spectra, nonfinite = self._spectra(delta, names, not isinstance(prepared, str), step)
@@ -283,8 +274,8 @@ class LowRankMetrics(MetricComputer):
             )
 
         spectra, nonfinite = sharded_spectra(delta, names, compute, layout)
-        if nonfinite and "nonfinite" not in self._logged:
-            self._logged.add("nonfinite")
+        if nonfinite and not self.__dict__.get("_warned_nonfinite"):
+            self._warned_nonfinite = True
             logger.warning("low-rank analysis leaves out matrices with non-finite updates (now "
                            "%d, first %s); counted in lowrank/nonfinite_matrices",
                            len(nonfinite), nonfinite[0])
@@ -302,37 +293,21 @@ class LowRankMetrics(MetricComputer):
         size = sum(s.shape[0] * s.shape[1] for s in spectra.values())
         budgets = [min(size, sum(r * sum(s.shape) for s in spectra.values())) for r in self.ranks]
         drops = exact_budget_drops(view, budgets)
-        keys: list[tuple[str, str]] = []
-        sums: list[list[float]] = []  # per comparison: KL sum, agreeing rows, compared rows
-        nonfinite = 0
-
-        def compare(kl_key: str, top1_key: str) -> None:
-            nonlocal nonfinite
-            logits = self._forward(model, prepared)
-            q = ref.compare(logits)
-            rows = logits.shape[0] - q["nonfinite_rows"]
-            nonfinite += q["nonfinite_rows"]
-            keys.append((kl_key, top1_key))
-            sums.append([q["kl"] * rows, float(round(q["top1_agree"] * rows)), float(rows)]
-                        if rows else [0.0, 0.0, 0.0])
-
         with analysis_mode(model):
-            ref = LogitsReference(self._forward(model, prepared))
-            nonfinite += int((~ref.finite).sum())
+            comparisons = Comparisons(LogitsReference(self._forward(model, prepared)))
             for r, drop in zip(self.ranks, drops, strict=True):
                 with ModulePatch(model, self._truncations(delta, spectra, r)):
-                    compare(f"lowrank/kl_at_r{r}", f"lowrank/top1_agree_at_r{r}")
+                    comparisons.add(f"lowrank/{{}}_at_r{r}", self._forward(model, prepared))
                 with SelectPatch(view, drop):
-                    compare(f"sparse/kl_at_budget_r{r}", f"sparse/top1_agree_at_budget_r{r}")
-        # token-weighted means over every rank's batch: one reduction for all comparisons
-        flat = [x for row in sums for x in row] + [float(nonfinite)]
-        total = all_reduce_(torch.tensor(flat, dtype=torch.float64), "sum").tolist()
+                    comparisons.add(f"sparse/{{}}_at_budget_r{r}", self._forward(model, prepared))
+        results = comparisons.results()  # token-weighted over every rank's batch
         out: dict[str, float] = {}
-        for i, (kl_key, top1_key) in enumerate(keys):
-            kl, agree, rows = total[3 * i : 3 * i + 3]
-            out[kl_key] = kl / rows if rows else math.nan
-            out[top1_key] = agree / rows if rows else math.nan
-        out["lowrank/nonfinite"] = total[-1]
+        nonfinite = comparisons.reference_nonfinite
+        for pattern, q in results.items():
+            out[pattern.format("kl")] = q["kl"]
+            out[pattern.format("top1_agree")] = q["top1_agree"]
+            nonfinite += q["nonfinite_rows"]
+        out["lowrank/nonfinite"] = float(nonfinite)
         return out
 
     @staticmethod

@@ -62,8 +62,8 @@ import torch
 
 from ..config import AnalysisConfig, format_threshold
 from ..distributed import all_reduce_, unwrap_model
-from ..divergence import LogitsReference
-from ..forward import PreparedInputs, prepare_inputs, run_forward
+from ..divergence import Comparisons, LogitsReference
+from ..forward import PreparedInputs, agree_across_ranks, prepare_inputs, run_forward
 from ..masks import (
     keep_ratio_thresholds,
     keep_threshold_bits,
@@ -181,41 +181,42 @@ class SparseQualityMetrics(MetricComputer):
         if context is None or context.model is None:
             return self.skip("no model in the context")
         model = unwrap_model(context.model)
-        prepared = prepare_inputs(model, context.inputs, self.max_tokens)
+        prepared = agree_across_ranks(prepare_inputs(model, context.inputs, self.max_tokens))
         if isinstance(prepared, str):
             return self.skip(prepared)
         targets = self._targets(delta)
         total = self._global_count(delta)
         seed = mix_seed(self.seed, context.step)
-        out: dict[str, float] = {"sparse/tokens": float(prepared.tokens)}
-        nonfinite = 0
+        out: dict[str, float] = {}
         with analysis_mode(model):
-            ref = LogitsReference(self._forward(model, prepared))
-            nonfinite += int((~ref.finite).sum())
+            comparisons = Comparisons(LogitsReference(self._forward(model, prepared)))
             for label, threshold in targets:
                 with SelectPatch(delta, magnitude_drop(threshold)) as patch:
-                    q = ref.compare(self._forward(model, prepared))
+                    comparisons.add(label, self._forward(model, prepared))
                 dropped = self._global_count(delta, patch.dropped_count())
                 keep = 1.0 - dropped / total if total else 0.0
                 out[f"sparse/kept_ratio_at_{label}"] = keep
                 out[f"sparse/unchanged_ratio_at_{label}"] = 1.0 - keep
                 if label.startswith("keep_"):
                     out[f"sparse/threshold_at_{label}"] = threshold
-                nonfinite += q["nonfinite_rows"]
-                out.update({f"sparse/{k}_at_{label}": q[k] for k in _QUALITY})
                 if self.include_random:
                     with SelectPatch(delta, random_drop(keep, seed)):
-                        q = ref.compare(self._forward(model, prepared))
-                    nonfinite += q["nonfinite_rows"]
-                    out.update({f"sparse/{k}_at_{label}_random": q[k] for k in _QUALITY})
-                if self.rescale_random:
-                    if keep > 0.0:
-                        with ModulePatch(model, self._dare(delta, keep, seed)):
-                            q = ref.compare(self._forward(model, prepared))
-                        nonfinite += q["nonfinite_rows"]
-                    else:  # nothing kept: 1/keep rescaling is undefined; keys stay stable
-                        q = dict.fromkeys(_QUALITY, math.nan)
-                    out.update({f"sparse/{k}_at_{label}_dare": q[k] for k in _QUALITY})
+                        comparisons.add(f"{label}_random", self._forward(model, prepared))
+                if self.rescale_random and keep > 0.0:
+                    with ModulePatch(model, self._dare(delta, keep, seed)):
+                        comparisons.add(f"{label}_dare", self._forward(model, prepared))
+        results = comparisons.results()  # token-weighted over every rank's batch
+        nonfinite = comparisons.reference_nonfinite
+        for label, _ in targets:
+            variants = [label, f"{label}_random"] if self.include_random else [label]
+            if self.rescale_random:
+                variants.append(f"{label}_dare")
+            for variant in variants:
+                # nothing kept: 1/keep rescaling is undefined; keys stay stable as NaN
+                q = results.get(variant, dict.fromkeys(_QUALITY, math.nan))
+                nonfinite += int(q.get("nonfinite_rows", 0))
+                out.update({f"sparse/{k}_at_{variant}": q[k] for k in _QUALITY})
+        out["sparse/tokens"] = float(comparisons.reference_rows)
         out["sparse/nonfinite"] = float(nonfinite)
         return out
 

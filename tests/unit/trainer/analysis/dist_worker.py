@@ -116,6 +116,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--low-rank", action="store_true")
     parser.add_argument("--budget-ties", action="store_true")
+    parser.add_argument(
+        "--own-batches",
+        action="store_true",
+        help="each rank analyses a different batch; one process analyses their concatenation",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -159,7 +164,16 @@ def main() -> None:
         if step == 4:  # a no-grad forward leaves FSDP2 root parameters unsharded
             with torch.no_grad():
                 train_model(input_ids=ids)
-        metrics = manager.on_optimizer_step(train_model, inputs={"input_ids": ids}, optimizer=opt)
+        probe = ids
+        if args.own_batches:
+            own = [
+                torch.randint(0, 131, (2, 12), generator=torch.Generator().manual_seed(100 * r))
+                for r in range(2)
+            ]
+            probe = own[args.rank] if args.world > 1 else torch.cat(own)
+        metrics = manager.on_optimizer_step(
+            train_model, inputs={"input_ids": probe}, optimizer=opt
+        )
         opt.zero_grad()
         if metrics:
             records[str(step)] = metrics

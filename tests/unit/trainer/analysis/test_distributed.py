@@ -57,13 +57,18 @@ def _run(mode: str, world: int, tmp: Path, low_rank: bool = False, *flags: str) 
     return [json.loads(o.read_text()) for o in outs]
 
 
-def _assert_close(got: dict, ref: dict, where: str) -> None:
+def _assert_close(got: dict, ref: dict, where: str, token_factor: int = 2) -> None:
+    """``got`` from ranks, ``ref`` from one process. Forward-pass metrics average over every
+    rank's batch, so ``sparse/tokens`` counts ``token_factor`` times the single batch when all
+    ranks analyse that same batch."""
     assert got.keys() == ref.keys(), (where, sorted(set(got) ^ set(ref))[:10])
     for step in ref:
         diff = sorted(set(got[step]) ^ set(ref[step]))[:10]
         assert got[step].keys() == ref[step].keys(), (where, step, diff)
         for key, want in ref[step].items():
             value = got[step][key]
+            if key == "sparse/tokens":
+                want = want * token_factor
             if math.isnan(want):
                 assert math.isnan(value), (where, step, key)
             elif any(s in key.rsplit("/", 1)[-1]
@@ -188,3 +193,13 @@ def _tied_deltas(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
         torch.randint(-8, 8, shape, generator=gen)  # W_old
         out[name] = choice[torch.randint(0, 7, shape, generator=gen)].double().numpy()
     return out
+
+
+def test_forward_metrics_are_token_weighted_over_every_ranks_batch(tmp_path):
+    """DDP ranks analyse different batches: every rank reports the same numbers, equal to one
+    process analysing both batches at once."""
+    (single,) = _run("single", 1, tmp_path, True, "--own-batches")
+    ranks = _run("ddp", 2, tmp_path, True, "--own-batches")
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    _assert_close(ranks[0]["metrics"], single["metrics"], "ddp-own-batches", token_factor=1)
+    assert single["metrics"]["4"]["sparse/tokens"] == 48.0  # 2 ranks x 2 rows x 12 tokens

@@ -214,7 +214,7 @@ def test_missing_or_unusable_inputs_return_empty_and_log_once(caplog):
         ctx.inputs = inputs
         assert computer.compute(delta, context=ctx) == {}
     messages = [
-        r.getMessage() for r in caplog.records if "sparse metrics skipped" in r.getMessage()
+        r.getMessage() for r in caplog.records if "sparse: metrics skipped" in r.getMessage()
     ]
     assert len(messages) == 3  # one per distinct reason
 
