@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +52,13 @@ from torch import nn
 
 from .distributed import fsdp_units, local_tensor, shard_info, unwrap_model
 from .masks import DropFn
-from .primitives import ParameterDelta, collect_parameters
+from .primitives import ParameterDelta, collect_parameters, float32_delta_
 from .stats import chunk_numel
 
 __all__ = ["ModulePatch", "SelectPatch", "analysis_mode"]
+
+logger = logging.getLogger(__name__)
+_MISSED: set[str] = set()  # parameters already warned about (once per process)
 
 
 @contextlib.contextmanager
@@ -103,6 +107,14 @@ class SelectPatch:
         self._done: list[_Patched] = []
         self._scratch: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._dropped: list[torch.Tensor] = []
+        self._changed: list[torch.Tensor] = []
+
+    def changed_count(self) -> int:
+        """Entries whose value differs between ``W_new`` and ``W_old``, counted like
+        :meth:`dropped_count`."""
+        if not self._changed:
+            return 0
+        return int(torch.stack([t.cpu() for t in self._changed]).sum())
 
     def dropped_count(self) -> int:
         """Entries (changed or not) that the mask sends back to ``W_old``, counted while
@@ -149,10 +161,7 @@ class SelectPatch:
         """int32 mask, -1 where the entry changed and is dropped; and a raw scratch buffer."""
         n = pc.numel()
         d, m, raw = self._buffers(pc.device, n)
-        if pc.dtype == torch.float32 and sd.dtype == torch.float32:
-            torch.sub(pc, sd, out=d)
-        else:
-            d.copy_(pc).sub_(sd)
+        float32_delta_(d, pc, sd)
         abs_bits = d.abs_().view(torch.int32)
         info = self.delta.shard(name)
         m = self.drop(name, info.offset + start, abs_bits, m)
@@ -160,6 +169,8 @@ class SelectPatch:
             self._dropped.append(-m.sum(dtype=torch.int64))
         # changed iff |d| > 0 (NaN included): the sign bit of -bits
         changed = abs_bits.neg_().bitwise_right_shift_(31)
+        if count and info.owner:
+            self._changed.append(-changed.sum(dtype=torch.int64))
         return m.bitwise_and_(changed), raw
 
     def _patch_tensor(self, name: str) -> None:
@@ -241,6 +252,7 @@ class ModulePatch:
         self._handles: list[Any] = []
         self._saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.calls: dict[str, int] = dict.fromkeys(values, 0)
+        self._hooked: set[str] = set()
 
     def _targets(self) -> dict[str, tuple[nn.Module | None, Callable[[], torch.Tensor]]]:
         """``name -> (module to hook or None for the whole pass, current local tensor)``.
@@ -310,6 +322,7 @@ class ModulePatch:
 
         self._handles.append(module.register_forward_pre_hook(pre, prepend=True))
         self._handles.append(module.register_forward_hook(post, always_call=True))
+        self._hooked.add(name)
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
@@ -317,3 +330,14 @@ class ModulePatch:
         self._handles.clear()
         for name in list(self._saved):
             self._put_back(name)
+        missed = sorted(n for n, c in self.calls.items() if c == 0 and n in self._hooked)
+        if exc[0] is None and missed and not _MISSED.issuperset(missed):
+            _MISSED.update(missed)
+            logger.warning(
+                "per-module patches were never applied to %d parameters (%s%s): their owning "
+                "modules did not run in this forward, so if a parent reads them directly "
+                "(e.g. F.linear(x, child.weight)) the patched numbers do not reflect them",
+                len(missed),
+                ", ".join(missed[:3]),
+                ", ..." if len(missed) > 3 else "",
+            )

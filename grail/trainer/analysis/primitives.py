@@ -43,7 +43,13 @@ from .distributed import ShardInfo, local_tensor, shard_info, unwrap_model
 from .masks import magnitude_keep_mask, random_keep_mask
 from .stats import StreamingStats, chunk_numel
 
-__all__ = ["DeltaChunk", "ParameterDelta", "ParameterSnapshot", "collect_parameters"]
+__all__ = [
+    "DeltaChunk",
+    "ParameterDelta",
+    "ParameterSnapshot",
+    "collect_parameters",
+    "float32_delta_",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +108,7 @@ class ParameterSnapshot:
         self.param_dtypes: dict[str, torch.dtype] = {}
         self.is_live = False
         self.timestamp = 0.0
-        self._pending: torch.cuda.Event | None = None
+        self._pending: list[torch.cuda.Event] = []
         if model is not None:
             self.capture_(model)
 
@@ -129,7 +135,7 @@ class ParameterSnapshot:
         keep = {n for n, _ in params}
         for name in [n for n in self.data if n not in keep]:
             del self.data[name], self.shards[name], self.param_dtypes[name]
-        any_async = False
+        async_devices: set[torch.device] = set()
         for name, p in params:
             src = local_tensor(p)
             dtype = self._dtype or src.dtype
@@ -139,12 +145,14 @@ class ParameterSnapshot:
                 self.data[name] = buf
             non_blocking = buf.device.type == "cpu" and buf.is_pinned() and src.is_cuda
             buf.copy_(src, non_blocking=non_blocking)
-            any_async |= non_blocking
+            if non_blocking:
+                async_devices.add(src.device)
             self.shards[name] = shard_info(p)
             self.param_dtypes[name] = src.dtype
-        if any_async:
-            self._pending = torch.cuda.Event()
-            self._pending.record()
+        for device in async_devices:  # one event per GPU the copies came from
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._pending.append(event)
         self.timestamp = time.time()
         return self
 
@@ -158,9 +166,8 @@ class ParameterSnapshot:
 
     def synchronize(self) -> None:
         """Wait for pending non-blocking copies (called before the snapshot is read)."""
-        if self._pending is not None:
-            self._pending.synchronize()
-            self._pending = None
+        while self._pending:
+            self._pending.pop().synchronize()
 
     @property
     def data(self) -> dict[str, torch.Tensor]:
@@ -220,6 +227,20 @@ class ParameterSnapshot:
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.synchronize()
         return {n: t.clone() for n, t in self.data.items()}
+
+
+def float32_delta_(out: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``out = float32(new - old)``, rounded once, so ``|new - old| == |old - new|`` exactly.
+
+    The subtraction runs in the wider of the two dtypes (exact for bf16/fp16 values in float32;
+    float64 parameters are subtracted in float64 and then rounded), never rounding one operand
+    first - the symmetry is what lets a swapped mask be recomputed when it is undone.
+    """
+    if new.dtype == torch.float32 and old.dtype == torch.float32:
+        return torch.sub(new, old, out=out)
+    if torch.float64 in (new.dtype, old.dtype):
+        return out.copy_(torch.sub(new, old))
+    return out.copy_(new).sub_(old)
 
 
 @dataclass
@@ -292,10 +313,7 @@ class ParameterDelta:
                 oc = old[start:stop]
                 if oc.device != device:
                     oc = oc.to(device, non_blocking=True)
-                if nc.dtype == torch.float32 and oc.dtype == torch.float32:
-                    torch.sub(nc, oc, out=d)
-                else:
-                    d.copy_(nc).sub_(oc)
+                float32_delta_(d, nc, oc)
                 yield DeltaChunk(name, start, oc, nc, d, lossless, start == 0, stop >= n)
 
     # --- convenience (user code; built-in metrics stream instead) ---------------------------
@@ -330,7 +348,7 @@ class ParameterDelta:
         return self._stats([]).result(0).five_numbers()
 
     def per_layer_statistics(self) -> dict[str, dict[str, float]]:
-        """``parameter name -> statistics()`` of that tensor alone (this rank's shard)."""
+        """``parameter name -> statistics()`` of that tensor alone (whole tensor, all ranks)."""
         results = self._stats([], per_tensor=True).results()
         return {name: r.five_numbers() for name, r in zip(self.names, results[1:])}
 
