@@ -22,6 +22,7 @@ the per-step rule for pure bf16.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,12 @@ _KEYS = (
 
 
 def _keep(metrics: dict[str, float]) -> dict[str, float]:
-    return {k.split("/", 1)[1]: metrics[k] for k in _KEYS if k in metrics}
+    # mask_overlap is NaN at the first measurement (no previous interval): leave it out
+    return {
+        k.split("/", 1)[1]: metrics[k]
+        for k in _KEYS
+        if k in metrics and not math.isnan(metrics[k])
+    }
 
 
 def run_fp32(

@@ -8,7 +8,7 @@ The computer reports the Jaccard overlap with the previous interval's changed se
 
 (1.0 when both sets are empty), together with ``mask_overlap_prev_ratio``
 :math:`|C_k \cap C_{k-1}| / |C_{k-1}|` - the fraction of last interval's changed entries that
-changed again. The first measurement has no previous set and reports nothing.
+changed again. The first measurement has no previous set and reports NaN.
 
 Only one bit per analysed entry is kept between measurements (the previous changed set,
 bit-packed into ``uint8``: memory = entries / 8 bytes), on the device of each parameter. A change
@@ -28,14 +28,15 @@ Example:
     ...     with torch.no_grad():
     ...         model.weight[0, idx] += 1.0
     ...     return computer.compute(old.compute_delta(ParameterSnapshot.live(model)))
-    >>> step([0, 1])
-    {}
+    >>> step([0, 1])["param_change/mask_overlap"]
+    nan
     >>> step([1, 2])["param_change/mask_overlap"]
     0.3333333333333333
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -102,7 +103,7 @@ class MaskOverlapMetrics(MetricComputer):
 
     def __init__(self) -> None:
         self._previous: dict[str, torch.Tensor] = {}
-        self._names: tuple[str, ...] = ()
+        self._names: tuple[str, ...] = ()  # non-empty once a changed set has been recorded
 
     def reset(self) -> None:
         self._previous = {}
@@ -112,7 +113,9 @@ class MaskOverlapMetrics(MetricComputer):
         if delta is None or len(delta) == 0:
             return {}
         names = tuple(delta.names)
-        have_previous = names == self._names and bool(self._previous)
+        # Decided from the names alone, never from local data: a rank that owns no tensor
+        # (DDP, rank > 0) must issue the same reduction as the others.
+        have_previous = names == self._names
         device = next(iter(delta.new.data.values())).device
         stats = StreamingStats(extra_sums=("intersection", "union", "previous"), device=device)
         current: dict[str, list[torch.Tensor]] = {}
@@ -128,8 +131,10 @@ class MaskOverlapMetrics(MetricComputer):
                 stats.add("previous", count[prev.long()].sum())
         self._previous = {n: torch.cat(parts) for n, parts in current.items()}
         self._names = names
-        if not have_previous:
-            return {}
+        if not have_previous:  # no previous interval yet: NaN keeps the keys stable
+            return dict.fromkeys(
+                ("param_change/mask_overlap", "param_change/mask_overlap_prev_ratio"), math.nan
+            )
         extra = stats.all_reduce().result(0).extra
         union, previous = extra["union"], extra["previous"]
         return {

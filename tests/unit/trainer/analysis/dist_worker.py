@@ -20,6 +20,7 @@ def config_dict(low_rank: bool) -> dict:
         "param_change_per_layer": True,
         "param_change_track_components": True,
         "param_change_track_sign_flips": True,
+        "param_change_track_mask_overlap": True,  # rank 1 of DDP owns no tensor: same reductions
         "sparse_quality_thresholds": [1e-6, 1e-3],
         "sparse_quality_keep_ratios": [0.1],
         "sparse_quality_rescale_random": True,

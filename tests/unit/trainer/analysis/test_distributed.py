@@ -90,6 +90,7 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(mode, single, tmp_
     keys = single["metrics"]["4"]
     for prefix in ("param_change/layer_1/", "param_change/component/q_proj/", "sparse/kl_at_1e-03",
                    "sparse/kl_at_keep_0.1_random", "sparse/kl_at_1e-06_dare", "gradient/",
+                   "param_change/mask_overlap",
                    "adam_sign/"):
         assert any(k.startswith(prefix) for k in keys), prefix
     assert ranks[0]["metrics"] == ranks[1]["metrics"]  # bitwise the same on every rank
