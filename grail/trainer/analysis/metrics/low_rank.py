@@ -306,7 +306,7 @@ class LowRankMetrics(MetricComputer):
         for pattern, q in results.items():
             out[pattern.format("kl")] = q["kl"]
             out[pattern.format("top1_agree")] = q["top1_agree"]
-            nonfinite += q["nonfinite_rows"]
+            nonfinite = max(nonfinite, q["nonfinite_rows"])  # each includes the reference's
         out["lowrank/nonfinite"] = float(nonfinite)
         return out
 

@@ -5,9 +5,12 @@ compared with the model whose weights are
 
 .. math:: W_T = W_{old} + \Delta \odot [\,|\Delta| > T\,]
 
-(the *magnitude mask*) and with a *random mask* that keeps each entry with probability equal to
-the magnitude mask's global kept ratio. Optionally the random mask is rescaled by ``1/keep``
-(DARE: :math:`W_{old} + \Delta \odot m / p`). Targets can also be given as kept fractions
+(the *magnitude mask*) and with a *random mask* of the same budget: each entry the update
+changed is kept with probability :math:`p = \text{kept} / \text{changed}`, so on average it keeps
+as many changes as the magnitude mask (entries the update did not touch are identical in every
+variant; drawing over all entries would give the random mask far fewer real changes whenever
+most entries are unchanged, as in bf16 training). Optionally the random mask is rescaled by
+``1/p`` (DARE: :math:`W_{old} + \Delta \odot m / p`). Targets can also be given as kept fractions
 (``sparse_quality_keep_ratios``): the global magnitude threshold keeping that fraction is found
 exactly, and the fraction actually achieved is reported.
 
@@ -194,18 +197,23 @@ class SparseQualityMetrics(MetricComputer):
                 with SelectPatch(delta, magnitude_drop(threshold)) as patch:
                     comparisons.add(label, self._forward(model, prepared))
                 dropped = self._global_count(delta, patch.dropped_count())
+                changed = self._global_count(delta, patch.changed_count())
                 keep = 1.0 - dropped / total if total else 0.0
                 out[f"sparse/kept_ratio_at_{label}"] = keep
                 out[f"sparse/unchanged_ratio_at_{label}"] = 1.0 - keep
                 if label.startswith("keep_"):
                     out[f"sparse/threshold_at_{label}"] = threshold
+                # Equal budget: as many kept changes as the magnitude mask, on average. Entries
+                # the update did not touch are identical either way, so only changed ones draw.
+                prob = min(1.0, (total - dropped) / changed) if changed else 0.0
                 if self.include_random:
-                    with SelectPatch(delta, random_drop(keep, seed)):
+                    with SelectPatch(delta, random_drop(prob, seed)):
                         comparisons.add(f"{label}_random", self._forward(model, prepared))
-                if self.rescale_random and keep > 0.0:
-                    with ModulePatch(model, self._dare(delta, keep, seed)):
+                if self.rescale_random and prob > 0.0:
+                    with ModulePatch(model, self._dare(delta, prob, seed)):
                         comparisons.add(f"{label}_dare", self._forward(model, prepared))
         results = comparisons.results()  # token-weighted over every rank's batch
+        # every comparison drops the reference's bad rows too: report the worst comparison
         nonfinite = comparisons.reference_nonfinite
         for label, _ in targets:
             variants = [label, f"{label}_random"] if self.include_random else [label]
@@ -214,7 +222,7 @@ class SparseQualityMetrics(MetricComputer):
             for variant in variants:
                 # nothing kept: 1/keep rescaling is undefined; keys stay stable as NaN
                 q = results.get(variant, dict.fromkeys(_QUALITY, math.nan))
-                nonfinite += int(q.get("nonfinite_rows", 0))
+                nonfinite = max(nonfinite, int(q.get("nonfinite_rows", 0)))
                 out.update({f"sparse/{k}_at_{variant}": q[k] for k in _QUALITY})
         out["sparse/tokens"] = float(comparisons.reference_rows)
         out["sparse/nonfinite"] = float(nonfinite)

@@ -96,11 +96,13 @@ def test_matches_independent_reconstruction_magnitude_random_and_dare():
     assert m["sparse/tokens"] == float(mask.sum())
     _check(m, _reference_quality(model, old, keep_mag, ids, mask), "at_1e-03")
     seed = mix_seed(3, 7)
+    changed = sum(int((new[n] != old[n]).sum()) for n in new)
+    prob = kept * total / changed  # equal budget: kept changes / changed entries
     keep_rand = {
-        n: random_keep_mask(new[n].numel(), kept, seed, n, 0, "cpu").view(new[n].shape) for n in new
+        n: random_keep_mask(new[n].numel(), prob, seed, n, 0, "cpu").view(new[n].shape) for n in new
     }
     _check(m, _reference_quality(model, old, keep_rand, ids, mask), "at_1e-03_random")
-    _check(m, _reference_quality(model, old, keep_rand, ids, mask, scale=kept), "at_1e-03_dare")
+    _check(m, _reference_quality(model, old, keep_rand, ids, mask, scale=prob), "at_1e-03_dare")
     assert m["sparse/nonfinite"] == 0.0
 
 
