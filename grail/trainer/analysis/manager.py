@@ -221,7 +221,11 @@ class ModelAnalysisManager:
                 hist = getattr(computer, "last_histograms", None)
                 if hist:
                     histograms.update(hist)
-        self.old_snapshot.capture_(model)
+        try:
+            self.old_snapshot.capture_(model)
+        except BaseException:
+            self.old_snapshot = None  # a half-refilled baseline would give wrong numbers later
+            raise
         self.last_metrics = metrics
         self.last_histograms = histograms
         return metrics
@@ -232,6 +236,11 @@ class ModelAnalysisManager:
             return False
         if computer.requires_model() and context.model is None:
             self._log_once(computer.name, "no-model", "no model passed; skipping")
+            return False
+        if computer.requires_optimizer() and context.optimizer is None:
+            self._log_once(
+                computer.name, "no-optimizer", "no optimizer passed to on_optimizer_step; skipping"
+            )
             return False
         return True
 

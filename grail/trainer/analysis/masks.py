@@ -80,10 +80,13 @@ def _lowbias32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
 _ARANGE: dict[torch.device, torch.Tensor] = {}
 
 
+_ARANGE_MAX = 1 << 20  # the cached counter stays small; longer requests are drawn in pieces
+
+
 def _arange(n: int, device: torch.device) -> torch.Tensor:
     cached = _ARANGE.get(device)
-    if cached is None or cached.numel() < n:
-        cached = torch.arange(max(n, 1 << 18), dtype=torch.int32, device=device)
+    if cached is None:
+        cached = torch.arange(_ARANGE_MAX, dtype=torch.int32, device=device)
         _ARANGE[device] = cached
     return cached[:n]
 
@@ -113,7 +116,8 @@ def random_bits(
     while pos < numel:
         gi = offset + pos
         high, low = gi >> 32, gi & 0xFFFFFFFF
-        n = min(numel - pos, (1 << 32) - low)  # stay inside one 2^32 block of positions
+        # stay inside one 2^32 block of positions and within the cached counter
+        n = min(numel - pos, (1 << 32) - low, _ARANGE_MAX)
         x = out[pos : pos + n]
         torch.add(_arange(n, device), _as_int32(low + mix_seed(seed, name, high)), out=x)
         _lowbias32_(x, tmp[pos : pos + n])

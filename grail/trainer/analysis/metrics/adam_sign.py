@@ -186,6 +186,16 @@ class AdamSignDescentMetrics(MetricComputer):
     def compute(
         self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
     ) -> dict[str, float]:
+        # Scratch buffers live for one measurement only: between measurements the analysis
+        # holds nothing but the snapshot (GPU memory belongs to training).
+        try:
+            return self._compute(delta=delta, context=context, **kwargs)
+        finally:
+            self._buffers.clear()
+
+    def _compute(
+        self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
+    ) -> dict[str, float]:
         self.last_histograms = {}
         model = context.model if context is not None else None
         optimizer = context.optimizer if context is not None else None
@@ -302,9 +312,10 @@ class AdamSignDescentMetrics(MetricComputer):
             out[p + "mean_abs_u"] = r.mean_abs
             out[p + "frac_near_one"] = (r.le[self._hi] - r.le[self._lo]) / total
             out[p + "frac_small"] = r.le[self._small] / total
-            nonzero = r.extra["sign_nonzero"]
-            if nonzero > 0:
-                out[p + "sign_agreement"] = (r.extra["sign_sum"] + nonzero) / (2.0 * nonzero)
+            nonzero = r.extra["sign_nonzero"]  # no non-zero pair: NaN keeps the key stable
+            out[p + "sign_agreement"] = (
+                (r.extra["sign_sum"] + nonzero) / (2.0 * nonzero) if nonzero > 0 else math.nan
+            )
             w_sq = r.extra["w_sq"]
             # NaN weights give NaN (not a reassuring 0); only an all-zero weight gives 0.
             out[p + "update_to_weight"] = math.sqrt(r.extra["lr_u_sq"] / w_sq) if w_sq else 0.0

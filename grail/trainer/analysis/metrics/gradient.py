@@ -9,7 +9,7 @@ With :math:`g` the entries of all gradients that are present (non-finite entries
 =========================  =======================================================================
 key                        definition
 =========================  =======================================================================
-``norm_l2``                :math:`\lVert g\rVert_2` (what ``clip_grad_norm_`` reports, post-clip)
+``norm_l2``                :math:`\lVert g\rVert_2`, after any clipping
 ``norm_l1``                :math:`\sum|g|`
 ``norm_max``               :math:`\max|g|`
 ``mean`` / ``std``         mean and population standard deviation of the entries
@@ -161,9 +161,6 @@ class GradientSparsityMetrics(MetricComputer):
         )
 
     def requires_model(self) -> bool:
-        return True
-
-    def requires_optimizer(self) -> bool:
         return True
 
     def _groups(self, names: list[str]) -> tuple[list[str], dict[str, list[int]]]:

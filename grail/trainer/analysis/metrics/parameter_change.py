@@ -117,6 +117,15 @@ class ParameterChangeMetrics(MetricComputer):
 
     # --- computation -----------------------------------------------------------------------
     def compute(self, delta: ParameterDelta | None = None, **kwargs: Any) -> dict[str, float]:
+        # Scratch buffers live for one measurement only: between measurements the analysis
+        # holds nothing but the snapshot (GPU memory belongs to training).
+        try:
+            return self._compute(delta=delta, **kwargs)
+        finally:
+            self._scratch.clear()
+            self._bf16.clear()
+
+    def _compute(self, delta: ParameterDelta | None = None, **kwargs: Any) -> dict[str, float]:
         if delta is None or len(delta) == 0:
             return {}
         groups, rows = self._groups(delta.names)

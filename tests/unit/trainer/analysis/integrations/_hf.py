@@ -78,9 +78,6 @@ class Recorder(MetricComputer):
         self.histograms = histograms
         self.last_histograms: dict[str, Any] = {}
 
-    def requires_optimizer(self) -> bool:
-        return True
-
     def compute(self, delta=None, context=None, **kwargs: Any) -> dict[str, float]:
         model = context.model
         self.calls.append(

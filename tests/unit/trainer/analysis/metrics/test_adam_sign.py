@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -264,7 +265,7 @@ def test_sparse_adam_with_sparse_embedding_gradients() -> None:
     _assert_matches(metrics, ref, slack, "adam_sign/")
 
 
-def test_no_gradients_omits_only_sign_agreement() -> None:
+def test_no_gradients_leaves_only_sign_agreement_undefined() -> None:
     model = tiny_qwen2()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     _train(model, opt, steps=2)
@@ -272,6 +273,7 @@ def test_no_gradients_omits_only_sign_agreement() -> None:
     metrics = _compute(AdamSignDescentMetrics(), model, opt)
     ref, slack = _reference(_per_param(model, opt))
     assert "sign_agreement" not in ref
+    assert math.isnan(metrics.pop("adam_sign/sign_agreement"))  # NaN keeps the key stable
     _assert_matches(metrics, ref, slack, "adam_sign/")
 
 
