@@ -250,3 +250,39 @@ def test_failures_inside_the_manager_never_reach_training(caplog, monkeypatch):
     caplog.set_level(logging.WARNING)
     assert manager.on_optimizer_step(model) == {}
     assert any("MemoryError" in r.getMessage() for r in caplog.records)
+
+
+class NeedsOptimizer(MetricComputer):
+    name = "opt"
+
+    def requires_optimizer(self):
+        return True
+
+    def compute(self, delta, context=None, **kwargs):
+        return {"opt/groups": float(len(context.optimizer.param_groups))}
+
+
+def test_computers_needing_an_optimizer_are_skipped_without_one(caplog):
+    model = torch.nn.Linear(2, 2)
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(NeedsOptimizer())
+    caplog.set_level(logging.INFO)
+    manager.on_optimizer_step(model)
+    assert manager.on_optimizer_step(model) == {}
+    assert manager.on_optimizer_step(model) == {}
+    assert sum("no optimizer" in r.getMessage() for r in caplog.records) == 1
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert manager.on_optimizer_step(model, optimizer=opt) == {"opt/groups": 1.0}
+
+
+def test_a_failed_snapshot_refill_drops_the_baseline(monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(Count())
+    manager.on_optimizer_step(model)
+
+    def broken(self, model):
+        next(iter(self.data.values())).add_(1.0)  # half refilled, then fails
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(type(manager.old_snapshot), "capture_", broken)
+    assert manager.on_optimizer_step(model) == {}  # metrics lost, training unharmed
+    assert manager.old_snapshot is None  # no half-refilled baseline survives

@@ -36,7 +36,7 @@ def _expected(old, new, keep):
     return {n: torch.where(keep[n], new[n], old[n]) for n in new}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("kind", ["magnitude", "random"])
 @pytest.mark.parametrize("snapshot_dtype", [None, torch.float32, torch.bfloat16])
 def test_select_patch_values_and_exact_restore(dtype, kind, snapshot_dtype):
@@ -181,3 +181,16 @@ def test_module_patch_restores_on_failure_and_handles_shared_weights():
     ):
         mlp(torch.randn(1, 16))
     assert_same_state(before, state(mlp))
+
+
+def test_float64_entry_closer_than_float32_resolution_is_restored_bit_exactly():
+    model = torch.nn.Linear(3, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    snap = ParameterSnapshot(model)
+    with torch.no_grad():
+        snap.data["weight"].fill_(1 + 0.6 * 2**-23)  # rounds to 1.0 in float32
+    before, old = model.weight.detach().clone(), snap.data["weight"].clone()
+    with SelectPatch(snap.compute_delta(ParameterSnapshot.live(model)), magnitude_drop(1e-7)):
+        pass
+    assert torch.equal(model.weight, before) and torch.equal(snap.data["weight"], old)
