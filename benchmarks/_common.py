@@ -6,6 +6,7 @@ mean little.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import threading
@@ -56,6 +57,32 @@ def simulate_update(model: torch.nn.Module, scale: float = 1e-5, seed: int = 1) 
     for p in model.parameters():
         noise = torch.randn(p.shape, generator=gen).to(p.device)
         p.add_((noise * scale).to(p.dtype))
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The device, model-size and dtype flags the benchmark scripts share (defaults: 58M)."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--intermediate", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    return parser
+
+
+def model_from_args(args: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
+    return qwen2(
+        args.hidden,
+        args.layers,
+        args.vocab,
+        args.intermediate,
+        args.heads,
+        args.kv_heads,
+        dtype=dtype,
+        device=args.device,
+    )
 
 
 def model_bytes(model: torch.nn.Module) -> int:

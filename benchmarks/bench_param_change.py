@@ -21,23 +21,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, model_bytes, peak_memory, qwen2, simulate_update, table
+from _common import (
+    add_model_args,
+    best_of,
+    model_bytes,
+    model_from_args,
+    peak_memory,
+    simulate_update,
+    table,
+)
 
 from grail.trainer.analysis.metrics import ParameterChangeMetrics
 from grail.trainer.analysis.primitives import ParameterSnapshot
 
 
 def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
-    model = qwen2(
-        args.hidden,
-        args.layers,
-        args.vocab,
-        args.intermediate,
-        args.heads,
-        args.kv_heads,
-        dtype=dtype,
-        device=args.device,
-    )
+    model = model_from_args(args, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     params = [p.detach() for p in model.parameters()]
     snap = ParameterSnapshot(model)
@@ -77,15 +76,7 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--intermediate", type=int, default=None)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=None)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args()
     rows = [run(getattr(torch, d), args) for d in args.dtypes.split(",")]
     print(f"device: {args.device}  threads: {torch.get_num_threads()}")

@@ -31,7 +31,6 @@ import torch.distributed as dist
 __all__ = [
     "ShardInfo",
     "all_reduce_",
-    "barrier",
     "broadcast_",
     "fsdp_units",
     "gather_",
@@ -191,6 +190,17 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
+def _on_backend_device(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the device the group's backend expects (CUDA for nccl, CPU for gloo):
+    the tensor itself when it already is there, else a copy."""
+    backend = dist.get_backend()
+    if backend == "nccl" and tensor.device.type != "cuda":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    if backend == "gloo" and tensor.device.type != "cpu":
+        return tensor.cpu()
+    return tensor
+
+
 def all_reduce_(tensor: torch.Tensor, op: Literal["sum", "max", "min"]) -> torch.Tensor:
     """In-place all-reduce of ``tensor`` over the default group; identity in one process.
 
@@ -201,12 +211,7 @@ def all_reduce_(tensor: torch.Tensor, op: Literal["sum", "max", "min"]) -> torch
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
     if not is_distributed():
         return tensor
-    backend = dist.get_backend()
-    work = tensor
-    if backend == "nccl" and tensor.device.type != "cuda":
-        work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    elif backend == "gloo" and tensor.device.type != "cpu":
-        work = tensor.cpu()
+    work = _on_backend_device(tensor)
     dist.all_reduce(work, op=getattr(dist.ReduceOp, _OPS[op]))
     if work is not tensor:
         tensor.copy_(work)
@@ -217,12 +222,7 @@ def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
     """In-place broadcast from rank ``src``; identity in one process."""
     if not is_distributed():
         return tensor
-    backend = dist.get_backend()
-    work = tensor
-    if backend == "nccl" and tensor.device.type != "cuda":
-        work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    elif backend == "gloo" and tensor.device.type != "cpu":
-        work = tensor.cpu()
+    work = _on_backend_device(tensor)
     dist.broadcast(work, src=src)
     if work is not tensor:
         tensor.copy_(work)
@@ -238,20 +238,9 @@ def gather_(tensor: torch.Tensor, dst: int) -> torch.Tensor | None:
     """
     if not is_distributed():
         return tensor.unsqueeze(0)
-    backend = dist.get_backend()
-    work = tensor
-    if backend == "nccl" and tensor.device.type != "cuda":
-        work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    elif backend == "gloo" and tensor.device.type != "cpu":
-        work = tensor.cpu()
-    work = work.contiguous()
+    work = _on_backend_device(tensor).contiguous()
     out = None
     if get_rank() == dst:
         out = torch.empty((get_world_size(), *work.shape), dtype=work.dtype, device=work.device)
     dist.gather(work, gather_list=list(out.unbind(0)) if out is not None else None, dst=dst)
     return out.to(tensor.device) if out is not None else None
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
