@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, model_bytes, peak_rss, qwen2, simulate_update, table
+from _common import (
+    add_model_args,
+    best_of,
+    model_bytes,
+    peak_rss,
+    qwen2,
+    simulate_update,
+    table,
+)
 
 from grail.trainer.analysis.metrics import ParameterChangeMetrics
 from grail.trainer.analysis.naming import ParameterNaming
@@ -96,18 +104,11 @@ def run(dtype: torch.dtype, args: argparse.Namespace, root: Path) -> dict[str, s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--intermediate", type=int, default=None)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=None)
+    parser = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run(dtype, args, Path(tmp)) for dtype in (torch.float32, torch.bfloat16)]
+        rows = [run(getattr(torch, d), args, Path(tmp)) for d in args.dtypes.split(",")]
     print(f"device {args.device}")
     print(table(rows))
 
