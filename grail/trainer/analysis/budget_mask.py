@@ -138,9 +138,7 @@ def _rank_counts(
     return table[:, :, 0], table[:, :, 1]
 
 
-def _tie_cutoffs(
-    delta: ParameterDelta, vb: int, eq: list[list[int]], need: int
-) -> dict[str, int]:
+def _tie_cutoffs(delta: ParameterDelta, vb: int, eq: list[list[int]], need: int) -> dict[str, int]:
     """``name -> last global flat position whose tie this rank keeps`` (absent: none).
 
     Ties are walked in tensor order, then rank order within a tensor (the flat order of FSDP2
@@ -180,7 +178,10 @@ def _nth_tie(delta: ParameterDelta, name: str, vb: int, n: int) -> int:
 
 
 def _budget_drop(vb: int, cut: dict[str, int]) -> DropFn:
-    def drop(name: str, offset: int, abs_bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def drop(
+        name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        assert abs_bits is not None
         keep = abs_bits > vb
         last = cut.get(name, -1)
         if last >= offset:
@@ -189,5 +190,3 @@ def _budget_drop(vb: int, cut: dict[str, int]) -> DropFn:
         return out.copy_(keep).sub_(1)
 
     return drop
-
-

@@ -30,7 +30,14 @@ import torch
 
 from .distributed import all_reduce_
 
-__all__ = ["Comparisons", "LogitsReference", "compare_logits", "kl_divergence", "means"]
+__all__ = [
+    "Comparisons",
+    "LogitsReference",
+    "compare_logits",
+    "first_argmax",
+    "kl_divergence",
+    "means",
+]
 
 _BLOCK_ELEMENTS = 1 << 18  # logits per row block (1 MiB of float32)
 
@@ -39,14 +46,21 @@ class LogitsReference:
     """Logits of the full update, with what every comparison reuses computed once."""
 
     def __init__(self, logits: torch.Tensor) -> None:
-        self.logits = logits.float()
-        self.finite = torch.isfinite(self.logits).all(dim=-1)
-        self.logp = torch.log_softmax(self.logits, dim=-1)
+        self.logits = _rows(logits)
         # Squared norms by the same kernel as the dot products: identical rows give a cosine of
         # exactly 1, and the error stays ~1e-7 (float32 vector_norm errs by ~1e-6 at 150k
         # classes, a large part of the informative 1 - cosine).
-        self.norm = torch.linalg.vecdot(self.logits, self.logits).double()
-        self.top1 = self.logits.argmax(dim=-1)
+        n, v = self.logits.shape
+        norm = torch.empty(n, dtype=torch.float32, device=self.logits.device)
+        scratch = _scratch(n, v, 1, self.logits.device)[0]
+        for s, e in _blocks(n, v):
+            a = self.logits[s:e]
+            norm[s:e] = _rowdot(a, a, scratch)
+        self.finite = _finite_rows(self.logits, norm)
+        self.norm = norm.double()
+        self.probs = torch.softmax(self.logits, dim=-1)
+        self.mass = self.probs.sum(dim=-1).double()  # 1 up to rounding
+        self.top1 = first_argmax(self.logits)
 
     def compare_sums(self, other: torch.Tensor) -> list[float]:
         """Per-row sums ``[kl, cosine, squared error, top-1 agreements, rows, nonfinite rows]``.
@@ -54,46 +68,121 @@ class LogitsReference:
         Sums, not means, so that comparisons over several batches (ranks) combine exactly;
         :func:`means` turns them into :meth:`compare`'s numbers.
         """
-        other = other.float().to(self.logits.device)
+        other = _rows(other.to(self.logits.device))
         if other.shape != self.logits.shape:
             raise ValueError(
                 f"logits shapes differ: {tuple(self.logits.shape)} vs {tuple(other.shape)}"
             )
         n, v = other.shape
-        step = max(1, _BLOCK_ELEMENTS // max(v, 1))
-        kl = cos = sq = agree = 0.0
-        rows = 0
-        nonfinite = 0
-        for s in range(0, n, step):
-            a, b = self.logits[s : s + step], other[s : s + step]
-            ok = self.finite[s : s + step] & torch.isfinite(b).all(dim=-1)
-            bad = int((~ok).sum())
-            nonfinite += bad
-            logp = self.logp[s : s + step]
-            norm_a = self.norm[s : s + step]
-            top_a = self.top1[s : s + step]
-            if bad:
-                a, b, logp, norm_a, top_a = a[ok], b[ok], logp[ok], norm_a[ok], top_a[ok]
-            if a.shape[0] == 0:
-                continue
-            logq = torch.log_softmax(b, dim=-1)
-            kl_rows = torch.linalg.vecdot(logp.exp(), logp - logq).clamp_(min=0.0)
-            kl += float(kl_rows.double().sum())
-            dots = torch.linalg.vecdot(a, b)
-            norm_b = torch.linalg.vecdot(b, b).double()  # squared, like norm_a
-            denom = (norm_a * norm_b).sqrt()
-            both_zero = (norm_a == 0) & (norm_b == 0)  # identical zero vectors: similarity 1
-            cos_rows = torch.where(denom > 0, dots.double() / denom, both_zero.to(denom.dtype))
-            cos += float(cos_rows.double().sum())
-            diff = a - b
-            sq += float(torch.linalg.vecdot(diff, diff).double().sum())
-            agree += float((b.argmax(dim=-1) == top_a).sum())
-            rows += a.shape[0]
-        return [kl, cos, sq / max(v, 1), agree, float(rows), float(nonfinite)]
+        f64 = {"dtype": torch.float64, "device": other.device}
+        kl, dots, sq, norm_b = (torch.empty(n, **f64) for _ in range(4))
+        min_diff = torch.empty(n, dtype=torch.float32, device=other.device)
+        top1 = torch.empty(n, dtype=torch.int64, device=other.device)
+        diff_buf, prod = _scratch(n, v, 2, other.device)
+        for s, e in _blocks(n, v):
+            a, b, p = self.logits[s:e], other[s:e], self.probs[s:e]
+            diff = torch.sub(a, b, out=diff_buf[: (e - s) * v].view(e - s, v))
+            sq[s:e] = _rowdot(diff, diff, prod)
+            min_diff[s:e] = diff.amin(dim=-1) if v else 0.0
+            # KL(P||Q) = P.d + log(sum P exp(-d)) with d = a - b, both terms from d directly
+            # (no difference of two log-sum-exps): relative accuracy even for a tiny KL.
+            pd = _rowdot(p, diff, prod).double()
+            pe = _rowdot(p, diff.neg_().expm1_(), prod).double()
+            mass = self.mass[s:e]
+            kl[s:e] = pd / mass + torch.log1p(pe / mass)
+            dots[s:e] = _rowdot(a, b, prod)
+            norm_b[s:e] = _rowdot(b, b, prod)
+            top1[s:e] = first_argmax(b)
+        ok = self.finite & _finite_rows(other, norm_b)
+        # exp(-d) loses the entries where P underflows once -d is large: exact path there
+        redo = (ok & ((min_diff < -_EXP_SAFE) | ~torch.isfinite(kl))).nonzero().flatten()
+        if redo.numel():
+            kl[redo] = _kl_rows(self.logits[redo], other[redo])
+        kl.clamp_(min=0.0)  # rounding noise around an exact 0
+        denom = (self.norm * norm_b).sqrt()
+        both_zero = (self.norm == 0) & (norm_b == 0)  # identical zero vectors: similarity 1
+        cos = torch.where(denom > 0, dots / denom, both_zero.to(denom.dtype))
+        agree = (top1 == self.top1).to(torch.float64)
+        zero = torch.zeros((), **f64)
+        sums = torch.stack([torch.where(ok, x, zero).sum() for x in (kl, cos, sq, agree)])
+        kl_s, cos_s, sq_s, agree_s = sums.tolist()
+        good = int(ok.sum())
+        return [kl_s, cos_s, sq_s / max(v, 1), agree_s, float(good), float(n - good)]
 
     def compare(self, other: torch.Tensor) -> dict[str, float]:
         """``kl, cosine, mse, top1_agree, nonfinite_rows`` of ``other`` against the reference."""
         return means(self.compare_sums(other))
+
+
+_EXP_SAFE = 60.0  # exp(60) * smallest float32 * 2^18 classes is far below anything reported
+
+
+def _blocks(n: int, v: int) -> list[tuple[int, int]]:
+    step = max(1, _BLOCK_ELEMENTS // max(v, 1))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _scratch(n: int, v: int, count: int, device: torch.device) -> list[torch.Tensor]:
+    """Buffers for one row block: allocated once per comparison, not once per operation."""
+    size = min(n, max(1, _BLOCK_ELEMENTS // max(v, 1))) * v
+    return [torch.empty(size, dtype=torch.float32, device=device) for _ in range(count)]
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products (float32), the product written into ``scratch``."""
+    return torch.mul(a, b, out=scratch[: a.numel()].view_as(a)).sum(dim=-1)
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """float32 with unit stride along the classes (the views below need it)."""
+    x = logits.float()
+    return x if x.ndim != 2 or x.stride(-1) == 1 else x.contiguous()
+
+
+def _finite_rows(x: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """Rows without NaN/Inf. A finite sum of squares proves it; rows whose sum is not finite
+    (a non-finite entry, or squares overflowing) are checked entry by entry."""
+    finite = torch.isfinite(sq_norm)
+    check = (~finite).nonzero().flatten()
+    if check.numel():
+        finite[check] = torch.isfinite(x[check]).all(dim=-1)
+    return finite
+
+
+def _kl_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row KL from two log-softmaxes: robust to any spread of the logits."""
+    logp = torch.log_softmax(a, dim=-1)
+    return torch.linalg.vecdot(logp.exp(), logp - torch.log_softmax(b, dim=-1)).double()
+
+
+_ARGMAX_WIDTH = 128  # columns per segment of first_argmax
+
+
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of a 2-D tensor without NaN - the first index of each row's
+    maximum - from a vectorised ``amax`` over fixed segments of the row: the first segment whose
+    maximum equals the row's maximum holds the first occurrence, found by an argmax inside that
+    segment only (a plain CPU argmax is about ten times slower than amax).
+
+    >>> x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    >>> first_argmax(x).tolist(), x.argmax(dim=-1).tolist()
+    ([1, 0], [1, 0])
+    """
+    n, v = x.shape
+    w = _ARGMAX_WIDTH
+    k = v // w
+    if k < 2 or x.stride(-1) != 1:
+        return x.argmax(dim=-1)
+    body = x[:, : k * w].unflatten(1, (k, w))
+    seg_max = body.amax(dim=-1)
+    seg = seg_max.argmax(dim=-1)
+    inside = body[torch.arange(n, device=x.device), seg].argmax(dim=-1)
+    idx = seg * w + inside
+    if v > k * w:  # a tail shorter than a segment: it wins only with a strictly larger max
+        tail_max, tail_idx = x[:, k * w :].max(dim=-1)
+        body_max = seg_max.gather(1, seg[:, None]).squeeze(1)
+        idx = torch.where(tail_max > body_max, tail_idx + k * w, idx)
+    return idx
 
 
 def means(sums: Sequence[float]) -> dict[str, float]:
@@ -142,8 +231,7 @@ class Comparisons:
         self.reference_nonfinite, self.reference_rows = int(total[-2]), int(total[-1])
         width = len(self._sums[0]) if self._sums else 0
         return {
-            label: means(total[i * width : (i + 1) * width])
-            for i, label in enumerate(self._labels)
+            label: means(total[i * width : (i + 1) * width]) for i, label in enumerate(self._labels)
         }
 
 

@@ -40,10 +40,14 @@ __all__ = [
     "magnitude_drop",
     "magnitude_keep_mask",
     "mix_seed",
+    "pack_mask",
+    "position_only",
     "random_bits",
     "random_drop",
     "random_keep_mask",
     "random_uniforms",
+    "unpack_mask",
+    "uses_delta",
 ]
 
 _MASK63 = (1 << 63) - 1
@@ -140,8 +144,64 @@ def keep_threshold_bits(keep: float) -> int:
 
 #: ``drop(name, global_offset, abs_bits, out) -> out``: int32 ``-1`` where an entry reverts to
 #: ``W_old``, ``0`` where it keeps ``W_new``. ``abs_bits`` is the int32 bit pattern of ``|delta|``
-#: of the chunk starting at ``global_offset``; ``out`` is an int32 buffer of the same size.
-DropFn = Callable[[str, int, torch.Tensor, torch.Tensor], torch.Tensor]
+#: of the chunk starting at ``global_offset``; ``out`` is an int32 buffer of the same size. A
+#: drop that depends on the position alone is marked by :func:`position_only` and gets ``None``
+#: for ``abs_bits``, sparing the caller the delta.
+DropFn = Callable[[str, int, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+
+
+def position_only(drop: DropFn) -> DropFn:
+    """Mark ``drop`` as independent of ``|delta|`` (see :func:`uses_delta`)."""
+    drop.uses_delta = False  # type: ignore[attr-defined]
+    return drop
+
+
+def uses_delta(drop: DropFn) -> bool:
+    """Whether ``drop`` reads ``abs_bits`` (every drop not marked :func:`position_only`)."""
+    return getattr(drop, "uses_delta", True)
+
+
+_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:  # 1 << k as int32; 1 << 31 wraps to the sign bit
+        w = torch.tensor([_as_int32(1 << k) for k in range(32)], dtype=torch.int32, device=device)
+        _BIT_WEIGHTS[device] = w
+    return w
+
+
+def pack_mask(
+    mask: torch.Tensor, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat int32 ``-1/0`` mask packed 32 entries to an int32 word, plus the unpacked tail
+    (``scratch``: an optional int32 buffer as large as ``mask``).
+
+    >>> m = -(torch.arange(70) % 3 == 0).int()
+    >>> torch.equal(unpack_mask(pack_mask(m), torch.empty(70, dtype=torch.int32)), m)
+    True
+    """
+    body = mask.numel() // 32 * 32
+    scratch = torch.empty_like(mask) if scratch is None else scratch
+    words = torch.bitwise_and(
+        mask[:body].view(-1, 32), _bit_weights(mask.device), out=scratch[:body].view(-1, 32)
+    )
+    # distinct bits: the sum is their OR (wrapping into the sign bit for bit 31)
+    return words.sum(dim=1, dtype=torch.int32), mask[body:].clone()
+
+
+def unpack_mask(packed: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The int32 ``-1/0`` mask of :func:`pack_mask`, written into ``out``."""
+    words, tail = packed
+    body = words.numel() * 32
+    if body:
+        shifts = 31 - torch.arange(32, dtype=torch.int32, device=out.device)
+        rows = out[:body].view(-1, 32)
+        torch.bitwise_left_shift(words[:, None], shifts, out=rows)
+        rows.bitwise_right_shift_(31)  # arithmetic: the moved bit fills the word
+    out[body:].copy_(tail)
+    return out
 
 
 def _f32_bits(t: float) -> int:
@@ -153,7 +213,10 @@ def magnitude_drop(threshold: float) -> DropFn:
     # A negative or NaN threshold drops nothing (limit 0); its bit pattern would wrap around.
     limit = _f32_bits(f32_floor(threshold)) + 1 if threshold >= 0 else 0
 
-    def drop(name: str, offset: int, abs_bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def drop(
+        name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        assert abs_bits is not None
         return torch.sub(abs_bits, limit, out=out).bitwise_right_shift_(31)
 
     return drop
@@ -164,12 +227,15 @@ def random_drop(keep: float, seed: int) -> DropFn:
     limit = keep_threshold_bits(keep)
     scratch: dict[torch.device, torch.Tensor] = {}
 
-    def drop(name: str, offset: int, abs_bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        n = abs_bits.numel()
-        tmp = scratch.get(abs_bits.device)
+    @position_only
+    def drop(
+        name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        n = out.numel()
+        tmp = scratch.get(out.device)
         if tmp is None or tmp.numel() < n:
-            tmp = scratch[abs_bits.device] = torch.empty_like(out)
-        bits = random_bits(n, seed, name, offset, abs_bits.device, out=out, tmp=tmp[:n])
+            tmp = scratch[out.device] = torch.empty_like(out)
+        bits = random_bits(n, seed, name, offset, out.device, out=out, tmp=tmp[:n])
         # kept iff bits < limit  <=>  (limit - 1 - bits) >= 0; drop = sign bit of that
         return bits.neg_().add_(limit - 1).bitwise_right_shift_(31)
 

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .distributed import fsdp_units, local_tensor, shard_info, unwrap_model
-from .masks import DropFn
+from .masks import DropFn, pack_mask, unpack_mask, uses_delta
 from .primitives import ParameterDelta, collect_parameters, float32_delta_
 from .stats import chunk_numel
 
@@ -86,6 +86,7 @@ class _Patched:
     stop: int
     index: torch.Tensor | None = None  # fallback path: positions written ...
     saved: torch.Tensor | None = None  # ... and their original values
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the swap mask, 1 bit an entry
 
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -97,13 +98,29 @@ class SelectPatch:
 
     When parameter and snapshot share a dtype, dropped entries are exchanged between them with
     an XOR swap of their bit patterns (``x = (p ^ s) & m; p ^= x; s ^= x``): three integer ops,
-    no indices, no copy, an involution. Undoing recomputes the mask from ``|W_new - W_old|``,
-    which the swap leaves unchanged. Otherwise the dropped values are saved and written back.
+    no indices, no copy, an involution. Undoing swaps the same entries back: on the CPU the mask
+    is kept packed (one bit an entry, 1/32 of a float32 model), on an accelerator it is
+    recomputed from ``|W_new - W_old|``, which the swap leaves unchanged (device memory stays
+    O(one chunk)). Entries the update did not change may be swapped too: their values are equal.
+    Otherwise (snapshot dtype differs) the dropped values are saved and written back.
+
+    ``count_dropped`` / ``count_changed`` turn off the counts behind :meth:`dropped_count` and
+    :meth:`changed_count` when they are not needed: a position-only mask (such as
+    :func:`~grail.trainer.analysis.masks.random_drop`) then never computes the delta at all.
     """
 
-    def __init__(self, delta: ParameterDelta, drop: DropFn) -> None:
+    def __init__(
+        self,
+        delta: ParameterDelta,
+        drop: DropFn,
+        *,
+        count_dropped: bool = True,
+        count_changed: bool = True,
+    ) -> None:
         self.delta = delta
         self.drop = drop
+        self.count_dropped = count_dropped
+        self.count_changed = count_changed
         self._done: list[_Patched] = []
         self._scratch: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._dropped: list[torch.Tensor] = []
@@ -114,14 +131,14 @@ class SelectPatch:
         :meth:`dropped_count`."""
         if not self._changed:
             return 0
-        return int(torch.stack([t.cpu() for t in self._changed]).sum())
+        return int(torch.stack([t.cpu() for t in self._changed]).sum(dtype=torch.int64))
 
     def dropped_count(self) -> int:
         """Entries (changed or not) that the mask sends back to ``W_old``, counted while
         patching: this rank's local entries, replicated tensors on their owner rank only."""
         if not self._dropped:
             return 0
-        return int(torch.stack([t.cpu() for t in self._dropped]).sum())
+        return int(torch.stack([t.cpu() for t in self._dropped]).sum(dtype=torch.int64))
 
     def __enter__(self) -> SelectPatch:
         self.delta.old.synchronize()
@@ -158,20 +175,24 @@ class SelectPatch:
     def _mask(
         self, name: str, start: int, pc: torch.Tensor, sd: torch.Tensor, count: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """int32 mask, -1 where the entry changed and is dropped; and a raw scratch buffer."""
+        """int32 mask, -1 where the entry is dropped (changed or not); and a raw scratch buffer."""
         n = pc.numel()
         d, m, raw = self._buffers(pc.device, n)
-        float32_delta_(d, pc, sd)
-        abs_bits = d.abs_().view(torch.int32)
         info = self.delta.shard(name)
+        counting = count and info.owner
+        abs_bits = None
+        if uses_delta(self.drop) or (counting and self.count_changed):
+            float32_delta_(d, pc, sd)
+            abs_bits = d.abs_().view(torch.int32)
         m = self.drop(name, info.offset + start, abs_bits, m)
-        if count and info.owner:
-            self._dropped.append(-m.sum(dtype=torch.int64))
-        # changed iff |d| > 0 (NaN included): the sign bit of -bits
-        changed = abs_bits.neg_().bitwise_right_shift_(31)
-        if count and info.owner:
-            self._changed.append(-changed.sum(dtype=torch.int64))
-        return m.bitwise_and_(changed), raw
+        # int32 sums: exact (a chunk has < 2^31 entries), and no int64 copy of the mask
+        if counting and self.count_dropped:
+            self._dropped.append(-m.sum(dtype=torch.int32))
+        if counting and self.count_changed and abs_bits is not None:
+            # changed iff |d| > 0 (NaN included): the sign bit of -bits
+            changed = abs_bits.neg_().bitwise_right_shift_(31)
+            self._changed.append(-changed.sum(dtype=torch.int32))
+        return m, raw
 
     def _patch_tensor(self, name: str) -> None:
         p, s = self._views(name)
@@ -182,10 +203,12 @@ class SelectPatch:
             sd = sc.to(pc.device, non_blocking=True) if sc.device != pc.device else sc
             m, raw = self._mask(name, start, pc, sd, count=True)
             if pc.dtype == sc.dtype:
+                scratch = self._buffers(pc.device, m.numel())[0].view(torch.int32)
+                packed = pack_mask(m, scratch) if pc.device.type == "cpu" else None
                 self._xor_swap(pc, sd, m, raw)
                 if sd is not sc:
                     sc.copy_(sd, non_blocking=sc.is_pinned())
-                self._done.append(_Patched(name, start, stop))
+                self._done.append(_Patched(name, start, stop, packed=packed))
             else:
                 idx = m.nonzero().squeeze(1)
                 if idx.numel() == 0:
@@ -221,7 +244,11 @@ class SelectPatch:
                 pc[rec.index] = rec.saved
                 continue
             sd = sc.to(pc.device) if sc.device != pc.device else sc
-            m, raw = self._mask(rec.name, rec.start, pc, sd)
+            if rec.packed is not None:
+                _, m, raw = self._buffers(pc.device, pc.numel())
+                m = unpack_mask(rec.packed, m)
+            else:
+                m, raw = self._mask(rec.name, rec.start, pc, sd)
             self._xor_swap(pc, sd, m, raw)
             if sd is not sc:
                 sc.copy_(sd, non_blocking=sc.is_pinned())
@@ -282,8 +309,10 @@ class ModulePatch:
                     continue
             owners = by_id.get(id(params[name]), [])
             module, attr = owners[0] if owners else (None, "")
-            get = functools.partial(_local_attr, module, attr) if module is not None else (
-                functools.partial(_local_parameter, self.model, name)
+            get = (
+                functools.partial(_local_attr, module, attr)
+                if module is not None
+                else (functools.partial(_local_parameter, self.model, name))
             )
             out[name] = (module if len(owners) == 1 else None, get)
         return out

@@ -193,11 +193,14 @@ class SparseQualityMetrics(MetricComputer):
         out: dict[str, float] = {}
         with analysis_mode(model):
             comparisons = Comparisons(LogitsReference(self._forward(model, prepared)))
+            changed: int | None = None  # the same for every threshold: counted once
             for label, threshold in targets:
-                with SelectPatch(delta, magnitude_drop(threshold)) as patch:
+                counting = changed is None
+                with SelectPatch(delta, magnitude_drop(threshold), count_changed=counting) as patch:
                     comparisons.add(label, self._forward(model, prepared))
                 dropped = self._global_count(delta, patch.dropped_count())
-                changed = self._global_count(delta, patch.changed_count())
+                if changed is None:
+                    changed = self._global_count(delta, patch.changed_count())
                 keep = 1.0 - dropped / total if total else 0.0
                 out[f"sparse/kept_ratio_at_{label}"] = keep
                 out[f"sparse/unchanged_ratio_at_{label}"] = 1.0 - keep
@@ -207,7 +210,8 @@ class SparseQualityMetrics(MetricComputer):
                 # the update did not touch are identical either way, so only changed ones draw.
                 prob = min(1.0, (total - dropped) / changed) if changed else 0.0
                 if self.include_random:
-                    with SelectPatch(delta, random_drop(prob, seed)):
+                    drop = random_drop(prob, seed)
+                    with SelectPatch(delta, drop, count_dropped=False, count_changed=False):
                         comparisons.add(f"{label}_random", self._forward(model, prepared))
                 if self.rescale_random and prob > 0.0:
                     with ModulePatch(model, self._dare(delta, prob, seed)):

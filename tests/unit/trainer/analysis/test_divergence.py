@@ -221,3 +221,50 @@ def test_compare_on_cuda():
     assert same["kl"] == 0.0 and same["top1_agree"] == 1.0
     # a CPU tensor compared with a CUDA reference is moved, not rejected
     _assert_close(LogitsReference(a.cuda()).compare(b), _reference(a, b))
+
+
+@pytest.mark.parametrize(
+    ("n", "v"), [(5, 1), (5, 255), (6, 256), (9, 32_000), (4, 1000), (4, 50_257)]
+)
+def test_first_argmax_is_the_first_maximum(n, v):
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(n, v, generator=g).to(torch.bfloat16).float()  # bf16 values: many ties
+    x[0] = x[0].max()  # a row of one value: index 0
+    if v > 300:
+        x[1, 7] = x[1, -1] = x[1].max() + 1  # tie between the first segment and the tail
+        x[2, -1] = x[2].max() + 1  # the tail alone
+        x[3, 130] = x[3, 129] = x[3].max() + 1  # tie inside one segment
+    got = divergence.first_argmax(x)
+    assert got.tolist() == np.argmax(x.numpy(), axis=-1).tolist()
+    assert got.tolist() == x.argmax(dim=-1).tolist()
+    signed_zero = torch.tensor([[-1.0] * 300 + [-0.0, 0.0, -2.0]])
+    assert divergence.first_argmax(signed_zero).tolist() == [300]
+
+
+def test_tiny_kl_keeps_its_relative_accuracy():
+    # a fine-tune's masked variants differ by ~1e-4 in the logits: KL ~ 1e-9, far below the
+    # rounding of two float32 log-softmaxes of ~10 (which would leave nothing but noise)
+    a, b = _pair(16, 32_000, 1e-4, seed=21)
+    got, ref = LogitsReference(a).compare(b), _reference(a, b)
+    assert 0 < ref["kl"] < 1e-7
+    assert got["kl"] == pytest.approx(ref["kl"], rel=1e-3)
+
+
+def test_widely_spread_logits_take_the_exact_path():
+    # d = a - b far below -60: exp(-d) times an underflowed probability would be lost
+    a, b = _pair(6, 50, 0.1, seed=22)
+    a[:, 3] = -150.0
+    b[:, 3] = 0.0
+    b[2, 5] = 200.0  # exp(-d) overflows in this row
+    got, ref = LogitsReference(a).compare(b), _reference(a, b)
+    _assert_close(got, ref)
+    assert got["kl"] > 1.0
+
+
+def test_overflowing_squares_are_still_finite_rows():
+    a, b = _pair(4, 8, 0.5, seed=23)
+    a[1, 2] = 1e20  # its square overflows float32; the row is finite all the same
+    b[1, 2] = 1e20
+    r = LogitsReference(a).compare(b)
+    assert r["nonfinite_rows"] == 0
+    assert r["top1_agree"] == _reference(a, b)["top1_agree"]
