@@ -132,10 +132,18 @@ def _rank_counts(
         # counts stay on the device until the pass is over: one synchronisation, not one per chunk
         for c in delta.stream():
             bits = c.delta.abs().view(torch.int32)
-            row = torch.stack([(bits > v).sum() for v in vbs] + [(bits == v).sum() for v in vbs])
-            mine[index[c.name]] += row.view(2, -1)
+            # integer sign tricks instead of boolean comparisons (several times faster on CPUs)
+            above = [_count_above(bits, v) for v in vbs]
+            ties = [_count_above(bits, v - 1) - a for v, a in zip(vbs, above, strict=True)]
+            mine[index[c.name]] += torch.stack(above + ties).view(2, -1)
         table = all_reduce_(table, "sum").cpu()
     return table[:, :, 0], table[:, :, 1]
+
+
+def _count_above(bits: torch.Tensor, v: int) -> torch.Tensor:
+    """Number of entries of the non-negative int32 ``bits`` greater than ``v`` (``v >= -1``):
+    the sign bit of ``v - bits``, summed (``v - bits`` cannot overflow for such operands)."""
+    return -torch.rsub(bits, v).bitwise_right_shift_(31).sum(dtype=torch.int64)
 
 
 def _tie_cutoffs(delta: ParameterDelta, vb: int, eq: list[list[int]], need: int) -> dict[str, int]:
@@ -182,11 +190,12 @@ def _budget_drop(vb: int, cut: dict[str, int]) -> DropFn:
         name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
     ) -> torch.Tensor:
         assert abs_bits is not None
-        keep = abs_bits > vb
+        # drop iff |d| < vb, or |d| == vb past this rank's last kept tie: sign of |d| - bound
+        torch.sub(abs_bits, vb + 1, out=out)
         last = cut.get(name, -1)
         if last >= offset:
             hi = min(last - offset + 1, abs_bits.numel())
-            keep[:hi] |= abs_bits[:hi] == vb
-        return out.copy_(keep).sub_(1)
+            torch.sub(abs_bits[:hi], vb, out=out[:hi])
+        return out.bitwise_right_shift_(31)
 
     return drop

@@ -276,12 +276,19 @@ def keep_ratio_thresholds(
     hist_hi: torch.Tensor | None = None
     n_total = 0
     for d in chunks():
-        bits = _abs_bits(d)
         n_total += d.numel()
-        h = torch.bincount(bits >> 16, minlength=_HI_BINS + 1)
+        h = torch.bincount(_abs_bits(d) >> 16, minlength=_HI_BINS)
         hist_hi = h if hist_hi is None else hist_hi + h
     if hist_hi is None:
-        hist_hi = torch.zeros(_HI_BINS + 1, dtype=torch.long, device=device)
+        hist_hi = torch.zeros(_HI_BINS, dtype=torch.long, device=device)
+    # every non-finite |delta| (high half >= that of +inf) goes to one extra, top bin
+    hist_hi = torch.cat(
+        [
+            hist_hi[:_INF_HI],
+            hist_hi.new_zeros(_HI_BINS - _INF_HI),
+            hist_hi[_INF_HI:].sum(0, keepdim=True),
+        ]
+    )
     total = reduce(torch.tensor([n_total], dtype=torch.long, device=hist_hi.device))
     hist_hi = reduce(hist_hi)
     n = int(total.item())
@@ -327,9 +334,9 @@ def keep_ratio_thresholds(
     return out
 
 
+_INF_HI = 0x7F80  # high half of +inf; NaNs lie above it, every finite |x| below
+
+
 def _abs_bits(d: torch.Tensor) -> torch.Tensor:
-    a = d.float().abs()
-    a = torch.where(torch.isfinite(a), a, torch.full_like(a, float("inf")))
-    bits = a.view(torch.int32).long()
-    # +inf is 0x7F800000 -> high half 0x7F80 = 32640 < 2^15; route it to the overflow bin.
-    return torch.where(bits >= 0x7F800000, torch.full_like(bits, _HI_BINS << 16), bits)
+    """int32 bit patterns of ``|d|`` (monotone in the value; non-finite ones at the top)."""
+    return d.float().abs().view(torch.int32)

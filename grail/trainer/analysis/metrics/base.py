@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AnalysisContext", "MetricComputer"]
 
+T = TypeVar("T")
+
 
 @dataclass
 class AnalysisContext:
@@ -37,7 +40,8 @@ class AnalysisContext:
 
     ``inputs`` is whatever the caller passed (dict, ``BatchEncoding``, tensor, tuple or None);
     ``attention_mask`` is extracted from it when present; ``metadata`` holds the extra keyword
-    arguments of ``on_optimizer_step``.
+    arguments of ``on_optimizer_step``. A context lives for one measurement; :meth:`shared` lets
+    computers reuse each other's work within it.
     """
 
     model: nn.Module | None = None
@@ -46,6 +50,21 @@ class AnalysisContext:
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def shared(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()`` the first time ``key`` is asked for in this measurement, the same object
+        afterwards: the full model's logits on the probe batch, for instance, are computed once
+        for the sparse and the low-rank computers. Every rank asks in the same order, so work
+        with collectives inside ``make`` stays aligned.
+
+        >>> ctx = AnalysisContext()
+        >>> ctx.shared("x", lambda: [1]) is ctx.shared("x", lambda: [2])
+        True
+        """
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
 
 class MetricComputer(ABC):

@@ -242,7 +242,8 @@ class LowRankMetrics(MetricComputer):
         out["lowrank/randomized_matrices"] = float(sum(not s.exact for s in spectra.values()))
         out["lowrank/nonfinite_matrices"] = float(len(nonfinite))
         if not isinstance(prepared, str) and spectra:
-            out.update(self._quality(model, prepared, delta, spectra))
+            assert model is not None and context is not None
+            out.update(self._quality(context, model, prepared, delta, spectra))
         return out
 
     def _spectra(
@@ -284,6 +285,7 @@ class LowRankMetrics(MetricComputer):
     # --- output quality --------------------------------------------------------------------
     def _quality(
         self,
+        context: AnalysisContext,
         model: nn.Module,
         prepared: PreparedInputs,
         delta: ParameterDelta,
@@ -294,11 +296,13 @@ class LowRankMetrics(MetricComputer):
         budgets = [min(size, sum(r * sum(s.shape) for s in spectra.values())) for r in self.ranks]
         drops = exact_budget_drops(view, budgets)
         with analysis_mode(model):
-            comparisons = Comparisons(LogitsReference(self._forward(model, prepared)))
+            key = ("reference_logits", self.max_tokens, self.output_fn)  # as sparse quality
+            reference = context.shared(key, lambda: LogitsReference(self._forward(model, prepared)))
+            comparisons = Comparisons(reference)
             for r, drop in zip(self.ranks, drops, strict=True):
                 with ModulePatch(model, self._truncations(delta, spectra, r)):
                     comparisons.add(f"lowrank/{{}}_at_r{r}", self._forward(model, prepared))
-                with SelectPatch(view, drop):
+                with SelectPatch(view, drop, count_dropped=False, count_changed=False):
                     comparisons.add(f"sparse/{{}}_at_budget_r{r}", self._forward(model, prepared))
         results = comparisons.results()  # token-weighted over every rank's batch
         out: dict[str, float] = {}

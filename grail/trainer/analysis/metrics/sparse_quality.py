@@ -192,7 +192,7 @@ class SparseQualityMetrics(MetricComputer):
         seed = mix_seed(self.seed, context.step)
         out: dict[str, float] = {}
         with analysis_mode(model):
-            comparisons = Comparisons(LogitsReference(self._forward(model, prepared)))
+            comparisons = Comparisons(self._reference(context, model, prepared))
             changed: int | None = None  # the same for every threshold: counted once
             for label, threshold in targets:
                 counting = changed is None
@@ -234,3 +234,11 @@ class SparseQualityMetrics(MetricComputer):
 
     def _forward(self, model: torch.nn.Module, prepared: PreparedInputs) -> torch.Tensor:
         return run_forward(model, prepared, self.output_fn)
+
+    def _reference(
+        self, context: AnalysisContext, model: torch.nn.Module, prepared: PreparedInputs
+    ) -> LogitsReference:
+        """The full update's logits, shared with other computers of this measurement that
+        prepare the same batch (same token cap and output function)."""
+        key = ("reference_logits", self.max_tokens, self.output_fn)
+        return context.shared(key, lambda: LogitsReference(self._forward(model, prepared)))

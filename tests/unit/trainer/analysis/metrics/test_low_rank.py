@@ -326,3 +326,24 @@ def test_config_registry_and_manager() -> None:
         LowRankMetrics(ranks=[])
     with pytest.raises(ValueError, match="method"):
         LowRankMetrics(method="qr")
+
+
+def test_sparse_and_low_rank_share_one_reference_forward_per_measurement():
+    from grail.trainer.analysis.metrics.sparse_quality import SparseQualityMetrics
+
+    model, delta, _, ctx = _setup()
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    sparse, low = SparseQualityMetrics(), LowRankMetrics(ranks=RANKS)
+    alone = {**sparse.compute(delta, context=ctx)}
+    alone |= low.compute(delta, context=AnalysisContext(model=model, inputs=_inputs(), step=3))
+    n_alone = len(calls)
+    calls.clear()
+    shared_ctx = AnalysisContext(model=model, inputs=_inputs(), step=3)
+    together = {**sparse.compute(delta, context=shared_ctx)}
+    together |= low.compute(delta, context=shared_ctx)
+    handle.remove()
+    # sparse: full, magnitude, random; low rank: 3 ranks + 3 equal budgets (+ its own full)
+    assert n_alone == 3 + 2 * len(RANKS) + 1
+    assert len(calls) == n_alone - 1
+    assert together == alone
