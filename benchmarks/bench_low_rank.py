@@ -44,29 +44,32 @@ def main() -> None:
     delta = old.compute_delta(ParameterSnapshot.live(model))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 32000, (4, 128), generator=gen).to(dev)
-    ctx = AnalysisContext(
-        model=model, inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}, step=1
-    )
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def ctx() -> AnalysisContext:  # one per measurement, as the manager makes them
+        return AnalysisContext(model=model, inputs=inputs, step=1)
+
     cfg = AnalysisConfig.comprehensive(low_rank_track_components=False)
     sparse = SparseQualityMetrics.from_config(AnalysisConfig())
     cases = {
-        "sparse quality (defaults: 1e-06 + random)": lambda: sparse.compute(delta, context=ctx),
+        "sparse quality (defaults: 1e-06 + random)": lambda: sparse.compute(delta, context=ctx()),
         "low-rank, whole computer (ranks 1/8/64)": lambda: LowRankMetrics.from_config(cfg).compute(
-            delta, context=ctx
+            delta, context=ctx()
         ),
         "low-rank, spectrum only": lambda: LowRankMetrics.from_config(
             cfg
         ).compute(delta, context=AnalysisContext(model=model, step=1)),
     }
+
     def both() -> None:  # one measurement of the comprehensive preset: the reference is shared
-        shared = AnalysisContext(model=model, inputs=ctx.inputs, step=1)
+        shared = ctx()
         sparse.compute(delta, context=shared)
         LowRankMetrics.from_config(cfg).compute(delta, context=shared)
 
     cases["sparse + low-rank in one measurement"] = both
     if not args.skip_svd:
         cases["low-rank, whole, method=svd"] = lambda: LowRankMetrics(method="svd").compute(
-            delta, context=ctx
+            delta, context=ctx()
         )
 
     def forward() -> None:

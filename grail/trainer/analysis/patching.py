@@ -87,9 +87,15 @@ class _Patched:
     index: torch.Tensor | None = None  # fallback path: positions written ...
     saved: torch.Tensor | None = None  # ... and their original values
     packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the swap mask, 1 bit an entry
+    drop: DropFn | None = None  # the mask in place (recomputed to undo where not packed)
 
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _pack_on(device: torch.device) -> bool:
+    """Keep swap masks packed for the undo (host memory), or recompute them (accelerators)."""
+    return device.type == "cpu"
 
 
 class SelectPatch:
@@ -107,6 +113,7 @@ class SelectPatch:
     ``count_dropped`` / ``count_changed`` turn off the counts behind :meth:`dropped_count` and
     :meth:`changed_count` when they are not needed: a position-only mask (such as
     :func:`~grail.trainer.analysis.masks.random_drop`) then never computes the delta at all.
+    :meth:`switch` moves to another mask in one pass, without going back to ``W_new`` between.
     """
 
     def __init__(
@@ -161,30 +168,38 @@ class SelectPatch:
         return p.view(-1), s.view(-1)
 
     def _buffers(self, device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
+        """float32 delta, two int32 masks and a raw byte buffer for ``n`` entries (reused)."""
         bufs = self._scratch.get(device)
         if bufs is None or bufs[0].numel() < n:
             size = max(n, chunk_numel(device))
             bufs = (
                 torch.empty(size, dtype=torch.float32, device=device),
                 torch.empty(size, dtype=torch.int32, device=device),
+                torch.empty(size, dtype=torch.int32, device=device),
                 torch.empty(size * 8, dtype=torch.uint8, device=device),
             )
             self._scratch[device] = bufs
-        return bufs[0][:n], bufs[1][:n], bufs[2]
+        return bufs[0][:n], bufs[1][:n], bufs[2][:n], bufs[3]
 
     def _mask(
-        self, name: str, start: int, pc: torch.Tensor, sd: torch.Tensor, count: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """int32 mask, -1 where the entry is dropped (changed or not); and a raw scratch buffer."""
-        n = pc.numel()
-        d, m, raw = self._buffers(pc.device, n)
+        self,
+        name: str,
+        start: int,
+        pc: torch.Tensor,
+        sd: torch.Tensor,
+        drop: DropFn,
+        out: torch.Tensor,
+        count: bool = False,
+    ) -> torch.Tensor:
+        """int32 mask in ``out``, -1 where ``drop`` drops the entry (changed or not)."""
+        d = self._buffers(pc.device, pc.numel())[0]
         info = self.delta.shard(name)
         counting = count and info.owner
         abs_bits = None
-        if uses_delta(self.drop) or (counting and self.count_changed):
+        if uses_delta(drop) or (counting and self.count_changed):
             float32_delta_(d, pc, sd)
             abs_bits = d.abs_().view(torch.int32)
-        m = self.drop(name, info.offset + start, abs_bits, m)
+        m = drop(name, info.offset + start, abs_bits, out)
         # int32 sums: exact (a chunk has < 2^31 entries), and no int64 copy of the mask
         if counting and self.count_dropped:
             self._dropped.append(-m.sum(dtype=torch.int32))
@@ -192,7 +207,7 @@ class SelectPatch:
             # changed iff |d| > 0 (NaN included): the sign bit of -bits
             changed = abs_bits.neg_().bitwise_right_shift_(31)
             self._changed.append(-changed.sum(dtype=torch.int32))
-        return m, raw
+        return m
 
     def _patch_tensor(self, name: str) -> None:
         p, s = self._views(name)
@@ -201,20 +216,79 @@ class SelectPatch:
             stop = min(start + step, p.numel())
             pc, sc = p[start:stop], s[start:stop]
             sd = sc.to(pc.device, non_blocking=True) if sc.device != pc.device else sc
-            m, raw = self._mask(name, start, pc, sd, count=True)
+            d, m, _, raw = self._buffers(pc.device, pc.numel())
+            m = self._mask(name, start, pc, sd, self.drop, m, count=True)
             if pc.dtype == sc.dtype:
-                scratch = self._buffers(pc.device, m.numel())[0].view(torch.int32)
-                packed = pack_mask(m, scratch) if pc.device.type == "cpu" else None
+                packed = pack_mask(m, d.view(torch.int32)) if _pack_on(pc.device) else None
                 self._xor_swap(pc, sd, m, raw)
                 if sd is not sc:
                     sc.copy_(sd, non_blocking=sc.is_pinned())
-                self._done.append(_Patched(name, start, stop, packed=packed))
+                self._done.append(_Patched(name, start, stop, packed=packed, drop=self.drop))
             else:
                 idx = m.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     continue
                 self._done.append(_Patched(name, start, stop, idx, pc[idx]))
                 pc[idx] = sd[idx].to(pc.dtype)
+
+    def _current_mask(
+        self, rec: _Patched, pc: torch.Tensor, sd: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        """The mask a swapped chunk is in: unpacked, or recomputed (``|delta|`` is unchanged)."""
+        if rec.packed is not None:
+            return unpack_mask(rec.packed, out)
+        assert rec.drop is not None
+        return self._mask(rec.name, rec.start, pc, sd, rec.drop, out)
+
+    def switch(
+        self, drop: DropFn, *, count_dropped: bool = False, count_changed: bool = False
+    ) -> None:
+        """Within the context, move from the current mask to ``drop``'s: the same state as
+        leaving and entering again with ``drop``, but each chunk is visited once and swapped
+        only where the two masks differ. Counts restart with the given flags.
+
+        >>> import torch
+        >>> from grail.trainer.analysis.primitives import ParameterSnapshot
+        >>> from grail.trainer.analysis.masks import magnitude_drop
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> old, w_old = ParameterSnapshot(model), model.weight.detach().clone()
+        >>> with torch.no_grad():
+        ...     model.weight += torch.tensor([[1e-3, 1.0]])
+        >>> w_new = model.weight.detach().clone()
+        >>> delta = old.compute_delta(ParameterSnapshot.live(model))
+        >>> with torch.no_grad(), SelectPatch(delta, magnitude_drop(0.1)) as patch:
+        ...     patch.switch(magnitude_drop(10.0))  # now everything is W_old
+        ...     torch.equal(model.weight, w_old)
+        True
+        >>> torch.equal(model.weight, w_new)
+        True
+        """
+        data_new, data_old = self.delta.new.data, self.delta.old.data
+        if any(data_new[n].dtype != data_old[n].dtype for n in self.delta.names):
+            # dropped values were saved, not swapped: go back and patch again
+            self._restore()
+            self.drop, self.count_dropped, self.count_changed = drop, count_dropped, count_changed
+            self._dropped, self._changed = [], []
+            self.__enter__()
+            return
+        self.drop, self.count_dropped, self.count_changed = drop, count_dropped, count_changed
+        self._dropped, self._changed = [], []
+        try:
+            for rec in self._done:
+                p, s = self._views(rec.name)
+                pc, sc = p[rec.start : rec.stop], s[rec.start : rec.stop]
+                sd = sc.to(pc.device, non_blocking=True) if sc.device != pc.device else sc
+                d, before, after, raw = self._buffers(pc.device, pc.numel())
+                before = self._current_mask(rec, pc, sd, before)
+                after = self._mask(rec.name, rec.start, pc, sd, drop, after, count=True)
+                packed = pack_mask(after, d.view(torch.int32)) if rec.packed is not None else None
+                self._xor_swap(pc, sd, before.bitwise_xor_(after), raw)
+                if sd is not sc:
+                    sc.copy_(sd, non_blocking=sc.is_pinned())
+                rec.packed, rec.drop = packed, drop
+        except BaseException:
+            self._restore()
+            raise
 
     @staticmethod
     def _xor_swap(pc: torch.Tensor, sd: torch.Tensor, m: torch.Tensor, raw: torch.Tensor) -> None:
@@ -244,12 +318,8 @@ class SelectPatch:
                 pc[rec.index] = rec.saved
                 continue
             sd = sc.to(pc.device) if sc.device != pc.device else sc
-            if rec.packed is not None:
-                _, m, raw = self._buffers(pc.device, pc.numel())
-                m = unpack_mask(rec.packed, m)
-            else:
-                m, raw = self._mask(rec.name, rec.start, pc, sd)
-            self._xor_swap(pc, sd, m, raw)
+            _, m, _, raw = self._buffers(pc.device, pc.numel())
+            self._xor_swap(pc, sd, self._current_mask(rec, pc, sd, m), raw)
             if sd is not sc:
                 sc.copy_(sd, non_blocking=sc.is_pinned())
 

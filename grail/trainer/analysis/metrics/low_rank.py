@@ -87,7 +87,7 @@ from torch import nn
 from ..budget_mask import exact_budget_drops, subset_delta
 from ..config import AnalysisConfig
 from ..distributed import local_tensor, unwrap_model
-from ..divergence import Comparisons, LogitsReference
+from ..divergence import Comparisons
 from ..forward import PreparedInputs, agree_across_ranks, prepare_inputs, run_forward
 from ..masks import mix_seed
 from ..naming import ParameterNaming
@@ -96,6 +96,7 @@ from ..primitives import ParameterDelta, collect_parameters
 from ..sharded_spectrum import sharded_spectra
 from ..spectrum import Spectrum, aggregate_spectra, matrix_spectrum, spectrum_layout
 from .base import AnalysisContext, MetricComputer
+from .sparse_quality import shared_reference
 
 __all__ = ["LowRankMetrics", "low_rank_targets"]
 
@@ -296,8 +297,10 @@ class LowRankMetrics(MetricComputer):
         budgets = [min(size, sum(r * sum(s.shape) for s in spectra.values())) for r in self.ranks]
         drops = exact_budget_drops(view, budgets)
         with analysis_mode(model):
-            key = ("reference_logits", self.max_tokens, self.output_fn)  # as sparse quality
-            reference = context.shared(key, lambda: LogitsReference(self._forward(model, prepared)))
+            reference = shared_reference(
+                context, delta, self.max_tokens, self.output_fn,
+                lambda: self._forward(model, prepared),
+            )  # fmt: skip
             comparisons = Comparisons(reference)
             for r, drop in zip(self.ranks, drops, strict=True):
                 with ModulePatch(model, self._truncations(delta, spectra, r)):

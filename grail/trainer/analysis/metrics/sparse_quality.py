@@ -79,7 +79,7 @@ from ..patching import ModulePatch, SelectPatch, analysis_mode
 from ..primitives import ParameterDelta
 from .base import AnalysisContext, MetricComputer
 
-__all__ = ["SparseQualityMetrics", "format_keep_ratio"]
+__all__ = ["SparseQualityMetrics", "format_keep_ratio", "shared_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,27 +192,28 @@ class SparseQualityMetrics(MetricComputer):
         seed = mix_seed(self.seed, context.step)
         out: dict[str, float] = {}
         with analysis_mode(model):
-            comparisons = Comparisons(self._reference(context, model, prepared))
+            comparisons = Comparisons(self._reference(context, model, prepared, delta))
             changed: int | None = None  # the same for every threshold: counted once
             for label, threshold in targets:
                 counting = changed is None
-                with SelectPatch(delta, magnitude_drop(threshold), count_changed=counting) as patch:
+                drop = magnitude_drop(threshold)
+                with SelectPatch(delta, drop, count_changed=counting) as patch:
                     comparisons.add(label, self._forward(model, prepared))
-                dropped = self._global_count(delta, patch.dropped_count())
-                if changed is None:
-                    changed = self._global_count(delta, patch.changed_count())
+                    dropped = self._global_count(delta, patch.dropped_count())
+                    if changed is None:
+                        changed = self._global_count(delta, patch.changed_count())
+                    # Equal budget: as many kept changes as the magnitude mask, on average.
+                    # Entries the update did not touch are identical either way, so only
+                    # changed ones draw.
+                    prob = min(1.0, (total - dropped) / changed) if changed else 0.0
+                    if self.include_random:  # straight from one mask to the other
+                        patch.switch(random_drop(prob, seed))
+                        comparisons.add(f"{label}_random", self._forward(model, prepared))
                 keep = 1.0 - dropped / total if total else 0.0
                 out[f"sparse/kept_ratio_at_{label}"] = keep
                 out[f"sparse/unchanged_ratio_at_{label}"] = 1.0 - keep
                 if label.startswith("keep_"):
                     out[f"sparse/threshold_at_{label}"] = threshold
-                # Equal budget: as many kept changes as the magnitude mask, on average. Entries
-                # the update did not touch are identical either way, so only changed ones draw.
-                prob = min(1.0, (total - dropped) / changed) if changed else 0.0
-                if self.include_random:
-                    drop = random_drop(prob, seed)
-                    with SelectPatch(delta, drop, count_dropped=False, count_changed=False):
-                        comparisons.add(f"{label}_random", self._forward(model, prepared))
                 if self.rescale_random and prob > 0.0:
                     with ModulePatch(model, self._dare(delta, prob, seed)):
                         comparisons.add(f"{label}_dare", self._forward(model, prepared))
@@ -236,9 +237,30 @@ class SparseQualityMetrics(MetricComputer):
         return run_forward(model, prepared, self.output_fn)
 
     def _reference(
-        self, context: AnalysisContext, model: torch.nn.Module, prepared: PreparedInputs
+        self,
+        context: AnalysisContext,
+        model: torch.nn.Module,
+        prepared: PreparedInputs,
+        delta: ParameterDelta,
     ) -> LogitsReference:
-        """The full update's logits, shared with other computers of this measurement that
-        prepare the same batch (same token cap and output function)."""
-        key = ("reference_logits", self.max_tokens, self.output_fn)
-        return context.shared(key, lambda: LogitsReference(self._forward(model, prepared)))
+        """The full update's logits, shared with the other computers of this measurement that
+        prepare the same batch (see :func:`shared_reference`)."""
+        return shared_reference(
+            context, delta, self.max_tokens, self.output_fn, lambda: self._forward(model, prepared)
+        )
+
+
+def shared_reference(
+    context: AnalysisContext,
+    delta: ParameterDelta,
+    max_tokens: int,
+    output_fn: Callable[[Any], torch.Tensor] | None,
+    forward: Callable[[], torch.Tensor],
+) -> LogitsReference:
+    """:class:`LogitsReference` of ``forward()`` (the unpatched model on the prepared batch),
+    computed once per context, delta, token cap and output function: the sparse and low-rank
+    computers of one measurement share it instead of running the same forward pass twice."""
+    key = ("reference_logits", id(delta), max_tokens, output_fn)
+    # the delta is kept with the value, so its id cannot be reused while the entry exists
+    _, reference = context.shared(key, lambda: (delta, LogitsReference(forward())))
+    return reference

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from grail.trainer.analysis import patching
 from grail.trainer.analysis.masks import magnitude_drop, random_drop, random_keep_mask
 from grail.trainer.analysis.patching import ModulePatch, SelectPatch, analysis_mode
 from grail.trainer.analysis.primitives import ParameterSnapshot
@@ -194,3 +195,74 @@ def test_float64_entry_closer_than_float32_resolution_is_restored_bit_exactly():
     with SelectPatch(snap.compute_delta(ParameterSnapshot.live(model)), magnitude_drop(1e-7)):
         pass
     assert torch.equal(model.weight, before) and torch.equal(snap.data["weight"], old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("snapshot_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "recomputed"])
+def test_switch_between_masks_gives_each_mask_and_restores_exactly(
+    dtype, snapshot_dtype, packed, monkeypatch
+):
+    # "recomputed" is what accelerators do: the undo recomputes each chunk's current mask
+    monkeypatch.setattr(patching, "_pack_on", lambda device: packed)
+    big = dtype == torch.float32 and snapshot_dtype is None  # several chunks
+    model = _model(dtype, big=big)
+    snap = ParameterSnapshot(model, dtype=snapshot_dtype)
+    _update(model, scale=1e-2)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    old = {n: t.clone().to(dtype) for n, t in snap.data.items()}
+    new = {n: p.detach().clone() for n, p in model.named_parameters()}
+    old_bits = {n: t.clone() for n, t in snap.data.items()}
+
+    def magnitude(t):
+        return {n: (new[n].float() - old[n].float()).abs() > f32_floor(t) for n in new}
+
+    def random(keep, seed):
+        return {
+            n: random_keep_mask(new[n].numel(), keep, seed, n, 0, "cpu").view(new[n].shape)
+            for n in new
+        }
+
+    steps = [
+        (magnitude_drop(2e-3), magnitude(2e-3)),
+        (random_drop(0.4, seed=7), random(0.4, 7)),
+        (random_drop(0.9, seed=8), random(0.9, 8)),
+        (magnitude_drop(5e-3), magnitude(5e-3)),
+    ]
+    with SelectPatch(delta, steps[0][0]) as patch:
+        for i, (drop, keep) in enumerate(steps):
+            if i:
+                patch.switch(drop, count_dropped=True)
+                expect_dropped = sum(int((~k).sum()) for k in keep.values())
+                assert patch.dropped_count() == expect_dropped
+            expect = _expected(old, new, keep)
+            for n, p in model.named_parameters():
+                assert torch.equal(p, expect[n]), (i, n)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.view(torch.int8), new[n].view(torch.int8)), n
+        assert torch.equal(snap.data[n].view(torch.int8), old_bits[n].view(torch.int8)), n
+
+
+def test_failed_switch_restores_everything():
+    model = _model(big=True)
+    snap = ParameterSnapshot(model)
+    _update(model)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    before, snap_before = state(model), {n: t.clone() for n, t in snap.data.items()}
+    inner = random_drop(0.3, seed=1)
+    calls = []
+
+    def flaky(name, offset, bits, out):
+        calls.append(name)
+        if len(calls) == 3:  # after some chunks already moved to the new mask
+            raise RuntimeError("mask failed")
+        return inner(name, offset, bits, out)
+
+    with (
+        pytest.raises(RuntimeError, match="mask failed"),
+        SelectPatch(delta, magnitude_drop(1e-3)) as patch,
+    ):
+        patch.switch(flaky)
+    assert_same_state(before, state(model))
+    for n in snap.data:
+        assert torch.equal(snap.data[n], snap_before[n])
