@@ -302,10 +302,14 @@ class LowRankMetrics(MetricComputer):
                 lambda: self._forward(model, prepared),
             )  # fmt: skip
             comparisons = Comparisons(reference)
-            for r, drop in zip(self.ranks, drops, strict=True):
+            for r in self.ranks:
                 with ModulePatch(model, self._truncations(delta, spectra, r)):
                     comparisons.add(f"lowrank/{{}}_at_r{r}", self._forward(model, prepared))
-                with SelectPatch(view, drop, count_dropped=False, count_changed=False):
+            # the equal-budget masks one after the other, without going back to W_new between
+            with SelectPatch(view, drops[0], count_dropped=False, count_changed=False) as patch:
+                for i, (r, drop) in enumerate(zip(self.ranks, drops, strict=True)):
+                    if i:
+                        patch.switch(drop)
                     comparisons.add(f"sparse/{{}}_at_budget_r{r}", self._forward(model, prepared))
         results = comparisons.results()  # token-weighted over every rank's batch
         out: dict[str, float] = {}
