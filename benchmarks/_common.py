@@ -105,6 +105,22 @@ def best_of(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def paired(
+    fn: Callable[[], Any], base: Callable[[], Any], repeat: int = 5, warmup: int = 1
+) -> tuple[float, float, float]:
+    """``(median time of fn, median time of base, median of the per-pair ratios)``, the two
+    timed alternately so that drifts in machine speed hit both alike."""
+    for _ in range(warmup):
+        base()
+        fn()
+    t_fn, t_base = [], []
+    for _ in range(repeat):
+        t_base.append(best_of(base, repeat=1, warmup=0))
+        t_fn.append(best_of(fn, repeat=1, warmup=0))
+    ratios = [a / b for a, b in zip(t_fn, t_base, strict=True)]
+    return statistics.median(t_fn), statistics.median(t_base), statistics.median(ratios)
+
+
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE

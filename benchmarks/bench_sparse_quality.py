@@ -3,8 +3,9 @@
 Same ~58M Qwen2-style model as ``bench_param_change.py``, batch 4 x 128, fp32 and bf16, one
 threshold (1e-6) with the random baseline: the computer runs three forwards (full, magnitude,
 random) plus the masking and the comparisons; the floor is three forwards of the unpatched model
-in eval mode under ``no_grad``. Also the peak RSS above model + snapshot, in units of the
-model's bytes and of one logits tensor.
+in eval mode under ``no_grad``, timed alternately with the computer (median of the per-pair
+ratios). Also the peak RSS above model + snapshot, in units of the model's bytes and of one
+logits tensor.
 
 Run: ``python benchmarks/bench_sparse_quality.py [--device cuda] [model size flags]``
 """
@@ -20,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     add_model_args,
-    best_of,
     model_bytes,
     model_from_args,
+    paired,
     peak_memory,
     simulate_update,
     table,
@@ -46,16 +47,20 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
                 model(input_ids=ids, use_cache=False).logits.float().sum().item()
 
     computer = SparseQualityMetrics(thresholds=[1e-6])
-    ctx = AnalysisContext(model=model, inputs={"input_ids": ids}, step=1)
+
+    def ctx() -> AnalysisContext:  # one per measurement, as the manager makes them
+        return AnalysisContext(model=model, inputs={"input_ids": ids}, step=1)
+
     live = ParameterSnapshot.live(model)
-    t_floor = best_of(floor)
-    t_sparse = best_of(lambda: computer.compute(snap.compute_delta(live), context=ctx))
+    t_sparse, t_floor, ratio = paired(
+        lambda: computer.compute(snap.compute_delta(live), context=ctx()), floor, args.repeat
+    )
     with peak_memory(args.device) as mem:
-        metrics = computer.compute(snap.compute_delta(live), context=ctx)
+        metrics = computer.compute(snap.compute_delta(live), context=ctx())
     logits_bytes = args.batch * args.seq * args.vocab * 4
     return {
         "dtype": str(dtype).removeprefix("torch."),
-        "computer / 3 forwards": f"{t_sparse / t_floor:.2f}",
+        "computer / 3 forwards": f"{ratio:.2f}",
         "computer s": f"{t_sparse:.3f}",
         "floor s": f"{t_floor:.3f}",
         "kept at 1e-6": f"{metrics['sparse/kept_ratio_at_1e-06']:.3f}",
@@ -68,6 +73,7 @@ def main() -> None:
     parser = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=5, help="timed pairs (median ratio)")
     args = parser.parse_args()
     rows = [run(getattr(torch, d), args) for d in args.dtypes.split(",")]
     print(f"device: {args.device}  threads: {torch.get_num_threads()}")
