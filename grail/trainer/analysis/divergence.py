@@ -3,15 +3,20 @@ r"""How different are two sets of logits: pure tensor functions with exact defin
 For logits :math:`a, b \in \mathbb{R}^{N \times V}` (one row per compared position, already
 restricted to unmasked tokens) and :math:`P = \mathrm{softmax}(a)`, :math:`Q = \mathrm{softmax}(b)`:
 
-* ``kl``: :math:`\frac{1}{N}\sum_i \max(0, \sum_v P_{iv}(\log P_{iv} - \log Q_{iv}))`, from
-  ``log_softmax`` in float32 (the clamp removes rounding noise around an exact 0);
+* ``kl``: :math:`\frac{1}{N}\sum_i \max(0, \sum_v P_{iv}(\log P_{iv} - \log Q_{iv}))`. With
+  :math:`d = a - b` a row's KL is :math:`P \cdot d + \log(1 + P \cdot \mathrm{expm1}(-d))`:
+  both terms come from the difference itself, so a KL of 1e-9 keeps its relative accuracy
+  (two float32 log-softmaxes of ~10 would leave only rounding noise). Rows where some
+  :math:`d_v < -60` (the product of an underflowed probability and a huge :math:`e^{-d}` would
+  be lost) use two log-softmaxes instead. The clamp removes rounding noise around an exact 0;
 * ``cosine``: :math:`\frac{1}{N}\sum_i \frac{a_i \cdot b_i}{\lVert a_i\rVert\lVert b_i\rVert}`;
 * ``mse``: :math:`\frac{1}{NV}\sum_{i,v}(a_{iv} - b_{iv})^2`;
 * ``top1_agree``: fraction of rows with :math:`\arg\max a_i = \arg\max b_i`.
 
 Rows where either side has a non-finite logit are excluded and counted (``nonfinite_rows``); with
-no finite row left every value is NaN, never a reassuring 1.0. Work is done in row blocks so the
-temporaries stay small when the vocabulary is large.
+no finite row left every value is NaN, never a reassuring 1.0. Work is done in row blocks with
+buffers allocated once, so the temporaries stay small when the vocabulary is large and no
+operation pays for a fresh allocation.
 
 Example:
     >>> import torch
