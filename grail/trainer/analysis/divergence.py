@@ -88,12 +88,17 @@ class LogitsReference:
             a, b, p = self.logits[s:e], other[s:e], self.probs[s:e]
             diff = torch.sub(a, b, out=diff_buf[: (e - s) * v].view(e - s, v))
             sq[s:e] = _rowdot(diff, diff, prod)
-            min_diff[s:e] = diff.amin(dim=-1) if v else 0.0
             # KL(P||Q) = P.d + log(sum P exp(-d)) with d = a - b, both terms from d directly
-            # (no difference of two log-sum-exps): relative accuracy even for a tiny KL.
-            pd = _rowdot(p, diff, prod).double()
-            pe = _rowdot(p, diff.neg_().expm1_(), prod).double()
+            # (no difference of two log-sum-exps): relative accuracy even for a tiny KL. The
+            # KL ignores a constant shift of a row of d, so d is first centred on its P-mean:
+            # logits that moved together (as softmax allows) would otherwise make both terms
+            # large and their sum inaccurate.
             mass = self.mass[s:e]
+            centre = _rowdot(p, diff, prod).double() / mass
+            diff.sub_(centre.to(diff.dtype)[:, None])
+            min_diff[s:e] = diff.amin(dim=-1) if v else 0.0
+            pd = _rowdot(p, diff, prod).double()  # ~0: what the centring left in float32
+            pe = _rowdot(p, diff.neg_().expm1_(), prod).double()
             kl[s:e] = pd / mass + torch.log1p(pe / mass)
             dots[s:e] = _rowdot(a, b, prod)
             norm_b[s:e] = _rowdot(b, b, prod)
@@ -101,8 +106,10 @@ class LogitsReference:
         ok = self.finite & _finite_rows(other, norm_b)
         # exp(-d) loses the entries where P underflows once -d is large: exact path there
         redo = (ok & ((min_diff < -_EXP_SAFE) | ~torch.isfinite(kl))).nonzero().flatten()
-        if redo.numel():
-            kl[redo] = _kl_rows(self.logits[redo], other[redo])
+        step = _blocks(n, v)[0][1] if n else 1
+        for i in range(0, redo.numel(), step):  # in row blocks, like everything else
+            rows = redo[i : i + step]
+            kl[rows] = _kl_rows(self.logits[rows], other[rows])
         kl.clamp_(min=0.0)  # rounding noise around an exact 0
         denom = (self.norm * norm_b).sqrt()
         both_zero = (self.norm == 0) & (norm_b == 0)  # identical zero vectors: similarity 1
@@ -140,7 +147,7 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Te
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
     """float32 with unit stride along the classes (the views below need it)."""
-    x = logits.float()
+    x = logits.detach().float()
     return x if x.ndim != 2 or x.stride(-1) == 1 else x.contiguous()
 
 

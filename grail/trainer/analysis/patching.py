@@ -108,7 +108,7 @@ class SelectPatch:
     is kept packed (one bit an entry, 1/32 of a float32 model), on an accelerator it is
     recomputed from ``|W_new - W_old|``, which the swap leaves unchanged (device memory stays
     O(one chunk)). Entries the update did not change may be swapped too: their values are equal.
-    Otherwise (snapshot dtype differs) the dropped values are saved and written back.
+    Otherwise (snapshot dtype differs) the dropped changed values are saved and written back.
 
     ``count_dropped`` / ``count_changed`` turn off the counts behind :meth:`dropped_count` and
     :meth:`changed_count` when they are not needed: a position-only mask (such as
@@ -136,6 +136,8 @@ class SelectPatch:
     def changed_count(self) -> int:
         """Entries whose value differs between ``W_new`` and ``W_old``, counted like
         :meth:`dropped_count`."""
+        if not self.count_changed:
+            raise RuntimeError("changed entries are not counted: pass count_changed=True")
         if not self._changed:
             return 0
         return int(torch.stack([t.cpu() for t in self._changed]).sum(dtype=torch.int64))
@@ -143,6 +145,8 @@ class SelectPatch:
     def dropped_count(self) -> int:
         """Entries (changed or not) that the mask sends back to ``W_old``, counted while
         patching: this rank's local entries, replicated tensors on their owner rank only."""
+        if not self.count_dropped:
+            raise RuntimeError("dropped entries are not counted: pass count_dropped=True")
         if not self._dropped:
             return 0
         return int(torch.stack([t.cpu() for t in self._dropped]).sum(dtype=torch.int64))
@@ -221,10 +225,14 @@ class SelectPatch:
             if pc.dtype == sc.dtype:
                 packed = pack_mask(m, d.view(torch.int32)) if _pack_on(pc.device) else None
                 self._xor_swap(pc, sd, m, raw)
+                # recorded before anything else can fail, so that the undo sees this chunk
+                self._done.append(_Patched(name, start, stop, packed=packed, drop=self.drop))
                 if sd is not sc:
                     sc.copy_(sd, non_blocking=sc.is_pinned())
-                self._done.append(_Patched(name, start, stop, packed=packed, drop=self.drop))
             else:
+                # values are saved here: only the changed entries are worth saving
+                float32_delta_(d, pc, sd)
+                m.bitwise_and_(d.abs_().view(torch.int32).neg_().bitwise_right_shift_(31))
                 idx = m.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     continue
@@ -283,9 +291,9 @@ class SelectPatch:
                 after = self._mask(rec.name, rec.start, pc, sd, drop, after, count=True)
                 packed = pack_mask(after, d.view(torch.int32)) if rec.packed is not None else None
                 self._xor_swap(pc, sd, before.bitwise_xor_(after), raw)
+                rec.packed, rec.drop = packed, drop  # before anything else can fail
                 if sd is not sc:
                     sc.copy_(sd, non_blocking=sc.is_pinned())
-                rec.packed, rec.drop = packed, drop
         except BaseException:
             self._restore()
             raise

@@ -66,6 +66,10 @@ class AnalysisContext:
             self._shared[key] = make()
         return self._shared[key]
 
+    def share(self, key: Hashable, value: Any) -> None:
+        """Set (or replace) what :meth:`shared` returns for ``key``."""
+        self._shared[key] = value
+
 
 class MetricComputer(ABC):
     """Base class of every metric family (see module docstring)."""

@@ -258,9 +258,17 @@ def shared_reference(
     forward: Callable[[], torch.Tensor],
 ) -> LogitsReference:
     """:class:`LogitsReference` of ``forward()`` (the unpatched model on the prepared batch),
-    computed once per context, delta, token cap and output function: the sparse and low-rank
-    computers of one measurement share it instead of running the same forward pass twice."""
-    key = ("reference_logits", id(delta), max_tokens, output_fn)
-    # the delta is kept with the value, so its id cannot be reused while the entry exists
-    _, reference = context.shared(key, lambda: (delta, LogitsReference(forward())))
+    computed once per measurement: the sparse and low-rank computers share it instead of running
+    the same forward pass twice.
+
+    One entry per token cap and output function, tied to ``delta``: a context reused with
+    another delta (other weights) recomputes and replaces it. The entry lives as long as the
+    context, i.e. one measurement; it holds two logits-sized tensors, less than the peak of
+    either computer (reference plus a patched variant plus comparison buffers).
+    """
+    key = ("reference_logits", max_tokens, output_fn)
+    owner, reference = context.shared(key, lambda: (delta, LogitsReference(forward())))
+    if owner is not delta:
+        owner, reference = delta, LogitsReference(forward())
+        context.share(key, (owner, reference))
     return reference

@@ -250,15 +250,47 @@ def test_tiny_kl_keeps_its_relative_accuracy():
     assert got["kl"] == pytest.approx(ref["kl"], rel=1e-3)
 
 
-def test_widely_spread_logits_take_the_exact_path():
-    # d = a - b far below -60: exp(-d) times an underflowed probability would be lost
+@pytest.mark.parametrize("shift", [-20.0, -10.0, -2.0, 3.0, 10.0, 30.0])
+def test_tiny_kl_of_logits_that_moved_together(shift):
+    # a constant shift of a row changes nothing in the softmax; the KL must not see it
+    a, b = _pair(8, 32_000, 1e-3, seed=24)
+    b += shift
+    got, ref = LogitsReference(a).compare(b), _reference(a, b)
+    assert 0 < ref["kl"] < 1e-5
+    assert got["kl"] == pytest.approx(ref["kl"], rel=1e-3)
+
+
+def test_widely_spread_logits_take_the_exact_path(monkeypatch):
     a, b = _pair(6, 50, 0.1, seed=22)
     a[:, 3] = -150.0
-    b[:, 3] = 0.0
-    b[2, 5] = 200.0  # exp(-d) overflows in this row
+    b[:, 3] = 0.0  # d = -150: exp(-d) overflows
+    a[4, 3], b[4, 3] = -90.0, -20.0  # d = -70: exp(-d) is finite, P(3) underflows
+    taken = []
+    exact = divergence._kl_rows
+    monkeypatch.setattr(divergence, "_kl_rows", lambda x, y: taken.append(len(x)) or exact(x, y))
     got, ref = LogitsReference(a).compare(b), _reference(a, b)
     _assert_close(got, ref)
-    assert got["kl"] > 1.0
+    assert sum(taken) == 6  # every row, the finite-but-spread one included
+
+
+def test_exact_path_runs_in_row_blocks(monkeypatch):
+    monkeypatch.setattr(divergence, "_BLOCK_ELEMENTS", 64)  # 10 classes: 6 rows per block
+    a, b = _pair(20, 10, 0.3, seed=25)
+    a[:, 2] = -50.0  # P(2) ~ 0, so centring leaves d(2) near -100 in every row
+    b[:, 2] = 50.0
+    taken = []
+    exact = divergence._kl_rows
+    monkeypatch.setattr(divergence, "_kl_rows", lambda x, y: taken.append(len(x)) or exact(x, y))
+    _assert_close(LogitsReference(a).compare(b), _reference(a, b))
+    assert taken == [6, 6, 6, 2]
+
+
+def test_logits_that_require_grad_are_compared_without_a_graph():
+    a, b = _pair(4, 30, 0.5, seed=26)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    _assert_close(LogitsReference(a).compare(b), _reference(a.detach(), b.detach()))
+    assert kl_divergence(a, b) > 0
 
 
 def test_overflowing_squares_are_still_finite_rows():

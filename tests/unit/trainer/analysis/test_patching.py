@@ -243,7 +243,9 @@ def test_switch_between_masks_gives_each_mask_and_restores_exactly(
         assert torch.equal(snap.data[n].view(torch.int8), old_bits[n].view(torch.int8)), n
 
 
-def test_failed_switch_restores_everything():
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "recomputed"])
+def test_failed_switch_restores_everything(packed, monkeypatch):
+    monkeypatch.setattr(patching, "_pack_on", lambda device: packed)
     model = _model(big=True)
     snap = ParameterSnapshot(model)
     _update(model)
@@ -258,11 +260,34 @@ def test_failed_switch_restores_everything():
             raise RuntimeError("mask failed")
         return inner(name, offset, bits, out)
 
-    with (
-        pytest.raises(RuntimeError, match="mask failed"),
-        SelectPatch(delta, magnitude_drop(1e-3)) as patch,
-    ):
-        patch.switch(flaky)
+    patch = SelectPatch(delta, magnitude_drop(1e-3)).__enter__()
+    with pytest.raises(RuntimeError, match="mask failed"):
+        patch.switch(flaky)  # restores by itself: no __exit__ here
     assert_same_state(before, state(model))
     for n in snap.data:
         assert torch.equal(snap.data[n], snap_before[n])
+
+
+def test_saved_values_fallback_saves_only_changed_entries():
+    model = _model(torch.bfloat16)
+    snap = ParameterSnapshot(model, dtype=torch.float32)  # dtypes differ: values are saved
+    with torch.no_grad():
+        model[0].weight[0, :4] += 1.0  # four changed entries in all
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    with SelectPatch(delta, random_drop(0.0, seed=0)) as patch:  # drop everything
+        saved = sum(rec.index.numel() for rec in patch._done)
+    assert saved == 4
+
+
+def test_counts_that_were_turned_off_raise_instead_of_reading_zero():
+    model = _model()
+    snap = ParameterSnapshot(model)
+    _update(model)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    with SelectPatch(delta, magnitude_drop(1e-3)) as patch:
+        assert patch.dropped_count() > 0 and patch.changed_count() > 0
+        patch.switch(random_drop(0.5, seed=0))  # counts restart, off by default
+        with pytest.raises(RuntimeError, match="count_dropped=True"):
+            patch.dropped_count()
+        with pytest.raises(RuntimeError, match="count_changed=True"):
+            patch.changed_count()

@@ -347,3 +347,20 @@ def test_sparse_and_low_rank_share_one_reference_forward_per_measurement():
     assert n_alone == 3 + 2 * len(RANKS) + 1
     assert len(calls) == n_alone - 1
     assert together == alone
+
+
+def test_a_context_reused_with_new_weights_recomputes_the_reference():
+    from grail.trainer.analysis.metrics.sparse_quality import SparseQualityMetrics
+
+    model, delta, _, ctx = _setup()
+    sparse = SparseQualityMetrics(thresholds=[0.0])
+    first = sparse.compute(delta, context=ctx)
+    snap = ParameterSnapshot(model)
+    _dense_update(model, seed=7)
+    delta2 = snap.compute_delta(ParameterSnapshot.live(model))
+    again = sparse.compute(delta2, context=ctx)  # same context object, other weights
+    fresh = sparse.compute(delta2, context=AnalysisContext(model=model, inputs=_inputs(), step=3))
+    assert again == fresh
+    assert again["sparse/kl_at_0e+00"] == 0.0  # T = 0 against the right reference
+    assert len(ctx._shared) == 1  # replaced, not accumulated
+    assert first.keys() == again.keys()
