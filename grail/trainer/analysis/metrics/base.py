@@ -50,7 +50,9 @@ class AnalysisContext:
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
-    _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
+    _shared: dict[Hashable, Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def shared(self, key: Hashable, make: Callable[[], T]) -> T:
         """``make()`` the first time ``key`` is asked for in this measurement, the same object
