@@ -4,9 +4,10 @@ For logits :math:`a, b \in \mathbb{R}^{N \times V}` (one row per compared positi
 restricted to unmasked tokens) and :math:`P = \mathrm{softmax}(a)`, :math:`Q = \mathrm{softmax}(b)`:
 
 * ``kl``: :math:`\frac{1}{N}\sum_i \max(0, \sum_v P_{iv}(\log P_{iv} - \log Q_{iv}))`. With
-  :math:`d = a - b` a row's KL is :math:`P \cdot d + \log(1 + P \cdot \mathrm{expm1}(-d))`:
-  both terms come from the difference itself, so a KL of 1e-9 keeps its relative accuracy
-  (two float32 log-softmaxes of ~10 would leave only rounding noise). Rows where some
+  :math:`d = a - b`, centred on its mean under :math:`P` (the KL ignores a constant shift of a
+  row), a row's KL is :math:`P \cdot d + \log(1 + P \cdot \mathrm{expm1}(-d))`: both terms come
+  from the difference itself, so a KL of 1e-9 keeps its relative accuracy (two float32
+  log-softmaxes of ~10 would leave only rounding noise). Rows where some
   :math:`d_v < -60` (the product of an underflowed probability and a huge :math:`e^{-d}` would
   be lost) use two log-softmaxes instead. The clamp removes rounding noise around an exact 0;
 * ``cosine``: :math:`\frac{1}{N}\sum_i \frac{a_i \cdot b_i}{\lVert a_i\rVert\lVert b_i\rVert}`;
@@ -106,7 +107,7 @@ class LogitsReference:
         ok = self.finite & _finite_rows(other, norm_b)
         # exp(-d) loses the entries where P underflows once -d is large: exact path there
         redo = (ok & ((min_diff < -_EXP_SAFE) | ~torch.isfinite(kl))).nonzero().flatten()
-        step = _blocks(n, v)[0][1] if n else 1
+        step = _block_rows(v)
         for i in range(0, redo.numel(), step):  # in row blocks, like everything else
             rows = redo[i : i + step]
             kl[rows] = _kl_rows(self.logits[rows], other[rows])
@@ -129,14 +130,18 @@ class LogitsReference:
 _EXP_SAFE = 60.0  # exp(60) * smallest float32 * 2^18 classes is far below anything reported
 
 
+def _block_rows(v: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(v, 1))
+
+
 def _blocks(n: int, v: int) -> list[tuple[int, int]]:
-    step = max(1, _BLOCK_ELEMENTS // max(v, 1))
+    step = _block_rows(v)
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
 def _scratch(n: int, v: int, count: int, device: torch.device) -> list[torch.Tensor]:
     """Buffers for one row block: allocated once per comparison, not once per operation."""
-    size = min(n, max(1, _BLOCK_ELEMENTS // max(v, 1))) * v
+    size = min(n, _block_rows(v)) * v
     return [torch.empty(size, dtype=torch.float32, device=device) for _ in range(count)]
 
 

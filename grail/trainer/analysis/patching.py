@@ -271,16 +271,14 @@ class SelectPatch:
         >>> torch.equal(model.weight, w_new)
         True
         """
-        data_new, data_old = self.delta.new.data, self.delta.old.data
-        if any(data_new[n].dtype != data_old[n].dtype for n in self.delta.names):
-            # dropped values were saved, not swapped: go back and patch again
-            self._restore()
-            self.drop, self.count_dropped, self.count_changed = drop, count_dropped, count_changed
-            self._dropped, self._changed = [], []
-            self.__enter__()
-            return
         self.drop, self.count_dropped, self.count_changed = drop, count_dropped, count_changed
         self._dropped, self._changed = [], []
+        data_new, data_old = self.delta.new.data, self.delta.old.data
+        if any(data_new[n].dtype != data_old[n].dtype for n in self.delta.names):
+            # dropped values were saved, not swapped (records restore themselves): redo
+            self._restore()
+            self.__enter__()
+            return
         try:
             for rec in self._done:
                 p, s = self._views(rec.name)
