@@ -174,6 +174,11 @@ class AnalysisConfig:
     low_rank_quality_enabled: bool = True  # forward passes at each rank when inputs are given
     low_rank_track_components: bool = False
 
+    # --- execution ---------------------------------------------------------------------------
+    # Gradient and Adam statistics on CPU in one compiled loop per tensor (torch.compile; a
+    # few seconds of compiling at the first measurement). False = eager ops only.
+    fused_kernels: bool = True
+
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, 1)
         if not isinstance(self.snapshot_device, str):

@@ -323,6 +323,36 @@ class StreamingStats:
         cur = self.maxes.index_select(0, rows)
         self.maxes.index_copy_(0, rows, torch.maximum(cur, maxes.to(self.device, torch.float64)))
 
+    def accumulate_rows(
+        self,
+        sums: torch.Tensor,
+        maxes: torch.Tensor,
+        groups: Sequence[Sequence[int]],
+        extras: torch.Tensor | None = None,
+    ) -> None:
+        """:meth:`accumulate` for ``P`` rows at once: ``sums`` ``(P, 5 + T)``, ``maxes``
+        ``(P, 3)``, ``extras`` ``(P, E)`` in the order of the extra sums, ``groups[i]`` the
+        groups of row ``i``. Two scatter ops in all, instead of a few per row."""
+        if len(groups) != sums.shape[0]:
+            raise ValueError(f"expected {sums.shape[0]} group lists, got {len(groups)}")
+        if extras is not None:
+            if extras.shape[1] != len(self.extra_names):
+                raise ValueError(f"expected {len(self.extra_names)} extras, got {extras.shape[1]}")
+            sums = torch.cat([sums, extras.to(sums)], dim=1)
+        src = torch.tensor([i for i, gs in enumerate(groups) for _ in gs], dtype=torch.long)
+        dst = torch.tensor([g for gs in groups for g in gs], dtype=torch.long, device=self.device)
+        if not len(src):
+            return
+        sums = sums.to(self.device, torch.float64)[src.to(self.device)]
+        maxes = maxes.to(self.device, torch.float64)[src.to(self.device)]
+        self.sums[:, : sums.shape[1]].index_add_(0, dst, sums)
+        self.maxes.scatter_reduce_(0, dst[:, None].expand(-1, maxes.shape[1]), maxes, "amax")
+
+    @property
+    def thresholds_f32(self) -> list[float]:
+        """The thresholds as compared in float32 (:func:`f32_floor` of each)."""
+        return list(self._t32)
+
     def column(self, key: str | float) -> int:
         """Column of a base field (``"count"``, ``"sum"``, ...) or of the count at threshold t."""
         if isinstance(key, str):

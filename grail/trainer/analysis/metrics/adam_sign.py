@@ -3,13 +3,19 @@ r"""Is Adam doing sign descent? The normalised update from the optimizer state: 
 For every parameter with Adam state (``exp_avg`` :math:`m`, ``exp_avg_sq`` :math:`v` - or
 ``max_exp_avg_sq`` when the group has ``amsgrad`` - and ``step`` :math:`t`) and its param group's
 ``betas`` :math:`(\beta_1, \beta_2)`, ``eps`` :math:`\epsilon` and ``lr`` :math:`\eta`, the
-bias-corrected normalised update is, in torch's own order of operations,
+bias-corrected normalised update is
 
 .. math:: u = \frac{m / (1-\beta_1^t)}{\sqrt{v} / \sqrt{1-\beta_2^t} + \epsilon}
+            = \frac{m \cdot s}{\sqrt{v} + \epsilon \sqrt{1-\beta_2^t}}, \qquad
+          s = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
 
 so that the step Adam just took is :math:`-\eta u` (plus AdamW's decoupled weight decay, which is
-not part of :math:`u`). Over all entries with state (non-finite :math:`u` are counted in
-``nonfinite_count`` and kept in the denominators of the fractions):
+not part of :math:`u`). It is evaluated in float32 in the second form (one division instead of
+three; it differs from torch's own evaluation by a few units in the last place) by
+:func:`~grail.trainer.analysis.kernels.adam_u` on the compiled and on the eager path (whose
+``torch.sqrt`` is not always correctly rounded on CPU: one unit in the last place apart).
+Over all entries with state (non-finite :math:`u` are counted in ``nonfinite_count`` and kept in
+the denominators of the fractions):
 
 =====================  ===========================================================================
 key                    definition
@@ -47,7 +53,11 @@ and ``param_groups`` (e.g. accelerate's). Adam variants with the same state layo
 state (SGD, Adafactor, no optimizer passed) the computer returns ``{}`` and logs one info message.
 Not supported: ``ZeroRedundancyOptimizer`` (state on one rank per parameter) and 8-bit
 optimizers (quantised state under other names, so they are skipped like SGD).
-The arithmetic runs in float32 on the stored state, whatever its dtype.
+The arithmetic runs in float32 on the stored state, whatever its dtype. On CPU, with
+``fused=True`` (the default), every statistic of a tensor comes from one compiled loop
+(:mod:`~grail.trainer.analysis.kernels`); a :class:`~.gradient.GradientSparsityMetrics` linked
+through :meth:`~.gradient.GradientSparsityMetrics.share_pass_with` computes both families in the
+same loop, reading each gradient once.
 
 With ``histogram_samples > 0``, :attr:`last_histograms` is ``{"adam_sign/u": u at up to
 histogram_samples positions}`` (see :class:`~.gradient.HistogramSample`), else ``{}``.
@@ -78,15 +88,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import kernels
 from ..config import AnalysisConfig
 from ..distributed import local_tensor, shard_info
 from ..naming import ParameterNaming, group_prefix, group_rows
 from ..primitives import collect_parameters
-from ..stats import StreamingStats, Summary, chunk_numel
+from ..stats import StreamingStats, Summary, chunk_numel, f32_floor
 from .base import AnalysisContext, MetricComputer
 from .gradient import HistogramSample, real_view
 
-__all__ = ["AdamSignDescentMetrics", "adam_entries", "bias_corrections"]
+__all__ = ["AdamSignDescentMetrics", "adam_entries", "bias_corrections", "u_constants"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +120,16 @@ def bias_corrections(step: Any, beta1: float, beta2: float) -> tuple[Scalar, Sca
         return 1 - torch.pow(beta1, t), (1 - torch.pow(beta2, t)).sqrt()
     t = float(step)
     return 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
+
+
+def u_constants(bc1: Scalar, bc2s: Scalar, eps: float) -> tuple[Scalar, Scalar]:
+    """``(scale, shift)`` of :func:`~grail.trainer.analysis.kernels.adam_u` from the bias
+    corrections of :func:`bias_corrections` and ``eps``.
+
+    >>> u_constants(0.5, 0.25, 1e-8)
+    (0.5, 2.5e-09)
+    """
+    return bc2s / bc1, eps * bc2s
 
 
 def adam_entries(
@@ -144,8 +165,10 @@ class AdamSignDescentMetrics(MetricComputer):
         histogram_samples: int = 0,
         trainable_only: bool = False,
         histogram_seed: int = 0,
+        fused: bool = True,
     ) -> None:
         self.tolerance = float(tolerance)
+        self.fused = fused
         self.track_components = track_components
         self.component_map = dict(component_map or {})
         self.histogram_samples = histogram_samples
@@ -167,6 +190,7 @@ class AdamSignDescentMetrics(MetricComputer):
             component_map=config.component_map,
             histogram_samples=config.histogram_samples,
             trainable_only=config.trainable_only,
+            fused=config.fused_kernels,
         )
 
     def requires_model(self) -> bool:
@@ -213,16 +237,54 @@ class AdamSignDescentMetrics(MetricComputer):
             self._naming = (tuple(names), ParameterNaming(names, self.component_map))
         groups, rows = group_rows(self._naming[1], names, False, self.track_components)
         device = local_tensor(entries[0][2]["exp_avg"]).device
-        stats = StreamingStats(
-            [self._small, self._lo, self._hi], groups, extra_sums=_EXTRAS, device=device
-        )
+        stats = StreamingStats(self._thresholds(), groups, extra_sums=_EXTRAS, device=device)
+        batch = kernels.AdamBatch(stats.thresholds_f32) if self.fused else None
+        # rows a linked gradient computer already computed in its pass (see joint_inputs)
+        precomputed = context.take(self.rows_key()) or {}
+        batch_groups: list[list[int]] = []
         for name, p, st, group in entries:
             if shard_info(p).owner:
-                self._update(stats, p, st, group, rows[name])
+                raw = precomputed.get(name)
+                n_rows = self._update(stats, p, st, group, rows[name], batch, raw)
+                batch_groups += [rows[name]] * n_rows
+        if batch is not None:
+            sums, maxes, extras = batch.rows()
+            stats.accumulate_rows(sums, maxes, batch_groups, extras)
         stats.all_reduce()
         if self.histogram_samples > 0:
             self.last_histograms = {"adam_sign/u": self._histogram(entries)}
         return self._finalize(stats.results(), groups)
+
+    def _thresholds(self) -> list[float]:
+        return [self._small, self._lo, self._hi]
+
+    def kernel_thresholds(self) -> list[float]:
+        """The thresholds of the ``|u|`` counts as the kernels compare them (float32)."""
+        return [f32_floor(t) for t in sorted(self._thresholds())]
+
+    def rows_key(self) -> tuple[str, int]:
+        """The :class:`AnalysisContext` key under which a linked gradient computer leaves this
+        computer's kernel rows (``{parameter name: row}``) for the current measurement."""
+        return ("adam_sign/rows", id(self))
+
+    def joint_inputs(
+        self, context: AnalysisContext, names: set[str]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Scalar, Scalar]]:
+        """``{name: (m, v, w, scale, shift)}`` for the parameters among ``names`` that this
+        computer would read, held locally, for a gradient computer computing both families in
+        one pass (``{}`` when this computer does not use the kernels or has no state)."""
+        model, optimizer = context.model, context.optimizer
+        if not self.fused or model is None or optimizer is None:
+            return {}
+        out = {}
+        for name, p, st, group in adam_entries(
+            optimizer, collect_parameters(model, self.trainable_only)
+        ):
+            if name in names and shard_info(p).owner:
+                m, v, bc1, bc2s, eps = self._state(p, st, group)
+                scale, shift = u_constants(bc1, bc2s, eps)
+                out[name] = (m, v, real_view(local_tensor(p)).reshape(-1), scale, shift)
+        return out
 
     def _state(
         self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any]
@@ -242,7 +304,11 @@ class AdamSignDescentMetrics(MetricComputer):
         st: dict[str, Any],
         group: dict[str, Any],
         rows: list[int],
-    ) -> None:
+        batch: kernels.AdamBatch | None = None,
+        raw: torch.Tensor | None = None,
+    ) -> int:
+        """Feed one parameter to ``stats``, or to ``batch`` when its kernels take it; returns
+        the number of rows added to the batch (0: fed eagerly)."""
         m, v, bc1, bc2s, eps = self._state(p, st, group)
         lr_sq = float(group["lr"]) ** 2
         w = real_view(local_tensor(p)).reshape(-1)
@@ -250,6 +316,11 @@ class AdamSignDescentMetrics(MetricComputer):
         sign = -1.0 if group.get("maximize") else 1.0
         dense = grad is not None and grad.layout == torch.strided
         g = real_view(grad).reshape(-1) if dense else None
+        scale, shift = u_constants(bc1, bc2s, eps)
+        if batch is not None and g is not None:
+            n_rows = batch.add(m, v, g, w, scale, shift, sign, float(group["lr"]), raw)
+            if n_rows:
+                return n_rows
         a_buf, b_buf = self._scratch(m.device)
         zero = torch.zeros((), dtype=torch.float32, device=m.device)
         step = chunk_numel(m.device)
@@ -257,10 +328,9 @@ class AdamSignDescentMetrics(MetricComputer):
             stop = min(start + step, m.numel())
             a, b = a_buf[: stop - start], b_buf[: stop - start]
             mc, vc = m[start:stop], v[start:stop]
-            # u = (m / bc1) / (sqrt(v) / bc2s + eps), in torch's order, computed in b
-            torch.sqrt(_f32(vc, b), out=b)
-            b.div_(bc2s).add_(eps)
-            torch.div(mc, b, out=b).div_(bc1)
+            # u = (m * scale) / (sqrt(v) + shift), as kernels.adam_u, computed in b
+            torch.sqrt(_f32(vc, b), out=b).add_(shift)
+            torch.div(torch.mul(_f32(mc, a), scale, out=a), b, out=b)
             sums, maxes = stats.moments(b)
             s_sum = s_nonzero = zero
             if g is not None:
@@ -284,6 +354,7 @@ class AdamSignDescentMetrics(MetricComputer):
             s_sum, s_nonzero = _sparse_sign_terms(grad, st["exp_avg"])
             stats.add("sign_sum", s_sum * sign, rows)
             stats.add("sign_nonzero", s_nonzero, rows)
+        return 0
 
     def _histogram(self, entries: list[tuple[str, torch.Tensor, Any, Any]]) -> np.ndarray:
         infos = [shard_info(p) for _, p, _, _ in entries]
@@ -295,9 +366,11 @@ class AdamSignDescentMetrics(MetricComputer):
                 continue
             m, v, bc1, bc2s, eps = self._state(p, st, group)
 
-            def u_at(pos: torch.Tensor, m=m, v=v, bc1=bc1, bc2s=bc2s, eps=eps) -> torch.Tensor:
+            scale, shift = u_constants(bc1, bc2s, eps)
+
+            def u_at(pos: torch.Tensor, m=m, v=v, scale=scale, shift=shift) -> torch.Tensor:
                 pos = pos.to(m.device)
-                return (m[pos].float() / (v[pos].float().sqrt() / bc2s + eps)) / bc1
+                return kernels.adam_u(m[pos], v[pos], scale, shift)
 
             sample.fill(i, info.offset, m.numel(), u_at)
         return sample.result()

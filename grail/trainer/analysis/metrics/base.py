@@ -72,6 +72,17 @@ class AnalysisContext:
         """Set (or replace) what :meth:`shared` returns for ``key``."""
         self._shared[key] = value
 
+    def take(self, key: Hashable) -> Any:
+        """Remove and return what was shared under ``key`` (``None`` if nothing): for work
+        handed from one computer to the next that must be used at most once.
+
+        >>> ctx = AnalysisContext()
+        >>> ctx.share("x", 1)
+        >>> ctx.take("x"), ctx.take("x")
+        (1, None)
+        """
+        return self._shared.pop(key, None)
+
 
 class MetricComputer(ABC):
     """Base class of every metric family (see module docstring)."""

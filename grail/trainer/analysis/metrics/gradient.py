@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import kernels
 from ..config import AnalysisConfig, format_threshold
 from ..distributed import all_reduce_, local_tensor, shard_info
 from ..naming import ParameterNaming, group_prefix, group_rows
@@ -140,8 +141,10 @@ class GradientSparsityMetrics(MetricComputer):
         component_map: Mapping[str, str] | None = None,
         histogram_samples: int = 0,
         histogram_seed: int = 0,
+        fused: bool = True,
     ) -> None:
         self.thresholds = sorted(float(t) for t in thresholds)
+        self.fused = fused
         self.per_layer = per_layer
         self.track_components = track_components
         self.component_map = dict(component_map or {})
@@ -149,6 +152,15 @@ class GradientSparsityMetrics(MetricComputer):
         self.histogram_seed = histogram_seed
         self.last_histograms: dict[str, np.ndarray] = {}
         self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
+        self._partner: Any = None
+
+    def share_pass_with(self, adam: Any) -> None:
+        """Compute ``adam``'s (an :class:`~.adam_sign.AdamSignDescentMetrics` that runs after
+        this computer in the same measurements) kernel rows in this computer's pass: one
+        compiled loop per parameter reads the gradient once for both families and leaves
+        ``adam``'s rows in the context, which it takes instead of reading the gradient again.
+        Results are the same as without the link."""
+        self._partner = adam
 
     @classmethod
     def from_config(cls, config: AnalysisConfig) -> GradientSparsityMetrics:
@@ -158,6 +170,7 @@ class GradientSparsityMetrics(MetricComputer):
             track_components=config.gradient_track_components,
             component_map=config.component_map,
             histogram_samples=config.histogram_samples,
+            fused=config.fused_kernels,
         )
 
     def requires_model(self) -> bool:
@@ -183,6 +196,13 @@ class GradientSparsityMetrics(MetricComputer):
         with_grad = [(n, p) for n, p in params if p.grad is not None]
         device = local_tensor(with_grad[0][1].grad).device if with_grad else torch.device("cpu")
         stats = StreamingStats(self.thresholds, groups, extra_sums=("missing",), device=device)
+        batch = kernels.MomentsBatch(stats.thresholds_f32) if self.fused else None
+        joint: dict[str, Any] = {}
+        if batch is not None and self._partner is not None and context is not None:
+            joint = self._partner.joint_inputs(context, {n for n, _ in params})
+            adam_batch = kernels.AdamBatch(self._partner.kernel_thresholds())
+        adam_rows: dict[str, torch.Tensor] = {}
+        batch_groups: list[list[int]] = []
         for name, p in params:
             if not shard_info(p).owner:
                 continue
@@ -190,10 +210,25 @@ class GradientSparsityMetrics(MetricComputer):
                 stats.add("missing", float(local_tensor(p).numel()), rows[name])
                 continue
             grad = local_tensor(p.grad)
-            if grad.layout == torch.strided:
-                stats.update(real_view(grad), rows[name])
-            else:
+            if grad.layout != torch.strided:
                 self._update_sparse(stats, grad, rows[name])
+                continue
+            flat = real_view(grad).reshape(-1)
+            raw = None
+            if name in joint:
+                m, v, w, scale, shift = joint[name]
+                pair = kernels.joint_rows(adam_batch, batch, m, v, flat, w, scale, shift)
+                if pair is not None:
+                    adam_rows[name], raw = pair
+            n_rows = batch.add(flat, raw) if batch is not None else 0
+            if n_rows:
+                batch_groups += [rows[name]] * n_rows
+            else:
+                stats.update(flat, rows[name])
+        if batch is not None:
+            stats.accumulate_rows(*batch.rows(), batch_groups)
+        if adam_rows:
+            context.share(self._partner.rows_key(), adam_rows)
         stats.all_reduce()
         results = stats.results()
         if results[0].count + results[0].nonfinite == 0:

@@ -38,14 +38,19 @@ def build_computers(
         from .mask_overlap import MaskOverlapMetrics
 
         out.append(MaskOverlapMetrics())
+    gradient = adam = None
     if config.gradient_enabled:
         from .gradient import GradientSparsityMetrics
 
-        out.append(GradientSparsityMetrics.from_config(config))
+        gradient = GradientSparsityMetrics.from_config(config)
+        out.append(gradient)
     if config.adam_sign_enabled:
         from .adam_sign import AdamSignDescentMetrics
 
-        out.append(AdamSignDescentMetrics.from_config(config))
+        adam = AdamSignDescentMetrics.from_config(config)
+        out.append(adam)
+    if gradient is not None and adam is not None and config.fused_kernels:
+        gradient.share_pass_with(adam)  # one read of each gradient for both families
     if config.sparse_quality_enabled:
         from .sparse_quality import SparseQualityMetrics
 

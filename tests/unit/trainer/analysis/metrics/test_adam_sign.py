@@ -19,6 +19,8 @@ from ..reference import assert_same_state, state
 
 LOGGER = "grail.trainer.analysis.metrics.adam_sign"
 
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 
 def _backward(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
@@ -314,6 +316,39 @@ def test_compute_changes_nothing_and_keeps_global_rng() -> None:
     _compute(b, model, opt)
     assert a.last_histograms["adam_sign/u"].shape == (300,)
     assert np.array_equal(a.last_histograms["adam_sign/u"], b.last_histograms["adam_sign/u"])
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_gradient_pass_shared_with_adam_gives_the_same_numbers(kernel_path, maximize) -> None:
+    """A linked gradient computer computes Adam's rows in its own pass (fused path only); the
+    numbers equal those of the two computers run apart, and the hand-off is used once."""
+    from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
+
+    model = tiny_qwen2()
+    for p in model.model.layers[0].parameters():
+        p.requires_grad_(False)  # frozen: Adam state but no gradient pass for these
+    opt = torch.optim.AdamW(_groups(model), lr=1e-2, maximize=maximize)
+    _train(model, opt)
+    for p in model.model.layers[0].parameters():
+        p.requires_grad_(True)
+    apart = {}
+    for computer in (GradientSparsityMetrics(per_layer=True),
+                     AdamSignDescentMetrics(track_components=True)):
+        apart.update(_compute(computer, model, opt))
+    gradient = GradientSparsityMetrics(per_layer=True)
+    adam = AdamSignDescentMetrics(track_components=True)
+    gradient.share_pass_with(adam)
+    ctx = AnalysisContext(model=model, optimizer=opt, step=1)
+    with torch.no_grad():
+        joint = gradient.compute(context=ctx)
+        handed_over = ctx.shared(adam.rows_key(), dict)
+        ctx.share(adam.rows_key(), handed_over)
+        joint.update(adam.compute(context=ctx))
+    assert (len(handed_over) > 0) == (kernel_path == "fused")
+    assert ctx.take(adam.rows_key()) is None  # taken by the Adam computer
+    assert joint.keys() == apart.keys()
+    for k, v in apart.items():
+        assert joint[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
 
 
 def test_manager_runs_both_families_and_skips_adam_for_sgd(caplog) -> None:

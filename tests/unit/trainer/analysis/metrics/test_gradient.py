@@ -20,6 +20,8 @@ from ..reference import assert_same_state, state
 
 THRESHOLDS = [0.0, 1e-8, 1e-6]
 
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 
 def _backward(model: torch.nn.Module, seed: int = 0, vocab: int = 128) -> None:
     gen = torch.Generator().manual_seed(seed)

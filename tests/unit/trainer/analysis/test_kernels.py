@@ -1,0 +1,212 @@
+"""The compiled single-pass kernels against float64 references and against each other."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from grail.trainer.analysis import kernels
+from grail.trainer.analysis.stats import f32_floor
+
+THRESHOLDS = [0.0, 1e-3, 0.5]
+
+
+def _data(n: int, dtype: torch.dtype, nonfinite: bool, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen)
+    x[::7] = 0.0
+    x[1::11] = 0.5  # exactly on a threshold
+    x[2::13] = -1e-3
+    if nonfinite:
+        x[3] = math.nan
+        x[5] = math.inf
+        x[8] = -math.inf
+    return x.to(dtype)
+
+
+def _moments_reference(x: torch.Tensor, thresholds: list[float]) -> dict[str, float]:
+    v = x.float().double().numpy()
+    fin = np.isfinite(v)
+    f = v[fin]
+    t32 = [float(np.float32(f32_floor(t))) for t in thresholds]
+    return {
+        "count": float(fin.sum()),
+        "sum": float(f.sum()),
+        "sum_sq": float((f * f).sum()),
+        "sum_abs": float(np.abs(f).sum()),
+        "nonfinite": float((~fin).sum()),
+        "le": [float((np.abs(f) <= t).sum()) for t in t32],
+        "max_abs": float(np.abs(f).max()) if f.size else -math.inf,
+    }
+
+
+def _assert_row(sums: torch.Tensor, max_abs: float, ref: dict) -> None:
+    got = sums.tolist()
+    assert got[0] == ref["count"] and got[4] == ref["nonfinite"]
+    assert got[5:] == ref["le"]
+    for i, key in ((1, "sum"), (2, "sum_sq"), (3, "sum_abs")):
+        assert got[i] == pytest.approx(ref[key], rel=1e-12, abs=1e-9), key
+    assert max_abs == ref["max_abs"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_moments_match_float64_reference(dtype, nonfinite) -> None:
+    batch = kernels.MomentsBatch([f32_floor(t) for t in THRESHOLDS])
+    xs = [_data(n, dtype, nonfinite, seed=n) for n in (3000, 70_001)]
+    assert [batch.add(x) for x in xs] == [1, 1]
+    sums, maxes = batch.rows()
+    for i, x in enumerate(xs):
+        _assert_row(sums[i], float(maxes[i, 0]), _moments_reference(x, THRESHOLDS))
+    assert torch.isnan(maxes[:, 1:]).all()  # signed extremes are not computed
+    assert kernels.disabled_reason() is None
+
+
+def test_moments_of_an_all_nonfinite_tensor() -> None:
+    batch = kernels.MomentsBatch([0.0])
+    batch.add(torch.tensor([math.nan, math.inf, -math.inf, math.nan]))
+    sums, maxes = batch.rows()
+    assert sums.tolist() == [[0.0, 0.0, 0.0, 0.0, 4.0, 0.0]]
+    assert maxes[0, 0] == -math.inf
+
+
+def test_tensors_larger_than_a_slice_give_one_row_per_slice(monkeypatch) -> None:
+    x = _data(10_000, torch.float32, nonfinite=True)
+    whole = kernels.MomentsBatch([0.0, 0.5])
+    whole.add(x)
+    monkeypatch.setattr(kernels, "_SLICE", 4096)
+    sliced = kernels.MomentsBatch([0.0, 0.5])
+    assert sliced.add(x) == 3
+    (s1, m1), (s2, m2) = whole.rows(), sliced.rows()
+    assert s2.shape[0] == 3 and s2[:, 0].tolist() == [4096 - 3, 4096, 10_000 - 8192]
+    torch.testing.assert_close(s2.sum(0), s1[0], rtol=1e-13, atol=0)
+    assert m2[:, 0].max() == m1[0, 0]
+
+
+def test_small_or_accelerator_tensors_are_refused() -> None:
+    batch = kernels.MomentsBatch([0.0])
+    assert batch.add(torch.ones(1)) == 0
+    assert batch.add(torch.ones(2, 3)) == 0  # callers pass flat views
+    assert kernels.MomentsBatch([0.0], min_numel=100).add(torch.ones(50)) == 0
+    sums, maxes = batch.rows()
+    assert sums.shape == (0, 6) and maxes.shape == (0, 3)
+
+
+def _adam_inputs(n: int, nonfinite: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, generator=gen) * 1e-3
+    v = torch.rand(n, generator=gen) * 1e-6
+    v[::5] = m[::5] ** 2  # |u| near 1: the sign-descent band is populated
+    g = torch.randn(n, generator=gen)
+    g[::9] = 0.0
+    m[1::17] = 0.0
+    w = torch.randn(n, generator=gen)
+    if nonfinite:
+        m[4] = math.nan
+        v[6] = math.inf
+        g[7] = math.nan
+    return m, v, g, w
+
+
+def _adam_reference(m, v, g, w, scale, shift, thresholds) -> dict:
+    # u in IEEE float32 (numpy), then float64 sums. (Eager torch.sqrt on CPU is not always
+    # correctly rounded; the compiled kernel is.)
+    f32 = np.float32
+    u = ((m.numpy() * f32(scale)) / (np.sqrt(v.numpy()) + f32(shift))).astype(np.float64)
+    fin = np.isfinite(u)
+    au = np.abs(u[fin])
+    gs, ms = np.sign(g.double().numpy()), np.sign(m.double().numpy())
+    prod = np.nan_to_num(gs * ms, nan=0.0)
+    return {
+        "count": float(fin.sum()),
+        "sum_sq": float((au * au).sum()),
+        "sum_abs": float(au.sum()),
+        "nonfinite": float((~fin).sum()),
+        "le": [float((au <= np.float32(t)).sum()) for t in thresholds],
+        "sign_sum": float(prod.sum()),
+        "pairs": float((prod != 0).sum()),
+        "w_sq": float((w.double().numpy() ** 2).sum()),
+    }
+
+
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_adam_rows_match_float64_reference(nonfinite) -> None:
+    t32 = [f32_floor(t) for t in (math.nextafter(0.1, 0), math.nextafter(0.9, 0), 1.1)]
+    batch = kernels.AdamBatch(t32)
+    inputs = _adam_inputs(50_000, nonfinite)
+    scale, shift = 0.9, 1e-8
+    assert batch.add(*inputs, scale, shift, sign=-1.0, lr=0.01) == 1
+    sums, maxes, extras = batch.rows()
+    ref = _adam_reference(*inputs, scale, shift, t32)
+    got = sums[0].tolist()
+    assert got[0] == ref["count"] and got[4] == ref["nonfinite"] and got[5:] == ref["le"]
+    assert math.isnan(got[1]) and torch.isnan(maxes).all()  # not computed
+    assert got[2] == pytest.approx(ref["sum_sq"], rel=1e-12)
+    assert got[3] == pytest.approx(ref["sum_abs"], rel=1e-12)
+    sign_sum, pairs, w_sq, lr_u_sq = extras[0].tolist()
+    assert (sign_sum, pairs) == (-ref["sign_sum"], ref["pairs"])
+    assert w_sq == pytest.approx(ref["w_sq"], rel=1e-12)
+    assert lr_u_sq == pytest.approx(1e-4 * ref["sum_sq"], rel=1e-12)
+
+
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_joint_rows_equal_separate_rows(nonfinite) -> None:
+    m, v, g, w = _adam_inputs(40_000, nonfinite, seed=3)
+    ta, tg = [0.1, 0.9, 1.1], [0.0, 1e-8, 1e-6]
+    sep_a, sep_g = kernels.AdamBatch(ta), kernels.MomentsBatch(tg)
+    sep_a.add(m, v, g, w, 0.7, 1e-8)
+    sep_g.add(g)
+    joint_a, joint_g = kernels.AdamBatch(ta), kernels.MomentsBatch(tg)
+    raw_a, raw_g = kernels.joint_rows(joint_a, joint_g, m, v, g, w, 0.7, 1e-8)
+    joint_a.add(m, v, g, w, 0.7, 1e-8, raw=raw_a)
+    joint_g.add(g, raw=raw_g)
+    for a, b in zip(sep_a.rows() + sep_g.rows(), joint_a.rows() + joint_g.rows(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0, equal_nan=True)
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch):
+    """Fresh compile state: a new failure record and new kernel objects."""
+    monkeypatch.setattr(kernels, "_failure", [])
+    for name, fn in (("_MOMENTS_FAST", kernels._moments_fast),
+                     ("_MOMENTS_MASKED", kernels._moments_masked)):
+        monkeypatch.setattr(kernels, name, kernels._Kernel(fn))
+
+
+def test_compiler_failure_warns_once_and_callers_go_eager(
+    fresh_kernels, monkeypatch, caplog
+) -> None:
+    from grail.trainer.analysis.metrics.base import AnalysisContext
+    from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore details")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = torch.nn.Linear(64, 32)
+    model.weight.grad = torch.randn(32, 64)
+    model.bias.grad = torch.randn(32)
+    ctx = AnalysisContext(model=model)
+    with caplog.at_level(logging.WARNING, logger="grail.trainer.analysis.kernels"):
+        got = GradientSparsityMetrics(fused=True).compute(context=ctx)
+        again = GradientSparsityMetrics(fused=True).compute(context=ctx)
+    want = GradientSparsityMetrics(fused=False).compute(context=ctx)
+    assert got == pytest.approx(want, rel=1e-6) and again == got
+    assert [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()] == [
+        caplog.records[0].getMessage()
+    ]
+    assert kernels.disabled_reason() == "RuntimeError: no C++ compiler found\nmore details"
+    assert kernels.MomentsBatch([0.0]).add(torch.ones(10)) == 0
+
+
+def test_signatures_beyond_the_limit_go_eager_without_failing(fresh_kernels, monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "_MAX_SIGNATURES", 1)
+    batch = kernels.MomentsBatch([0.0])
+    assert batch.add(torch.ones(10)) == 1
+    assert batch.add(torch.ones(10, dtype=torch.float64)) == 0  # a second dtype
+    assert batch.add(torch.ones(20)) == 1  # sizes are dynamic: the same signature
+    assert kernels.disabled_reason() is None
