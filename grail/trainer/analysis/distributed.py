@@ -58,12 +58,18 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+_DTENSOR: list[type | tuple[()]] = []  # the DTensor class once looked up (() without it)
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    if not _DTENSOR:  # looked up once: this runs several times per parameter and measurement
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch built without distributed
+            _DTENSOR.append(())
+        else:
+            _DTENSOR.append(DTensor)
+    return isinstance(t, _DTENSOR[0])
 
 
 @dataclass(frozen=True)

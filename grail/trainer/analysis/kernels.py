@@ -43,12 +43,12 @@ already one bandwidth-bound kernel.
 
 Example:
     >>> import torch
-    >>> batch = MomentsBatch([0.5], min_numel=1)
-    >>> batch.add(torch.tensor([1.0, -2.0, float("nan"), 0.0]))
-    1
-    >>> sums, maxes = batch.rows()
-    >>> sums.tolist(), maxes.tolist()
-    ([[3.0, -1.0, 5.0, 3.0, 1.0, 1.0]], [[2.0, nan, nan]])
+    >>> batch = MomentsBatch([0.5])
+    >>> batch.add(torch.tensor([1.0, -2.0, float("nan"), 0.0]), groups=[0])
+    True
+    >>> sums, maxes, groups = batch.rows()
+    >>> sums.tolist(), maxes.tolist(), groups
+    ([[3.0, -1.0, 5.0, 3.0, 1.0, 1.0]], [[2.0, nan, nan]], [(0,)])
 """
 
 from __future__ import annotations
@@ -61,7 +61,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_NUMEL", "AdamBatch", "MomentsBatch", "adam_u", "disabled_reason", "joint_rows"]
+__all__ = [
+    "MIN_NUMEL",
+    "POOL_NUMEL",
+    "AdamBatch",
+    "MomentsBatch",
+    "adam_u",
+    "disabled_reason",
+    "joint_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +78,10 @@ logger = logging.getLogger(__name__)
 MIN_NUMEL = 2
 #: Entries per kernel call: int32 counts stay exact.
 _SLICE = 1 << 30
+#: Tensors below this size are concatenated per group and computed in one call (a call costs
+#: tens of microseconds, as much as the loop over ~10**5 entries); queues flush at _POOL_FLUSH.
+POOL_NUMEL = 1 << 16
+_POOL_FLUSH = 1 << 20
 #: Distinct input signatures compiled per kernel; later ones use the eager path. Dynamo keeps a
 #: bounded cache per function and fails (``fullgraph``) beyond it.
 _MAX_SIGNATURES = 6
@@ -80,7 +92,9 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
 
 
 # --- kernels (traced by torch.compile; plain torch code) ---------------------------------------
-def _moments_fast(x: torch.Tensor, t: tuple[torch.Tensor, ...]) -> torch.Tensor:
+# Constants (thresholds, Adam's scale and shift) come packed in one small float32 tensor of static
+# size per call: every tensor argument costs guard checks on each call.
+def _moments_fast(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``[sum, sum_sq, sum_abs, le(t)..., max_abs]``, valid when every value is finite."""
     x = x.float()
     ax = x.abs()
@@ -90,13 +104,13 @@ def _moments_fast(x: torch.Tensor, t: tuple[torch.Tensor, ...]) -> torch.Tensor:
             xd.sum(),
             (xd * xd).sum(),
             xd.abs().sum(),
-            *(_count(ax <= ti) for ti in t),
+            *(_count(ax <= t[i]) for i in range(t.shape[0])),
             ax.amax().double(),
         ]
     )
 
 
-def _moments_masked(x: torch.Tensor, t: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _moments_masked(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``[count, sum, sum_sq, sum_abs, le(t)..., max_abs]`` over the finite values."""
     x = x.float()
     ax = x.abs()
@@ -108,7 +122,7 @@ def _moments_masked(x: torch.Tensor, t: tuple[torch.Tensor, ...]) -> torch.Tenso
             xd.sum(),
             (xd * xd).sum(),
             xd.abs().sum(),
-            *(_count(ax <= ti) for ti in t),
+            *(_count(finite & (ax <= t[i])) for i in range(t.shape[0])),
             torch.where(finite, ax, -math.inf).amax().double(),
         ]
     )
@@ -129,16 +143,11 @@ def _sign_counts(g: torch.Tensor, m: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _adam_fast(
-    m: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    t: tuple[torch.Tensor, ...],
+    m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, w: torch.Tensor, c: torch.Tensor
 ) -> torch.Tensor:
-    """``[sum_sq, sum_abs, w_sq, le(t)..., agree, pairs]`` of u, valid when u is finite."""
-    u = adam_u(m, v, scale, shift)
+    """``[sum_sq, sum_abs, w_sq, le(t)..., agree, pairs]`` of u with ``c = [scale, shift,
+    t...]``, valid when u is finite."""
+    u = adam_u(m, v, c[0], c[1])
     au = u.abs()
     ud, wd = u.double(), w.float().double()
     return torch.stack(
@@ -146,23 +155,17 @@ def _adam_fast(
             (ud * ud).sum(),
             ud.abs().sum(),
             (wd * wd).sum(),
-            *(_count(au <= ti) for ti in t),
+            *(_count(au <= c[i]) for i in range(2, c.shape[0])),
             *_sign_counts(g, m),
         ]
     )
 
 
 def _adam_masked(
-    m: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    t: tuple[torch.Tensor, ...],
+    m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, w: torch.Tensor, c: torch.Tensor
 ) -> torch.Tensor:
     """``[count, sum_sq, sum_abs, w_sq, le(t)..., agree, pairs]`` over the finite u."""
-    u = adam_u(m, v, scale, shift)
+    u = adam_u(m, v, c[0], c[1])
     au = u.abs()
     finite = au < math.inf
     ud, wd = torch.where(finite, u, 0.0).double(), w.float().double()
@@ -172,7 +175,7 @@ def _adam_masked(
             (ud * ud).sum(),
             ud.abs().sum(),
             (wd * wd).sum(),
-            *(_count(au <= ti) for ti in t),
+            *(_count(finite & (au <= c[i])) for i in range(2, c.shape[0])),
             *_sign_counts(g, m),
         ]
     )
@@ -183,13 +186,11 @@ def _joint_fast(
     v: torch.Tensor,
     g: torch.Tensor,
     w: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    t: tuple[torch.Tensor, ...],
-    tg: tuple[torch.Tensor, ...],
+    c: torch.Tensor,
+    tg: torch.Tensor,
 ) -> torch.Tensor:
     """:func:`_adam_fast` followed by :func:`_moments_fast` of ``g``: one read of the gradient."""
-    return torch.cat([_adam_fast(m, v, g, w, scale, shift, t), _moments_fast(g, tg)])
+    return torch.cat([_adam_fast(m, v, g, w, c), _moments_fast(g, tg)])
 
 
 # --- compilation --------------------------------------------------------------------------------
@@ -201,45 +202,59 @@ def disabled_reason() -> str | None:
     return _failure[0] if _failure else None
 
 
-def _probe(arg: Any) -> Any:
-    """A stand-in for a kernel argument: 2**20 ones for data, ones for scalars."""
-    if isinstance(arg, tuple):
-        return tuple(_probe(a) for a in arg)
-    if arg.dim() == 1:
-        return torch.ones(1 << 20, dtype=arg.dtype)
-    return torch.ones((), dtype=arg.dtype)
-
-
-def _signature(args: Sequence[Any]) -> tuple[object, ...]:
-    key: list[object] = [torch.get_num_threads()]
-    for a in args:
-        key.append(len(a) if isinstance(a, tuple) else (a.dtype, a.dim()))
-    return tuple(key)
+def constants(values: Sequence[float]) -> torch.Tensor:
+    """A packed-constants argument: float32, its size static for the compiler."""
+    t = torch.tensor(list(values), dtype=torch.float32)
+    torch._dynamo.mark_static(t)
+    return t
 
 
 class _Kernel:
     """A function compiled on first use, with a bounded set of input signatures.
 
-    Arguments are 1-D data tensors (dynamic sizes), 0-d float32 scalars and tuples of them.
+    Its first ``n_data`` arguments are 1-D data tensors (dynamic sizes), the rest packed
+    constants from :func:`constants` (static sizes).
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], n_data: int) -> None:
         self._fn = fn
+        self._n_data = n_data
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._signatures: set[tuple[object, ...]] = set()
         self._lock = threading.Lock()
 
-    def __call__(self, *args: Any) -> torch.Tensor | None:
-        if _failure:
-            return None
-        key = _signature(args)
-        if key not in self._signatures:
-            with self._lock:
-                if not self._compile_for(key, args):
-                    return None
-        return self._compiled(*args)  # type: ignore[misc]
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor | None:
+        """The compiled result, or ``None`` where the caller must compute it otherwise.
 
-    def _compile_for(self, key: tuple[object, ...], args: Sequence[Any]) -> bool:
+        Any error here (a graph variant Dynamo compiles on its own, for a guard the signature
+        does not cover) turns the kernels off like a failed compile: results never depend on
+        the compiler working.
+        """
+        if not self.ready(*args):
+            return None
+        try:
+            with torch.no_grad():
+                return self._compiled(*args)  # type: ignore[misc]
+        except Exception as exc:  # a recompile the signature did not foresee, or worse
+            _fail(exc)
+            return None
+
+    def ready(self, *args: torch.Tensor) -> bool:
+        """Whether a call with these arguments' signature will run compiled (compiles now if
+        needed); lets a batch queue small tensors knowing the queue will not be refused."""
+        if _failure:
+            return False
+        n = self._n_data
+        # what Dynamo guards on besides shapes: thread count, inference mode, dtypes, and the
+        # constants' static sizes (grad mode is always off: calls run under no_grad)
+        key = (torch.get_num_threads(), torch.is_inference_mode_enabled())
+        key += (*(a.dtype for a in args[:n]), *(a.numel() for a in args[n:]))
+        if key in self._signatures:
+            return True
+        with self._lock:
+            return self._compile_for(key, args)
+
+    def _compile_for(self, key: tuple[object, ...], args: Sequence[torch.Tensor]) -> bool:
         if key in self._signatures:
             return True
         if len(self._signatures) >= _MAX_SIGNATURES:
@@ -249,59 +264,93 @@ class _Kernel:
                 self._compiled = torch.compile(self._fn, dynamic=True, fullgraph=True)
             # Inductor picks the loop form (parallel or not) from the sizes it first sees, so
             # compile on inputs as large as a typical weight, then check the result once.
-            out = self._compiled(*(_probe(a) for a in args))
+            n = self._n_data
+            probe = [torch.ones(1 << 20, dtype=a.dtype) for a in args[:n]] + list(args[n:])
+            with torch.no_grad():
+                out = self._compiled(*probe)
             if not bool(torch.isfinite(out).all()):
                 raise RuntimeError("the compiled kernel returned non-finite values on its probe")
         except Exception as exc:  # any compiler failure means "use the eager path"
-            _failure.append(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
-            logger.warning(
-                "grail-analysis: torch.compile failed (%s); gradient and Adam statistics use the "
-                "eager path from now on, several times slower. AnalysisConfig(fused_kernels="
-                "False) skips the attempt.",
-                _failure[0],
-            )
+            _fail(exc)
             return False
         self._signatures.add(key)
         return True
 
 
-_MOMENTS_FAST = _Kernel(_moments_fast)
-_MOMENTS_MASKED = _Kernel(_moments_masked)
-_ADAM_FAST = _Kernel(_adam_fast)
-_ADAM_MASKED = _Kernel(_adam_masked)
-_JOINT_FAST = _Kernel(_joint_fast)
+def _fail(exc: Exception) -> None:
+    """Turn the kernels off for the rest of the process, with one warning."""
+    if _failure:
+        return
+    _failure.append(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+    logger.warning(
+        "grail-analysis: torch.compile failed (%s); gradient and Adam statistics use the eager "
+        "path from now on, several times slower. AnalysisConfig(fused_kernels=False) skips the "
+        "attempt.",
+        _failure[0],
+    )
 
 
-class _Scalars:
-    """0-d float32 tensors for the scalars of one batch, made once per distinct value."""
-
-    def __init__(self) -> None:
-        self._cache: dict[float, torch.Tensor] = {}
-
-    def __call__(self, values: Sequence[float]) -> tuple[torch.Tensor, ...]:
-        out = []
-        for v in values:
-            t = self._cache.get(v)
-            if t is None:
-                t = self._cache[v] = torch.tensor(v, dtype=torch.float32)
-            out.append(t)
-        return tuple(out)
+_MOMENTS_FAST = _Kernel(_moments_fast, 1)
+_MOMENTS_MASKED = _Kernel(_moments_masked, 1)
+_ADAM_FAST = _Kernel(_adam_fast, 4)
+_ADAM_MASKED = _Kernel(_adam_masked, 4)
+_JOINT_FAST = _Kernel(_joint_fast, 4)
 
 
-def _usable(x: torch.Tensor, min_numel: int) -> bool:
-    return x.device.type == "cpu" and x.dim() == 1 and x.numel() >= max(min_numel, 2)
+def _usable(min_numel: int, *tensors: torch.Tensor) -> bool:
+    """CPU, 1-D, contiguous, of one size of at least ``min_numel`` (and 2: Dynamo specialises
+    sizes 0 and 1)."""
+    n = tensors[0].numel()
+    return n >= max(min_numel, 2) and all(
+        t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.numel() == n
+        for t in tensors
+    )
+
+
+def _floats(*values: Any) -> bool:
+    """Python floats (a bias correction held on a device is not: that run is not on CPU)."""
+    return all(isinstance(v, float) for v in values)
 
 
 def _slices(n: int) -> list[slice]:
-    return [slice(start, start + _SLICE) for start in range(0, n, _SLICE)]
+    """At most ``_SLICE`` entries each, of equal sizes (no tiny tail)."""
+    parts = -(-n // _SLICE)
+    size = -(-n // parts)
+    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 # --- batches ------------------------------------------------------------------------------------
+Groups = tuple[int, ...]
+
+
+class _Pool:
+    """Small tensors waiting to be concatenated into one kernel call, per key."""
+
+    def __init__(self) -> None:
+        self.parts: dict[tuple[Any, ...], list[tuple[torch.Tensor, ...]]] = {}
+        self.numel: dict[tuple[Any, ...], int] = {}
+
+    def put(self, key: tuple[Any, ...], tensors: tuple[torch.Tensor, ...]) -> bool:
+        """Queue ``tensors``; ``True`` when the key's queue is full and should be flushed."""
+        self.parts.setdefault(key, []).append(tensors)
+        self.numel[key] = self.numel.get(key, 0) + tensors[0].numel()
+        return self.numel[key] >= _POOL_FLUSH
+
+    def take(self, key: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        """The queued tensors of ``key`` concatenated (one copy of small tensors)."""
+        parts = self.parts.pop(key)
+        del self.numel[key]
+        return tuple(torch.cat(ts) for ts in zip(*parts, strict=True))
+
+
 class MomentsBatch:
     """Moments of whole 1-D tensors through the compiled kernels, one row per tensor.
 
-    A tensor of more than ``2**30`` entries gets one row per slice of that size. The inputs are
-    referenced (not copied) until :meth:`rows`, which reruns the rare non-finite ones masked.
+    Each row feeds the groups given with its tensor. Tensors below :data:`POOL_NUMEL` entries
+    with the same groups and dtype are concatenated into one row (one kernel call for all the
+    norms and biases of a layer instead of one each); a tensor of more than ``2**30`` entries
+    gets one row per slice of that size. The inputs are referenced (small ones copied) until
+    :meth:`rows`, which reruns the rare non-finite ones masked.
 
     Args:
         thresholds_f32: thresholds of the counts ``|x| <= t``, already as float32 values.
@@ -310,38 +359,61 @@ class MomentsBatch:
 
     def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
         self._min = MIN_NUMEL if min_numel is None else min_numel
-        self.thresholds = _Scalars()(thresholds_f32)
+        self.thresholds = constants(thresholds_f32)
         self._raw: list[torch.Tensor] = []
         self._inputs: list[torch.Tensor] = []
+        self._groups: list[Groups] = []
+        self._pool = _Pool()
 
-    def add(self, x: torch.Tensor, raw: torch.Tensor | None = None) -> int:
-        """Add rows for ``x`` and return how many; 0 means the caller must go eager. ``raw``
-        is the fast kernel's row when another kernel already computed it (:func:`joint_rows`)."""
-        if not _usable(x, self._min):
-            return 0
-        parts = [x.detach()[sl] for sl in _slices(x.numel())]
-        if raw is not None and len(parts) == 1:
-            self._raw.append(raw)
-            self._inputs.append(parts[0])
-            return 1
-        for part in parts:
-            out = _MOMENTS_FAST(part, self.thresholds)
-            if out is None:  # only ever for the first part (same signature for every slice)
-                return 0
-            self._raw.append(out)
-            self._inputs.append(part)
-        return len(parts)
+    def add(self, x: torch.Tensor, groups: Sequence[int], raw: torch.Tensor | None = None) -> bool:
+        """Take ``x`` (its rows feed ``groups``); ``False`` means the caller must go eager.
+        ``raw`` is the fast kernel's row when :func:`joint_rows` already computed it."""
+        if not _usable(self._min, x):
+            return False
+        x, key = x.detach(), tuple(groups)
+        if raw is not None and x.numel() <= _SLICE:
+            self._push(raw, x, key)
+            return True
+        if x.numel() < POOL_NUMEL:
+            if _MOMENTS_FAST.ready(x, self.thresholds) is False:
+                return False
+            if self._pool.put((key, x.dtype), (x,)):
+                self._flush((key, x.dtype))
+            return True
+        outs = []
+        for sl in _slices(x.numel()):
+            out = _MOMENTS_FAST(x[sl], self.thresholds)
+            if out is None:
+                return False
+            outs.append((out, x[sl]))
+        for out, part in outs:  # only once every slice succeeded
+            self._push(out, part, key)
+        return True
 
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sums, maxes)``: float64 ``(P, 5 + T)`` and ``(P, 3)`` for the ``P`` rows added.
-        Of the maxima only ``max |x|`` is computed (``-inf`` where a tensor had no finite
-        value); ``max`` and ``-min`` are NaN."""
-        nt = len(self.thresholds)
+    def _push(self, raw: torch.Tensor, x: torch.Tensor, key: Groups) -> None:
+        self._raw.append(raw)
+        self._inputs.append(x)
+        self._groups.append(key)
+
+    def _flush(self, pool_key: tuple[Any, ...]) -> None:
+        (x,) = self._pool.take(pool_key)
+        out = _MOMENTS_FAST(x, self.thresholds)
+        if out is None:  # the compiler failed after accepting: the same code, eager
+            out = _moments_fast(x, self.thresholds)
+        self._push(out, x, pool_key[0])
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, list[Groups]]:
+        """``(sums, maxes, groups)``: float64 ``(P, 5 + T)`` and ``(P, 3)`` and the groups of
+        each of the ``P`` rows. Of the maxima only ``max |x|`` is computed (``-inf`` where no
+        value was finite); ``max`` and ``-min`` are NaN."""
+        for key in list(self._pool.parts):
+            self._flush(key)
+        nt = self.thresholds.numel()
         p = len(self._raw)
         sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
         maxes = torch.full((p, 3), math.nan, dtype=torch.float64)
         if not p:
-            return sums, maxes
+            return sums, maxes, []
         raw = torch.stack(self._raw)  # sum, sum_sq, sum_abs, le(t)..., max_abs
         sums[:, 0] = torch.tensor([x.numel() for x in self._inputs], dtype=torch.float64)
         sums[:, 1:4] = raw[:, :3]
@@ -356,13 +428,14 @@ class MomentsBatch:
             sums[i, 4] = x.numel() - masked[0]
             sums[i, 5:] = masked[4 : 4 + nt]
             maxes[i, 0] = masked[4 + nt]
-        return sums, maxes
+        return sums, maxes, list(self._groups)
 
 
 class AdamBatch:
     """Statistics of Adam's normalised update through the compiled kernels, one row per tensor.
 
-    Rows, slices and the non-finite rerun work as in :class:`MomentsBatch`.
+    Groups, pooling of small tensors (same groups, constants, sign, lr and dtypes), slices and
+    the non-finite rerun work as in :class:`MomentsBatch`.
 
     Args:
         thresholds_f32: thresholds of the counts ``|u| <= t``, already as float32 values.
@@ -371,15 +444,24 @@ class AdamBatch:
 
     def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
         self._min = MIN_NUMEL if min_numel is None else min_numel
-        self._scalars = _Scalars()
-        self.thresholds = self._scalars(thresholds_f32)
+        self._t = [float(t) for t in thresholds_f32]
+        self._constants: dict[tuple[float, float], torch.Tensor] = {}
         self._raw: list[torch.Tensor] = []
-        self._inputs: list[tuple[Any, ...]] = []
+        self._inputs: list[tuple[torch.Tensor, ...]] = []
         self._factors: list[tuple[float, float]] = []
+        self._groups: list[Groups] = []
+        self._pool = _Pool()
 
-    def scalars(self, scale: float, shift: float) -> tuple[torch.Tensor, ...]:
-        """The 0-d tensors of ``scale`` and ``shift`` (cached)."""
-        return self._scalars([scale, shift])
+    @property
+    def n_thresholds(self) -> int:
+        return len(self._t)
+
+    def constants(self, scale: float, shift: float) -> torch.Tensor:
+        """The packed ``[scale, shift, t...]`` of the Adam kernels (cached per value)."""
+        c = self._constants.get((scale, shift))
+        if c is None:
+            c = self._constants[(scale, shift)] = constants([scale, shift, *self._t])
+        return c
 
     def add(
         self,
@@ -389,43 +471,73 @@ class AdamBatch:
         w: torch.Tensor,
         scale: Any,
         shift: Any,
+        groups: Sequence[int],
         sign: float = 1.0,
         lr: float = 1.0,
         raw: torch.Tensor | None = None,
-    ) -> int:
-        """Add rows for flat ``m`` (``exp_avg``), ``v`` (denominator state), dense gradient
-        ``g`` (its sign agreement is multiplied by ``sign``: -1 for ``maximize``) and weights
-        ``w``, with the constants of :func:`adam_u`; returns how many, 0 meaning the caller
+    ) -> bool:
+        """Take flat ``m`` (``exp_avg``), ``v`` (denominator state), dense gradient ``g`` (its
+        sign agreement is multiplied by ``sign``: -1 for ``maximize``) and weights ``w``, with
+        the constants of :func:`adam_u`; the rows feed ``groups``. ``False`` means the caller
         must go eager. ``raw`` is the fast kernel's row when :func:`joint_rows` computed it."""
-        if not _usable(m, self._min) or not all(isinstance(c, float) for c in (scale, shift)):
-            return 0
-        scal = self.scalars(scale, shift)
-        slices = _slices(m.numel())
-        if raw is not None and len(slices) == 1:
-            self._raw.append(raw)
-            self._inputs.append((*(a.detach() for a in (m, v, g, w)), *scal))
-            self._factors.append((sign, lr * lr))
-            return 1
-        for sl in slices:
-            args = (*(a.detach()[sl] for a in (m, v, g, w)), *scal)
-            out = _ADAM_FAST(*args, self.thresholds)
-            if out is None:  # only ever for the first slice (same signature for every slice)
-                return 0
-            self._raw.append(out)
-            self._inputs.append(args)
-            self._factors.append((sign, lr * lr))
-        return len(slices)
+        if not _usable(self._min, m, v, g, w) or not _floats(scale, shift):
+            return False
+        data = tuple(a.detach() for a in (m, v, g, w))
+        c, key, factors = self.constants(scale, shift), tuple(groups), (sign, lr * lr)
+        if raw is not None and m.numel() <= _SLICE:
+            self._push(raw, (*data, c), key, factors)
+            return True
+        if m.numel() < POOL_NUMEL:
+            if _ADAM_FAST.ready(*data, c) is False:
+                return False
+            pool_key = (key, scale, shift, factors, *(a.dtype for a in data))
+            if self._pool.put(pool_key, data):
+                self._flush(pool_key)
+            return True
+        outs = []
+        for sl in _slices(m.numel()):
+            args = (*(a[sl] for a in data), c)
+            out = _ADAM_FAST(*args)
+            if out is None:
+                return False
+            outs.append((out, args))
+        for out, args in outs:  # only once every slice succeeded
+            self._push(out, args, key, factors)
+        return True
 
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(sums, maxes, extras)`` for the ``P`` rows added: float64 ``(P, 5 + T)``, ``(P, 3)``
-        and ``(P, 4)`` of ``[sum sign(g) sign(m), non-zero pairs, sum w^2, lr^2 sum u^2]``.
-        Adam's statistics use neither the signed sum of u nor its extremes: those are NaN."""
-        nt = len(self.thresholds)
+    def _push(
+        self,
+        raw: torch.Tensor,
+        args: tuple[torch.Tensor, ...],
+        key: Groups,
+        factors: tuple[float, float],
+    ) -> None:
+        self._raw.append(raw)
+        self._inputs.append(args)
+        self._groups.append(key)
+        self._factors.append(factors)
+
+    def _flush(self, pool_key: tuple[Any, ...]) -> None:
+        key, scale, shift, factors = pool_key[:4]
+        args = (*self._pool.take(pool_key), self.constants(scale, shift))
+        out = _ADAM_FAST(*args)
+        if out is None:  # the compiler failed after accepting: the same code, eager
+            out = _adam_fast(*args)
+        self._push(out, args, key, factors)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Groups]]:
+        """``(sums, maxes, extras, groups)`` for the ``P`` rows added: float64 ``(P, 5 + T)``,
+        ``(P, 3)`` and ``(P, 4)`` of ``[sum sign(g) sign(m), non-zero pairs, sum w^2,
+        lr^2 sum u^2]``, and each row's groups. Adam's statistics use neither the signed sum
+        of u nor its extremes: those are NaN."""
+        for pool_key in list(self._pool.parts):
+            self._flush(pool_key)
+        nt = self.n_thresholds
         p = len(self._raw)
         sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
         maxes = torch.full((p, 3), math.nan, dtype=torch.float64)
         if not p:
-            return sums, maxes, torch.zeros(0, 4, dtype=torch.float64)
+            return sums, maxes, torch.zeros(0, 4, dtype=torch.float64), []
         raw = torch.stack(self._raw)  # sum_sq, sum_abs, w_sq, le(t)..., agree, pairs
         sums[:, 0] = torch.tensor([a[0].numel() for a in self._inputs], dtype=torch.float64)
         sums[:, 1] = math.nan
@@ -435,9 +547,9 @@ class AdamBatch:
         w_sq = raw[:, 2].clone()
         for i in (~torch.isfinite(raw[:, :2]).all(1)).nonzero().flatten().tolist():
             args = self._inputs[i]
-            masked = _ADAM_MASKED(*args, self.thresholds)
+            masked = _ADAM_MASKED(*args)
             if masked is None:  # the compiler failed on it: the same code, eager
-                masked = _adam_masked(*args, self.thresholds)
+                masked = _adam_masked(*args)
             sums[i, 0] = masked[0]
             sums[i, 2:4] = masked[1:3]
             sums[i, 4] = args[0].numel() - masked[0]
@@ -447,7 +559,7 @@ class AdamBatch:
         sign, lr_sq = torch.tensor(self._factors, dtype=torch.float64).unbind(1)
         agree, pairs = pair.unbind(1)
         extras = torch.stack([(2 * agree - pairs) * sign, pairs, w_sq, sums[:, 2] * lr_sq], dim=1)
-        return sums, maxes, extras
+        return sums, maxes, extras, list(self._groups)
 
 
 def joint_rows(
@@ -461,13 +573,15 @@ def joint_rows(
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The fast rows of ``adam`` and of ``moments`` (for the gradient ``g``) from one kernel
-    that reads ``g`` once, to be passed as ``raw`` to their ``add``; ``None`` when the pair
-    cannot be done jointly (then each batch computes its own)."""
-    if not (_usable(m, adam._min) and _usable(g, moments._min)) or m.numel() > _SLICE:
+    that reads ``g`` once, to be passed as ``raw`` to their ``add``; ``None`` when the pair is
+    better done apart (small tensors, which each batch pools, or huge ones) or cannot be done."""
+    n = m.numel()
+    usable = _usable(max(adam._min, moments._min), m, v, g, w) and _floats(scale, shift)
+    if not usable or not POOL_NUMEL <= n <= _SLICE:
         return None
-    args = (*(a.detach() for a in (m, v, g, w)), *adam.scalars(scale, shift))
-    out = _JOINT_FAST(*args, adam.thresholds, moments.thresholds)
+    args = (*(a.detach() for a in (m, v, g, w)), adam.constants(scale, shift))
+    out = _JOINT_FAST(*args, moments.thresholds)
     if out is None:
         return None
-    n_adam = 5 + len(adam.thresholds)
+    n_adam = 5 + adam.n_thresholds
     return out[:n_adam], out[n_adam:]

@@ -239,16 +239,14 @@ class AdamSignDescentMetrics(MetricComputer):
         device = local_tensor(entries[0][2]["exp_avg"]).device
         stats = StreamingStats(self._thresholds(), groups, extra_sums=_EXTRAS, device=device)
         batch = kernels.AdamBatch(stats.thresholds_f32) if self.fused else None
-        # rows a linked gradient computer already computed in its pass (see joint_inputs)
+        # rows a linked gradient computer already computed in its pass, with their inputs
+        # (see joint_inputs)
         precomputed = context.take(self.rows_key()) or {}
-        batch_groups: list[list[int]] = []
         for name, p, st, group in entries:
             if shard_info(p).owner:
-                raw = precomputed.get(name)
-                n_rows = self._update(stats, p, st, group, rows[name], batch, raw)
-                batch_groups += [rows[name]] * n_rows
+                self._update(stats, p, st, group, rows[name], batch, precomputed.get(name))
         if batch is not None:
-            sums, maxes, extras = batch.rows()
+            sums, maxes, extras, batch_groups = batch.rows()
             stats.accumulate_rows(sums, maxes, batch_groups, extras)
         stats.all_reduce()
         if self.histogram_samples > 0:
@@ -264,7 +262,8 @@ class AdamSignDescentMetrics(MetricComputer):
 
     def rows_key(self) -> tuple[str, int]:
         """The :class:`AnalysisContext` key under which a linked gradient computer leaves this
-        computer's kernel rows (``{parameter name: row}``) for the current measurement."""
+        computer's kernel rows for the current measurement: ``{parameter name: (row, m, v, g,
+        w, scale, shift)}``."""
         return ("adam_sign/rows", id(self))
 
     def joint_inputs(
@@ -280,7 +279,10 @@ class AdamSignDescentMetrics(MetricComputer):
         for name, p, st, group in adam_entries(
             optimizer, collect_parameters(model, self.trainable_only)
         ):
-            if name in names and shard_info(p).owner:
+            contiguous = local_tensor(p).is_contiguous() and all(
+                local_tensor(st[k]).is_contiguous() for k in ("exp_avg", "exp_avg_sq")
+            )  # otherwise the flat views below would be copies, held for the whole pass
+            if name in names and contiguous and shard_info(p).owner:
                 m, v, bc1, bc2s, eps = self._state(p, st, group)
                 scale, shift = u_constants(bc1, bc2s, eps)
                 out[name] = (m, v, real_view(local_tensor(p)).reshape(-1), scale, shift)
@@ -305,22 +307,30 @@ class AdamSignDescentMetrics(MetricComputer):
         group: dict[str, Any],
         rows: list[int],
         batch: kernels.AdamBatch | None = None,
-        raw: torch.Tensor | None = None,
-    ) -> int:
-        """Feed one parameter to ``stats``, or to ``batch`` when its kernels take it; returns
-        the number of rows added to the batch (0: fed eagerly)."""
+        handoff: tuple[Any, ...] | None = None,
+    ) -> None:
+        """Feed one parameter to ``stats``, or to ``batch`` when its kernels take it.
+        ``handoff`` is ``(row, m, v, g, w, scale, shift)`` from a linked gradient computer's
+        pass."""
+        sign = -1.0 if group.get("maximize") else 1.0
+        if batch is not None and handoff is not None:
+            raw, *inputs = handoff
+            if batch.add(*inputs, rows, sign, float(group["lr"]), raw):
+                return
         m, v, bc1, bc2s, eps = self._state(p, st, group)
         lr_sq = float(group["lr"]) ** 2
         w = real_view(local_tensor(p)).reshape(-1)
         grad = local_tensor(p.grad) if p.grad is not None else None
-        sign = -1.0 if group.get("maximize") else 1.0
         dense = grad is not None and grad.layout == torch.strided
         g = real_view(grad).reshape(-1) if dense else None
         scale, shift = u_constants(bc1, bc2s, eps)
-        if batch is not None and g is not None:
-            n_rows = batch.add(m, v, g, w, scale, shift, sign, float(group["lr"]), raw)
-            if n_rows:
-                return n_rows
+        lr = float(group["lr"])
+        if (
+            batch is not None
+            and g is not None
+            and batch.add(m, v, g, w, scale, shift, rows, sign, lr)
+        ):
+            return
         a_buf, b_buf = self._scratch(m.device)
         zero = torch.zeros((), dtype=torch.float32, device=m.device)
         step = chunk_numel(m.device)
@@ -354,7 +364,6 @@ class AdamSignDescentMetrics(MetricComputer):
             s_sum, s_nonzero = _sparse_sign_terms(grad, st["exp_avg"])
             stats.add("sign_sum", s_sum * sign, rows)
             stats.add("sign_nonzero", s_nonzero, rows)
-        return 0
 
     def _histogram(self, entries: list[tuple[str, torch.Tensor, Any, Any]]) -> np.ndarray:
         infos = [shard_info(p) for _, p, _, _ in entries]

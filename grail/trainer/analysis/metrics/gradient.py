@@ -201,8 +201,7 @@ class GradientSparsityMetrics(MetricComputer):
         if batch is not None and self._partner is not None and context is not None:
             joint = self._partner.joint_inputs(context, {n for n, _ in params})
             adam_batch = kernels.AdamBatch(self._partner.kernel_thresholds())
-        adam_rows: dict[str, torch.Tensor] = {}
-        batch_groups: list[list[int]] = []
+        adam_rows: dict[str, tuple[Any, ...]] = {}
         for name, p in params:
             if not shard_info(p).owner:
                 continue
@@ -219,14 +218,13 @@ class GradientSparsityMetrics(MetricComputer):
                 m, v, w, scale, shift = joint[name]
                 pair = kernels.joint_rows(adam_batch, batch, m, v, flat, w, scale, shift)
                 if pair is not None:
-                    adam_rows[name], raw = pair
-            n_rows = batch.add(flat, raw) if batch is not None else 0
-            if n_rows:
-                batch_groups += [rows[name]] * n_rows
-            else:
+                    adam_rows[name] = (pair[0], m, v, flat, w, scale, shift)
+                    raw = pair[1]
+            if batch is None or not batch.add(flat, rows[name], raw):
                 stats.update(flat, rows[name])
         if batch is not None:
-            stats.accumulate_rows(*batch.rows(), batch_groups)
+            sums, maxes, batch_groups = batch.rows()
+            stats.accumulate_rows(sums, maxes, batch_groups)
         if adam_rows:
             context.share(self._partner.rows_key(), adam_rows)
         stats.all_reduce()

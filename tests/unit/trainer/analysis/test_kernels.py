@@ -57,9 +57,10 @@ def _assert_row(sums: torch.Tensor, max_abs: float, ref: dict) -> None:
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_moments_match_float64_reference(dtype, nonfinite) -> None:
     batch = kernels.MomentsBatch([f32_floor(t) for t in THRESHOLDS])
-    xs = [_data(n, dtype, nonfinite, seed=n) for n in (3000, 70_001)]
-    assert [batch.add(x) for x in xs] == [1, 1]
-    sums, maxes = batch.rows()
+    xs = [_data(n, dtype, nonfinite, seed=n) for n in (70_001, 3000)]  # direct, then pooled
+    assert [batch.add(x, [i]) for i, x in enumerate(xs)] == [True, True]
+    sums, maxes, groups = batch.rows()
+    assert groups == [(0,), (1,)]
     for i, x in enumerate(xs):
         _assert_row(sums[i], float(maxes[i, 0]), _moments_reference(x, THRESHOLDS))
     assert torch.isnan(maxes[:, 1:]).all()  # signed extremes are not computed
@@ -68,32 +69,57 @@ def test_moments_match_float64_reference(dtype, nonfinite) -> None:
 
 def test_moments_of_an_all_nonfinite_tensor() -> None:
     batch = kernels.MomentsBatch([0.0])
-    batch.add(torch.tensor([math.nan, math.inf, -math.inf, math.nan]))
-    sums, maxes = batch.rows()
+    batch.add(torch.tensor([math.nan, math.inf, -math.inf, math.nan]), [0])
+    sums, maxes, _ = batch.rows()
     assert sums.tolist() == [[0.0, 0.0, 0.0, 0.0, 4.0, 0.0]]
     assert maxes[0, 0] == -math.inf
 
 
 def test_tensors_larger_than_a_slice_give_one_row_per_slice(monkeypatch) -> None:
     x = _data(10_000, torch.float32, nonfinite=True)
+    monkeypatch.setattr(kernels, "POOL_NUMEL", 2)
     whole = kernels.MomentsBatch([0.0, 0.5])
-    whole.add(x)
+    whole.add(x, [0])
     monkeypatch.setattr(kernels, "_SLICE", 4096)
     sliced = kernels.MomentsBatch([0.0, 0.5])
-    assert sliced.add(x) == 3
-    (s1, m1), (s2, m2) = whole.rows(), sliced.rows()
-    assert s2.shape[0] == 3 and s2[:, 0].tolist() == [4096 - 3, 4096, 10_000 - 8192]
+    assert sliced.add(x, [0, 2])
+    (s1, m1, _), (s2, m2, g2) = whole.rows(), sliced.rows()
+    assert g2 == [(0, 2)] * 3
+    assert s2.shape[0] == 3 and s2[:, 0].tolist() == [3334 - 3, 3334, 3332]  # equal slices
     torch.testing.assert_close(s2.sum(0), s1[0], rtol=1e-13, atol=0)
     assert m2[:, 0].max() == m1[0, 0]
 
 
 def test_small_or_accelerator_tensors_are_refused() -> None:
     batch = kernels.MomentsBatch([0.0])
-    assert batch.add(torch.ones(1)) == 0
-    assert batch.add(torch.ones(2, 3)) == 0  # callers pass flat views
-    assert kernels.MomentsBatch([0.0], min_numel=100).add(torch.ones(50)) == 0
-    sums, maxes = batch.rows()
-    assert sums.shape == (0, 6) and maxes.shape == (0, 3)
+    assert not batch.add(torch.ones(1), [0])
+    assert not batch.add(torch.ones(2, 3), [0])  # callers pass flat views
+    assert not kernels.MomentsBatch([0.0], min_numel=100).add(torch.ones(50), [0])
+    assert not batch.add(torch.ones(200)[::2], [0])  # not contiguous
+    adam = kernels.AdamBatch([0.1])
+    ones = torch.ones(100)
+    assert not adam.add(ones, ones, torch.ones(100, device="meta"), ones, 1.0, 0.0, [0])
+    assert not adam.add(ones, ones, ones, ones, torch.tensor(1.0), 0.0, [0])  # device scalar
+    sums, maxes, groups = batch.rows()
+    assert sums.shape == (0, 6) and maxes.shape == (0, 3) and groups == []
+
+
+def test_small_tensors_are_pooled_per_groups_and_dtype(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "_POOL_FLUSH", 2500)  # the (0,) queue flushes once
+    batch = kernels.MomentsBatch([f32_floor(t) for t in THRESHOLDS])
+    xs = [_data(n, torch.float32, nonfinite=i == 3, seed=i) for i, n in enumerate([900] * 6)]
+    xs.append(_data(900, torch.bfloat16, nonfinite=False, seed=9))
+    keys = [[0], [0], [1, 2], [0], [0], [1, 2], [0]]
+    for x, k in zip(xs, keys, strict=True):
+        assert batch.add(x, k)
+    sums, maxes, groups = batch.rows()
+    # (0,): xs 0, 1, 3 flushed at 2700 entries, then xs 4 alone; (1, 2): xs 2, 5; bf16: xs 6
+    members = {0: [0, 1, 3], 1: [4], 2: [2, 5], 3: [6]}
+    assert sorted(groups) == sorted([(0,), (0,), (1, 2), (0,)])
+    order = sorted(members, key=lambda r: min(members[r]))
+    for row, r in enumerate(order):
+        x = torch.cat([xs[i].float() for i in members[r]])
+        _assert_row(sums[row], float(maxes[row, 0]), _moments_reference(x, THRESHOLDS))
 
 
 def _adam_inputs(n: int, nonfinite: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -139,8 +165,9 @@ def test_adam_rows_match_float64_reference(nonfinite) -> None:
     batch = kernels.AdamBatch(t32)
     inputs = _adam_inputs(50_000, nonfinite)
     scale, shift = 0.9, 1e-8
-    assert batch.add(*inputs, scale, shift, sign=-1.0, lr=0.01) == 1
-    sums, maxes, extras = batch.rows()
+    assert batch.add(*inputs, scale, shift, [3], sign=-1.0, lr=0.01)
+    sums, maxes, extras, groups = batch.rows()
+    assert groups == [(3,)]
     ref = _adam_reference(*inputs, scale, shift, t32)
     got = sums[0].tolist()
     assert got[0] == ref["count"] and got[4] == ref["nonfinite"] and got[5:] == ref["le"]
@@ -155,17 +182,22 @@ def test_adam_rows_match_float64_reference(nonfinite) -> None:
 
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_joint_rows_equal_separate_rows(nonfinite) -> None:
-    m, v, g, w = _adam_inputs(40_000, nonfinite, seed=3)
+    m, v, g, w = _adam_inputs(70_000, nonfinite, seed=3)
     ta, tg = [0.1, 0.9, 1.1], [0.0, 1e-8, 1e-6]
     sep_a, sep_g = kernels.AdamBatch(ta), kernels.MomentsBatch(tg)
-    sep_a.add(m, v, g, w, 0.7, 1e-8)
-    sep_g.add(g)
+    sep_a.add(m, v, g, w, 0.7, 1e-8, [0])
+    sep_g.add(g, [1])
     joint_a, joint_g = kernels.AdamBatch(ta), kernels.MomentsBatch(tg)
     raw_a, raw_g = kernels.joint_rows(joint_a, joint_g, m, v, g, w, 0.7, 1e-8)
-    joint_a.add(m, v, g, w, 0.7, 1e-8, raw=raw_a)
-    joint_g.add(g, raw=raw_g)
+    joint_a.add(m, v, g, w, 0.7, 1e-8, [0], raw=raw_a)
+    joint_g.add(g, [1], raw=raw_g)
     for a, b in zip(sep_a.rows() + sep_g.rows(), joint_a.rows() + joint_g.rows(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=0, equal_nan=True)
+        if isinstance(a, list):
+            assert a == b
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0, equal_nan=True)
+    # small tensors are pooled by each batch instead
+    assert kernels.joint_rows(joint_a, joint_g, *(t[:1000] for t in (m, v, g, w)), 0.7, 0) is None
 
 
 @pytest.fixture
@@ -174,7 +206,7 @@ def fresh_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "_failure", [])
     for name, fn in (("_MOMENTS_FAST", kernels._moments_fast),
                      ("_MOMENTS_MASKED", kernels._moments_masked)):
-        monkeypatch.setattr(kernels, name, kernels._Kernel(fn))
+        monkeypatch.setattr(kernels, name, kernels._Kernel(fn, 1))
 
 
 def test_compiler_failure_warns_once_and_callers_go_eager(
@@ -200,13 +232,62 @@ def test_compiler_failure_warns_once_and_callers_go_eager(
         caplog.records[0].getMessage()
     ]
     assert kernels.disabled_reason() == "RuntimeError: no C++ compiler found\nmore details"
-    assert kernels.MomentsBatch([0.0]).add(torch.ones(10)) == 0
+    assert not kernels.MomentsBatch([0.0]).add(torch.ones(10), [0])
 
 
 def test_signatures_beyond_the_limit_go_eager_without_failing(fresh_kernels, monkeypatch) -> None:
     monkeypatch.setattr(kernels, "_MAX_SIGNATURES", 1)
     batch = kernels.MomentsBatch([0.0])
-    assert batch.add(torch.ones(10)) == 1
-    assert batch.add(torch.ones(10, dtype=torch.float64)) == 0  # a second dtype
-    assert batch.add(torch.ones(20)) == 1  # sizes are dynamic: the same signature
+    assert batch.add(torch.ones(10), [0])
+    assert not batch.add(torch.ones(10, dtype=torch.float64), [0])  # a second dtype
+    assert batch.add(torch.ones(100_000), [0])  # sizes are dynamic: the same signature
+    assert kernels.disabled_reason() is None
+
+
+def test_a_failing_compiled_call_turns_the_kernels_off(fresh_kernels, monkeypatch, caplog) -> None:
+    """An error from the compiled function itself (e.g. a recompile Dynamo decides on its own)
+    is caught like a failed compile: the batch declines and the caller computes eagerly."""
+    batch = kernels.MomentsBatch([0.0])
+    assert batch.add(torch.ones(100_000), [0])  # compiles and runs
+
+    def broken(*args):
+        raise RuntimeError("recompile limit")
+
+    monkeypatch.setattr(kernels._MOMENTS_FAST, "_compiled", broken)
+    with caplog.at_level(logging.WARNING, logger="grail.trainer.analysis.kernels"):
+        assert not batch.add(torch.ones(100_000), [0])
+        assert not batch.add(torch.ones(100_000), [0])
+    assert kernels.disabled_reason() == "RuntimeError: recompile limit"
+    assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1
+    sums, _, groups = batch.rows()  # the row taken before the failure is still there
+    assert groups == [(0,)] and sums[0, 0] == 100_000
+
+
+def test_infinite_threshold_counts_only_finite_entries() -> None:
+    from grail.trainer.analysis.metrics.base import AnalysisContext
+    from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
+
+    model = torch.nn.Linear(100, 1000, bias=False)
+    grad = torch.randn(1000, 100)
+    grad[0, :3] = math.inf
+    model.weight.grad = grad
+    ctx = AnalysisContext(model=model)
+    fused = GradientSparsityMetrics(thresholds=[0.0, math.inf], fused=True).compute(context=ctx)
+    eager = GradientSparsityMetrics(thresholds=[0.0, math.inf], fused=False).compute(context=ctx)
+    assert fused["gradient/sparsity_at_inf"] == eager["gradient/sparsity_at_inf"] == 1 - 3e-5
+    assert fused == pytest.approx(eager, rel=1e-6)
+
+
+def test_grad_and_inference_modes_use_the_kernels() -> None:
+    from grail.trainer.analysis.metrics.base import AnalysisContext
+    from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
+
+    model = torch.nn.Linear(300, 300)
+    model.weight.grad, model.bias.grad = torch.randn(300, 300), torch.randn(300)
+    ctx = AnalysisContext(model=model)
+    want = GradientSparsityMetrics(fused=False).compute(context=ctx)
+    got = GradientSparsityMetrics().compute(context=ctx)  # grad mode on
+    with torch.inference_mode():
+        got_inference = GradientSparsityMetrics().compute(context=ctx)
+    assert got == pytest.approx(want, rel=1e-6) and got_inference == pytest.approx(want, rel=1e-6)
     assert kernels.disabled_reason() is None

@@ -319,32 +319,50 @@ def test_compute_changes_nothing_and_keeps_global_rng() -> None:
 
 
 @pytest.mark.parametrize("maximize", [False, True])
-def test_gradient_pass_shared_with_adam_gives_the_same_numbers(kernel_path, maximize) -> None:
-    """A linked gradient computer computes Adam's rows in its own pass (fused path only); the
-    numbers equal those of the two computers run apart, and the hand-off is used once."""
+def test_gradient_pass_shared_with_adam_gives_the_same_numbers(
+    kernel_path, maximize, monkeypatch
+) -> None:
+    """A linked gradient computer computes Adam's rows in its own pass (fused path only): the
+    numbers equal those of the two computers run apart, the Adam computer uses the rows handed
+    over (its own kernel runs only for what was not), and the hand-off is used once."""
+    from grail.trainer.analysis import kernels
     from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
 
     model = tiny_qwen2()
-    for p in model.model.layers[0].parameters():
-        p.requires_grad_(False)  # frozen: Adam state but no gradient pass for these
     opt = torch.optim.AdamW(_groups(model), lr=1e-2, maximize=maximize)
     _train(model, opt)
     for p in model.model.layers[0].parameters():
-        p.requires_grad_(True)
+        p.grad = None  # Adam state but no gradient: the Adam computer's own eager path
+
+    calls = {"adam": 0}
+    adam_fast = kernels._ADAM_FAST
+
+    class Counting:
+        def __call__(self, *args):
+            calls["adam"] += 1
+            return adam_fast(*args)
+
+        def ready(self, *args):
+            return adam_fast.ready(*args)
+
+    monkeypatch.setattr(kernels, "_ADAM_FAST", Counting())
     apart = {}
     for computer in (GradientSparsityMetrics(per_layer=True),
                      AdamSignDescentMetrics(track_components=True)):
         apart.update(_compute(computer, model, opt))
+    calls_apart, calls["adam"] = calls["adam"], 0
     gradient = GradientSparsityMetrics(per_layer=True)
     adam = AdamSignDescentMetrics(track_components=True)
     gradient.share_pass_with(adam)
     ctx = AnalysisContext(model=model, optimizer=opt, step=1)
     with torch.no_grad():
         joint = gradient.compute(context=ctx)
-        handed_over = ctx.shared(adam.rows_key(), dict)
-        ctx.share(adam.rows_key(), handed_over)
+        handed_over = len(ctx.shared(adam.rows_key(), dict))
         joint.update(adam.compute(context=ctx))
-    assert (len(handed_over) > 0) == (kernel_path == "fused")
+    if kernel_path == "fused":
+        assert handed_over > 0 and calls["adam"] < calls_apart
+    else:
+        assert handed_over == 0 and calls["adam"] == calls_apart == 0
     assert ctx.take(adam.rows_key()) is None  # taken by the Adam computer
     assert joint.keys() == apart.keys()
     for k, v in apart.items():
