@@ -301,10 +301,12 @@ def _usable(min_numel: int, *tensors: torch.Tensor) -> bool:
     """CPU, 1-D, contiguous, of one size of at least ``min_numel`` (and 2: Dynamo specialises
     sizes 0 and 1)."""
     n = tensors[0].numel()
-    return n >= max(min_numel, 2) and all(
-        t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.numel() == n
-        for t in tensors
-    )
+    if n < max(min_numel, 2):
+        return False
+    for t in tensors:  # a plain loop: this runs for every parameter of every measurement
+        if t.dim() != 1 or t.numel() != n or not t.is_contiguous() or t.device.type != "cpu":
+            return False
+    return True
 
 
 def _floats(*values: Any) -> bool:
@@ -368,12 +370,12 @@ class MomentsBatch:
     def add(self, x: torch.Tensor, groups: Sequence[int], raw: torch.Tensor | None = None) -> bool:
         """Take ``x`` (its rows feed ``groups``); ``False`` means the caller must go eager.
         ``raw`` is the fast kernel's row when :func:`joint_rows` already computed it."""
+        if raw is not None:  # from joint_rows, which checked the inputs
+            self._push(raw, x.detach(), tuple(groups))
+            return True
         if not _usable(self._min, x):
             return False
         x, key = x.detach(), tuple(groups)
-        if raw is not None and x.numel() <= _SLICE:
-            self._push(raw, x, key)
-            return True
         if x.numel() < POOL_NUMEL:
             if _MOMENTS_FAST.ready(x, self.thresholds) is False:
                 return False
@@ -480,13 +482,14 @@ class AdamBatch:
         sign agreement is multiplied by ``sign``: -1 for ``maximize``) and weights ``w``, with
         the constants of :func:`adam_u`; the rows feed ``groups``. ``False`` means the caller
         must go eager. ``raw`` is the fast kernel's row when :func:`joint_rows` computed it."""
+        data = tuple(a.detach() for a in (m, v, g, w))
+        if raw is not None:  # from joint_rows, which checked the inputs
+            c = self.constants(scale, shift)
+            self._push(raw, (*data, c), tuple(groups), (sign, lr * lr))
+            return True
         if not _usable(self._min, m, v, g, w) or not _floats(scale, shift):
             return False
-        data = tuple(a.detach() for a in (m, v, g, w))
         c, key, factors = self.constants(scale, shift), tuple(groups), (sign, lr * lr)
-        if raw is not None and m.numel() <= _SLICE:
-            self._push(raw, (*data, c), key, factors)
-            return True
         if m.numel() < POOL_NUMEL:
             if _ADAM_FAST.ready(*data, c) is False:
                 return False
