@@ -12,7 +12,13 @@ import torch
 from grail.trainer.analysis import kernels
 from grail.trainer.analysis.stats import f32_floor
 
+from .metrics.conftest import compiler_works
+
 THRESHOLDS = [0.0, 1e-3, 0.5]
+
+pytestmark = pytest.mark.skipif(
+    not compiler_works(), reason="torch.compile does not work here (no C++ compiler?)"
+)
 
 
 def _data(n: int, dtype: torch.dtype, nonfinite: bool, seed: int = 0) -> torch.Tensor:
@@ -204,8 +210,10 @@ def test_joint_rows_equal_separate_rows(nonfinite) -> None:
 def fresh_kernels(monkeypatch):
     """Fresh compile state: a new failure record and new kernel objects."""
     monkeypatch.setattr(kernels, "_failure", [])
-    for name, fn in (("_MOMENTS_FAST", kernels._moments_fast),
-                     ("_MOMENTS_MASKED", kernels._moments_masked)):
+    for name, fn in (
+        ("_MOMENTS_FAST", kernels._moments_fast),
+        ("_MOMENTS_MASKED", kernels._moments_masked),
+    ):
         monkeypatch.setattr(kernels, name, kernels._Kernel(fn, 1))
 
 
