@@ -5,7 +5,9 @@ and bf16, side by side in one process:
 
 * capture: refilling the snapshot in place vs a plain ``clone()`` of every parameter;
 * metrics: ``ParameterChangeMetrics`` (4 thresholds, per layer, per component) vs one pass over
-  the live parameters and the snapshot (``torch.sub`` into a preallocated buffer + one sum);
+  the live parameters and the snapshot (``torch.sub`` into a preallocated buffer + one sum),
+  on the compiled kernels (the CPU default) and on the eager path, each timed alternately with
+  the floor (median of the per-pair ratios);
 * peak RSS of a measurement above model + snapshot, as a fraction of the model's bytes.
 
 Run: ``python benchmarks/bench_param_change.py [--device cuda] [--hidden 1536 --layers 28
@@ -26,6 +28,7 @@ from _common import (
     best_of,
     model_bytes,
     model_from_args,
+    paired,
     peak_memory,
     simulate_update,
     table,
@@ -57,19 +60,29 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
             total += out.sum()
         float(total)
 
-    computer = ParameterChangeMetrics(
-        [0.0, 1e-8, 1e-6, 1e-4], per_layer=True, track_components=True
+    def computer(fused: bool) -> ParameterChangeMetrics:
+        return ParameterChangeMetrics(
+            [0.0, 1e-8, 1e-6, 1e-4], per_layer=True, track_components=True, fused=fused
+        )
+
+    compiled, eager = computer(True), computer(False)
+    compiled.compute(snap.compute_delta(live))  # compiles on first use (once per process)
+    t_compiled, t_floor, r_compiled = paired(
+        lambda: compiled.compute(snap.compute_delta(live)), floor, repeat=args.repeat
     )
-    t_floor = best_of(floor)
-    t_metrics = best_of(lambda: computer.compute(snap.compute_delta(live)))
+    t_eager, _, r_eager = paired(
+        lambda: eager.compute(snap.compute_delta(live)), floor, repeat=args.repeat
+    )
     with peak_memory(args.device) as mem:
-        computer.compute(snap.compute_delta(live))
+        compiled.compute(snap.compute_delta(live))
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "params": f"{n_params / 1e6:.1f}M",
         "capture / clone": f"{t_capture / t_clone:.2f}",
-        "metrics / one-pass floor": f"{t_metrics / t_floor:.2f}",
-        "metrics ms": f"{t_metrics * 1e3:.0f}",
+        "metrics / one-pass floor, compiled": f"{r_compiled:.2f}",
+        "eager": f"{r_eager:.2f}",
+        "compiled ms": f"{t_compiled * 1e3:.0f}",
+        "eager ms": f"{t_eager * 1e3:.0f}",
         "floor ms": f"{t_floor * 1e3:.0f}",
         "extra peak memory / model bytes": f"{mem['extra'] / model_bytes(model):.3f}",
     }
@@ -77,6 +90,7 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
 
 def main() -> None:
     parser = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     rows = [run(getattr(torch, d), args) for d in args.dtypes.split(",")]
     print(f"device: {args.device}  threads: {torch.get_num_threads()}")

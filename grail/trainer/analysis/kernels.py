@@ -65,6 +65,7 @@ __all__ = [
     "MIN_NUMEL",
     "POOL_NUMEL",
     "AdamBatch",
+    "ChangeBatch",
     "MomentsBatch",
     "adam_u",
     "disabled_reason",
@@ -193,6 +194,70 @@ def _joint_fast(
     return torch.cat([_adam_fast(m, v, g, w, c), _moments_fast(g, tg)])
 
 
+def _bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 bit pattern of ``x`` rounded to nearest even, in int32 arithmetic (upper
+    bits sign-extended): what ``x.to(torch.bfloat16).view(torch.int16)`` holds. Written out
+    because Inductor drops a float -> bfloat16 -> float round trip as a no-op and does not
+    vectorise a bitcast of bfloat16. Every NaN maps to the one pattern torch gives it."""
+    x = x.float()
+    b = x.view(torch.int32)
+    rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    return torch.where(x != x, 0x7FC0, rounded)
+
+
+def _change_counts(new: torch.Tensor, old: torch.Tensor) -> list[torch.Tensor]:
+    """``[sum old^2, bf16-unchanged count, sign-flip count]`` over every entry: the parameter
+    change extras (bf16 rounding compared bit by bit, as the eager path does). For bfloat16
+    parameters the bf16 count is the exact-unchanged count, so it is not computed (0)."""
+    od = old.float().double()
+    if new.dtype == torch.bfloat16:
+        same_bf16 = torch.zeros((), dtype=torch.float64)
+    else:
+        same_bf16 = _count(_bf16_bits(new) == _bf16_bits(old))
+    n, o = new.float(), old.float()
+    flips = ((n > 0) & (o < 0)) | ((n < 0) & (o > 0))
+    return [(od * od).sum(), same_bf16, _count(flips)]
+
+
+def _change_fast(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``[sum, sum_sq, sum_abs, le(t)..., max, min, old_sq, bf16_same, flips]`` of
+    ``d = float32(new) - float32(old)``, valid when every ``d`` is finite."""
+    d = new.float() - old.float()
+    ad, dd = d.abs(), d.double()
+    return torch.stack(
+        [
+            dd.sum(),
+            (dd * dd).sum(),
+            dd.abs().sum(),
+            *(_count(ad <= t[i]) for i in range(t.shape[0])),
+            d.amax().double(),
+            d.amin().double(),
+            *_change_counts(new, old),
+        ]
+    )
+
+
+def _change_masked(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``[count, sum, sum_sq, sum_abs, le(t)..., max, min, old_sq, bf16_same, flips]`` with the
+    moments over the finite ``d`` and the extras over every entry."""
+    d = new.float() - old.float()
+    ad = d.abs()
+    finite = ad < math.inf
+    dd = torch.where(finite, d, 0.0).double()
+    return torch.stack(
+        [
+            _count(finite),
+            dd.sum(),
+            (dd * dd).sum(),
+            dd.abs().sum(),
+            *(_count(finite & (ad <= t[i])) for i in range(t.shape[0])),
+            torch.where(finite, d, -math.inf).amax().double(),
+            torch.where(finite, d, math.inf).amin().double(),
+            *_change_counts(new, old),
+        ]
+    )
+
+
 # --- compilation --------------------------------------------------------------------------------
 _failure: list[str] = []  # the first compiler failure of this process, if any
 
@@ -295,6 +360,8 @@ _MOMENTS_MASKED = _Kernel(_moments_masked, 1)
 _ADAM_FAST = _Kernel(_adam_fast, 4)
 _ADAM_MASKED = _Kernel(_adam_masked, 4)
 _JOINT_FAST = _Kernel(_joint_fast, 4)
+_CHANGE_FAST = _Kernel(_change_fast, 2)
+_CHANGE_MASKED = _Kernel(_change_masked, 2)
 
 
 def _usable(min_numel: int, *tensors: torch.Tensor) -> bool:
@@ -562,6 +629,108 @@ class AdamBatch:
         sign, lr_sq = torch.tensor(self._factors, dtype=torch.float64).unbind(1)
         agree, pairs = pair.unbind(1)
         extras = torch.stack([(2 * agree - pairs) * sign, pairs, w_sq, sums[:, 2] * lr_sq], dim=1)
+        return sums, maxes, extras, list(self._groups)
+
+
+class ChangeBatch:
+    """Parameter-change statistics of ``(new, old)`` pairs through the compiled kernels.
+
+    ``d = float32(new) - float32(old)`` for parameters stored in the same float32, bfloat16 or
+    float16 dtype on both sides (a lossless snapshot: the float32 difference is exact, so the
+    count of ``|d| <= 0`` is the exact-unchanged count). Rows follow
+    :class:`~grail.trainer.analysis.stats.StreamingStats` (maxima ``[max |d|, max, -min]``)
+    with the extras ``[sum old^2, exact unchanged, bf16 unchanged, sign flips]``; groups,
+    pooling, slices and the non-finite rerun work as in :class:`MomentsBatch`.
+
+    Args:
+        thresholds_f32: thresholds of the counts ``|d| <= t``, float32 values; must hold 0.0.
+        min_numel: smaller tensors are refused (default :data:`MIN_NUMEL`).
+    """
+
+    _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+    def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
+        self._min = MIN_NUMEL if min_numel is None else min_numel
+        self.thresholds = constants(thresholds_f32)
+        self._zero = list(thresholds_f32).index(0.0)
+        self._raw: list[torch.Tensor] = []
+        self._inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._groups: list[Groups] = []
+        self._pool = _Pool()
+
+    def add(self, new: torch.Tensor, old: torch.Tensor, groups: Sequence[int]) -> bool:
+        """Take flat ``new`` and ``old`` (same dtype); ``False`` means the caller goes eager."""
+        if new.dtype != old.dtype or new.dtype not in self._DTYPES:
+            return False
+        if not _usable(self._min, new, old):
+            return False
+        new, old, key = new.detach(), old.detach(), tuple(groups)
+        if new.numel() < POOL_NUMEL:
+            if _CHANGE_FAST.ready(new, old, self.thresholds) is False:
+                return False
+            if self._pool.put((key, new.dtype), (new, old)):
+                self._flush((key, new.dtype))
+            return True
+        outs = []
+        for sl in _slices(new.numel()):
+            out = _CHANGE_FAST(new[sl], old[sl], self.thresholds)
+            if out is None:
+                return False
+            outs.append((out, (new[sl], old[sl])))
+        for out, pair in outs:  # only once every slice succeeded
+            self._push(out, pair, key)
+        return True
+
+    def _push(
+        self, raw: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor], key: Groups
+    ) -> None:
+        self._raw.append(raw)
+        self._inputs.append(pair)
+        self._groups.append(key)
+
+    def _flush(self, pool_key: tuple[Any, ...]) -> None:
+        new, old = self._pool.take(pool_key)
+        out = _CHANGE_FAST(new, old, self.thresholds)
+        if out is None:  # the compiler failed after accepting: the same code, eager
+            out = _change_fast(new, old, self.thresholds)
+        self._push(out, (new, old), pool_key[0])
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Groups]]:
+        """``(sums, maxes, extras, groups)``: float64 ``(P, 5 + T)``, ``(P, 3)``, ``(P, 4)``
+        and the groups of each of the ``P`` rows."""
+        for key in list(self._pool.parts):
+            self._flush(key)
+        nt = self.thresholds.numel()
+        p = len(self._raw)
+        sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
+        extras = torch.zeros(p, 4, dtype=torch.float64)
+        if not p:
+            return sums, torch.zeros(0, 3, dtype=torch.float64), extras, []
+        raw = torch.stack(self._raw)  # sum, sum_sq, sum_abs, le(t)..., max, min, 3 extras
+        sums[:, 0] = torch.tensor([a[0].numel() for a in self._inputs], dtype=torch.float64)
+        sums[:, 1:4] = raw[:, :3]
+        sums[:, 5:] = raw[:, 3 : 3 + nt]
+        hi, lo = raw[:, 3 + nt].clone(), raw[:, 4 + nt].clone()
+        tail = raw[:, 5 + nt :].clone()  # old_sq, bf16 same, flips
+        for i in (~torch.isfinite(raw[:, :3]).all(1)).nonzero().flatten().tolist():
+            new, old = self._inputs[i]
+            masked = _CHANGE_MASKED(new, old, self.thresholds)
+            if masked is None:  # the compiler failed on it: the same code, eager
+                masked = _change_masked(new, old, self.thresholds)
+            sums[i, :4] = masked[:4]
+            sums[i, 4] = new.numel() - masked[0]
+            sums[i, 5:] = masked[4 : 4 + nt]
+            hi[i], lo[i] = masked[4 + nt], masked[5 + nt]
+            tail[i] = masked[6 + nt :]
+        maxes = torch.stack([torch.maximum(hi, -lo), hi, -lo], dim=1)
+        bf16_params = torch.tensor(
+            [a[0].dtype == torch.bfloat16 for a in self._inputs], dtype=torch.bool
+        )
+        exact = sums[:, 5 + self._zero]  # lossless: |d| <= 0 iff the stored values are equal
+        extras[:, 0] = tail[:, 0]
+        extras[:, 1] = exact
+        extras[:, 2] = torch.where(bf16_params, exact, tail[:, 1])  # as the eager path counts
+        extras[:, 3] = tail[:, 2]
         return sums, maxes, extras, list(self._groups)
 
 

@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from .. import kernels
 from ..config import format_threshold
 from ..naming import ParameterNaming, group_prefix, group_rows
 from ..primitives import DeltaChunk, ParameterDelta
@@ -78,8 +79,10 @@ class ParameterChangeMetrics(MetricComputer):
         track_components: bool = False,
         track_sign_flips: bool = False,
         component_map: Mapping[str, str] | None = None,
+        fused: bool = True,
     ) -> None:
         self.thresholds = sorted(float(t) for t in thresholds)
+        self.fused = fused
         self.per_layer = per_layer
         self.track_components = track_components
         self.track_sign_flips = track_sign_flips
@@ -133,10 +136,33 @@ class ParameterChangeMetrics(MetricComputer):
         stats = StreamingStats(
             sorted({0.0, *self.thresholds}), groups=groups, extra_sums=_EXTRAS, device=device
         )
-        for chunk in delta.stream():
+        eager = delta.names
+        if self.fused:
+            batch = kernels.ChangeBatch(stats.thresholds_f32)
+            eager = [n for n in delta.names if not self._take(batch, delta, n, rows[n])]
+            sums, maxes, extras, batch_groups = batch.rows()
+            if not self.track_sign_flips:
+                extras[:, 3] = 0.0
+            stats.accumulate_rows(sums, maxes, batch_groups, extras)
+        for chunk in delta.stream(eager):
             self._update(stats, chunk, rows[chunk.name], delta)
         stats.all_reduce()
         return self._finalize(stats.results(), groups)
+
+    @staticmethod
+    def _take(
+        batch: kernels.ChangeBatch, delta: ParameterDelta, name: str, rows: list[int]
+    ) -> bool:
+        """Give one parameter to the compiled kernels: lossless snapshot, same device; a
+        parameter another rank counts is 'taken' (skipped) as :meth:`ParameterDelta.stream`
+        skips it."""
+        if not delta.new.shards[name].owner:
+            return True
+        new, old = delta.new.data[name], delta.old.data[name]
+        if not (delta.old.is_lossless(name) and new.is_contiguous() and old.is_contiguous()):
+            return False
+        delta.old.synchronize()
+        return batch.add(new.view(-1), old.view(-1), rows)
 
     def _update(
         self, stats: StreamingStats, c: DeltaChunk, rows: list[int], delta: ParameterDelta

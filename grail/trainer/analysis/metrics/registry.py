@@ -32,6 +32,7 @@ def build_computers(
                 track_components=config.param_change_track_components,
                 track_sign_flips=config.param_change_track_sign_flips,
                 component_map=config.component_map,
+                fused=config.fused_kernels,
             )
         )
     if config.param_change_track_mask_overlap:

@@ -299,3 +299,35 @@ def test_grad_and_inference_modes_use_the_kernels() -> None:
         got_inference = GradientSparsityMetrics().compute(context=ctx)
     assert got == pytest.approx(want, rel=1e-6) and got_inference == pytest.approx(want, rel=1e-6)
     assert kernels.disabled_reason() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_change_rows_match_float64_reference(dtype, nonfinite) -> None:
+    old = _data(70_001, dtype, nonfinite=False, seed=1)
+    new = (old.float() + _data(70_001, torch.float32, nonfinite, seed=2) * 1e-2).to(dtype)
+    new[::3] = old[::3]  # exactly unchanged entries
+    new[1::29] = -old[1::29]  # sign flips
+    thresholds = [0.0, 1e-3, 0.5]
+    batch = kernels.ChangeBatch([f32_floor(t) for t in thresholds])
+    assert batch.add(new, old, [0])
+    assert not batch.add(new, old.float() if dtype != torch.float32 else old.double(), [0])
+    sums, maxes, extras, groups = batch.rows()
+    d = new.float() - old.float()  # exact in float32 for these dtypes
+    ref = _moments_reference(d, thresholds)
+    _assert_row(sums[0], float(maxes[0, 0]), ref)
+    fin = torch.isfinite(d)
+    assert maxes[0, 1] == d[fin].max() and maxes[0, 2] == -d[fin].min()
+    o, n = old.double().numpy(), new.double().numpy()
+    bits = lambda t: t.to(torch.bfloat16).view(torch.int16).numpy()  # noqa: E731
+    bf16_same = float((bits(new) == bits(old)).sum())
+    exact = ref["le"][0]
+    want = [
+        float((o * o).sum()),
+        exact,
+        exact if dtype == torch.bfloat16 else bf16_same,
+        float((((n > 0) & (o < 0)) | ((n < 0) & (o > 0))).sum()),
+    ]
+    assert extras[0, 0] == pytest.approx(want[0], rel=1e-12)
+    assert extras[0, 1:].tolist() == want[1:]
+    assert groups == [(0,)]

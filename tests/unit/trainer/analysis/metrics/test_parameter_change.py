@@ -17,6 +17,8 @@ from ..reference import bf16_bits, delta32
 
 THRESHOLDS = [0.0, 1e-8, 1e-6, 1e-4]
 
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 
 @torch.no_grad()
 def _perturb(model: torch.nn.Module, seed: int = 1, scale: float = 1e-5) -> None:
