@@ -35,6 +35,10 @@ Reading it: a bf16 model trained with a small learning rate shows a high
 ``bf16_unchanged_ratio`` of an fp32 run is high but ``exact_unchanged_ratio`` is near 0, the
 apparent sparsity is rounding, not a sparse update.
 
+On CPU, with ``fused=True`` (the default) and a lossless snapshot, each parameter is computed in
+one compiled loop (:class:`~grail.trainer.analysis.kernels.ChangeBatch`, float64 sums); other
+snapshots, devices and layouts take the chunked eager path. Both give the same numbers (tested).
+
 Example:
     >>> import torch
     >>> from grail.trainer.analysis.primitives import ParameterSnapshot
