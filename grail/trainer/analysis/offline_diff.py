@@ -110,6 +110,9 @@ def build_config(opts: DiffOptions, low_rank: bool | None = None) -> AnalysisCon
         low_rank_ranks=list(opts.ranks),
         low_rank_quality_enabled=with_prompts,
         low_rank_track_components=opts.per_layer,
+        # A one-off diff does not amortise seconds of compiling, and the compiler alone holds
+        # hundreds of MB of host memory, against a budget of a few tensors.
+        fused_kernels=False,
     )
 
 

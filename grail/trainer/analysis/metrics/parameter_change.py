@@ -141,7 +141,8 @@ class ParameterChangeMetrics(MetricComputer):
             sorted({0.0, *self.thresholds}), groups=groups, extra_sums=_EXTRAS, device=device
         )
         eager = delta.names
-        if self.fused:
+        # a delta that customises stream() (e.g. observed or lazily loaded) keeps it
+        if self.fused and type(delta).stream is ParameterDelta.stream:
             batch = kernels.ChangeBatch(stats.thresholds_f32)
             eager = [n for n in delta.names if not self._take(batch, delta, n, rows[n])]
             sums, maxes, extras, batch_groups = batch.rows()
