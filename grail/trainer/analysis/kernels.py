@@ -656,20 +656,27 @@ class ChangeBatch:
         self._raw: list[torch.Tensor] = []
         self._inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._groups: list[Groups] = []
+        self._bf16_param: list[bool] = []
         self._pool = _Pool()
 
-    def add(self, new: torch.Tensor, old: torch.Tensor, groups: Sequence[int]) -> bool:
-        """Take flat ``new`` and ``old`` (same dtype); ``False`` means the caller goes eager."""
+    def add(
+        self, new: torch.Tensor, old: torch.Tensor, groups: Sequence[int], bf16_param: bool = False
+    ) -> bool:
+        """Take flat ``new`` and ``old`` (same dtype); ``False`` means the caller goes eager.
+        ``bf16_param``: the parameter itself is bfloat16 (whatever the stored dtype), so its
+        bf16-unchanged count is its exact-unchanged count, as on the eager path."""
         if new.dtype != old.dtype or new.dtype not in self._DTYPES:
             return False
         if not _usable(self._min, new, old):
             return False
         new, old, key = new.detach(), old.detach(), tuple(groups)
+        bf16_param = bf16_param or new.dtype == torch.bfloat16  # (its kernel skips the count)
         if new.numel() < POOL_NUMEL:
             if _CHANGE_FAST.ready(new, old, self.thresholds) is False:
                 return False
-            if self._pool.put((key, new.dtype), (new, old)):
-                self._flush((key, new.dtype))
+            pool_key = (key, new.dtype, bf16_param)
+            if self._pool.put(pool_key, (new, old)):
+                self._flush(pool_key)
             return True
         outs = []
         for sl in _slices(new.numel()):
@@ -678,12 +685,17 @@ class ChangeBatch:
                 return False
             outs.append((out, (new[sl], old[sl])))
         for out, pair in outs:  # only once every slice succeeded
-            self._push(out, pair, key)
+            self._push(out, pair, key, bf16_param)
         return True
 
     def _push(
-        self, raw: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor], key: Groups
+        self,
+        raw: torch.Tensor,
+        pair: tuple[torch.Tensor, torch.Tensor],
+        key: Groups,
+        bf16_param: bool,
     ) -> None:
+        self._bf16_param.append(bf16_param)
         self._raw.append(raw)
         self._inputs.append(pair)
         self._groups.append(key)
@@ -693,7 +705,7 @@ class ChangeBatch:
         out = _CHANGE_FAST(new, old, self.thresholds)
         if out is None:  # the compiler failed after accepting: the same code, eager
             out = _change_fast(new, old, self.thresholds)
-        self._push(out, (new, old), pool_key[0])
+        self._push(out, (new, old), pool_key[0], pool_key[2])
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Groups]]:
         """``(sums, maxes, extras, groups)``: float64 ``(P, 5 + T)``, ``(P, 3)``, ``(P, 4)``
@@ -723,9 +735,7 @@ class ChangeBatch:
             hi[i], lo[i] = masked[4 + nt], masked[5 + nt]
             tail[i] = masked[6 + nt :]
         maxes = torch.stack([torch.maximum(hi, -lo), hi, -lo], dim=1)
-        bf16_params = torch.tensor(
-            [a[0].dtype == torch.bfloat16 for a in self._inputs], dtype=torch.bool
-        )
+        bf16_params = torch.tensor(self._bf16_param, dtype=torch.bool)
         exact = sums[:, 5 + self._zero]  # lossless: |d| <= 0 iff the stored values are equal
         extras[:, 0] = tail[:, 0]
         extras[:, 1] = exact

@@ -142,7 +142,8 @@ class ParameterChangeMetrics(MetricComputer):
         )
         eager = delta.names
         # a delta that customises stream() (e.g. observed or lazily loaded) keeps it
-        if self.fused and type(delta).stream is ParameterDelta.stream:
+        plain = type(delta).stream is ParameterDelta.stream and "stream" not in vars(delta)
+        if self.fused and plain:
             batch = kernels.ChangeBatch(stats.thresholds_f32)
             eager = [n for n in delta.names if not self._take(batch, delta, n, rows[n])]
             sums, maxes, extras, batch_groups = batch.rows()
@@ -166,8 +167,8 @@ class ParameterChangeMetrics(MetricComputer):
         new, old = delta.new.data[name], delta.old.data[name]
         if not (delta.old.is_lossless(name) and new.is_contiguous() and old.is_contiguous()):
             return False
-        delta.old.synchronize()
-        return batch.add(new.view(-1), old.view(-1), rows)
+        bf16_param = delta.new.param_dtypes[name] == torch.bfloat16
+        return batch.add(new.view(-1), old.view(-1), rows, bf16_param)
 
     def _update(
         self, stats: StreamingStats, c: DeltaChunk, rows: list[int], delta: ParameterDelta

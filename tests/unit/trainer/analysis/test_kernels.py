@@ -331,3 +331,26 @@ def test_change_rows_match_float64_reference(dtype, nonfinite) -> None:
     assert extras[0, 0] == pytest.approx(want[0], rel=1e-12)
     assert extras[0, 1:].tolist() == want[1:]
     assert groups == [(0,)]
+
+
+def test_change_of_bf16_parameters_stored_as_float32_counts_bf16_as_exact() -> None:
+    """The bf16-unchanged count of a bf16 parameter is its exact-unchanged count on both paths,
+    also when both snapshots store it as float32 (+0 -> -0 unchanged, NaN -> NaN changed)."""
+    from grail.trainer.analysis.metrics import ParameterChangeMetrics
+    from grail.trainer.analysis.primitives import ParameterSnapshot
+
+    model = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight[0, :4] = torch.tensor([0.0, 1.0, math.nan, 3.0])
+    old = ParameterSnapshot(model, dtype=torch.float32)
+    with torch.no_grad():
+        model.weight[0, 0] = -0.0
+        model.weight[1:] += 1.0
+    new = ParameterSnapshot(model, dtype=torch.float32)
+    delta = old.compute_delta(new)
+    fused = ParameterChangeMetrics(fused=True, track_sign_flips=True).compute(delta=delta)
+    eager = ParameterChangeMetrics(fused=False, track_sign_flips=True).compute(delta=delta)
+    key = "param_change/bf16_unchanged_ratio"
+    assert fused[key] == eager[key] == fused["param_change/exact_unchanged_ratio"]
+    # (std loses float32 digits to cancellation on the eager path here; float64 sums do not)
+    assert fused == pytest.approx(eager, rel=1e-4, nan_ok=True)
