@@ -13,9 +13,10 @@ Decisions where the design is silent:
   because that string is part of the metric key.
 * Gradient, Adam and low-rank metrics default to off: they need the optimizer, gradients that are
   still present, or SVDs. ``comprehensive()`` turns everything on.
-* ``fused_kernels`` defaults to on: on CPU the gradient and Adam statistics are several times
-  cheaper compiled (:mod:`~grail.trainer.analysis.kernels`), a few seconds of compiling at the
-  first measurement buys that, and a machine without a compiler falls back by itself.
+* ``fused_kernels`` defaults to on: on CPU, parameter change and the gradient and Adam
+  statistics are several times cheaper compiled (:mod:`~grail.trainer.analysis.kernels`); for
+  models of ~17M parameters and up a few seconds of compiling at the first measurement buys
+  that (smaller ones stay eager), and a machine without a compiler falls back by itself.
 
 Example:
     >>> cfg = AnalysisConfig(interval=10, sparse_quality_thresholds=[1e-6, 1e-4])

@@ -33,8 +33,10 @@ Inputs of any floating dtype are upcast to float32 in registers, as the eager pa
 Threshold counts compare float32 values with the float32 thresholds the caller passes (see
 :func:`~grail.trainer.analysis.stats.f32_floor`).
 
-When the kernels are used: for CPU tensors of at least :data:`MIN_NUMEL` entries, while
-``torch.compile`` works in this process. The first call of each input signature (dtypes, number
+When the kernels are used: for CPU tensors of at least :data:`MIN_NUMEL` entries, in
+measurements of at least :data:`MIN_TOTAL_NUMEL` entries (models of ~17M parameters and up; a
+smaller model's statistics take milliseconds eagerly), while ``torch.compile`` works in this
+process. The first call of each input signature (dtypes, number
 of thresholds, thread count) compiles for a few seconds; shapes are dynamic, so every tensor size
 reuses it (a compiled call costs tens of microseconds, less than the eager path for any size). If
 compiling fails (no C++ compiler, an unsupported platform) a warning is logged once and the
@@ -63,6 +65,7 @@ import torch
 
 __all__ = [
     "MIN_NUMEL",
+    "MIN_TOTAL_NUMEL",
     "POOL_NUMEL",
     "AdamBatch",
     "ChangeBatch",
@@ -74,6 +77,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Computers use the kernels only when a measurement covers at least this many entries: below
+#: it the eager path takes tens of milliseconds, and compiling (seconds, more on a cold cache)
+#: would take hundreds of measurements to pay back.
+MIN_TOTAL_NUMEL = 1 << 24
 #: Smaller tensors take the eager path (Dynamo specialises sizes 0 and 1 instead of sharing
 #: the dynamic kernel).
 MIN_NUMEL = 2
@@ -260,6 +267,12 @@ def _change_masked(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> tor
 
 # --- compilation --------------------------------------------------------------------------------
 _failure: list[str] = []  # the first compiler failure of this process, if any
+
+
+def worth_it(numel: int) -> bool:
+    """Whether a measurement of ``numel`` entries should use the kernels (see
+    :data:`MIN_TOTAL_NUMEL`)."""
+    return numel >= MIN_TOTAL_NUMEL
 
 
 def disabled_reason() -> str | None:

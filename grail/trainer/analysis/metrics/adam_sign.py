@@ -238,7 +238,8 @@ class AdamSignDescentMetrics(MetricComputer):
         groups, rows = group_rows(self._naming[1], names, False, self.track_components)
         device = local_tensor(entries[0][2]["exp_avg"]).device
         stats = StreamingStats(self._thresholds(), groups, extra_sums=_EXTRAS, device=device)
-        batch = kernels.AdamBatch(stats.thresholds_f32) if self.fused else None
+        fused = self.fused and kernels.worth_it(sum(p.numel() for _, p, _, _ in entries))
+        batch = kernels.AdamBatch(stats.thresholds_f32) if fused else None
         # rows a linked gradient computer already computed in its pass, with their inputs
         # (see joint_inputs)
         precomputed = context.take(self.rows_key()) or {}
@@ -275,10 +276,11 @@ class AdamSignDescentMetrics(MetricComputer):
         model, optimizer = context.model, context.optimizer
         if not self.fused or model is None or optimizer is None:
             return {}
+        entries = adam_entries(optimizer, collect_parameters(model, self.trainable_only))
+        if not kernels.worth_it(sum(p.numel() for _, p, _, _ in entries)):
+            return {}  # this computer stays eager: nothing to share
         out = {}
-        for name, p, st, group in adam_entries(
-            optimizer, collect_parameters(model, self.trainable_only)
-        ):
+        for name, p, st, group in entries:
             contiguous = local_tensor(p).is_contiguous() and all(
                 local_tensor(st[k]).is_contiguous() for k in ("exp_avg", "exp_avg_sq")
             )  # otherwise the flat views below would be copies, held for the whole pass

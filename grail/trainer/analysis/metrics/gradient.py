@@ -196,7 +196,9 @@ class GradientSparsityMetrics(MetricComputer):
         with_grad = [(n, p) for n, p in params if p.grad is not None]
         device = local_tensor(with_grad[0][1].grad).device if with_grad else torch.device("cpu")
         stats = StreamingStats(self.thresholds, groups, extra_sums=("missing",), device=device)
-        batch = kernels.MomentsBatch(stats.thresholds_f32) if self.fused else None
+        numel = sum(p.numel() for _, p in with_grad)
+        fused = self.fused and kernels.worth_it(numel)
+        batch = kernels.MomentsBatch(stats.thresholds_f32) if fused else None
         joint: dict[str, Any] = {}
         if batch is not None and self._partner is not None and context is not None:
             joint = self._partner.joint_inputs(context, {n for n, _ in params})

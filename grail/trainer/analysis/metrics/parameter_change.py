@@ -143,7 +143,8 @@ class ParameterChangeMetrics(MetricComputer):
         eager = delta.names
         # a delta that customises stream() (e.g. observed or lazily loaded) keeps it
         plain = type(delta).stream is ParameterDelta.stream and "stream" not in vars(delta)
-        if self.fused and plain:
+        numel = sum(delta.new.data[n].numel() for n in delta.names) if self.fused else 0
+        if self.fused and plain and kernels.worth_it(numel):
             batch = kernels.ChangeBatch(stats.thresholds_f32)
             eager = [n for n in delta.names if not self._take(batch, delta, n, rows[n])]
             sums, maxes, extras, batch_groups = batch.rows()

@@ -21,6 +21,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _kernels_at_any_model_size(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "MIN_TOTAL_NUMEL", 0)
+
+
+def test_small_measurements_stay_eager(monkeypatch) -> None:
+    monkeypatch.undo()
+    assert kernels.worth_it(kernels.MIN_TOTAL_NUMEL) and not kernels.worth_it(1000)
+
+
 def _data(n: int, dtype: torch.dtype, nonfinite: bool, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=gen)

@@ -28,7 +28,9 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
             pytest.skip("worker processes do not see the fixture")
         if not compiler_works():
             pytest.skip(f"torch.compile does not work here: {kernels.disabled_reason()}")
-        # tiny test models: biases and norms are pooled, matrices go one call each
+        # tiny test models: kernels at any model size, biases and norms pooled, matrices one
+        # call each
+        monkeypatch.setattr(kernels, "MIN_TOTAL_NUMEL", 0)
         monkeypatch.setattr(kernels, "POOL_NUMEL", 64)
     yield request.param
     assert kernels.disabled_reason() is None
