@@ -141,9 +141,15 @@ class ParameterChangeMetrics(MetricComputer):
             sorted({0.0, *self.thresholds}), groups=groups, extra_sums=_EXTRAS, device=device
         )
         eager = delta.names
-        # a delta that customises stream() (e.g. observed or lazily loaded) keeps it
-        plain = type(delta).stream is ParameterDelta.stream and "stream" not in vars(delta)
-        numel = sum(delta.new.data[n].numel() for n in delta.names) if self.fused else 0
+        # A delta that customises stream() (observed), or whose snapshots load tensors lazily
+        # (offline checkpoints: the kernels would hold every tensor until the end), streams.
+        plain = (
+            type(delta).stream is ParameterDelta.stream
+            and "stream" not in vars(delta)
+            and type(delta.new.data) is dict
+            and type(delta.old.data) is dict
+        )
+        numel = sum(delta.new.shards[n].global_numel for n in delta.names) if plain else 0
         if self.fused and plain and kernels.worth_it(numel):
             batch = kernels.ChangeBatch(stats.thresholds_f32)
             eager = [n for n in delta.names if not self._take(batch, delta, n, rows[n])]
