@@ -13,10 +13,11 @@ Decisions where the design is silent:
   because that string is part of the metric key.
 * Gradient, Adam and low-rank metrics default to off: they need the optimizer, gradients that are
   still present, or SVDs. ``comprehensive()`` turns everything on.
-* ``fused_kernels`` defaults to on: on CPU, parameter change and the gradient and Adam
-  statistics are several times cheaper compiled (:mod:`~grail.trainer.analysis.kernels`); for
-  models of ~17M parameters and up a few seconds of compiling at the first measurement buys
-  that (smaller ones stay eager), and a machine without a compiler falls back by itself.
+* ``fused_kernels`` defaults to on: on CPU, parameter change, the gradient and Adam
+  statistics and the weight swaps of sparse quality are several times cheaper compiled
+  (:mod:`~grail.trainer.analysis.kernels`); for models of ~17M parameters and up a few seconds
+  of compiling at the first measurement buys that (smaller ones stay eager), and a machine
+  without a compiler falls back by itself.
 
 Example:
     >>> cfg = AnalysisConfig(interval=10, sparse_quality_thresholds=[1e-6, 1e-4])
@@ -179,8 +180,9 @@ class AnalysisConfig:
     low_rank_track_components: bool = False
 
     # --- execution ---------------------------------------------------------------------------
-    # Gradient and Adam statistics on CPU in one compiled loop per tensor (torch.compile; a
-    # few seconds of compiling at the first measurement). False = eager ops only.
+    # Parameter change, gradient and Adam statistics and sparse quality's weight swaps on CPU
+    # in one compiled loop per tensor (torch.compile; a few seconds of compiling at the first
+    # measurement). False = eager ops only.
     fused_kernels: bool = True
 
     def __post_init__(self) -> None:

@@ -26,7 +26,9 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,7 +36,9 @@ import torch
 from .stats import f32_floor
 
 __all__ = [
+    "NO_DROP",
     "DropFn",
+    "DropSpec",
     "keep_ratio_thresholds",
     "keep_threshold_bits",
     "magnitude_drop",
@@ -45,7 +49,9 @@ __all__ = [
     "random_bits",
     "random_drop",
     "random_keep_mask",
+    "random_key",
     "random_uniforms",
+    "spec_of",
     "unpack_mask",
     "uses_delta",
 ]
@@ -119,15 +125,22 @@ def random_bits(
     pos = 0
     while pos < numel:
         gi = offset + pos
-        high, low = gi >> 32, gi & 0xFFFFFFFF
+        low = gi & 0xFFFFFFFF
         # stay inside one 2^32 block of positions and within the cached counter
         n = min(numel - pos, (1 << 32) - low, _ARANGE_MAX)
         x = out[pos : pos + n]
-        torch.add(_arange(n, device), _as_int32(low + mix_seed(seed, name, high)), out=x)
+        torch.add(_arange(n, device), random_key(seed, name, gi), out=x)
         _lowbias32_(x, tmp[pos : pos + n])
         torch.bitwise_right_shift(x, 8, out=x).bitwise_and_(0xFFFFFF)
         pos += n
     return out
+
+
+def random_key(seed: int, name: str, offset: int) -> int:
+    """The int32 added to the local counter ``0, 1, ..`` of the positions ``offset ..`` (within
+    one ``2^32`` block) before hashing: :func:`random_bits` at ``offset + i`` is
+    ``lowbias32(int32(i + random_key(seed, name, offset)))``."""
+    return _as_int32((offset & 0xFFFFFFFF) + mix_seed(seed, name, offset >> 32))
 
 
 def random_uniforms(
@@ -159,6 +172,33 @@ def position_only(drop: DropFn) -> DropFn:
 def uses_delta(drop: DropFn) -> bool:
     """Whether ``drop`` reads ``abs_bits`` (every drop not marked :func:`position_only`)."""
     return getattr(drop, "uses_delta", True)
+
+
+@dataclass(frozen=True)
+class DropSpec:
+    """What a drop function computes, in a form the compiled swap of
+    :mod:`~grail.trainer.analysis.kernels` evaluates itself: an entry is dropped where
+    ``float32 |delta| <= threshold`` (``-inf``: never) or where its :func:`random_bits` drawn
+    with ``seed`` are ``>= keep_limit`` (``2**24``: never). :func:`magnitude_drop` and
+    :func:`random_drop` carry one (:func:`spec_of`); other drops are evaluated eagerly.
+    """
+
+    threshold: float = -math.inf
+    keep_limit: int = 1 << 24
+    seed: int | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.keep_limit < 1 << 24
+
+
+#: The spec of "nothing dropped": the parameters as trained (``W_new``).
+NO_DROP = DropSpec()
+
+
+def spec_of(drop: DropFn) -> DropSpec | None:
+    """The :class:`DropSpec` of ``drop``, or ``None`` for a drop only known as a function."""
+    return getattr(drop, "spec", None)
 
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -219,6 +259,7 @@ def magnitude_drop(threshold: float) -> DropFn:
         assert abs_bits is not None
         return torch.sub(abs_bits, limit, out=out).bitwise_right_shift_(31)
 
+    drop.spec = DropSpec(threshold=f32_floor(threshold) if threshold >= 0 else -math.inf)  # type: ignore[attr-defined]
     return drop
 
 
@@ -239,6 +280,7 @@ def random_drop(keep: float, seed: int) -> DropFn:
         # kept iff bits < limit  <=>  (limit - 1 - bits) >= 0; drop = sign bit of that
         return bits.neg_().add_(limit - 1).bitwise_right_shift_(31)
 
+    drop.spec = DropSpec(keep_limit=limit, seed=seed)  # type: ignore[attr-defined]
     return drop
 
 

@@ -11,7 +11,10 @@ Three context managers:
   snapshot and swaps them back afterwards: no copy of the model, exact by construction. Undoing
   recomputes the mask, which is why a mask may depend only on ``|W_new - W_old|`` and on the
   position. Where the snapshot's dtype differs from the parameter's (a bf16 snapshot of an fp32
-  model) the dropped values are saved instead and the snapshot is left alone.
+  model) the dropped values are saved instead and the snapshot is left alone. With ``fused=True``
+  each CPU tensor is moved in one compiled pass that evaluates the masks itself
+  (:func:`~grail.trainer.analysis.kernels.select_swap`, for magnitude and random masks; 2-3x
+  faster than the chunked eager ops); whatever it declines takes the eager path.
 * :class:`ModulePatch` - arbitrary new values (DARE rescaling, low-rank truncation) that cannot
   be swapped. Each parameter is written just before its owning module runs and restored right
   after (forward pre-hook and an always-called forward hook), so at most one module's parameters
@@ -50,8 +53,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import kernels
 from .distributed import fsdp_units, local_tensor, shard_info, unwrap_model
-from .masks import DropFn, pack_mask, unpack_mask, uses_delta
+from .masks import NO_DROP, DropFn, DropSpec, pack_mask, spec_of, unpack_mask, uses_delta
 from .primitives import ParameterDelta, collect_parameters, float32_delta_
 from .stats import chunk_numel
 
@@ -88,6 +92,7 @@ class _Patched:
     saved: torch.Tensor | None = None  # ... and their original values
     packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the swap mask, 1 bit an entry
     drop: DropFn | None = None  # the mask in place (recomputed to undo where not packed)
+    fused: bool = False  # the whole tensor, swapped by the compiled kernel (masks recomputed)
 
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -110,6 +115,11 @@ class SelectPatch:
     O(one chunk)). Entries the update did not change may be swapped too: their values are equal.
     Otherwise (snapshot dtype differs) the dropped changed values are saved and written back.
 
+    ``fused`` lets :func:`~grail.trainer.analysis.kernels.select_swap` move whole CPU tensors
+    in one compiled pass when the mask carries a :class:`~grail.trainer.analysis.masks.DropSpec`
+    (such records keep no packed mask: undoing recomputes it in the same pass). A tensor the
+    kernel declines, at any step, continues on the eager path from the state it is in.
+
     ``count_dropped`` / ``count_changed`` turn off the counts behind :meth:`dropped_count` and
     :meth:`changed_count` when they are not needed: a position-only mask (such as
     :func:`~grail.trainer.analysis.masks.random_drop`) then never computes the delta at all.
@@ -123,11 +133,13 @@ class SelectPatch:
         *,
         count_dropped: bool = True,
         count_changed: bool = True,
+        fused: bool = False,
     ) -> None:
         self.delta = delta
         self.drop = drop
         self.count_dropped = count_dropped
         self.count_changed = count_changed
+        self.fused = fused
         self._done: list[_Patched] = []
         self._scratch: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._dropped: list[torch.Tensor] = []
@@ -213,8 +225,40 @@ class SelectPatch:
             self._changed.append(-changed.sum(dtype=torch.int32))
         return m
 
+    def _fused_swap(
+        self, name: str, before: DropSpec | None, after: DropSpec | None, count: bool
+    ) -> bool:
+        """The whole tensor from mask ``before`` to ``after`` in one compiled pass
+        (:func:`~grail.trainer.analysis.kernels.select_swap`); ``False``: nothing was done."""
+        if before is None or after is None:
+            return False
+        p, s = self._views(name)
+        info = self.delta.shard(name)
+        count = count and info.owner
+        changed = count and self.count_changed
+        counts = kernels.select_swap(p, s, before, after, name, info.offset, changed)
+        if counts is None:
+            return False
+        if count and self.count_dropped:
+            self._dropped.append(counts[0])
+        if changed:
+            self._changed.append(counts[1])
+        return True
+
+    def _chunk_records(self, rec: _Patched) -> list[_Patched]:
+        """A fused record as the eager path's chunk records in the same state (masks
+        recomputed), for when the kernel cannot take it further."""
+        step = chunk_numel(self.delta.new.data[rec.name].device)
+        return [
+            _Patched(rec.name, start, min(start + step, rec.stop), drop=rec.drop)
+            for start in range(rec.start, rec.stop, step)
+        ]
+
     def _patch_tensor(self, name: str) -> None:
         p, s = self._views(name)
+        if self.fused and self._fused_swap(name, NO_DROP, spec_of(self.drop), count=True):
+            self._done.append(_Patched(name, 0, p.numel(), drop=self.drop, fused=True))
+            return
         step = chunk_numel(p.device)
         for start in range(0, p.numel(), step):
             stop = min(start + step, p.numel())
@@ -280,7 +324,18 @@ class SelectPatch:
             self.__enter__()
             return
         try:
+            moved: list[_Patched] = []  # fused records first, one pass each ...
+            records: list[_Patched] = []  # ... the rest chunk by chunk
             for rec in self._done:
+                if not rec.fused:
+                    records.append(rec)
+                elif self._fused_swap(rec.name, spec_of(rec.drop), spec_of(drop), count=True):
+                    rec.drop = drop
+                    moved.append(rec)
+                else:
+                    records.extend(self._chunk_records(rec))
+            self._done = moved + records  # before any chunk moves: the undo sees them all
+            for rec in records:
                 p, s = self._views(rec.name)
                 pc, sc = p[rec.start : rec.stop], s[rec.start : rec.stop]
                 sd = sc.to(pc.device, non_blocking=True) if sc.device != pc.device else sc
@@ -318,6 +373,10 @@ class SelectPatch:
     def _undo(self) -> None:
         while self._done:
             rec = self._done.pop()
+            if rec.fused:
+                if not self._fused_swap(rec.name, spec_of(rec.drop), NO_DROP, count=False):
+                    self._done += self._chunk_records(rec)
+                continue
             p, s = self._views(rec.name)
             pc, sc = p[rec.start : rec.stop], s[rec.start : rec.stop]
             if rec.index is not None:

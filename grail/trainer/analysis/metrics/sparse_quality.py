@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 
+from .. import kernels
 from ..config import AnalysisConfig, format_threshold
 from ..distributed import all_reduce_, unwrap_model
 from ..divergence import Comparisons, LogitsReference
@@ -105,6 +106,7 @@ class SparseQualityMetrics(MetricComputer):
         keep_ratios: Sequence[float] = (),
         max_tokens: int = 4096,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
+        fused: bool = True,
     ) -> None:
         self.thresholds = sorted(float(t) for t in thresholds)
         self.include_random = include_random
@@ -113,6 +115,7 @@ class SparseQualityMetrics(MetricComputer):
         self.keep_ratios = sorted(float(r) for r in keep_ratios)
         self.max_tokens = max_tokens
         self.output_fn = output_fn
+        self.fused = fused
 
     @classmethod
     def from_config(
@@ -126,6 +129,7 @@ class SparseQualityMetrics(MetricComputer):
             keep_ratios=config.sparse_quality_keep_ratios,
             max_tokens=config.sparse_quality_max_tokens,
             output_fn=output_fn,
+            fused=config.fused_kernels,
         )
 
     def requires_model(self) -> bool:
@@ -190,6 +194,8 @@ class SparseQualityMetrics(MetricComputer):
         targets = self._targets(delta)
         total = self._global_count(delta)
         seed = mix_seed(self.seed, context.step)
+        # the compiled swap (kernels.select_swap) for models large enough to repay compiling it
+        fused = self.fused and kernels.worth_it(sum(delta.new.data[n].numel() for n in delta.names))
         out: dict[str, float] = {}
         with analysis_mode(model):
             comparisons = Comparisons(self._reference(context, model, prepared, delta))
@@ -197,7 +203,7 @@ class SparseQualityMetrics(MetricComputer):
             for label, threshold in targets:
                 counting = changed is None
                 drop = magnitude_drop(threshold)
-                with SelectPatch(delta, drop, count_changed=counting) as patch:
+                with SelectPatch(delta, drop, count_changed=counting, fused=fused) as patch:
                     comparisons.add(label, self._forward(model, prepared))
                     dropped = self._global_count(delta, patch.dropped_count())
                     if changed is None:

@@ -12,7 +12,7 @@ import torch
 from grail.trainer.analysis import kernels
 from grail.trainer.analysis.stats import f32_floor
 
-from .metrics.conftest import compiler_works
+from .conftest import compiler_works
 
 THRESHOLDS = [0.0, 1e-3, 0.5]
 
@@ -364,3 +364,87 @@ def test_change_of_bf16_parameters_stored_as_float32_counts_bf16_as_exact() -> N
     assert fused[key] == eager[key] == fused["param_change/exact_unchanged_ratio"]
     # (std loses float32 digits to cancellation on the eager path here; float64 sums do not)
     assert fused == pytest.approx(eager, rel=1e-4, nan_ok=True)
+
+
+def _swap_pair(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(new, old)`` with every kind of entry a mask can meet: unchanged values, differences
+    on and around the threshold, signed zeros, subnormals, infinities (NaN separately)."""
+    gen = torch.Generator().manual_seed(seed)
+    old = torch.randn(n, generator=gen)
+    new = old + torch.randn(n, generator=gen) * 1e-3
+    new[::5] = old[::5]  # unchanged
+    old[1::17], new[1::17] = 0.0, -0.0  # equal values, different bits
+    if dtype == torch.float32:
+        new[2::19] = old[2::19] + 1e-3  # differences near the threshold
+        new[3::23] = old[3::23] + 1e-40  # subnormal differences
+    new[4::29] = math.inf
+    old[6::31] = -math.inf
+    return new.to(dtype), old.to(dtype)
+
+
+def _eager_drop(drop, name: str, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    from grail.trainer.analysis.primitives import float32_delta_
+
+    d = float32_delta_(torch.empty(new.numel()), new, old)
+    out = torch.empty(new.numel(), dtype=torch.int32)
+    return drop(name, 0, d.abs_().view(torch.int32), out).bool()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threshold", [0.0, 1e-3, -1.0, math.inf])
+def test_select_swap_moves_exactly_the_eager_masks_entries(dtype, threshold) -> None:
+    from grail.trainer.analysis.masks import NO_DROP, magnitude_drop, random_drop, spec_of
+
+    new, old = _swap_pair(10_007, dtype)
+    if dtype == torch.float32:  # NaN payloads survive a float32 select
+        new[7] = torch.tensor(0x7FA00001, dtype=torch.int32).view(torch.float32)
+    p, s = new.clone(), old.clone()
+    steps = [magnitude_drop(threshold), random_drop(0.3, seed=5), random_drop(0.8, seed=5)]
+    state = NO_DROP
+    for drop in steps:
+        counts = kernels.select_swap(p, s, state, spec_of(drop), "w", 0, count_changed=True)
+        assert counts is not None
+        dropped = _eager_drop(drop, "w", new, old)
+        assert torch.equal(p.view(torch.uint8), torch.where(dropped, old, new).view(torch.uint8))
+        assert torch.equal(s.view(torch.uint8), torch.where(dropped, new, old).view(torch.uint8))
+        changed = ~((new.float() - old.float()).abs() == 0)
+        assert counts.tolist() == [int(dropped.sum()), int(changed.sum())]
+        state = spec_of(drop)
+    assert kernels.select_swap(p, s, state, NO_DROP, "w", 0) is not None
+    assert torch.equal(p.view(torch.uint8), new.view(torch.uint8))
+    assert torch.equal(s.view(torch.uint8), old.view(torch.uint8))
+
+
+def test_select_swap_random_bits_follow_name_and_offset() -> None:
+    from grail.trainer.analysis.masks import NO_DROP, random_drop, random_keep_mask, spec_of
+
+    new, old = _swap_pair(5_000, torch.float32)
+    p, s = new.clone(), old.clone()
+    offset = (1 << 32) - 1000  # the last block of counters before a new one: fits
+    assert kernels.select_swap(p, s, NO_DROP, spec_of(random_drop(0.5, 3)), "b", 123) is not None
+    keep = random_keep_mask(5_000, 0.5, 3, "b", 123, "cpu")
+    assert torch.equal(p, torch.where(keep, new, old))
+    kernels.select_swap(p, s, spec_of(random_drop(0.5, 3)), NO_DROP, "b", 123)
+    assert kernels.select_swap(p, s, NO_DROP, spec_of(random_drop(0.5, 3)), "b", offset) is None
+    assert torch.equal(p, new)
+
+
+def test_select_swap_declines_what_it_cannot_do_exactly() -> None:
+    from grail.trainer.analysis.masks import NO_DROP, magnitude_drop, random_drop, spec_of
+
+    new, old = _swap_pair(1_000, torch.bfloat16)
+    mag = spec_of(magnitude_drop(1e-3))
+    two_seeds = (spec_of(random_drop(0.5, 1)), spec_of(random_drop(0.5, 2)))
+    nan_new = new.clone()
+    nan_new[3] = math.nan  # a NaN's payload would not survive a bfloat16 round trip
+    for p, s, before, after in [
+        (nan_new, old.clone(), NO_DROP, mag),
+        (new.clone(), old.clone(), *two_seeds),
+        (new.clone(), old.float(), NO_DROP, mag),  # dtypes differ
+        (new.double(), old.double(), NO_DROP, mag),
+        (new[::2], old[::2], NO_DROP, mag),  # strided
+    ]:
+        p0, s0 = p.clone(), s.clone()
+        assert kernels.select_swap(p, s, before, after, "w", 0) is None
+        assert torch.equal(p.isnan(), p0.isnan()) and torch.equal(p.nan_to_num(), p0.nan_to_num())
+        assert torch.equal(s, s0)

@@ -33,6 +33,12 @@ def _update(model, scale=1e-3, seed=1):
         p.add_(d.to(p.dtype))
 
 
+@pytest.fixture
+def fused(kernel_path) -> bool:
+    """Each test that takes it runs with the eager swap and with the compiled one."""
+    return kernel_path == "fused"
+
+
 def _expected(old, new, keep):
     return {n: torch.where(keep[n], new[n], old[n]) for n in new}
 
@@ -40,7 +46,7 @@ def _expected(old, new, keep):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("kind", ["magnitude", "random"])
 @pytest.mark.parametrize("snapshot_dtype", [None, torch.float32, torch.bfloat16])
-def test_select_patch_values_and_exact_restore(dtype, kind, snapshot_dtype):
+def test_select_patch_values_and_exact_restore(dtype, kind, snapshot_dtype, fused):
     big = dtype == torch.float32 and snapshot_dtype is None  # one case spans several chunks
     model = _model(dtype, big=big)
     if big:
@@ -60,15 +66,18 @@ def test_select_patch_values_and_exact_restore(dtype, kind, snapshot_dtype):
             n: random_keep_mask(new[n].numel(), 0.4, 7, n, 0, "cpu").view(new[n].shape) for n in new
         }
     expect = _expected({n: old[n].to(dtype) for n in old}, new, keep)
-    with SelectPatch(delta, drop):
+    with SelectPatch(delta, drop, fused=fused) as patch:
         for n, p in model.named_parameters():
             assert torch.equal(p, expect[n]), n
+    # the compiled swap takes same-dtype pairs it can move bit-exactly
+    expect_fused = fused and snapshot_dtype in (None, dtype) and dtype != torch.float64
+    assert {rec.fused for rec in patch._done} <= {expect_fused}
     for n, p in model.named_parameters():
         assert torch.equal(p.view(torch.int8), new[n].view(torch.int8)), n  # bit-exact
         assert torch.equal(snap.data[n].view(torch.int8), old[n].view(torch.int8)), n
 
 
-def test_select_patch_counts_dropped_entries():
+def test_select_patch_counts_dropped_entries(fused):
     model = _model()
     snap = ParameterSnapshot(model)
     _update(model)
@@ -76,9 +85,10 @@ def test_select_patch_counts_dropped_entries():
     d = np.concatenate(
         [(p.detach() - snap.data[n]).numpy().reshape(-1) for n, p in model.named_parameters()]
     )
-    with SelectPatch(delta, magnitude_drop(5e-4)) as patch:
+    with SelectPatch(delta, magnitude_drop(5e-4), fused=fused) as patch:
         pass
     assert patch.dropped_count() == int((np.abs(d) <= f32_floor(5e-4)).sum())
+    assert patch.changed_count() == int((d != 0).sum())
 
 
 def test_select_patch_restores_when_the_mask_function_fails_halfway():
@@ -103,7 +113,7 @@ def test_select_patch_restores_when_the_mask_function_fails_halfway():
         assert torch.equal(snap.data[n], snap_before[n])
 
 
-def test_forward_failure_inside_patch_restores_everything():
+def test_forward_failure_inside_patch_restores_everything(fused):
     model = _model()
     snap = ParameterSnapshot(model)
     _update(model)
@@ -117,7 +127,7 @@ def test_forward_failure_inside_patch_restores_everything():
     with (
         pytest.raises(RuntimeError),
         analysis_mode(model),
-        SelectPatch(delta, magnitude_drop(1e-3)),
+        SelectPatch(delta, magnitude_drop(1e-3), fused=fused),
     ):
         model(torch.randn(2, 16))
     handle.remove()
@@ -201,7 +211,7 @@ def test_float64_entry_closer_than_float32_resolution_is_restored_bit_exactly():
 @pytest.mark.parametrize("snapshot_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "recomputed"])
 def test_switch_between_masks_gives_each_mask_and_restores_exactly(
-    dtype, snapshot_dtype, packed, monkeypatch
+    dtype, snapshot_dtype, packed, monkeypatch, fused
 ):
     # "recomputed" is what accelerators do: the undo recomputes each chunk's current mask
     monkeypatch.setattr(patching, "_pack_on", lambda device: packed)
@@ -229,7 +239,7 @@ def test_switch_between_masks_gives_each_mask_and_restores_exactly(
         (random_drop(0.9, seed=8), random(0.9, 8)),
         (magnitude_drop(5e-3), magnitude(5e-3)),
     ]
-    with SelectPatch(delta, steps[0][0]) as patch:
+    with SelectPatch(delta, steps[0][0], fused=fused) as patch:
         for i, (drop, keep) in enumerate(steps):
             if i:
                 patch.switch(drop, count_dropped=True)
@@ -244,7 +254,7 @@ def test_switch_between_masks_gives_each_mask_and_restores_exactly(
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "recomputed"])
-def test_failed_switch_restores_everything(packed, monkeypatch):
+def test_failed_switch_restores_everything(packed, monkeypatch, fused):
     monkeypatch.setattr(patching, "_pack_on", lambda device: packed)
     model = _model(big=True)
     snap = ParameterSnapshot(model)
@@ -260,7 +270,7 @@ def test_failed_switch_restores_everything(packed, monkeypatch):
             raise RuntimeError("mask failed")
         return inner(name, offset, bits, out)
 
-    patch = SelectPatch(delta, magnitude_drop(1e-3)).__enter__()
+    patch = SelectPatch(delta, magnitude_drop(1e-3), fused=fused).__enter__()
     with pytest.raises(RuntimeError, match="mask failed"):
         patch.switch(flaky)  # restores by itself: no __exit__ here
     assert_same_state(before, state(model))
@@ -291,3 +301,38 @@ def test_counts_that_were_turned_off_raise_instead_of_reading_zero():
             patch.dropped_count()
         with pytest.raises(RuntimeError, match="count_changed=True"):
             patch.changed_count()
+
+
+def test_tensors_the_kernel_gives_up_on_continue_eagerly_and_restore(monkeypatch):
+    """The compiled swap declining half-way (a failed compile, a refused signature) leaves the
+    tensors it moved in their fused records and hands the rest to the eager chunks."""
+    from grail.trainer.analysis import kernels
+
+    if kernels.disabled_reason() is not None:
+        pytest.skip("torch.compile does not work here")
+    monkeypatch.setattr(kernels, "MIN_TOTAL_NUMEL", 0)
+    model = _model(big=True)
+    snap = ParameterSnapshot(model)
+    _update(model, scale=1e-2)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    old = {n: t.clone() for n, t in snap.data.items()}
+    new = {n: p.detach().clone() for n, p in model.named_parameters()}
+    real = kernels.select_swap
+    calls = []
+
+    def flaky(*args):
+        calls.append(args[4])
+        return None if len(calls) % 3 == 0 else real(*args)
+
+    monkeypatch.setattr(kernels, "select_swap", flaky)
+    keep = {
+        n: random_keep_mask(new[n].numel(), 0.4, 7, n, 0, "cpu").view(new[n].shape) for n in new
+    }
+    with torch.no_grad(), SelectPatch(delta, magnitude_drop(2e-3), fused=True) as patch:
+        patch.switch(random_drop(0.4, seed=7))
+        kinds = {rec.fused for rec in patch._done}
+        for n, p in model.named_parameters():
+            assert torch.equal(p, _expected(old, new, keep)[n]), n
+    assert kinds == {True, False}
+    for n, p in model.named_parameters():
+        assert torch.equal(p, new[n]) and torch.equal(snap.data[n], old[n]), n

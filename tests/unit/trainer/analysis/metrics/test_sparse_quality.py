@@ -19,6 +19,9 @@ from tests.conftest import tiny_qwen2
 
 from ..reference import assert_same_state, state
 
+# every test on the eager swap and on the compiled one (kernels.select_swap)
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 
 @torch.no_grad()
 def _update(model, scale=2e-3, seed=1):
@@ -81,11 +84,22 @@ def _check(metrics, ref, suffix):
     assert metrics[f"sparse/top1_agree_{suffix}"] == pytest.approx(ref["top1_agree"])
 
 
-def test_matches_independent_reconstruction_magnitude_random_and_dare():
+def test_matches_independent_reconstruction_magnitude_random_and_dare(kernel_path, monkeypatch):
+    from grail.trainer.analysis import kernels
+
+    swaps = []
+    real = kernels.select_swap
+    monkeypatch.setattr(kernels, "select_swap", lambda *a: swaps.append(real(*a)) or swaps[-1])
     model, snap, old, ctx = _setup()
     t = 1e-3
     computer = SparseQualityMetrics(thresholds=[t], rescale_random=True, seed=3)
     m = computer.compute(snap.compute_delta(ParameterSnapshot.live(model)), context=ctx)
+    # apply, switch and undo of every parameter went through the compiled swap (or none did)
+    n_params = len(list(model.parameters()))
+    if kernel_path == "fused":
+        assert len(swaps) == 3 * n_params and all(s is not None for s in swaps)
+    else:
+        assert not swaps
     ids, mask = ctx.inputs["input_ids"], ctx.inputs["attention_mask"]
     new = {n: p.detach() for n, p in model.named_parameters()}
     keep_mag = {n: (new[n] - old[n]).abs() > f32_floor(t) for n in new}

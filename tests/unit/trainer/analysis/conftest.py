@@ -1,4 +1,4 @@
-"""Run a test module once on the eager streaming path and once on the compiled kernels."""
+"""Shared fixtures: run a test module once on the eager path and once on the compiled kernels."""
 
 from __future__ import annotations
 
