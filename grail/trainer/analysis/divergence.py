@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import kernels
 from .distributed import all_reduce_
 
 __all__ = [
@@ -51,8 +52,9 @@ _BLOCK_ELEMENTS = 1 << 18  # logits per row block (1 MiB of float32)
 class LogitsReference:
     """Logits of the full update, with what every comparison reuses computed once."""
 
-    def __init__(self, logits: torch.Tensor) -> None:
+    def __init__(self, logits: torch.Tensor, fused: bool = False) -> None:
         self.logits = _rows(logits)
+        self.fused = fused  # compare through kernels.compare_rows where it takes the rows
         # Squared norms by the same kernel as the dot products: identical rows give a cosine of
         # exactly 1, and the error stays ~1e-7 (float32 vector_norm errs by ~1e-6 at 150k
         # classes, a large part of the informative 1 - cosine).
@@ -79,6 +81,20 @@ class LogitsReference:
             raise ValueError(
                 f"logits shapes differ: {tuple(self.logits.shape)} vs {tuple(other.shape)}"
             )
+        rows = None
+        if self.fused:
+            rows = kernels.compare_rows(self.logits, other, self.probs, self.mass)
+        if rows is None:
+            kl, dots, sq, norm_a, norm_b, min_diff, top1 = self._compare_eager(other)
+        else:
+            sq, dots, norm_a, norm_b, min_diff, pd, pe = rows.double()
+            kl = pd / self.mass + torch.log1p(pe / self.mass)
+            top1 = first_argmax(other)
+        return self._sums(other, kl, dots, sq, norm_a, norm_b, min_diff, top1)
+
+    def _compare_eager(self, other: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-row ``kl, a.b, sum d^2, a.a, b.b, min dc, top-1`` in row blocks (see
+        :meth:`compare_sums`)."""
         n, v = other.shape
         f64 = {"dtype": torch.float64, "device": other.device}
         kl, dots, sq, norm_b = (torch.empty(n, **f64) for _ in range(4))
@@ -104,6 +120,22 @@ class LogitsReference:
             dots[s:e] = _rowdot(a, b, prod)
             norm_b[s:e] = _rowdot(b, b, prod)
             top1[s:e] = first_argmax(b)
+        return kl, dots, sq, self.norm, norm_b, min_diff, top1
+
+    def _sums(
+        self,
+        other: torch.Tensor,
+        kl: torch.Tensor,
+        dots: torch.Tensor,
+        sq: torch.Tensor,
+        norm_a: torch.Tensor,
+        norm_b: torch.Tensor,
+        min_diff: torch.Tensor,
+        top1: torch.Tensor,
+    ) -> list[float]:
+        """:meth:`compare_sums`' result from the per-row values (float64 where summed)."""
+        n, v = other.shape
+        f64 = {"dtype": torch.float64, "device": other.device}
         ok = self.finite & _finite_rows(other, norm_b)
         # exp(-d) loses the entries where P underflows once -d is large: exact path there
         redo = (ok & ((min_diff < -_EXP_SAFE) | ~torch.isfinite(kl))).nonzero().flatten()
@@ -112,8 +144,10 @@ class LogitsReference:
             rows = redo[i : i + step]
             kl[rows] = _kl_rows(self.logits[rows], other[rows])
         kl.clamp_(min=0.0)  # rounding noise around an exact 0
-        denom = (self.norm * norm_b).sqrt()
-        both_zero = (self.norm == 0) & (norm_b == 0)  # identical zero vectors: similarity 1
+        # both norms from the loop of the dot product: identical rows give a cosine of 1
+        norm_a, norm_b = norm_a.double(), norm_b.double()
+        denom = (norm_a * norm_b).sqrt()
+        both_zero = (norm_a == 0) & (norm_b == 0)  # identical zero vectors: similarity 1
         cos = torch.where(denom > 0, dots / denom, both_zero.to(denom.dtype))
         agree = (top1 == self.top1).to(torch.float64)
         zero = torch.zeros((), **f64)

@@ -78,6 +78,7 @@ __all__ = [
     "ChangeBatch",
     "MomentsBatch",
     "adam_u",
+    "compare_rows",
     "disabled_reason",
     "joint_rows",
     "select_swap",
@@ -345,6 +346,40 @@ def _swap_random_changed(
     return _swap(p, s, t, k, True)
 
 
+def _expm1(x: torch.Tensor) -> torch.Tensor:
+    """``expm1`` of float32 ``x`` to a few ulp. Inductor's vectorised CPU ``expm1`` is
+    ``exp(x) - 1``, which returns 0 for ``|x| < 6e-8`` and loses all digits the KL lives on; so
+    ``|x| < 1/2`` takes the Taylor series to ``x^9/9!`` (remainder below 1e-9 relative) in
+    Horner form, and the rest ``exp(x) - 1`` (at most ~2 ulp lost there)."""
+    poly = torch.full_like(x, 1.0 / math.factorial(9))
+    for k in range(8, 0, -1):
+        poly = poly * x + 1.0 / math.factorial(k)
+    return torch.where(x.abs() < 0.5, poly * x, torch.exp(x) - 1.0)
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Row sums of :meth:`~grail.trainer.analysis.divergence.LogitsReference.compare_sums` for
+    reference logits ``a``, other logits ``b``, ``p = softmax(a)`` and its row sums ``mass``
+    (float64): ``[sum d^2, a.b, a.a, b.b, min dc, p.dc, p.expm1(-dc)]`` (float64, one column per
+    row) with ``d = a - b`` and ``dc = d`` centred on its P-mean. Products are float32 like the
+    eager path's, sums float64: Inductor accumulates a row in a few vector lanes, whose float32
+    error (~1e-6 of a centre of 10) would swamp a KL of 1e-7."""
+    d = a - b
+    centre = ((p * d).double().sum(-1) / mass).float()
+    dc = d - centre[:, None]
+    return torch.stack(
+        [
+            (d * d).double().sum(-1),
+            (a * b).double().sum(-1),
+            (a * a).double().sum(-1),
+            (b * b).double().sum(-1),
+            dc.amin(-1).double(),
+            (p * dc).double().sum(-1),
+            (p * _expm1(-dc)).double().sum(-1),
+        ]
+    )
+
+
 # --- compilation --------------------------------------------------------------------------------
 _failure: list[str] = []  # the first compiler failure of this process, if any
 
@@ -374,9 +409,15 @@ class _Kernel:
     constants from :func:`constants` (static sizes).
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], n_data: int) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        n_data: int,
+        probe: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None,
+    ) -> None:
         self._fn = fn
         self._n_data = n_data
+        self._probe = probe
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._signatures: set[tuple[object, ...]] = set()
         self._lock = threading.Lock()
@@ -423,7 +464,10 @@ class _Kernel:
             # Inductor picks the loop form (parallel or not) from the sizes it first sees, so
             # compile on inputs as large as a typical weight, then check the result once.
             n = self._n_data
-            probe = [torch.ones(1 << 20, dtype=a.dtype) for a in args[:n]] + list(args[n:])
+            if self._probe is not None:
+                probe = self._probe(args)
+            else:
+                probe = [torch.ones(1 << 20, dtype=a.dtype) for a in args[:n]] + list(args[n:])
             with torch.no_grad():
                 out = self._compiled(*probe)
             if not bool(torch.isfinite(out).all()):
@@ -441,9 +485,9 @@ def _fail(exc: Exception) -> None:
         return
     _failure.append(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
     logger.warning(
-        "grail-analysis: torch.compile failed (%s); gradient and Adam statistics use the eager "
-        "path from now on, several times slower. AnalysisConfig(fused_kernels=False) skips the "
-        "attempt.",
+        "grail-analysis: torch.compile failed (%s); parameter change, gradient and Adam "
+        "statistics and sparse-quality swaps and comparisons use the eager path from now on, "
+        "several times slower. AnalysisConfig(fused_kernels=False) skips the attempt.",
         _failure[0],
     )
 
@@ -456,6 +500,14 @@ _JOINT_FAST = _Kernel(_joint_fast, 4)
 _CHANGE_FAST = _Kernel(_change_fast, 2)
 _CHANGE_MASKED = _Kernel(_change_masked, 2)
 _NAN_COUNT = _Kernel(_nan_count, 2)
+
+
+def _compare_probe(args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Rows of a typical width (the 1-D default probe does not fit a row-wise kernel)."""
+    return [*(torch.ones(64, 4096) for _ in range(3)), torch.ones(64, dtype=torch.float64)]
+
+
+_COMPARE = _Kernel(_compare, 4, _compare_probe)
 _SWAP = {  # (random, count changed) -> kernel
     (False, False): _Kernel(_swap_magnitude, 2),
     (False, True): _Kernel(_swap_magnitude_changed, 2),
@@ -489,7 +541,7 @@ def select_swap(
     """
     if p.dtype != s.dtype or p.dtype not in _SWAP_DTYPES or p.numel() > _SLICE:
         return None
-    if not _usable(MIN_NUMEL, p, s) or (offset & 0xFFFFFFFF) + p.numel() > 1 << 32:
+    if not _usable(MIN_NUMEL, p, s):
         return None
     p, s = p.detach(), s.detach()  # requires_grad would be one more guard
     if p.dtype != torch.float32:
@@ -504,12 +556,30 @@ def select_swap(
     seeds = {spec.seed for spec in (before, after) if spec.is_random}
     if not seeds:
         return _SWAP[False, count_changed](p, s, t)
-    if len(seeds) > 1:
-        return None
+    if len(seeds) > 1 or (offset & 0xFFFFFFFF) + p.numel() > 1 << 32:
+        return None  # two seeds, or random counters from two blocks
     key = random_key(seeds.pop(), name, offset)  # type: ignore[arg-type]
     k = torch.tensor([key, before.keep_limit, after.keep_limit], dtype=torch.int64)
     torch._dynamo.mark_static(k)
     return _SWAP[True, count_changed](p, s, t, k)
+
+
+def compare_rows(
+    a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, mass: torch.Tensor
+) -> torch.Tensor | None:
+    """:func:`_compare` in one compiled call: float64 ``[7, rows]``, or ``None`` where the
+    caller compares eagerly (not float32 CPU rows of one contiguous shape, or kernels off)."""
+    n, v = a.shape
+    if n < 2 or v < 2 or n * v >= _SLICE or mass.dtype != torch.float64:
+        return None
+    for x in (a, b, p):
+        if x.shape != (n, v) or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        if not x.is_contiguous():
+            return None
+    if mass.shape != (n,) or mass.device.type != "cpu":
+        return None
+    return _COMPARE(a, b, p, mass)
 
 
 def _usable(min_numel: int, *tensors: torch.Tensor) -> bool:

@@ -197,7 +197,11 @@ NO_DROP = DropSpec()
 
 
 def spec_of(drop: DropFn) -> DropSpec | None:
-    """The :class:`DropSpec` of ``drop``, or ``None`` for a drop only known as a function."""
+    """The :class:`DropSpec` of ``drop``, or ``None`` for a drop only known as a function.
+
+    It is a function attribute, which ``functools.wraps`` copies: a wrapper that changes what
+    the mask drops must set its own ``spec = None``, or the compiled swap would ignore it.
+    """
     return getattr(drop, "spec", None)
 
 
@@ -251,7 +255,9 @@ def _f32_bits(t: float) -> int:
 def magnitude_drop(threshold: float) -> DropFn:
     """Drop entries with ``|delta| <= threshold`` (NaN deltas are kept)."""
     # A negative or NaN threshold drops nothing (limit 0); its bit pattern would wrap around.
-    limit = _f32_bits(f32_floor(threshold)) + 1 if threshold >= 0 else 0
+    # -0.0 counts as +0.0 (its bit pattern is the sign bit: the limit would wrap around too)
+    t32 = f32_floor(threshold) + 0.0 if threshold >= 0 else -math.inf
+    limit = _f32_bits(t32) + 1 if threshold >= 0 else 0
 
     def drop(
         name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
@@ -259,7 +265,7 @@ def magnitude_drop(threshold: float) -> DropFn:
         assert abs_bits is not None
         return torch.sub(abs_bits, limit, out=out).bitwise_right_shift_(31)
 
-    drop.spec = DropSpec(threshold=f32_floor(threshold) if threshold >= 0 else -math.inf)  # type: ignore[attr-defined]
+    drop.spec = DropSpec(threshold=t32)  # type: ignore[attr-defined]
     return drop
 
 

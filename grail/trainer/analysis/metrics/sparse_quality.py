@@ -194,11 +194,12 @@ class SparseQualityMetrics(MetricComputer):
         targets = self._targets(delta)
         total = self._global_count(delta)
         seed = mix_seed(self.seed, context.step)
-        # the compiled swap (kernels.select_swap) for models large enough to repay compiling it
+        # compiled swaps and comparisons (kernels.select_swap, kernels.compare_rows) for models
+        # large enough to repay compiling them
         fused = self.fused and kernels.worth_it(sum(delta.new.data[n].numel() for n in delta.names))
         out: dict[str, float] = {}
         with analysis_mode(model):
-            comparisons = Comparisons(self._reference(context, model, prepared, delta))
+            comparisons = Comparisons(self._reference(context, model, prepared, delta, fused))
             changed: int | None = None  # the same for every threshold: counted once
             for label, threshold in targets:
                 counting = changed is None
@@ -248,11 +249,17 @@ class SparseQualityMetrics(MetricComputer):
         model: torch.nn.Module,
         prepared: PreparedInputs,
         delta: ParameterDelta,
+        fused: bool = False,
     ) -> LogitsReference:
         """The full update's logits, shared with the other computers of this measurement that
         prepare the same batch (see :func:`shared_reference`)."""
         return shared_reference(
-            context, delta, self.max_tokens, self.output_fn, lambda: self._forward(model, prepared)
+            context,
+            delta,
+            self.max_tokens,
+            self.output_fn,
+            lambda: self._forward(model, prepared),
+            fused=fused,
         )
 
 
@@ -262,6 +269,7 @@ def shared_reference(
     max_tokens: int,
     output_fn: Callable[[Any], torch.Tensor] | None,
     forward: Callable[[], torch.Tensor],
+    fused: bool = False,
 ) -> LogitsReference:
     """:class:`LogitsReference` of ``forward()`` (the unpatched model on the prepared batch),
     computed once per measurement: the sparse and low-rank computers share it instead of running
@@ -270,11 +278,12 @@ def shared_reference(
     One entry per token cap and output function, tied to ``delta``: a context reused with
     another delta (other weights) recomputes and replaces it. The entry lives as long as the
     context, i.e. one measurement; it holds two logits-sized tensors, less than the peak of
-    either computer (reference plus a patched variant plus comparison buffers).
+    either computer (reference plus a patched variant plus comparison buffers). ``fused``
+    compares through the compiled kernel (the first computer to ask decides for both).
     """
     key = ("reference_logits", max_tokens, output_fn)
-    owner, reference = context.shared(key, lambda: (delta, LogitsReference(forward())))
+    owner, reference = context.shared(key, lambda: (delta, LogitsReference(forward(), fused)))
     if owner is not delta:
-        owner, reference = delta, LogitsReference(forward())
+        owner, reference = delta, LogitsReference(forward(), fused)
         context.share(key, (owner, reference))
     return reference

@@ -12,6 +12,30 @@ from grail.trainer.analysis import divergence
 from grail.trainer.analysis.divergence import LogitsReference, compare_logits, kl_divergence
 
 
+@pytest.fixture(autouse=True)
+def _both_paths(kernel_path, monkeypatch):
+    """Every test on the eager row blocks and on the compiled comparison (kernels.compare_rows),
+    by the default of ``LogitsReference(fused=...)``."""
+    monkeypatch.setattr(LogitsReference.__init__, "__defaults__", (kernel_path == "fused",))
+    return kernel_path
+
+
+def test_the_compiled_comparison_is_taken_where_it_applies(_both_paths, monkeypatch):
+    from grail.trainer.analysis import kernels
+
+    calls = []
+    real = kernels.compare_rows
+    monkeypatch.setattr(kernels, "compare_rows", lambda *a: calls.append(real(*a)) or calls[-1])
+    a, b = _pair(9, 300, 0.3)
+    _assert_close(LogitsReference(a).compare(b), _reference(a, b))
+    LogitsReference(a.double()).compare(b)  # compared in float32 either way
+    LogitsReference(a[:1]).compare(b[:1])  # one row: declined (Dynamo specialises size 1)
+    if _both_paths == "fused":
+        assert [c is not None for c in calls] == [True, True, False]
+    else:
+        assert calls == []
+
+
 def _reference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """float64 numpy loop over rows; rows with a non-finite logit on either side are skipped."""
     a64 = a.float().double().numpy()

@@ -376,7 +376,8 @@ def _swap_pair(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor,
     old[1::17], new[1::17] = 0.0, -0.0  # equal values, different bits
     if dtype == torch.float32:
         new[2::19] = old[2::19] + 1e-3  # differences near the threshold
-        new[3::23] = old[3::23] + 1e-40  # subnormal differences
+    if dtype != torch.float16:  # float32 and bfloat16 reach subnormal differences
+        old[3::23], new[3::23] = 2e-38, 2e-38 + 3e-39
     new[4::29] = math.inf
     old[6::31] = -math.inf
     return new.to(dtype), old.to(dtype)
@@ -391,11 +392,14 @@ def _eager_drop(drop, name: str, new: torch.Tensor, old: torch.Tensor) -> torch.
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("threshold", [0.0, 1e-3, -1.0, math.inf])
+@pytest.mark.parametrize("threshold", [0.0, -0.0, 1e-45, 1e-3, -1.0, math.inf, math.nan])
 def test_select_swap_moves_exactly_the_eager_masks_entries(dtype, threshold) -> None:
     from grail.trainer.analysis.masks import NO_DROP, magnitude_drop, random_drop, spec_of
 
     new, old = _swap_pair(10_007, dtype)
+    d = (new.float() - old.float()).abs()
+    if dtype != torch.float16:
+        assert bool(((d > 0) & (d < torch.finfo(torch.float32).tiny)).any())  # subnormal
     if dtype == torch.float32:  # NaN payloads survive a float32 select
         new[7] = torch.tensor(0x7FA00001, dtype=torch.int32).view(torch.float32)
     p, s = new.clone(), old.clone()

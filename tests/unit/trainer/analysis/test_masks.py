@@ -106,6 +106,15 @@ def test_magnitude_drop_matches_float64_reference(threshold):
     np.testing.assert_array_equal(res.numpy(), expected)
 
 
+def test_negative_zero_threshold_drops_exactly_the_unchanged_entries():
+    # -0.0 >= 0: a threshold, not "drop nothing"; its sign bit must not wrap the limit around
+    d = torch.tensor([0.0, -0.0, 1e-45, -1.0, math.nan, math.inf]).abs()
+    bits = d.view(torch.int32)
+    got = magnitude_drop(-0.0)("w", 0, bits, torch.empty_like(bits))
+    assert got.tolist() == [-1, -1, 0, 0, 0, 0]
+    assert magnitude_drop(-0.0).spec == magnitude_drop(0.0).spec
+
+
 def test_magnitude_drop_agrees_with_keep_mask_on_random_data():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50_000, generator=g) * torch.logspace(-9, 0, 50_000)

@@ -66,12 +66,12 @@ def test_select_patch_values_and_exact_restore(dtype, kind, snapshot_dtype, fuse
             n: random_keep_mask(new[n].numel(), 0.4, 7, n, 0, "cpu").view(new[n].shape) for n in new
         }
     expect = _expected({n: old[n].to(dtype) for n in old}, new, keep)
-    with SelectPatch(delta, drop, fused=fused) as patch:
-        for n, p in model.named_parameters():
-            assert torch.equal(p, expect[n]), n
     # the compiled swap takes same-dtype pairs it can move bit-exactly
     expect_fused = fused and snapshot_dtype in (None, dtype) and dtype != torch.float64
-    assert {rec.fused for rec in patch._done} <= {expect_fused}
+    with SelectPatch(delta, drop, fused=fused) as patch:
+        assert {rec.fused for rec in patch._done} == {expect_fused}
+        for n, p in model.named_parameters():
+            assert torch.equal(p, expect[n]), n
     for n, p in model.named_parameters():
         assert torch.equal(p.view(torch.int8), new[n].view(torch.int8)), n  # bit-exact
         assert torch.equal(snap.data[n].view(torch.int8), old[n].view(torch.int8)), n
