@@ -84,6 +84,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import kernels
 from ..budget_mask import exact_budget_drops, subset_delta
 from ..config import AnalysisConfig
 from ..distributed import local_tensor, unwrap_model
@@ -169,6 +170,7 @@ class LowRankMetrics(MetricComputer):
         max_tokens: int = 4096,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         method: str = "gram",
+        fused: bool = True,
     ) -> None:
         self.ranks = sorted(int(r) for r in ranks)
         if not self.ranks or self.ranks[0] < 1:
@@ -186,6 +188,7 @@ class LowRankMetrics(MetricComputer):
         self.max_tokens = max_tokens
         self.output_fn = output_fn
         self.method = method
+        self.fused = fused
 
     @classmethod
     def from_config(
@@ -203,6 +206,7 @@ class LowRankMetrics(MetricComputer):
             seed=config.sparse_quality_seed,
             max_tokens=config.sparse_quality_max_tokens,
             output_fn=output_fn,
+            fused=config.fused_kernels,
         )
 
     # --- computation -----------------------------------------------------------------------
@@ -297,9 +301,11 @@ class LowRankMetrics(MetricComputer):
         budgets = [min(size, sum(r * sum(s.shape) for s in spectra.values())) for r in self.ranks]
         drops = exact_budget_drops(view, budgets)
         with analysis_mode(model):
+            # compiled comparisons for models large enough to repay compiling them
+            fused = self.fused and kernels.worth_it(sum(s.numel() for s in delta.new.data.values()))
             reference = shared_reference(
                 context, delta, self.max_tokens, self.output_fn,
-                lambda: self._forward(model, prepared),
+                lambda: self._forward(model, prepared), fused=fused,
             )  # fmt: skip
             comparisons = Comparisons(reference)
             for r in self.ranks:

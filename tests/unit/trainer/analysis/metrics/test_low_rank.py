@@ -23,6 +23,9 @@ from tests.conftest import tiny_gpt2, tiny_qwen2
 
 from ..reference import assert_same_state, state
 
+# every test with eager and with compiled comparisons
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 RANKS = [1, 2, 4]
 QWEN_MATRICES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
