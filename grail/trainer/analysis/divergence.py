@@ -54,7 +54,13 @@ class LogitsReference:
 
     def __init__(self, logits: torch.Tensor, fused: bool = False) -> None:
         self.logits = _rows(logits)
-        self.fused = fused  # compare through kernels.compare_rows where it takes the rows
+        self.fused = fused  # compiled (kernels.reference_rows, compare_rows) where they apply
+        self.top1 = first_argmax(self.logits)
+        rows = kernels.reference_rows(self.logits) if fused else None
+        if rows is not None:
+            self.probs, self.mass, self.norm = rows
+            self.finite = _finite_rows(self.logits, self.norm)
+            return
         # Squared norms by the same kernel as the dot products: identical rows give a cosine of
         # exactly 1, and the error stays ~1e-7 (float32 vector_norm errs by ~1e-6 at 150k
         # classes, a large part of the informative 1 - cosine).
@@ -68,7 +74,6 @@ class LogitsReference:
         self.norm = norm.double()
         self.probs = torch.softmax(self.logits, dim=-1)
         self.mass = self.probs.sum(dim=-1).double()  # 1 up to rounding
-        self.top1 = first_argmax(self.logits)
 
     def compare_sums(self, other: torch.Tensor) -> list[float]:
         """Per-row sums ``[kl, cosine, squared error, top-1 agreements, rows, nonfinite rows]``.

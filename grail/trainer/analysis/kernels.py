@@ -81,6 +81,7 @@ __all__ = [
     "compare_rows",
     "disabled_reason",
     "joint_rows",
+    "reference_rows",
     "select_swap",
 ]
 
@@ -357,6 +358,13 @@ def _expm1(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x.abs() < 0.5, poly * x, torch.exp(x) - 1.0)
 
 
+def _reference(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``softmax(a)`` (float32) and, in float64, its row sums and the rows' squared norms."""
+    e = torch.exp(a - a.amax(-1, keepdim=True))
+    p = e / e.sum(-1, keepdim=True)
+    return p, p.double().sum(-1), (a * a).double().sum(-1)
+
+
 def _compare(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """Row sums of :meth:`~grail.trainer.analysis.divergence.LogitsReference.compare_sums` for
     reference logits ``a``, other logits ``b``, ``p = softmax(a)`` and its row sums ``mass``
@@ -470,7 +478,8 @@ class _Kernel:
                 probe = [torch.ones(1 << 20, dtype=a.dtype) for a in args[:n]] + list(args[n:])
             with torch.no_grad():
                 out = self._compiled(*probe)
-            if not bool(torch.isfinite(out).all()):
+            outs = out if isinstance(out, tuple) else (out,)
+            if not all(bool(torch.isfinite(o).all()) for o in outs):
                 raise RuntimeError("the compiled kernel returned non-finite values on its probe")
         except Exception as exc:  # any compiler failure means "use the eager path"
             _fail(exc)
@@ -508,6 +517,7 @@ def _compare_probe(args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 _COMPARE = _Kernel(_compare, 4, _compare_probe)
+_REFERENCE = _Kernel(_reference, 1, lambda args: [torch.ones(64, 4096)])  # type: ignore[arg-type]
 _SWAP = {  # (random, count changed) -> kernel
     (False, False): _Kernel(_swap_magnitude, 2),
     (False, True): _Kernel(_swap_magnitude_changed, 2),
@@ -562,6 +572,17 @@ def select_swap(
     k = torch.tensor([key, before.keep_limit, after.keep_limit], dtype=torch.int64)
     torch._dynamo.mark_static(k)
     return _SWAP[True, count_changed](p, s, t, k)
+
+
+def reference_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`_reference` in one compiled call, or ``None`` where the caller computes it
+    eagerly (not contiguous float32 CPU rows, or kernels off)."""
+    n, v = a.shape
+    if n < 2 or v < 2 or n * v >= _SLICE or a.dtype != torch.float32:
+        return None
+    if a.device.type != "cpu" or not a.is_contiguous():
+        return None
+    return _REFERENCE(a)  # type: ignore[return-value]
 
 
 def compare_rows(

@@ -23,17 +23,19 @@ def _both_paths(kernel_path, monkeypatch):
 def test_the_compiled_comparison_is_taken_where_it_applies(_both_paths, monkeypatch):
     from grail.trainer.analysis import kernels
 
-    calls = []
-    real = kernels.compare_rows
+    calls, refs = [], []
+    real, real_ref = kernels.compare_rows, kernels.reference_rows
     monkeypatch.setattr(kernels, "compare_rows", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(kernels, "reference_rows", lambda a: refs.append(real_ref(a)) or refs[-1])
     a, b = _pair(9, 300, 0.3)
     _assert_close(LogitsReference(a).compare(b), _reference(a, b))
     LogitsReference(a.double()).compare(b)  # compared in float32 either way
     LogitsReference(a[:1]).compare(b[:1])  # one row: declined (Dynamo specialises size 1)
     if _both_paths == "fused":
         assert [c is not None for c in calls] == [True, True, False]
+        assert [r is not None for r in refs] == [True, True, False]
     else:
-        assert calls == []
+        assert calls == refs == []
 
 
 def _reference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
