@@ -4,8 +4,9 @@ Same ~58M Qwen2-style model as ``bench_param_change.py``, batch 4 x 128, fp32 an
 threshold (1e-6) with the random baseline: the computer runs three forwards (full, magnitude,
 random) plus the masking and the comparisons; the floor is three forwards of the unpatched model
 in eval mode under ``no_grad``, timed alternately with the computer (median of the per-pair
-ratios). Also the peak RSS above model + snapshot, in units of the model's bytes and of one
-logits tensor.
+ratios), once with the compiled swaps and comparisons (the default on CPU) and once with
+``fused=False`` (eager ops). Also the peak RSS above model + snapshot, in units of the model's
+bytes and of one logits tensor.
 
 Run: ``python benchmarks/bench_sparse_quality.py [--device cuda] [model size flags]``
 """
@@ -46,7 +47,8 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
             for _ in range(3):
                 model(input_ids=ids, use_cache=False).logits.float().sum().item()
 
-    computer = SparseQualityMetrics(thresholds=[1e-6])
+    computer = SparseQualityMetrics(thresholds=[1e-6])  # compiled swaps and comparisons
+    eager = SparseQualityMetrics(thresholds=[1e-6], fused=False)
 
     def ctx() -> AnalysisContext:  # one per measurement, as the manager makes them
         return AnalysisContext(model=model, inputs={"input_ids": ids}, step=1)
@@ -55,12 +57,16 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
     t_sparse, t_floor, ratio = paired(
         lambda: computer.compute(snap.compute_delta(live), context=ctx()), floor, args.repeat
     )
+    _, _, ratio_eager = paired(
+        lambda: eager.compute(snap.compute_delta(live), context=ctx()), floor, args.repeat
+    )
     with peak_memory(args.device) as mem:
         metrics = computer.compute(snap.compute_delta(live), context=ctx())
     logits_bytes = args.batch * args.seq * args.vocab * 4
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "computer / 3 forwards": f"{ratio:.2f}",
+        "eager / 3 forwards": f"{ratio_eager:.2f}",
         "computer s": f"{t_sparse:.3f}",
         "floor s": f"{t_floor:.3f}",
         "kept at 1e-6": f"{metrics['sparse/kept_ratio_at_1e-06']:.3f}",

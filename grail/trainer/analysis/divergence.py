@@ -60,18 +60,11 @@ class LogitsReference:
         if rows is not None:
             self.probs, self.mass, self.norm = rows
             self.finite = _finite_rows(self.logits, self.norm)
+            self._norm_eager: torch.Tensor | None = None  # computed if an eager compare needs it
             return
-        # Squared norms by the same kernel as the dot products: identical rows give a cosine of
-        # exactly 1, and the error stays ~1e-7 (float32 vector_norm errs by ~1e-6 at 150k
-        # classes, a large part of the informative 1 - cosine).
-        n, v = self.logits.shape
-        norm = torch.empty(n, dtype=torch.float32, device=self.logits.device)
-        scratch = _scratch(n, v, 1, self.logits.device)[0]
-        for s, e in _blocks(n, v):
-            a = self.logits[s:e]
-            norm[s:e] = _rowdot(a, a, scratch)
+        norm = _row_norms(self.logits)
         self.finite = _finite_rows(self.logits, norm)
-        self.norm = norm.double()
+        self.norm = self._norm_eager = norm.double()
         self.probs = torch.softmax(self.logits, dim=-1)
         self.mass = self.probs.sum(dim=-1).double()  # 1 up to rounding
 
@@ -125,7 +118,9 @@ class LogitsReference:
             dots[s:e] = _rowdot(a, b, prod)
             norm_b[s:e] = _rowdot(b, b, prod)
             top1[s:e] = first_argmax(b)
-        return kl, dots, sq, self.norm, norm_b, min_diff, top1
+        if self._norm_eager is None:  # the reference was compiled, this comparison is not
+            self._norm_eager = _row_norms(self.logits).double()
+        return kl, dots, sq, self._norm_eager, norm_b, min_diff, top1
 
     def _sums(
         self,
@@ -187,6 +182,19 @@ def _scratch(n: int, v: int, count: int, device: torch.device) -> list[torch.Ten
 def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """Row-wise dot products (float32), the product written into ``scratch``."""
     return torch.mul(a, b, out=scratch[: a.numel()].view_as(a)).sum(dim=-1)
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Squared row norms (float32) by the kernel of the dot products, :func:`_rowdot` in the
+    same row blocks: identical rows give a cosine of exactly 1, and the error stays ~1e-7
+    (float32 vector_norm errs by ~1e-6 at 150k classes, a large part of the informative
+    1 - cosine)."""
+    n, v = x.shape
+    norm = torch.empty(n, dtype=torch.float32, device=x.device)
+    scratch = _scratch(n, v, 1, x.device)[0]
+    for s, e in _blocks(n, v):
+        norm[s:e] = _rowdot(x[s:e], x[s:e], scratch)
+    return norm
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:

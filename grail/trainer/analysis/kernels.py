@@ -456,6 +456,8 @@ class _Kernel:
         # constants' static sizes (grad mode is always off: calls run under no_grad)
         key = (torch.get_num_threads(), torch.is_inference_mode_enabled())
         key += (*(a.dtype for a in args[:n]), *(a.numel() for a in args[n:]))
+        if self._probe is not None:  # row-wise kernels: Inductor guards on the row width
+            key += (args[0].shape[-1] > _WIDE_ROWS,)
         if key in self._signatures:
             return True
         with self._lock:
@@ -511,13 +513,23 @@ _CHANGE_MASKED = _Kernel(_change_masked, 2)
 _NAN_COUNT = _Kernel(_nan_count, 2)
 
 
-def _compare_probe(args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Rows of a typical width (the 1-D default probe does not fit a row-wise kernel)."""
-    return [*(torch.ones(64, 4096) for _ in range(3)), torch.ones(64, dtype=torch.float64)]
+#: Inductor picks another reduction form for rows wider than this and guards on the choice:
+#: row-wise kernels are compiled (and counted as a signature) once for each side of it.
+_WIDE_ROWS = 4096
 
 
-_COMPARE = _Kernel(_compare, 4, _compare_probe)
-_REFERENCE = _Kernel(_reference, 1, lambda args: [torch.ones(64, 4096)])  # type: ignore[arg-type]
+def _rows_probe(args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A few rows of the caller's width for each 2-D argument (float64 row sums for 1-D ones):
+    the compiled form then suits the real rows, and no guard of the probe fails on them."""
+    rows, width = min(args[0].shape[0], 8), args[0].shape[-1]
+    return [
+        torch.ones(rows, width) if a.dim() == 2 else torch.ones(rows, dtype=torch.float64)
+        for a in args
+    ]
+
+
+_COMPARE = _Kernel(_compare, 4, _rows_probe)
+_REFERENCE = _Kernel(_reference, 1, _rows_probe)  # type: ignore[arg-type]
 _SWAP = {  # (random, count changed) -> kernel
     (False, False): _Kernel(_swap_magnitude, 2),
     (False, True): _Kernel(_swap_magnitude_changed, 2),
@@ -599,6 +611,9 @@ def compare_rows(
         if not x.is_contiguous():
             return None
     if mass.shape != (n,) or mass.device.type != "cpu":
+        return None
+    storages = {x.untyped_storage().data_ptr() for x in (a, b, p, mass)}
+    if len(storages) < 4:  # aliased inputs (logits compared with themselves): one more guard
         return None
     return _COMPARE(a, b, p, mass)
 

@@ -326,3 +326,34 @@ def test_overflowing_squares_are_still_finite_rows():
     r = LogitsReference(a).compare(b)
     assert r["nonfinite_rows"] == 0
     assert r["top1_agree"] == _reference(a, b)["top1_agree"]
+
+
+def test_identical_rows_give_cosine_one_when_only_the_reference_was_compiled(_both_paths):
+    # a non-contiguous other side is compared eagerly against a compiled reference
+    a = _pair(8, 1000, 0.1)[0]
+    other = torch.cat([a, torch.zeros(8, 5)], dim=1)[:, :1000]
+    r = LogitsReference(a).compare(other)
+    assert r["cosine"] == 1.0 and r["kl"] == 0.0 and r["top1_agree"] == 1.0
+    same = LogitsReference(a).compare(a)  # aliased: declined by the kernel, exact either way
+    assert same["cosine"] == 1.0 and same["kl"] == 0.0
+
+
+def test_row_kernels_compile_once_per_side_of_the_wide_row_limit(_both_paths):
+    """Dynamo's graphs of each row kernel never outnumber the signatures it counts (a graph
+    the count missed would bring its recompile limit, which turns every kernel off, closer)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from grail.trainer.analysis import kernels
+
+    if _both_paths != "fused":
+        pytest.skip("compiled path only")
+    for v in (100, 5000, 32_000, 3000, 151_936):
+        a, b = _pair(4, v, 0.1)
+        _assert_close(LogitsReference(a).compare(b), _reference(a, b))
+    assert kernels.disabled_reason() is None
+    for kernel, fn in (
+        (kernels._REFERENCE, kernels._reference),
+        (kernels._COMPARE, kernels._compare),
+    ):
+        assert len(_debug_get_cache_entry_list(fn.__code__)) <= len(kernel._signatures)
+        assert {key[-1] for key in kernel._signatures} == {False, True}  # both sides compiled
