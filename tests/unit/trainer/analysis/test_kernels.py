@@ -286,14 +286,15 @@ def test_infinite_threshold_counts_only_finite_entries() -> None:
     from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
 
     model = torch.nn.Linear(100, 1000, bias=False)
-    grad = torch.randn(1000, 100)
+    grad = torch.randn(1000, 100, generator=torch.Generator().manual_seed(0))
     grad[0, :3] = math.inf
     model.weight.grad = grad
     ctx = AnalysisContext(model=model)
     fused = GradientSparsityMetrics(thresholds=[0.0, math.inf], fused=True).compute(context=ctx)
     eager = GradientSparsityMetrics(thresholds=[0.0, math.inf], fused=False).compute(context=ctx)
     assert fused["gradient/sparsity_at_inf"] == eager["gradient/sparsity_at_inf"] == 1 - 3e-5
-    assert fused == pytest.approx(eager, rel=1e-6)
+    # the mean is a cancelling sum: the eager path's float32 chunk sums carry ~1e-6 of it
+    assert fused == pytest.approx(eager, rel=1e-5)
 
 
 def test_grad_and_inference_modes_use_the_kernels() -> None:
