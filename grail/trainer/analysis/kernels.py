@@ -112,38 +112,43 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
 # --- kernels (traced by torch.compile; plain torch code) ---------------------------------------
 # Constants (thresholds, Adam's scale and shift) come packed in one small float32 tensor of static
 # size per call: every tensor argument costs guard checks on each call.
+def _sums(x: torch.Tensor, ax: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+    """``[sum, sum_sq, sum_abs, le(t)...]`` of float32 ``x`` (``ax = |x|``), all finite."""
+    xd = x.double()
+    return [
+        xd.sum(),
+        (xd * xd).sum(),
+        xd.abs().sum(),
+        *(_count(ax <= t[i]) for i in range(t.shape[0])),
+    ]
+
+
+def _finite_sums(x: torch.Tensor, ax: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+    """``[count, sum, sum_sq, sum_abs, le(t)...]`` over the finite entries of float32 ``x``."""
+    finite = ax < math.inf  # False for NaN and +-inf
+    xd = torch.where(finite, x, 0.0).double()
+    return [
+        _count(finite),
+        xd.sum(),
+        (xd * xd).sum(),
+        xd.abs().sum(),
+        *(_count(finite & (ax <= t[i])) for i in range(t.shape[0])),
+    ]
+
+
 def _moments_fast(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``[sum, sum_sq, sum_abs, le(t)..., max_abs]``, valid when every value is finite."""
     x = x.float()
     ax = x.abs()
-    xd = x.double()
-    return torch.stack(
-        [
-            xd.sum(),
-            (xd * xd).sum(),
-            xd.abs().sum(),
-            *(_count(ax <= t[i]) for i in range(t.shape[0])),
-            ax.amax().double(),
-        ]
-    )
+    return torch.stack([*_sums(x, ax, t), ax.amax().double()])
 
 
 def _moments_masked(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``[count, sum, sum_sq, sum_abs, le(t)..., max_abs]`` over the finite values."""
     x = x.float()
     ax = x.abs()
-    finite = ax < math.inf  # False for NaN and +-inf
-    xd = torch.where(finite, x, 0.0).double()
-    return torch.stack(
-        [
-            _count(finite),
-            xd.sum(),
-            (xd * xd).sum(),
-            xd.abs().sum(),
-            *(_count(finite & (ax <= t[i])) for i in range(t.shape[0])),
-            torch.where(finite, ax, -math.inf).amax().double(),
-        ]
-    )
+    max_abs = torch.where(ax < math.inf, ax, -math.inf).amax().double()
+    return torch.stack([*_finite_sums(x, ax, t), max_abs])
 
 
 def adam_u(m: torch.Tensor, v: torch.Tensor, scale: Any, shift: Any) -> torch.Tensor:
@@ -240,18 +245,8 @@ def _change_fast(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> torch
     """``[sum, sum_sq, sum_abs, le(t)..., max, min, old_sq, bf16_same, flips]`` of
     ``d = float32(new) - float32(old)``, valid when every ``d`` is finite."""
     d = new.float() - old.float()
-    ad, dd = d.abs(), d.double()
-    return torch.stack(
-        [
-            dd.sum(),
-            (dd * dd).sum(),
-            dd.abs().sum(),
-            *(_count(ad <= t[i]) for i in range(t.shape[0])),
-            d.amax().double(),
-            d.amin().double(),
-            *_change_counts(new, old),
-        ]
-    )
+    extremes = [d.amax().double(), d.amin().double()]
+    return torch.stack([*_sums(d, d.abs(), t), *extremes, *_change_counts(new, old)])
 
 
 def _change_masked(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -260,19 +255,11 @@ def _change_masked(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> tor
     d = new.float() - old.float()
     ad = d.abs()
     finite = ad < math.inf
-    dd = torch.where(finite, d, 0.0).double()
-    return torch.stack(
-        [
-            _count(finite),
-            dd.sum(),
-            (dd * dd).sum(),
-            dd.abs().sum(),
-            *(_count(finite & (ad <= t[i])) for i in range(t.shape[0])),
-            torch.where(finite, d, -math.inf).amax().double(),
-            torch.where(finite, d, math.inf).amin().double(),
-            *_change_counts(new, old),
-        ]
-    )
+    extremes = [
+        torch.where(finite, d, -math.inf).amax().double(),
+        torch.where(finite, d, math.inf).amin().double(),
+    ]
+    return torch.stack([*_finite_sums(d, ad, t), *extremes, *_change_counts(new, old)])
 
 
 # The select swap of SelectPatch (see select_swap). t = [threshold before, threshold after]
