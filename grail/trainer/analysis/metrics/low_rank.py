@@ -302,7 +302,7 @@ class LowRankMetrics(MetricComputer):
         drops = exact_budget_drops(view, budgets)
         with analysis_mode(model):
             # compiled comparisons for models large enough to repay compiling them
-            fused = self.fused and kernels.worth_it(sum(s.numel() for s in delta.new.data.values()))
+            fused = self.fused and kernels.worth_it(delta.numel())
             reference = shared_reference(
                 context, delta, self.max_tokens, self.output_fn,
                 lambda: self._forward(model, prepared), fused=fused,

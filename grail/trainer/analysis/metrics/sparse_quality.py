@@ -196,7 +196,7 @@ class SparseQualityMetrics(MetricComputer):
         seed = mix_seed(self.seed, context.step)
         # compiled swaps and comparisons (kernels.select_swap, kernels.compare_rows) for models
         # large enough to repay compiling them
-        fused = self.fused and kernels.worth_it(sum(delta.new.data[n].numel() for n in delta.names))
+        fused = self.fused and kernels.worth_it(delta.numel())
         out: dict[str, float] = {}
         with analysis_mode(model):
             comparisons = Comparisons(self._reference(context, model, prepared, delta, fused))
