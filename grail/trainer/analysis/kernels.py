@@ -653,7 +653,95 @@ class _Pool:
         return tuple(torch.cat(ts) for ts in zip(*parts, strict=True))
 
 
-class MomentsBatch:
+class _Batch:
+    """What the batches share: one row per kernel call, kept with the call's arguments for the
+    rare masked rerun; small tensors queued per pool key and computed in one call, large ones
+    in equal slices (all or nothing). Pool keys are ``(groups, meta, ...)``; a subclass names
+    its kernels (looked up when called: module globals) and the constants of a pooled call,
+    and lays out its rows."""
+
+    def __init__(self, min_numel: int | None) -> None:
+        self._min = MIN_NUMEL if min_numel is None else min_numel
+        self._raw: list[torch.Tensor] = []
+        self._inputs: list[tuple[torch.Tensor, ...]] = []  # each row's kernel arguments
+        self._groups: list[Groups] = []
+        self._meta: list[Any] = []
+        self._pool = _Pool()
+
+    def _fast(self) -> tuple[_Kernel, Callable[..., torch.Tensor]]:
+        """The kernel that assumes finite values, and its plain function."""
+        raise NotImplementedError
+
+    def _masked(self) -> tuple[_Kernel, Callable[..., torch.Tensor]]:
+        """The kernel that masks non-finite values, and its plain function."""
+        raise NotImplementedError
+
+    def _consts(self, pool_key: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        """The packed constants of a pooled call."""
+        raise NotImplementedError
+
+    def _push(
+        self, raw: torch.Tensor, args: tuple[torch.Tensor, ...], key: Groups, meta: Any
+    ) -> None:
+        self._raw.append(raw)
+        self._inputs.append(args)
+        self._groups.append(key)
+        self._meta.append(meta)
+
+    def _take(
+        self,
+        data: tuple[torch.Tensor, ...],
+        consts: tuple[torch.Tensor, ...],
+        pool_key: tuple[Any, ...],
+    ) -> bool:
+        """Pool ``data`` (small) or compute it now (large); ``False``: the caller goes eager."""
+        kernel = self._fast()[0]
+        n = data[0].numel()
+        if n < POOL_NUMEL:
+            if not kernel.ready(*data, *consts):
+                return False
+            if self._pool.put(pool_key, data):
+                self._flush(pool_key)
+            return True
+        outs = []
+        for sl in _slices(n):
+            args = (*(a[sl] for a in data), *consts)
+            out = kernel(*args)
+            if out is None:
+                return False
+            outs.append((out, args))
+        for out, args in outs:  # only once every slice succeeded
+            self._push(out, args, pool_key[0], pool_key[1])
+        return True
+
+    def _flush(self, pool_key: tuple[Any, ...]) -> None:
+        kernel, fn = self._fast()
+        args = (*self._pool.take(pool_key), *self._consts(pool_key))
+        out = kernel(*args)
+        if out is None:  # the compiler failed after accepting: the same code, eager
+            out = fn(*args)
+        self._push(out, args, pool_key[0], pool_key[1])
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every pool flushed: the rows stacked and each row's entry count, or ``None``."""
+        for pool_key in list(self._pool.parts):
+            self._flush(pool_key)
+        if not self._raw:
+            return None
+        counts = torch.tensor([a[0].numel() for a in self._inputs], dtype=torch.float64)
+        return torch.stack(self._raw), counts
+
+    def _reruns(self, raw: torch.Tensor, sums: int) -> list[tuple[int, torch.Tensor]]:
+        """``(row, masked row)`` for the rows whose first ``sums`` columns are not finite."""
+        kernel, fn = self._masked()
+        out = []
+        for i in (~torch.isfinite(raw[:, :sums]).all(1)).nonzero().flatten().tolist():
+            masked = kernel(*self._inputs[i])
+            out.append((i, fn(*self._inputs[i]) if masked is None else masked))
+        return out
+
+
+class MomentsBatch(_Batch):
     """Moments of whole 1-D tensors through the compiled kernels, one row per tensor.
 
     Each row feeds the groups given with its tensor. Tensors below :data:`POOL_NUMEL` entries
@@ -668,80 +756,53 @@ class MomentsBatch:
     """
 
     def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
-        self._min = MIN_NUMEL if min_numel is None else min_numel
+        super().__init__(min_numel)
         self.thresholds = constants(thresholds_f32)
-        self._raw: list[torch.Tensor] = []
-        self._inputs: list[torch.Tensor] = []
-        self._groups: list[Groups] = []
-        self._pool = _Pool()
+
+    def _fast(self) -> tuple[_Kernel, Callable[..., torch.Tensor]]:
+        return _MOMENTS_FAST, _moments_fast
+
+    def _masked(self) -> tuple[_Kernel, Callable[..., torch.Tensor]]:
+        return _MOMENTS_MASKED, _moments_masked
+
+    def _consts(self, pool_key: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        return (self.thresholds,)
 
     def add(self, x: torch.Tensor, groups: Sequence[int], raw: torch.Tensor | None = None) -> bool:
         """Take ``x`` (its rows feed ``groups``); ``False`` means the caller must go eager.
         ``raw`` is the fast kernel's row when :func:`joint_rows` already computed it."""
         if raw is not None:  # from joint_rows, which checked the inputs
-            self._push(raw, x.detach(), tuple(groups))
+            self._push(raw, (x.detach(), self.thresholds), tuple(groups), None)
             return True
         if not _usable(self._min, x):
             return False
-        x, key = x.detach(), tuple(groups)
-        if x.numel() < POOL_NUMEL:
-            if _MOMENTS_FAST.ready(x, self.thresholds) is False:
-                return False
-            if self._pool.put((key, x.dtype), (x,)):
-                self._flush((key, x.dtype))
-            return True
-        outs = []
-        for sl in _slices(x.numel()):
-            out = _MOMENTS_FAST(x[sl], self.thresholds)
-            if out is None:
-                return False
-            outs.append((out, x[sl]))
-        for out, part in outs:  # only once every slice succeeded
-            self._push(out, part, key)
-        return True
-
-    def _push(self, raw: torch.Tensor, x: torch.Tensor, key: Groups) -> None:
-        self._raw.append(raw)
-        self._inputs.append(x)
-        self._groups.append(key)
-
-    def _flush(self, pool_key: tuple[Any, ...]) -> None:
-        (x,) = self._pool.take(pool_key)
-        out = _MOMENTS_FAST(x, self.thresholds)
-        if out is None:  # the compiler failed after accepting: the same code, eager
-            out = _moments_fast(x, self.thresholds)
-        self._push(out, x, pool_key[0])
+        x = x.detach()
+        return self._take((x,), (self.thresholds,), (tuple(groups), None, x.dtype))
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, list[Groups]]:
         """``(sums, maxes, groups)``: float64 ``(P, 5 + T)`` and ``(P, 3)`` and the groups of
         each of the ``P`` rows. Of the maxima only ``max |x|`` is computed (``-inf`` where no
         value was finite); ``max`` and ``-min`` are NaN."""
-        for key in list(self._pool.parts):
-            self._flush(key)
         nt = self.thresholds.numel()
+        stacked = self._stacked()
         p = len(self._raw)
         sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
         maxes = torch.full((p, 3), math.nan, dtype=torch.float64)
-        if not p:
+        if stacked is None:
             return sums, maxes, []
-        raw = torch.stack(self._raw)  # sum, sum_sq, sum_abs, le(t)..., max_abs
-        sums[:, 0] = torch.tensor([x.numel() for x in self._inputs], dtype=torch.float64)
+        raw, sums[:, 0] = stacked  # raw: sum, sum_sq, sum_abs, le(t)..., max_abs
         sums[:, 1:4] = raw[:, :3]
         sums[:, 5:] = raw[:, 3 : 3 + nt]
         maxes[:, 0] = raw[:, 3 + nt]
-        for i in (~torch.isfinite(raw[:, :3]).all(1)).nonzero().flatten().tolist():
-            x = self._inputs[i]
-            masked = _MOMENTS_MASKED(x, self.thresholds)
-            if masked is None:  # the compiler failed on it: the same code, eager
-                masked = _moments_masked(x, self.thresholds)
+        for i, masked in self._reruns(raw, 3):
+            sums[i, 4] = sums[i, 0] - masked[0]
             sums[i, :4] = masked[:4]
-            sums[i, 4] = x.numel() - masked[0]
             sums[i, 5:] = masked[4 : 4 + nt]
             maxes[i, 0] = masked[4 + nt]
         return sums, maxes, list(self._groups)
 
 
-class AdamBatch:
+class AdamBatch(_Batch):
     """Statistics of Adam's normalised update through the compiled kernels, one row per tensor.
 
     Groups, pooling of small tensors (same groups, constants, sign, lr and dtypes), slices and
@@ -753,14 +814,9 @@ class AdamBatch:
     """
 
     def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
-        self._min = MIN_NUMEL if min_numel is None else min_numel
+        super().__init__(min_numel)
         self._t = [float(t) for t in thresholds_f32]
         self._constants: dict[tuple[float, float], torch.Tensor] = {}
-        self._raw: list[torch.Tensor] = []
-        self._inputs: list[tuple[torch.Tensor, ...]] = []
-        self._factors: list[tuple[float, float]] = []
-        self._groups: list[Groups] = []
-        self._pool = _Pool()
 
     @property
     def n_thresholds(self) -> int:
@@ -772,6 +828,15 @@ class AdamBatch:
         if c is None:
             c = self._constants[(scale, shift)] = constants([scale, shift, *self._t])
         return c
+
+    def _fast(self) -> tuple[_Kernel, Callable[..., torch.Tensor]]:
+        return _ADAM_FAST, _adam_fast
+
+    def _masked(self) -> tuple[_Kernel, Callable[..., torch.Tensor]]:
+        return _ADAM_MASKED, _adam_masked
+
+    def _consts(self, pool_key: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        return (self.constants(pool_key[2], pool_key[3]),)
 
     def add(
         self,
@@ -791,89 +856,47 @@ class AdamBatch:
         the constants of :func:`adam_u`; the rows feed ``groups``. ``False`` means the caller
         must go eager. ``raw`` is the fast kernel's row when :func:`joint_rows` computed it."""
         data = tuple(a.detach() for a in (m, v, g, w))
+        factors = (sign, lr * lr)
         if raw is not None:  # from joint_rows, which checked the inputs
-            c = self.constants(scale, shift)
-            self._push(raw, (*data, c), tuple(groups), (sign, lr * lr))
+            self._push(raw, (*data, self.constants(scale, shift)), tuple(groups), factors)
             return True
         if not _usable(self._min, m, v, g, w) or not _floats(scale, shift):
             return False
-        c, key, factors = self.constants(scale, shift), tuple(groups), (sign, lr * lr)
-        if m.numel() < POOL_NUMEL:
-            if _ADAM_FAST.ready(*data, c) is False:
-                return False
-            pool_key = (key, scale, shift, factors, *(a.dtype for a in data))
-            if self._pool.put(pool_key, data):
-                self._flush(pool_key)
-            return True
-        outs = []
-        for sl in _slices(m.numel()):
-            args = (*(a[sl] for a in data), c)
-            out = _ADAM_FAST(*args)
-            if out is None:
-                return False
-            outs.append((out, args))
-        for out, args in outs:  # only once every slice succeeded
-            self._push(out, args, key, factors)
-        return True
-
-    def _push(
-        self,
-        raw: torch.Tensor,
-        args: tuple[torch.Tensor, ...],
-        key: Groups,
-        factors: tuple[float, float],
-    ) -> None:
-        self._raw.append(raw)
-        self._inputs.append(args)
-        self._groups.append(key)
-        self._factors.append(factors)
-
-    def _flush(self, pool_key: tuple[Any, ...]) -> None:
-        key, scale, shift, factors = pool_key[:4]
-        args = (*self._pool.take(pool_key), self.constants(scale, shift))
-        out = _ADAM_FAST(*args)
-        if out is None:  # the compiler failed after accepting: the same code, eager
-            out = _adam_fast(*args)
-        self._push(out, args, key, factors)
+        pool_key = (tuple(groups), factors, scale, shift, *(a.dtype for a in data))
+        return self._take(data, (self.constants(scale, shift),), pool_key)
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Groups]]:
         """``(sums, maxes, extras, groups)`` for the ``P`` rows added: float64 ``(P, 5 + T)``,
         ``(P, 3)`` and ``(P, 4)`` of ``[sum sign(g) sign(m), non-zero pairs, sum w^2,
         lr^2 sum u^2]``, and each row's groups. Adam's statistics use neither the signed sum
         of u nor its extremes: those are NaN."""
-        for pool_key in list(self._pool.parts):
-            self._flush(pool_key)
         nt = self.n_thresholds
+        stacked = self._stacked()
         p = len(self._raw)
         sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
         maxes = torch.full((p, 3), math.nan, dtype=torch.float64)
-        if not p:
+        if stacked is None:
             return sums, maxes, torch.zeros(0, 4, dtype=torch.float64), []
-        raw = torch.stack(self._raw)  # sum_sq, sum_abs, w_sq, le(t)..., agree, pairs
-        sums[:, 0] = torch.tensor([a[0].numel() for a in self._inputs], dtype=torch.float64)
+        raw, sums[:, 0] = stacked  # raw: sum_sq, sum_abs, w_sq, le(t)..., agree, pairs
         sums[:, 1] = math.nan
         sums[:, 2:4] = raw[:, :2]
         sums[:, 5:] = raw[:, 3 : 3 + nt]
         pair = raw[:, 3 + nt :].clone()
         w_sq = raw[:, 2].clone()
-        for i in (~torch.isfinite(raw[:, :2]).all(1)).nonzero().flatten().tolist():
-            args = self._inputs[i]
-            masked = _ADAM_MASKED(*args)
-            if masked is None:  # the compiler failed on it: the same code, eager
-                masked = _adam_masked(*args)
+        for i, masked in self._reruns(raw, 2):
+            sums[i, 4] = sums[i, 0] - masked[0]
             sums[i, 0] = masked[0]
             sums[i, 2:4] = masked[1:3]
-            sums[i, 4] = args[0].numel() - masked[0]
             sums[i, 5:] = masked[4 : 4 + nt]
             w_sq[i] = masked[3]
             pair[i] = masked[4 + nt :]
-        sign, lr_sq = torch.tensor(self._factors, dtype=torch.float64).unbind(1)
+        sign, lr_sq = torch.tensor(self._meta, dtype=torch.float64).unbind(1)
         agree, pairs = pair.unbind(1)
         extras = torch.stack([(2 * agree - pairs) * sign, pairs, w_sq, sums[:, 2] * lr_sq], dim=1)
         return sums, maxes, extras, list(self._groups)
 
 
-class ChangeBatch:
+class ChangeBatch(_Batch):
     """Parameter-change statistics of ``(new, old)`` pairs through the compiled kernels.
 
     ``d = float32(new) - float32(old)`` for parameters stored in the same float32, bfloat16 or
@@ -891,14 +914,18 @@ class ChangeBatch:
     _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
     def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
-        self._min = MIN_NUMEL if min_numel is None else min_numel
+        super().__init__(min_numel)
         self.thresholds = constants(thresholds_f32)
         self._zero = list(thresholds_f32).index(0.0)
-        self._raw: list[torch.Tensor] = []
-        self._inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._groups: list[Groups] = []
-        self._bf16_param: list[bool] = []
-        self._pool = _Pool()
+
+    def _fast(self) -> tuple[_Kernel, Callable[..., torch.Tensor]]:
+        return _CHANGE_FAST, _change_fast
+
+    def _masked(self) -> tuple[_Kernel, Callable[..., torch.Tensor]]:
+        return _CHANGE_MASKED, _change_masked
+
+    def _consts(self, pool_key: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        return (self.thresholds,)
 
     def add(
         self, new: torch.Tensor, old: torch.Tensor, groups: Sequence[int], bf16_param: bool = False
@@ -910,73 +937,33 @@ class ChangeBatch:
             return False
         if not _usable(self._min, new, old):
             return False
-        new, old, key = new.detach(), old.detach(), tuple(groups)
         bf16_param = bf16_param or new.dtype == torch.bfloat16  # (its kernel skips the count)
-        if new.numel() < POOL_NUMEL:
-            if _CHANGE_FAST.ready(new, old, self.thresholds) is False:
-                return False
-            pool_key = (key, new.dtype, bf16_param)
-            if self._pool.put(pool_key, (new, old)):
-                self._flush(pool_key)
-            return True
-        outs = []
-        for sl in _slices(new.numel()):
-            out = _CHANGE_FAST(new[sl], old[sl], self.thresholds)
-            if out is None:
-                return False
-            outs.append((out, (new[sl], old[sl])))
-        for out, pair in outs:  # only once every slice succeeded
-            self._push(out, pair, key, bf16_param)
-        return True
-
-    def _push(
-        self,
-        raw: torch.Tensor,
-        pair: tuple[torch.Tensor, torch.Tensor],
-        key: Groups,
-        bf16_param: bool,
-    ) -> None:
-        self._bf16_param.append(bf16_param)
-        self._raw.append(raw)
-        self._inputs.append(pair)
-        self._groups.append(key)
-
-    def _flush(self, pool_key: tuple[Any, ...]) -> None:
-        new, old = self._pool.take(pool_key)
-        out = _CHANGE_FAST(new, old, self.thresholds)
-        if out is None:  # the compiler failed after accepting: the same code, eager
-            out = _change_fast(new, old, self.thresholds)
-        self._push(out, (new, old), pool_key[0], pool_key[2])
+        pool_key = (tuple(groups), bf16_param, new.dtype)
+        return self._take((new.detach(), old.detach()), (self.thresholds,), pool_key)
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Groups]]:
         """``(sums, maxes, extras, groups)``: float64 ``(P, 5 + T)``, ``(P, 3)``, ``(P, 4)``
         and the groups of each of the ``P`` rows."""
-        for key in list(self._pool.parts):
-            self._flush(key)
         nt = self.thresholds.numel()
+        stacked = self._stacked()
         p = len(self._raw)
         sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
         extras = torch.zeros(p, 4, dtype=torch.float64)
-        if not p:
+        if stacked is None:
             return sums, torch.zeros(0, 3, dtype=torch.float64), extras, []
-        raw = torch.stack(self._raw)  # sum, sum_sq, sum_abs, le(t)..., max, min, 3 extras
-        sums[:, 0] = torch.tensor([a[0].numel() for a in self._inputs], dtype=torch.float64)
+        raw, sums[:, 0] = stacked  # raw: sum, sum_sq, sum_abs, le(t)..., max, min, 3 extras
         sums[:, 1:4] = raw[:, :3]
         sums[:, 5:] = raw[:, 3 : 3 + nt]
         hi, lo = raw[:, 3 + nt].clone(), raw[:, 4 + nt].clone()
         tail = raw[:, 5 + nt :].clone()  # old_sq, bf16 same, flips
-        for i in (~torch.isfinite(raw[:, :3]).all(1)).nonzero().flatten().tolist():
-            new, old = self._inputs[i]
-            masked = _CHANGE_MASKED(new, old, self.thresholds)
-            if masked is None:  # the compiler failed on it: the same code, eager
-                masked = _change_masked(new, old, self.thresholds)
+        for i, masked in self._reruns(raw, 3):
+            sums[i, 4] = sums[i, 0] - masked[0]
             sums[i, :4] = masked[:4]
-            sums[i, 4] = new.numel() - masked[0]
             sums[i, 5:] = masked[4 : 4 + nt]
             hi[i], lo[i] = masked[4 + nt], masked[5 + nt]
             tail[i] = masked[6 + nt :]
         maxes = torch.stack([torch.maximum(hi, -lo), hi, -lo], dim=1)
-        bf16_params = torch.tensor(self._bf16_param, dtype=torch.bool)
+        bf16_params = torch.tensor(self._meta, dtype=torch.bool)
         exact = sums[:, 5 + self._zero]  # lossless: |d| <= 0 iff the stored values are equal
         extras[:, 0] = tail[:, 0]
         extras[:, 1] = exact
