@@ -656,9 +656,9 @@ class _Pool:
 class _Batch:
     """What the batches share: one row per kernel call, kept with the call's arguments for the
     rare masked rerun; small tensors queued per pool key and computed in one call, large ones
-    in equal slices (all or nothing). Pool keys are ``(groups, meta, ...)``; a subclass names
-    its kernels (looked up when called: module globals) and the constants of a pooled call,
-    and lays out its rows."""
+    in equal slices (all or nothing). Pool keys are ``(groups, meta, ...)`` (``meta``: what a
+    row carries besides its groups); a subclass names its kernels (looked up when called: module
+    globals), derives the constants of a call from its pool key, and lays out its rows."""
 
     def __init__(self, min_numel: int | None) -> None:
         self._min = MIN_NUMEL if min_numel is None else min_numel
@@ -677,7 +677,7 @@ class _Batch:
         raise NotImplementedError
 
     def _consts(self, pool_key: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
-        """The packed constants of a pooled call."""
+        """The packed constants of the calls for ``pool_key``."""
         raise NotImplementedError
 
     def _push(
@@ -688,14 +688,9 @@ class _Batch:
         self._groups.append(key)
         self._meta.append(meta)
 
-    def _take(
-        self,
-        data: tuple[torch.Tensor, ...],
-        consts: tuple[torch.Tensor, ...],
-        pool_key: tuple[Any, ...],
-    ) -> bool:
+    def _take(self, data: tuple[torch.Tensor, ...], pool_key: tuple[Any, ...]) -> bool:
         """Pool ``data`` (small) or compute it now (large); ``False``: the caller goes eager."""
-        kernel = self._fast()[0]
+        kernel, consts = self._fast()[0], self._consts(pool_key)
         n = data[0].numel()
         if n < POOL_NUMEL:
             if not kernel.ready(*data, *consts):
@@ -777,7 +772,7 @@ class MomentsBatch(_Batch):
         if not _usable(self._min, x):
             return False
         x = x.detach()
-        return self._take((x,), (self.thresholds,), (tuple(groups), None, x.dtype))
+        return self._take((x,), (tuple(groups), None, x.dtype))
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, list[Groups]]:
         """``(sums, maxes, groups)``: float64 ``(P, 5 + T)`` and ``(P, 3)`` and the groups of
@@ -790,7 +785,8 @@ class MomentsBatch(_Batch):
         maxes = torch.full((p, 3), math.nan, dtype=torch.float64)
         if stacked is None:
             return sums, maxes, []
-        raw, sums[:, 0] = stacked  # raw: sum, sum_sq, sum_abs, le(t)..., max_abs
+        raw, counts = stacked  # raw: sum, sum_sq, sum_abs, le(t)..., max_abs
+        sums[:, 0] = counts
         sums[:, 1:4] = raw[:, :3]
         sums[:, 5:] = raw[:, 3 : 3 + nt]
         maxes[:, 0] = raw[:, 3 + nt]
@@ -863,7 +859,7 @@ class AdamBatch(_Batch):
         if not _usable(self._min, m, v, g, w) or not _floats(scale, shift):
             return False
         pool_key = (tuple(groups), factors, scale, shift, *(a.dtype for a in data))
-        return self._take(data, (self.constants(scale, shift),), pool_key)
+        return self._take(data, pool_key)
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Groups]]:
         """``(sums, maxes, extras, groups)`` for the ``P`` rows added: float64 ``(P, 5 + T)``,
@@ -877,14 +873,15 @@ class AdamBatch(_Batch):
         maxes = torch.full((p, 3), math.nan, dtype=torch.float64)
         if stacked is None:
             return sums, maxes, torch.zeros(0, 4, dtype=torch.float64), []
-        raw, sums[:, 0] = stacked  # raw: sum_sq, sum_abs, w_sq, le(t)..., agree, pairs
+        raw, counts = stacked  # raw: sum_sq, sum_abs, w_sq, le(t)..., agree, pairs
+        sums[:, 0] = counts
         sums[:, 1] = math.nan
         sums[:, 2:4] = raw[:, :2]
         sums[:, 5:] = raw[:, 3 : 3 + nt]
         pair = raw[:, 3 + nt :].clone()
         w_sq = raw[:, 2].clone()
         for i, masked in self._reruns(raw, 2):
-            sums[i, 4] = sums[i, 0] - masked[0]
+            sums[i, 4] = sums[i, 0] - masked[0]  # from the entry count, before it is replaced
             sums[i, 0] = masked[0]
             sums[i, 2:4] = masked[1:3]
             sums[i, 5:] = masked[4 : 4 + nt]
@@ -939,7 +936,7 @@ class ChangeBatch(_Batch):
             return False
         bf16_param = bf16_param or new.dtype == torch.bfloat16  # (its kernel skips the count)
         pool_key = (tuple(groups), bf16_param, new.dtype)
-        return self._take((new.detach(), old.detach()), (self.thresholds,), pool_key)
+        return self._take((new.detach(), old.detach()), pool_key)
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Groups]]:
         """``(sums, maxes, extras, groups)``: float64 ``(P, 5 + T)``, ``(P, 3)``, ``(P, 4)``
@@ -951,7 +948,8 @@ class ChangeBatch(_Batch):
         extras = torch.zeros(p, 4, dtype=torch.float64)
         if stacked is None:
             return sums, torch.zeros(0, 3, dtype=torch.float64), extras, []
-        raw, sums[:, 0] = stacked  # raw: sum, sum_sq, sum_abs, le(t)..., max, min, 3 extras
+        raw, counts = stacked  # raw: sum, sum_sq, sum_abs, le(t)..., max, min, 3 extras
+        sums[:, 0] = counts
         sums[:, 1:4] = raw[:, :3]
         sums[:, 5:] = raw[:, 3 : 3 + nt]
         hi, lo = raw[:, 3 + nt].clone(), raw[:, 4 + nt].clone()
