@@ -560,8 +560,7 @@ def select_swap(
         nans = _NAN_COUNT(p, s)
         if nans is None or int(nans) > 0:
             return None
-    t = torch.tensor([before.threshold, after.threshold], dtype=torch.float32)
-    torch._dynamo.mark_static(t)
+    t = constants([before.threshold, after.threshold])
     seeds = {spec.seed for spec in (before, after) if spec.is_random}
     if not seeds:
         return _SWAP[False, count_changed](p, s, t)
