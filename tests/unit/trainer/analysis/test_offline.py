@@ -211,7 +211,8 @@ def test_non_floating_tensors_are_skipped_and_dtypes_compared_in_float32(tmp_pat
          "not a safetensors file"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no weights found"),
         (lambda p: (p / "g.pt").write_bytes(b"garbage" * 20) and p / "g.pt",
-         "cannot read .* as a torch checkpoint"),
+         r"g\.pt is not a torch checkpoint \(torch\.load failed: it is text starting "
+         r"'garbagegarbage"),
     ],
     ids=["missing", "suffix", "short-header", "bad-json", "empty-dir", "garbage-pt"],
 )
@@ -221,6 +222,42 @@ def test_unreadable_inputs_raise_one_line_errors(tmp_path, make, match):
     assert "\n" not in str(err.value)
 
 
+def _torch_zip(path):
+    torch.save({"w": torch.ones(64)}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (lambda p: b"hello, this is a text file\n" * 4,
+         r"torch\.load failed: it is text starting 'hello, this is a text file"),
+        (lambda p: b"", r"torch\.load failed: the file is empty\)$"),
+        (lambda p: bytes(range(7, 250)), r"torch\.load failed: it is neither a zip archive "
+                                          r"\(torch\.save\) nor a pickle"),
+        (lambda p: _torch_zip(p)[:200], r"torch\.load failed: .*zip archive.*truncated"),
+        (lambda p: (save_file({"w": torch.ones(2)}, p) or p.read_bytes()),
+         r"torch\.load failed: it is a safetensors file: rename it to \.safetensors\)$"),
+    ],
+    ids=["text", "empty", "binary", "truncated-zip", "safetensors"],
+)
+def test_a_pt_file_that_is_not_a_torch_checkpoint_says_what_it_is(tmp_path, content, match):
+    path = tmp_path / "w.pt"
+    path.write_bytes(content(tmp_path / "scratch"))
+    with pytest.raises(CheckpointError, match=r"w\.pt is not a torch checkpoint \(") as err:
+        open_checkpoint(path)
+    msg = str(err.value)
+    assert re.search(match, msg), msg
+    assert "\n" not in msg and "\x1b" not in msg and len(msg) < 300, msg
+
+
+def test_a_torch_file_named_safetensors_says_so(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match=r"w\.safetensors is not a safetensors file \(a "
+                       r"torch\.save zip archive: rename it to \.pt\)$"):
+        open_checkpoint(tmp_path / "w.safetensors")
+
+
 def test_index_with_missing_shard_and_module_pickle(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors.index.json").write_text(
@@ -228,8 +265,11 @@ def test_index_with_missing_shard_and_module_pickle(tmp_path):
     with pytest.raises(CheckpointError, match="missing shard files"):
         open_checkpoint(tmp_path / "m")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
-    with pytest.raises(CheckpointError, match=r"cannot read .*module\.pt"):
+    with pytest.raises(CheckpointError, match=r"module\.pt holds pickled Python objects, not only "
+                       r"tensors \(torch\.load\(weights_only=True\) refused .*Linear.*\); save "
+                       r"the model's state_dict\(\) instead") as err:
         open_checkpoint(tmp_path / "module.pt")
+    assert "\x1b" not in str(err.value) and len(str(err.value)) < 300
 
 
 def test_truncated_safetensors_fails_on_read(tmp_path):
