@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _out_dir(path: str) -> Path:
+    if not path:  # Path("") is the current directory: an unset shell variable, most likely
+        raise _Failure("--out is empty; give the directory to write to (e.g. --out report)")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise _Failure(f"--out {out} exists and is not a directory")
@@ -148,12 +150,14 @@ def _diff(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .report import render_run_report
     from .report_plots import require_matplotlib
-    from .runlog import read_run_log
+    from .runlog import has_values, read_run_log
 
     require_matplotlib()
     records = read_run_log(args.log)
     if not records:
         raise _Failure(f"{args.log} holds no measurements")
+    if not has_values(records):
+        raise _Failure(f"{args.log} holds {len(records)} records but no metric values")
     out = _out_dir(args.out)
     _write(out / "report.html", render_run_report(records, str(args.log)))
     sys.stdout.write(f"wrote {out / 'report.html'}\n")

@@ -139,6 +139,26 @@ def test_diff_with_prompts_equals_online_forward_metrics(tmp_path, capsys):
         assert torch.equal(p, before[n])
 
 
+def _one_line_error(rc: int, err: str, match: str) -> None:
+    assert rc == 1, err
+    assert err.count("\n") == 1 and err.startswith("grail-analysis: error: "), err
+    assert "Traceback" not in err and re.search(match, err), err
+
+
+def test_empty_out_is_an_error_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    x = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(2)}, x)
+    _write_run_log(tmp_path / "run.jsonl")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    for argv in (["diff", str(x), str(x), "--no-report", "--out", ""],
+                 ["plot", str(tmp_path / "run.jsonl"), "--out", ""]):
+        rc, out, err = _run(capsys, *argv)
+        _one_line_error(rc, err, "--out is empty")
+        assert out == ""
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("case", "match"),
     [
@@ -246,6 +266,27 @@ def test_plot_writes_a_report_of_the_run(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     rc, _, err = _run(capsys, "plot", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r"))
     assert rc == 1 and "no measurements" in err
+
+
+@pytest.mark.parametrize(
+    ("metrics", "match"),
+    [
+        ({}, r"holds 2 records but no metric values"),
+        ({"param_change/norm_l2": None}, r"holds 2 records but no metric values"),
+        ({"param_change/norm_l2": "big"}, r"record 1 has a non-numeric value for "
+                                          r"'param_change/norm_l2' \('big'\)"),
+        ({"a/b": {"c": 1}}, r"record 1 has a non-numeric value for 'a/b'"),
+    ],
+    ids=["empty-metrics", "only-null", "string", "dict"],
+)
+def test_plot_of_records_without_metric_values_is_an_error(tmp_path, capsys, metrics, match):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "run.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "time": 0.0, "metrics": metrics}) + "\n"
+                           for s in (1, 2)))
+    rc, out, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "r"))
+    _one_line_error(rc, err, match)
+    assert out == "" and not (tmp_path / "r" / "report.html").exists()
 
 
 @pytest.mark.slow

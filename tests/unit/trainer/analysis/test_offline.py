@@ -295,6 +295,9 @@ def test_run_log_reader(tmp_path):
     path.write_text(json.dumps({"step": "x", "metrics": {}}) + "\n")
     with pytest.raises(CheckpointError, match="record 1"):
         read_run_log(path)
+    path.write_text(lines[0] + "\n" + json.dumps({"step": 30, "metrics": {"a/b": [1]}}) + "\n")
+    with pytest.raises(CheckpointError, match=r"record 2 has a non-numeric value for 'a/b'"):
+        read_run_log(path)
     path.write_text("[1, 2]\n" + lines[0] + "\n")
     with pytest.raises(CheckpointError, match=re.escape("not {step, metrics} records")):
         read_run_log(path)
