@@ -327,3 +327,19 @@ def test_progress_counts_tensors_and_bytes_once(tmp_path):
     files = sum(f.stat().st_size for f in [*pair.base.files, *pair.tuned.files])
     assert progress.done_bytes == sum(2 * s.numel for s in pair.tuned.specs.values()) * 2
     assert 0.9 * files < progress.done_bytes <= files and seconds > 0
+
+
+def test_prompts_of_special_tokens_only_are_not_usable(tmp_path, caplog):
+    """A prompt that encodes to special tokens only carries no text: all such prompts are an
+    error (the attention mask alone is not empty), some of them a warning."""
+    pytest.importorskip("tokenizers")
+    from grail.trainer.analysis.offline_quality import prompt_batch
+
+    _, _, _, tdir = save_pair(tmp_path, with_tokenizer=True)
+    with pytest.raises(CheckpointError, match="has no usable tokenizer: the prompts encode to no "
+                       "tokens"):
+        prompt_batch(tdir, ["<|endoftext|>", "<|endoftext|><|endoftext|>"], 64)
+    with caplog.at_level("WARNING"):
+        batch = prompt_batch(tdir, ["the cat", "<|endoftext|>"], 64)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [2, 1]
+    assert "1 of 2 prompts encode to no tokens" in caplog.text
