@@ -135,8 +135,10 @@ def load_tokenizer(tuned: str | Path, tokenizer_dir: str | Path | None = None) -
 
 
 def _line(err: BaseException, limit: int = 200) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:limit]
+    """The message on one line (transformers spreads one sentence over several), shortened."""
+    text = " ".join(part.strip() for part in str(err).split("\n") if part.strip())
+    text = text or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def tokenize(tokenizer: Any, prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:

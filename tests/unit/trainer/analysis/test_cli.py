@@ -168,6 +168,10 @@ def test_prompts_need_a_usable_tokenizer(tmp_path, capsys, monkeypatch):
     _one_line_error(rc, err, rf"{re.escape(str(tdir))} has no usable tokenizer.*--tokenizer DIR")
     rc, _, err = _run(capsys, *args, "--tokenizer", str(tmp_path / "nope"))
     _one_line_error(rc, err, "--tokenizer .*nope does not exist")
+    (tmp_path / "empty").mkdir()
+    rc, _, err = _run(capsys, *args, "--tokenizer", str(tmp_path / "empty"))
+    _one_line_error(rc, err, r"cannot load a tokenizer from .*empty \(.+\); --tokenizer DIR must "
+                    "hold the model's tokenizer$")
     rc, _, err = _run(capsys, *args[:-2], "--tokenizer", str(tmp_path / "tok"))
     _one_line_error(rc, err, "--tokenizer needs --prompts")
     monkeypatch.setattr(offline_diff, "open_pair", real_open_pair)
