@@ -35,6 +35,7 @@ def read_run_log(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist or is not a file")
     try:
+        _check_first_line(path)
         records = read_jsonl(path)
     except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from None
@@ -44,6 +45,21 @@ def read_run_log(path: str | Path) -> list[dict[str, Any]]:
         msg = f"{path} holds lines that are not {{step, metrics}} records"
         raise CheckpointError(msg) from None
     return _checked(path, records)
+
+
+def _check_first_line(path: Path) -> None:
+    """A file whose first line is not a JSON object is not a run log.
+
+    ``read_jsonl`` skips an unparsable last line as cut off by a crash, so a one-line text file
+    would otherwise read as an empty log, with a misleading warning.
+    """
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                if not line.lstrip().startswith("{"):
+                    raise CheckpointError(f"{path} is not a JSON-lines run log (line {number} "
+                                          f"starts with {line.strip()[:20]!r}, not '{{')")
+                return
 
 
 def _checked(path: Path, records: list[Any]) -> list[dict[str, Any]]:

@@ -298,11 +298,24 @@ def test_run_log_reader(tmp_path):
     path.write_text(lines[0] + "\n" + json.dumps({"step": 30, "metrics": {"a/b": [1]}}) + "\n")
     with pytest.raises(CheckpointError, match=r"record 2 has a non-numeric value for 'a/b'"):
         read_run_log(path)
-    path.write_text("[1, 2]\n" + lines[0] + "\n")
+    path.write_text(lines[0] + "\n[1, 2]\n" + lines[1] + "\n")
     with pytest.raises(CheckpointError, match=re.escape("not {step, metrics} records")):
         read_run_log(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_run_log(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("text", ["hello world\n", "\n\ufeff" + '{"step": 1, "metrics": {}}\n'],
+                         ids=["text", "byte-order-mark"])
+def test_run_log_that_is_not_json_lines_says_so_without_a_warning(tmp_path, caplog, text):
+    """Not read as a log whose only line was cut off by a crash (a warning and "no
+    measurements")."""
+    path = tmp_path / "run.jsonl"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"run\.jsonl is not a JSON-lines run log \(line "
+                       r"\d starts with '.*', not '\{'\)$"):
+        read_run_log(path)
+    assert caplog.text == ""
 
 
 def test_pair_from_snapshots_of_models_matches_pairing(tmp_path):
