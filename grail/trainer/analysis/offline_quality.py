@@ -17,8 +17,8 @@ Decisions:
   masked out of every comparison.
 * A tokenizer is unusable when no prompt encodes to a token other than a special token:
   transformers builds a one-token tokenizer for a directory without tokenizer files instead of
-  raising, and the forward-pass metrics would then silently be missing. Prompts of a usable
-  tokenizer that encode to nothing are left out with a warning. Token ids outside the model's
+  raising, and the forward-pass metrics would then silently be missing. Some prompts that encode
+  to nothing under an otherwise usable tokenizer only draw a warning. Token ids outside the model's
   embedding are an error too (checked against ``vocab_size`` of ``config.json`` before the stream
   and against the loaded model's input embedding after it).
 * Each BASE tensor is stored in the wider of its own and the model's dtype, so the snapshot is
@@ -52,6 +52,7 @@ from .primitives import ParameterSnapshot, collect_parameters
 
 __all__ = [
     "base_snapshot",
+    "check_model_dir",
     "check_token_ids",
     "load_model",
     "load_tokenizer",
