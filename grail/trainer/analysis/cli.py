@@ -6,7 +6,10 @@
 with ``JsonlSink``.
 
 Bad input ends with one line on stderr and exit status 1 (2 for a malformed command line), never
-a traceback; ``--debug`` shows the traceback instead.
+a traceback; ``--debug`` shows the traceback instead. Beyond unreadable inputs this covers an
+empty ``--out`` (it would mean the current directory), a run log without any finite metric value
+(the report would be empty), and, with ``--prompts``, a tokenizer that encodes the prompts to
+nothing or to ids beyond the model's embedding (``--tokenizer DIR`` takes it from elsewhere).
 
 Example:
     >>> main(["diff", "no/such/dir", "no/such/other", "--out", "unused"])
@@ -57,7 +60,10 @@ def _add_diff(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     p.add_argument("--prompts", metavar="FILE",
                    help="one prompt per line: also measure sparse and low-rank output quality "
-                   "(TUNED must be a transformers directory with its tokenizer)")
+                   "(TUNED must be a transformers directory; its tokenizer encodes the prompts "
+                   "unless --tokenizer is given)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="directory of the tokenizer for --prompts, when TUNED has none")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 1e-8, 1e-6, 1e-4],
                    metavar="T", help="|dW| thresholds (default: 0 1e-8 1e-6 1e-4)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128],
@@ -100,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _out_dir(path: str) -> Path:
+    if not path:  # Path("") is the current directory: an unset shell variable, most likely
+        raise _Failure("--out is empty; give the directory to write to (e.g. --out report)")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise _Failure(f"--out {out} exists and is not a directory")
@@ -129,6 +137,7 @@ def _diff(args: argparse.Namespace) -> int:
         thresholds=args.thresholds, ranks=args.ranks, keep_ratios=args.keep_ratios,
         per_layer=args.per_layer, device=args.device, max_tokens=args.max_tokens,
         seed=args.seed, low_rank=args.low_rank, hash_files=args.hash_files,
+        tokenizer=args.tokenizer,
     )  # fmt: skip
     out = _out_dir(args.out)
     result = run_diff(opts)
@@ -148,12 +157,14 @@ def _diff(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .report import render_run_report
     from .report_plots import require_matplotlib
-    from .runlog import read_run_log
+    from .runlog import has_values, read_run_log
 
     require_matplotlib()
     records = read_run_log(args.log)
     if not records:
         raise _Failure(f"{args.log} holds no measurements")
+    if not has_values(records):
+        raise _Failure(f"{args.log} holds {len(records)} records but no metric values")
     out = _out_dir(args.out)
     _write(out / "report.html", render_run_report(records, str(args.log)))
     sys.stdout.write(f"wrote {out / 'report.html'}\n")

@@ -14,6 +14,10 @@ slower to unpickle, after :data:`RECYCLE_BYTES` have been read through it. Resid
 at a few tensors, not the file. Legacy (non-zip) ``torch.save`` files cannot be mapped and are
 loaded whole, with a note.
 
+A torch file that ``torch.load`` rejects is described by its first bytes (empty, text, a
+safetensors file under a torch suffix, a damaged zip archive or pickle) rather than by torch's
+message, which is several paragraphs long or, for text, a bare number.
+
 Example:
     >>> import os, tempfile, torch
     >>> from safetensors.torch import save_file
@@ -31,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +64,8 @@ _ST_DTYPES = {
     "U64": "uint64", "BOOL": "bool",
 }  # fmt: skip
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"  # first bytes of torch.save files (new, legacy)
 
 
 class CheckpointError(ValueError):
@@ -101,7 +108,9 @@ def _safetensors_header(path: Path) -> dict[str, TensorSpec]:
             raw = fh.read(8)
             size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
             if not 2 <= size <= 100 << 20:
-                raise CheckpointError(f"{path} is not a safetensors file (bad header size)")
+                what = "a torch.save zip archive: rename it to .pt" if raw.startswith(_ZIP) else (
+                    "bad header size")
+                raise CheckpointError(f"{path} is not a safetensors file ({what})")
             header = json.loads(fh.read(size))
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from err
@@ -126,14 +135,10 @@ def _torch_state(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from err
-    except RuntimeError as err:
-        if mmap and "mmap" in str(err):
-            raise  # legacy format: the caller falls back to a full load
-        msg = f"cannot read {path} as a torch checkpoint: {_first_line(err)}"
-        raise CheckpointError(msg) from None
     except Exception as err:  # unpickling errors have no common base class
-        msg = f"cannot read {path} as a torch checkpoint: {_first_line(err)}"
-        raise CheckpointError(msg) from None
+        if mmap and isinstance(err, RuntimeError) and "mmap" in str(err) and _looks_pickled(path):
+            raise  # legacy format: the caller falls back to a full load
+        raise CheckpointError(_not_torch(path, err)) from None
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping) and len(obj) == 1:
@@ -144,9 +149,52 @@ def _torch_state(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:
-    text = str(err).strip().splitlines()
+    text = _ANSI.sub("", str(err)).strip().splitlines()
     line = text[0] if text else type(err).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _head(path: Path, size: int = 64) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(size)
+    except OSError:
+        return b""
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A pickle (protocol 2+) as legacy ``torch.save`` writes; worth a full, unmapped load."""
+    return _head(path, 2)[:1] == _PICKLE
+
+
+def _not_torch(path: Path, err: BaseException) -> str:
+    """One line saying what ``path`` is instead of a torch checkpoint.
+
+    torch's own messages are several paragraphs, or a bare memo index ("101") when the pickle
+    reader meets text; the first bytes of the file usually say more.
+    """
+    head = _head(path)
+    if "WeightsUnpickler error" in str(err):  # a pickled module or other Python objects
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = found[1] if found else _first_line(err)
+        return (f"{path} holds pickled Python objects, not only tensors (torch.load(weights_only="
+                f"True) refused {what}); save the model's state_dict() instead")
+    if not head:
+        reason = "the file is empty"
+    elif head.startswith(_ZIP):
+        detail = _first_line(err, 120).split(". ")[0].rsplit(": ", 1)[-1]
+        reason = f"a zip archive that is truncated or not written by torch.save ({detail})"
+    elif head.startswith(_PICKLE):
+        reason = f"a damaged pickle ({type(err).__name__}: {_first_line(err, 100)})"
+    elif head[8:9] == b"{":
+        reason = "it is a safetensors file: rename it to .safetensors"
+    else:
+        text = head[:32].decode("utf-8", errors="replace")
+        if all(c.isprintable() or c in "\t\r\n" for c in text[:-1]):  # last: a cut character
+            reason = f"it is text starting {text.splitlines()[0]!r}"
+        else:
+            reason = "it is neither a zip archive (torch.save) nor a pickle"
+    return f"{path} is not a torch checkpoint (torch.load failed: {reason})"
 
 
 def _discover(path: Path) -> tuple[str, list[Path]]:

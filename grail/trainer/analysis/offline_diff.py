@@ -81,6 +81,7 @@ class DiffOptions:
     low_rank: bool = True  # when the low-rank computer is installed
     hash_files: bool = True
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    tokenizer: str | None = None  # directory of the tokenizer for the prompts (None: TUNED's)
 
 
 def low_rank_available() -> bool:
@@ -160,24 +161,33 @@ def _run(computers: list[Any], delta: Any, old: Any, new: Any) -> dict[str, floa
 
 
 def _check_device(device: str) -> None:
+    """Only ``cpu`` and ``cuda[:i]``: other backends (meta, mps, ...) fail deep in the metrics."""
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise CheckpointError(f"unknown device {device!r} (use cpu or cuda)") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"unsupported device {device!r} (use cpu or cuda)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was given but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CheckpointError(f"--device {device}: there are only {torch.cuda.device_count()} "
+                              "CUDA devices")
 
 
 def run_diff(opts: DiffOptions) -> dict[str, Any]:
     """Compare BASE and TUNED; returns the content of ``metrics.json`` (see module docstring)."""
     start = time.perf_counter()
     _check_device(opts.device)
-    prompts = None
-    if opts.prompts is not None:
-        from .offline_quality import read_prompts
+    config = build_config(opts)
+    prompts = batch = None
+    if opts.prompts is not None:  # encoded before any weight is read: a bad tokenizer fails fast
+        from .offline_quality import prompt_batch, read_prompts
 
         prompts = read_prompts(opts.prompts)
-    config = build_config(opts)
+        batch = prompt_batch(opts.tuned, prompts, opts.max_tokens, opts.tokenizer)
+    elif opts.tokenizer is not None:
+        raise CheckpointError("--tokenizer needs --prompts (it only encodes the prompts)")
     pair: CheckpointPair = open_pair(opts.base, opts.tuned, opts.device)
     for note in pair.notes:
         logger.info("%s", note)
@@ -206,12 +216,12 @@ def run_diff(opts: DiffOptions) -> dict[str, Any]:
         stream_seconds = progress.close()
         pair.base.close()
         pair.tuned.close()
-        if model_phase and prompts is not None:
+        if model_phase and batch is not None:
             from .offline_quality import run_model_metrics
 
             metrics.update(
                 run_model_metrics(
-                    model_phase, pair.base, opts.tuned, prompts, opts.device, opts.max_tokens
+                    model_phase, pair.base, opts.tuned, batch, opts.device, opts.tokenizer
                 )
             )
         hashes = dict(zip(files, hashing.result(), strict=True)) if hashing else None

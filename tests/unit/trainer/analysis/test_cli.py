@@ -139,6 +139,88 @@ def test_diff_with_prompts_equals_online_forward_metrics(tmp_path, capsys):
         assert torch.equal(p, before[n])
 
 
+def _one_line_error(rc: int, err: str, match: str) -> None:
+    assert rc == 1, err
+    assert err.count("\n") == 1 and err.startswith("grail-analysis: error: "), err
+    assert "Traceback" not in err and re.search(match, err), err
+
+
+def test_prompts_need_a_usable_tokenizer(tmp_path, capsys, monkeypatch):
+    """transformers builds a 1-token tokenizer for a directory without tokenizer files: the
+    prompts encode to nothing, which is an error before any weight is read, not a silent run
+    without sparse/* metrics; --tokenizer DIR takes the tokenizer from elsewhere."""
+    pytest.importorskip("tokenizers")
+    from grail.trainer.analysis import offline_diff
+
+    _, _, bdir, tdir = save_pair(tmp_path, vocab=320)
+    (tmp_path / "p.txt").write_text(PROMPTS)
+    tokenizer().save_pretrained(tmp_path / "tok")
+    capsys.readouterr()  # progress bars of save_pretrained
+    args = ["diff", str(bdir), str(tdir), "--out", str(tmp_path / "o"), "--no-report",
+            "--no-low-rank", "--prompts", str(tmp_path / "p.txt")]
+    real_open_pair = offline_diff.open_pair
+
+    def no_stream(*a, **k):
+        raise AssertionError("the checkpoints were read before the tokenizer was checked")
+
+    monkeypatch.setattr(offline_diff, "open_pair", no_stream)
+    rc, _, err = _run(capsys, *args)
+    _one_line_error(rc, err, rf"{re.escape(str(tdir))} has no usable tokenizer.*--tokenizer DIR")
+    rc, _, err = _run(capsys, *args, "--tokenizer", str(tmp_path / "nope"))
+    _one_line_error(rc, err, "--tokenizer .*nope does not exist")
+    (tmp_path / "empty").mkdir()
+    rc, _, err = _run(capsys, *args, "--tokenizer", str(tmp_path / "empty"))
+    _one_line_error(rc, err, r"cannot load a tokenizer from .*empty \(.+\); --tokenizer DIR must "
+                    "hold the model's tokenizer$")
+    rc, _, err = _run(capsys, *args[:-2], "--tokenizer", str(tmp_path / "tok"))
+    _one_line_error(rc, err, "--tokenizer needs --prompts")
+    monkeypatch.setattr(offline_diff, "open_pair", real_open_pair)
+    rc, _, err = _run(capsys, *args, "--keep-ratios", "0.1", "--tokenizer", str(tmp_path / "tok"))
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    lines = [line for line in PROMPTS.splitlines() if line]
+    assert doc["metrics"]["sparse/tokens"] == sum(len(tokenizer()(t)["input_ids"]) for t in lines)
+    assert doc["metrics"]["sparse/kl_at_keep_0.1"] > 0
+    assert doc["arguments"]["tokenizer"] == str(tmp_path / "tok")
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_an_error(tmp_path, capsys):
+    """A tokenizer of 300 tokens for a model of 128 embedding rows: one line, exit 1."""
+    pytest.importorskip("tokenizers")
+    _, _, bdir, tdir = save_pair(tmp_path, vocab=128)
+    tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "p.txt").write_text(PROMPTS)
+    capsys.readouterr()
+    rc, _, err = _run(capsys, "diff", str(bdir), str(tdir), "--out", str(tmp_path / "o"),
+                      "--no-report", "--no-low-rank", "--prompts", str(tmp_path / "p.txt"),
+                      "--tokenizer", str(tmp_path / "tok"))
+    _one_line_error(rc, err, r"tokenizer of .*tok produces token id 2\d\d but the model has 128 "
+                    r"token embeddings; --tokenizer DIR must hold the model's tokenizer$")
+
+
+def test_empty_out_is_an_error_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    x = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(2)}, x)
+    _write_run_log(tmp_path / "run.jsonl")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    for argv in (["diff", str(x), str(x), "--no-report", "--out", ""],
+                 ["plot", str(tmp_path / "run.jsonl"), "--out", ""]):
+        rc, out, err = _run(capsys, *argv)
+        _one_line_error(rc, err, "--out is empty")
+        assert out == ""
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "cpu:x"])
+def test_unsupported_device_is_a_one_line_error(tmp_path, capsys, device):
+    x = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(2)}, x)
+    rc, _, err = _run(capsys, "diff", str(x), str(x), "--out", str(tmp_path / "o"),
+                      "--no-report", "--device", device)
+    _one_line_error(rc, err, r"device .* \(use cpu or cuda\)")
+
+
 @pytest.mark.parametrize(
     ("case", "match"),
     [
@@ -246,6 +328,27 @@ def test_plot_writes_a_report_of_the_run(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     rc, _, err = _run(capsys, "plot", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r"))
     assert rc == 1 and "no measurements" in err
+
+
+@pytest.mark.parametrize(
+    ("metrics", "match"),
+    [
+        ({}, r"holds 2 records but no metric values"),
+        ({"param_change/norm_l2": None}, r"holds 2 records but no metric values"),
+        ({"param_change/norm_l2": "big"}, r"record 1 has a non-numeric value for "
+                                          r"'param_change/norm_l2' \('big'\)"),
+        ({"a/b": {"c": 1}}, r"record 1 has a non-numeric value for 'a/b'"),
+    ],
+    ids=["empty-metrics", "only-null", "string", "dict"],
+)
+def test_plot_of_records_without_metric_values_is_an_error(tmp_path, capsys, metrics, match):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "run.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "time": 0.0, "metrics": metrics}) + "\n"
+                           for s in (1, 2)))
+    rc, out, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "r"))
+    _one_line_error(rc, err, match)
+    assert out == "" and not (tmp_path / "r" / "report.html").exists()
 
 
 @pytest.mark.slow

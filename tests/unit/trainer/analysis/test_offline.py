@@ -211,7 +211,8 @@ def test_non_floating_tensors_are_skipped_and_dtypes_compared_in_float32(tmp_pat
          "not a safetensors file"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no weights found"),
         (lambda p: (p / "g.pt").write_bytes(b"garbage" * 20) and p / "g.pt",
-         "cannot read .* as a torch checkpoint"),
+         r"g\.pt is not a torch checkpoint \(torch\.load failed: it is text starting "
+         r"'garbagegarbage"),
     ],
     ids=["missing", "suffix", "short-header", "bad-json", "empty-dir", "garbage-pt"],
 )
@@ -221,6 +222,42 @@ def test_unreadable_inputs_raise_one_line_errors(tmp_path, make, match):
     assert "\n" not in str(err.value)
 
 
+def _torch_zip(path):
+    torch.save({"w": torch.ones(64)}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (lambda p: b"hello, this is a text file\n" * 4,
+         r"torch\.load failed: it is text starting 'hello, this is a text file"),
+        (lambda p: b"", r"torch\.load failed: the file is empty\)$"),
+        (lambda p: bytes(range(7, 250)), r"torch\.load failed: it is neither a zip archive "
+                                          r"\(torch\.save\) nor a pickle"),
+        (lambda p: _torch_zip(p)[:200], r"torch\.load failed: .*zip archive.*truncated"),
+        (lambda p: (save_file({"w": torch.ones(2)}, p) or p.read_bytes()),
+         r"torch\.load failed: it is a safetensors file: rename it to \.safetensors\)$"),
+    ],
+    ids=["text", "empty", "binary", "truncated-zip", "safetensors"],
+)
+def test_a_pt_file_that_is_not_a_torch_checkpoint_says_what_it_is(tmp_path, content, match):
+    path = tmp_path / "w.pt"
+    path.write_bytes(content(tmp_path / "scratch"))
+    with pytest.raises(CheckpointError, match=r"w\.pt is not a torch checkpoint \(") as err:
+        open_checkpoint(path)
+    msg = str(err.value)
+    assert re.search(match, msg), msg
+    assert "\n" not in msg and "\x1b" not in msg and len(msg) < 300, msg
+
+
+def test_a_torch_file_named_safetensors_says_so(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match=r"w\.safetensors is not a safetensors file \(a "
+                       r"torch\.save zip archive: rename it to \.pt\)$"):
+        open_checkpoint(tmp_path / "w.safetensors")
+
+
 def test_index_with_missing_shard_and_module_pickle(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors.index.json").write_text(
@@ -228,8 +265,11 @@ def test_index_with_missing_shard_and_module_pickle(tmp_path):
     with pytest.raises(CheckpointError, match="missing shard files"):
         open_checkpoint(tmp_path / "m")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
-    with pytest.raises(CheckpointError, match=r"cannot read .*module\.pt"):
+    with pytest.raises(CheckpointError, match=r"module\.pt holds pickled Python objects, not only "
+                       r"tensors \(torch\.load\(weights_only=True\) refused .*Linear.*\); save "
+                       r"the model's state_dict\(\) instead") as err:
         open_checkpoint(tmp_path / "module.pt")
+    assert "\x1b" not in str(err.value) and len(str(err.value)) < 300
 
 
 def test_truncated_safetensors_fails_on_read(tmp_path):
@@ -255,11 +295,27 @@ def test_run_log_reader(tmp_path):
     path.write_text(json.dumps({"step": "x", "metrics": {}}) + "\n")
     with pytest.raises(CheckpointError, match="record 1"):
         read_run_log(path)
-    path.write_text("[1, 2]\n" + lines[0] + "\n")
+    path.write_text(lines[0] + "\n" + json.dumps({"step": 30, "metrics": {"a/b": [1]}}) + "\n")
+    with pytest.raises(CheckpointError, match=r"record 2 has a non-numeric value for 'a/b'"):
+        read_run_log(path)
+    path.write_text(lines[0] + "\n[1, 2]\n" + lines[1] + "\n")
     with pytest.raises(CheckpointError, match=re.escape("not {step, metrics} records")):
         read_run_log(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_run_log(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("text", ["hello world\n", "\n\ufeff" + '{"step": 1, "metrics": {}}\n'],
+                         ids=["text", "byte-order-mark"])
+def test_run_log_that_is_not_json_lines_says_so_without_a_warning(tmp_path, caplog, text):
+    """Not read as a log whose only line was cut off by a crash (a warning and "no
+    measurements")."""
+    path = tmp_path / "run.jsonl"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"run\.jsonl is not a JSON-lines run log \(line "
+                       r"\d starts with '.*', not '\{'\)$"):
+        read_run_log(path)
+    assert caplog.text == ""
 
 
 def test_pair_from_snapshots_of_models_matches_pairing(tmp_path):
@@ -284,3 +340,19 @@ def test_progress_counts_tensors_and_bytes_once(tmp_path):
     files = sum(f.stat().st_size for f in [*pair.base.files, *pair.tuned.files])
     assert progress.done_bytes == sum(2 * s.numel for s in pair.tuned.specs.values()) * 2
     assert 0.9 * files < progress.done_bytes <= files and seconds > 0
+
+
+def test_prompts_of_special_tokens_only_are_not_usable(tmp_path, caplog):
+    """A prompt that encodes to special tokens only carries no text: all such prompts are an
+    error (the attention mask alone is not empty), some of them a warning."""
+    pytest.importorskip("tokenizers")
+    from grail.trainer.analysis.offline_quality import prompt_batch
+
+    _, _, _, tdir = save_pair(tmp_path, with_tokenizer=True)
+    with pytest.raises(CheckpointError, match="has no usable tokenizer: the prompts encode to no "
+                       "tokens"):
+        prompt_batch(tdir, ["<|endoftext|>", "<|endoftext|><|endoftext|>"], 64)
+    with caplog.at_level("WARNING"):
+        batch = prompt_batch(tdir, ["the cat", "<|endoftext|>"], 64)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [2, 1]
+    assert "1 of 2 prompts encode to no tokens" in caplog.text
