@@ -40,11 +40,22 @@ Decisions where the design is silent:
   process logs.
 * Histograms (``analyzer.last_histograms``) go straight to the active wandb run when
   ``report_to`` includes wandb, as ``wandb.Histogram`` under ``train/<prefix><name>`` beside
-  the scalars (``log_history`` must stay JSON-serialisable).
+  the scalars (``log_history`` must stay JSON-serialisable). Only their finite values are sent;
+  a histogram with none is skipped.
+* Training comes first: a failure while logging (a reporting backend raising, say) or while
+  saving or restoring the analysis state is logged once as a warning and training goes on.
+* Checkpoints: ``on_save`` writes ``analyzer.state_dict()`` (step, config, the computers'
+  carried state such as ``mask_overlap``'s previous changed set; not the snapshot) to
+  ``grail_analysis_state_rank<r>.pt`` in the checkpoint folder, one file per rank
+  (:mod:`.checkpoint`).
 * Resume: when training starts at a ``global_step`` the manager has not reached, the manager is
-  reset to that step. If the step is a measurement step the baseline snapshot is taken from
-  the loaded weights, which are exactly the weights the uninterrupted run snapshotted, so no
-  measurement is lost; otherwise the manager re-baselines at its next measurement step.
+  reset to that step and its saved state is looked up in the checkpoint being resumed (the
+  trainer's ``resume_from_checkpoint``, else ``args.resume_from_checkpoint``, else
+  ``output_dir/checkpoint-<step>``; a file saved at another step or by another world size is
+  ignored). If the step is a measurement step the baseline snapshot is taken from the loaded
+  weights, which are exactly the weights the uninterrupted run snapshotted, and the computers'
+  states continue from it, so every value matches the uninterrupted run; otherwise the manager
+  re-baselines at its next measurement step and the carried states start over.
 
 Example:
     >>> from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
@@ -58,6 +69,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,6 +78,8 @@ from torch import nn
 
 from ..manager import ModelAnalysisManager
 from .batch import BatchCapture, tokenize_probe
+from .checkpoint import restore_state, save_state, state_files
+from .sinks import wandb_histograms
 
 try:
     from transformers import (
@@ -75,6 +89,7 @@ try:
         TrainerState,
         TrainingArguments,
     )
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as err:  # pragma: no cover - exercised only without the hf extra
     raise ImportError(
         "ModelAnalysisCallback needs transformers: pip install 'grail-analysis[hf]'"
@@ -145,6 +160,7 @@ class ModelAnalysisCallback(TrainerCallback):
         self._probe: Any = None
         self._pending: tuple[dict[str, float], dict[str, Any]] | None = None
         self._warned = False
+        self._failures: set[str] = set()
 
     # --- events ----------------------------------------------------------------------------
     def on_train_begin(
@@ -156,7 +172,8 @@ class ModelAnalysisCallback(TrainerCallback):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
-        self.trainer = self._find_trainer() or self.trainer
+        trainer, resume_dir = self._find_trainer()
+        self.trainer = trainer or self.trainer
         if model is None:
             return
         if self.probe_inputs is not None:
@@ -165,7 +182,11 @@ class ModelAnalysisCallback(TrainerCallback):
                 raw = tokenize_probe(raw, processing_class)
             self._probe = _to(raw, _device_of(model))
         self.capture.attach(model)
-        self._sync_step(model, state.global_step)
+        folders = [resume_dir, getattr(args, "resume_from_checkpoint", None)]
+        output_dir = getattr(args, "output_dir", None)
+        if isinstance(output_dir, str):
+            folders.append(os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        self._sync_step(model, state.global_step, state_files(folders))
 
     def on_optimizer_step(
         self,
@@ -203,7 +224,32 @@ class ModelAnalysisCallback(TrainerCallback):
         metrics, histograms = pending
         self._log(args, state, control, {f"{self.prefix}{k}": v for k, v in metrics.items()})
         if histograms:
-            self._log_histograms(args, state, histograms)
+            try:
+                self._log_histograms(args, state, histograms)
+            except Exception as err:  # a reporting backend must never stop training
+                self._fail_once("histograms", "logging the analysis histograms failed: %r", err)
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """Write the analysis state into the checkpoint folder just saved (see module docs)."""
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        try:
+            saved = save_state(self.analyzer, folder, state.global_step)
+        except Exception as err:  # the checkpoint itself is saved; the analysis must not fail it
+            self._fail_once("save", "could not save the analysis state to %s: %r", folder, err)
+            return
+        if saved is None:
+            self._fail_once(
+                "no-folder",
+                "checkpoint folder %s not found; the analysis state is not saved with it (a "
+                "resume from it re-baselines the analysis)",
+                folder,
+            )
 
     def on_train_end(
         self,
@@ -215,19 +261,31 @@ class ModelAnalysisCallback(TrainerCallback):
         self.capture.detach()
 
     # --- helpers ---------------------------------------------------------------------------
-    def _sync_step(self, model: nn.Module, step: int) -> None:
+    def _fail_once(self, kind: str, message: str, *args: Any) -> None:
+        if kind not in self._failures:
+            self._failures.add(kind)
+            logger.warning(message + " (training goes on; not logged again)", *args)
+
+    def _sync_step(self, model: nn.Module, step: int, state_files: Sequence[str] = ()) -> None:
         """Align the manager with the trainer's step when training starts (see module docs)."""
         if self.analyzer.step_count == step:
             return
         self.analyzer.reset()
         self.analyzer.step_count = step
+        if step > 0:
+            path = restore_state(self.analyzer, model, step, state_files)
+            if path is not None:
+                logger.info("analysis resumed at step %d from %s", step, path)
+                return
         if self.analyzer.is_measurement_step(step):
             self.analyzer.on_optimizer_step(model, step=step)  # baseline from loaded weights
             logger.info("analysis resumed at step %d with a baseline from the loaded weights", step)
         elif step > 0:
             logger.info("analysis resumed at step %d; re-baselines at the next measurement", step)
 
-    def _find_trainer(self) -> Trainer | None:
+    def _find_trainer(self) -> tuple[Trainer | None, Any]:
+        """The trainer holding this callback, and the ``resume_from_checkpoint`` of the
+        training loop that called us (``None`` where not found)."""
         frame = inspect.currentframe()
         try:
             f = frame.f_back if frame is not None else None
@@ -239,11 +297,11 @@ class ModelAnalysisCallback(TrainerCallback):
                 if isinstance(obj, Trainer) and any(
                     cb is self for cb in getattr(handler, "callbacks", ())
                 ):
-                    return obj
+                    return obj, f.f_locals.get("resume_from_checkpoint")
                 f = f.f_back
         finally:
             del frame
-        return None
+        return None, None
 
     def _log(
         self,
@@ -263,9 +321,13 @@ class ModelAnalysisCallback(TrainerCallback):
             state.log_history.append({**logs, "step": state.global_step})
             return
         should_log = control.should_log
-        Trainer.log(trainer, logs)
-        control.should_log = should_log
-        trainer.control.should_log = should_log
+        try:
+            Trainer.log(trainer, logs)
+        except Exception as err:  # a reporting backend must never stop training
+            self._fail_once("log", "logging the analysis metrics failed: %r", err)
+        finally:
+            control.should_log = should_log
+            trainer.control.should_log = should_log
 
     def _log_histograms(
         self, args: TrainingArguments, state: TrainerState, histograms: dict[str, Any]
@@ -279,8 +341,7 @@ class ModelAnalysisCallback(TrainerCallback):
             return
         if wandb.run is None:
             return
-        payload: dict[str, Any] = {
-            f"train/{self.prefix}{k}": wandb.Histogram(v) for k, v in histograms.items()
-        }
-        payload["train/global_step"] = state.global_step
-        wandb.log(payload)
+        payload = wandb_histograms(wandb, histograms, f"train/{self.prefix}", self._fail_once)
+        if payload:
+            payload["train/global_step"] = state.global_step
+            wandb.log(payload)

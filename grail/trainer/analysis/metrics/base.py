@@ -134,3 +134,26 @@ class MetricComputer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried across measurements, for checkpoints; ``{}`` (the default) if none.
+
+        Override together with :meth:`load_state_dict` in a computer that remembers something
+        from one measurement to the next. Tensors are allowed (the manager's state is saved
+        with ``torch.save``); keep it small - it is saved with every checkpoint - and local to
+        this rank in a process group.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; ``{}`` means "nothing carried": reset.
+
+        The default accepts only ``{}``: a computer that saves state must say how to load it.
+        """
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} ({self.name!r}) got a saved state with keys "
+                f"{sorted(map(str, state))} but does not override load_state_dict(); implement "
+                "it (and state_dict()) to carry state across checkpoints"
+            )
+        self.reset()

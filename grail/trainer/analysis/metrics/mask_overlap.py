@@ -14,6 +14,14 @@ Only one bit per analysed entry is kept between measurements (the previous chang
 bit-packed into ``uint8``: memory = entries / 8 bytes), on the device of each parameter. A change
 of the parameter set (architecture change) starts over.
 
+Checkpoints: :meth:`MaskOverlapMetrics.state_dict` returns the packed previous set (the tensors
+themselves, not copies) and :meth:`~MaskOverlapMetrics.load_state_dict` restores it, so a
+resumed run reports the same overlap as an uninterrupted one. Under DDP/FSDP2 every rank keeps
+and saves only its own local part; restore each rank's state on the same rank of a group of the
+same size. If a restored part does not fit the parameters it meets (another world size, another
+model), every rank reports NaN for that measurement and starts over; ranks never disagree about
+the collective (there is one reduction per measurement, also at the first one).
+
 Reading it: random, independent changed sets of densities ``a`` and ``b`` have an expected
 Jaccard of ``ab / (a + b - ab)``; a value far above that means a fixed subnetwork keeps being
 updated; with dense (fp32) updates both sets are nearly everything and the overlap is ~1.
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -47,6 +56,7 @@ from ..stats import StreamingStats
 from .base import MetricComputer
 
 __all__ = ["MaskOverlapMetrics", "pack_bits", "unpack_bits"]
+
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a flat 0/1 tensor into ``ceil(n / 8)`` bytes (bit ``i % 8`` of byte ``i // 8``).
@@ -114,28 +124,44 @@ class MaskOverlapMetrics(MetricComputer):
             return {}
         names = tuple(delta.names)
         # Decided from the names alone, never from local data: a rank that owns no tensor
-        # (DDP, rank > 0) must issue the same reduction as the others.
+        # (DDP, rank > 0) issues the same reduction as the others.
         have_previous = names == self._names
         device = next(iter(delta.new.data.values())).device
-        stats = StreamingStats(extra_sums=("intersection", "union", "previous"), device=device)
+        stats = StreamingStats(
+            extra_sums=("intersection", "union", "previous", "missing"), device=device
+        )
+        if not have_previous:
+            stats.add("missing", 1.0)
         current: dict[str, list[torch.Tensor]] = {}
+        prev: torch.Tensor | None = None
         for chunk in delta.stream():
             packed = pack_bits(_changed(chunk.delta))  # NaN counts as a change
             current.setdefault(chunk.name, []).append(packed)
-            if have_previous:
-                start = chunk.start // 8  # chunks start at multiples of 8
-                prev = self._previous[chunk.name][start : start + packed.numel()]
-                count = _popcount_table(packed.device)
-                stats.add("intersection", count[(packed & prev).long()].sum())
-                stats.add("union", count[(packed | prev).long()].sum())
-                stats.add("previous", count[prev.long()].sum())
+            if not have_previous:
+                continue
+            if chunk.first:
+                prev = self._previous_part(chunk.name, delta.new.data[chunk.name].numel())
+                if prev is None:
+                    stats.add("missing", 1.0)
+                elif prev.device != packed.device:
+                    prev = prev.to(packed.device)  # restored from a checkpoint on the CPU
+            if prev is None:
+                continue
+            start = chunk.start // 8  # chunks start at multiples of 8
+            part = prev[start : start + packed.numel()]
+            count = _popcount_table(packed.device)
+            stats.add("intersection", count[(packed & part).long()].sum())
+            stats.add("union", count[(packed | part).long()].sum())
+            stats.add("previous", count[part.long()].sum())
         self._previous = {n: torch.cat(parts) for n, parts in current.items()}
         self._names = names
-        if not have_previous:  # no previous interval yet: NaN keeps the keys stable
+        # One reduction per measurement on every rank, also at the first: a rank without a
+        # previous set (or with one that does not fit) makes every rank report NaN.
+        extra = stats.all_reduce().result(0).extra
+        if extra["missing"]:  # no previous interval yet: NaN keeps the keys stable
             return dict.fromkeys(
                 ("param_change/mask_overlap", "param_change/mask_overlap_prev_ratio"), math.nan
             )
-        extra = stats.all_reduce().result(0).extra
         union, previous = extra["union"], extra["previous"]
         return {
             "param_change/mask_overlap": extra["intersection"] / union if union else 1.0,
@@ -143,3 +169,44 @@ class MaskOverlapMetrics(MetricComputer):
                 extra["intersection"] / previous if previous else 1.0
             ),
         }
+
+    def _previous_part(self, name: str, numel: int) -> torch.Tensor | None:
+        """This rank's previous packed set of ``name`` if it fits ``numel`` local entries."""
+        prev = self._previous.get(name)
+        if prev is None or prev.numel() != -(-numel // 8):
+            self.log_once("a restored changed set does not fit the parameters; starting over")
+            return None
+        return prev
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"names": [...], "previous": {name: packed uint8}}``; ``{}`` before any measurement.
+
+        ``names`` are all analysed parameters (every rank's), ``previous`` holds this rank's
+        local parts only.
+        """
+        if not self._names:
+            return {}
+        return {"names": list(self._names), "previous": dict(self._previous)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (``{}`` forgets the previous set)."""
+        if not state:
+            self.reset()
+            return
+        names, previous = state.get("names"), state.get("previous")
+        ok = (
+            isinstance(names, (list, tuple))
+            and all(isinstance(n, str) for n in names)
+            and isinstance(previous, Mapping)
+            and all(
+                isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+                for t in previous.values()
+            )
+        )
+        if not ok:
+            raise ValueError(
+                f"{self.name}: a state must be {{'names': [str], 'previous': {{name: 1-D uint8 "
+                f"tensor}}}} as returned by state_dict(); got keys {sorted(map(str, state))}"
+            )
+        self._previous = dict(previous)
+        self._names = tuple(names)

@@ -15,7 +15,7 @@ from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
 from grail.trainer.analysis.integrations import ModelAnalysisCallback, tokenize_probe
 from tests.conftest import tiny_qwen2
 
-from ._hf import Recorder, bpe_tokenizer
+from ._hf import Recorder, bpe_tokenizer, training_args
 
 
 def _manager(interval: int = 1, **cfg) -> ModelAnalysisManager:
@@ -30,10 +30,10 @@ def test_constructor_rejects_bad_arguments():
             ModelAnalysisCallback(_manager(), probe_inputs=bad)
 
 
-def _begin(cb, model, processing_class=None, step=0):
+def _begin(cb, model, processing_class=None, step=0, args=None):
     state = TrainerState()
     state.global_step = step
-    cb.on_train_begin(None, state, TrainerControl(), model=model,
+    cb.on_train_begin(args, state, TrainerControl(), model=model,
                       processing_class=processing_class)
     return state
 
@@ -110,3 +110,107 @@ def test_only_the_main_process_logs_but_every_rank_measures(caplog):
     assert [e["step"] for e in state.log_history] == [2]
     assert state.log_history[0]["x/param_change/norm_l2"] == cb.analyzer.last_metrics[
         "param_change/norm_l2"]
+
+
+def _args(tmp_path, resume=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=resume,
+                           report_to=["none"])
+
+
+def _overlap_callback() -> ModelAnalysisCallback:
+    return ModelAnalysisCallback(
+        _manager(interval=2, sparse_quality_enabled=False, param_change_track_mask_overlap=True)
+    )
+
+
+def _steps(cb, model, state, steps):
+    for step in steps:
+        with torch.no_grad():
+            model.lm_head.weight[step % 7].add_(0.01)  # a different row changes at every step
+        state.global_step = step - 1
+        cb.on_optimizer_step(None, state, TrainerControl(), model=model)
+        state.global_step = step
+
+
+def test_state_is_saved_per_checkpoint_and_restored_only_when_it_fits(tmp_path, caplog):
+    model = tiny_qwen2()
+    cb = _overlap_callback()
+    state = _begin(cb, model)
+    _steps(cb, model, state, range(1, 5))
+    (tmp_path / "checkpoint-4").mkdir()
+    cb.on_save(_args(tmp_path), state, TrainerControl())
+    saved = tmp_path / "checkpoint-4" / "grail_analysis_state_rank0.pt"
+    assert saved.is_file() and not list(tmp_path.glob("**/*.tmp"))
+    mask = cb.analyzer.computers[1].state_dict()["previous"]
+
+    # Resumed at step 4 from args.resume_from_checkpoint: the changed set comes back.
+    again = _overlap_callback()
+    _begin(again, model, step=4, args=_args(tmp_path / "elsewhere", tmp_path / "checkpoint-4"))
+    restored = again.analyzer.computers[1].state_dict()["previous"]
+    assert restored.keys() == mask.keys()
+    assert all(torch.equal(restored[n], mask[n]) for n in mask)
+    assert again.analyzer.step_count == 4 and again.analyzer.old_snapshot is not None
+
+    # A file saved at another step (copied by hand, say) or a damaged one is not used.
+    for name, make in (("checkpoint-6", lambda p: p.write_bytes(saved.read_bytes())),
+                       ("checkpoint-8", lambda p: p.write_bytes(b"not a torch file"))):
+        (tmp_path / name).mkdir()
+        make(tmp_path / name / saved.name)
+        other = _overlap_callback()
+        step = int(name.split("-")[1])
+        with caplog.at_level(logging.WARNING):
+            _begin(other, model, step=step, args=_args(tmp_path))
+        assert "not restored" in caplog.text
+        assert other.analyzer.computers[1].state_dict() == {}
+        assert other.analyzer.step_count == step and other.analyzer.old_snapshot is not None
+        caplog.clear()
+
+
+def test_saving_the_state_never_raises(tmp_path, caplog, monkeypatch):
+    model = tiny_qwen2()
+    cb = _overlap_callback()
+    state = _begin(cb, model)
+    _steps(cb, model, state, range(1, 5))
+    with caplog.at_level(logging.WARNING):
+        cb.on_save(_args(tmp_path), state, TrainerControl())  # no checkpoint-4 folder
+        cb.on_save(_args(tmp_path), state, TrainerControl())
+    assert caplog.text.count("not found") == 1
+    (tmp_path / "checkpoint-4").mkdir()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with caplog.at_level(logging.WARNING):
+        cb.on_save(_args(tmp_path), state, TrainerControl())
+    assert "No space left" in caplog.text
+
+
+def test_a_failing_log_backend_never_reaches_training(tmp_path, caplog):
+    from transformers import Trainer, TrainerCallback
+
+    class BrokenBackend(TrainerCallback):
+        """Stands in for a reporting integration that raises on every log."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            raise RuntimeError("backend down")
+
+    model = tiny_qwen2()
+    cb = ModelAnalysisCallback(_manager(interval=1, sparse_quality_enabled=False))
+    trainer = Trainer(model=model, args=training_args(str(tmp_path)), callbacks=[BrokenBackend()])
+    state = _begin(cb, model)
+    cb.trainer = trainer
+    control = TrainerControl()
+    control.should_log = True
+    with caplog.at_level(logging.WARNING):
+        for step in range(3):
+            with torch.no_grad():
+                model.lm_head.weight.add_(0.01)
+            state.global_step = step
+            cb.on_optimizer_step(None, state, control, model=model)
+            state.global_step = step + 1
+            cb.on_step_end(trainer.args, state, control)
+    assert caplog.text.count("backend down") == 1
+    assert control.should_log is True  # the trainer's own log of the step is kept

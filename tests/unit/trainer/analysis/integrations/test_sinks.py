@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -48,27 +49,131 @@ def test_jsonl_flushes_every_line(tmp_path):
         sink.log({"k": 2.0}, step=2)
 
 
-def test_truncated_last_line_is_tolerated_and_repaired(tmp_path):
+def test_truncated_last_line_is_kept_and_the_next_record_starts_a_new_line(tmp_path):
     path = tmp_path / "m.jsonl"
     with JsonlSink(path) as sink:
         sink.log({"k": 1.0}, step=1)
         sink.log({"k": 2.0}, step=2)
     full = path.read_bytes()
-    path.write_bytes(full[: len(full) - 7])  # the process died while writing line 2
+    cut = full[: len(full) - 7]
+    path.write_bytes(cut)  # the process died while writing line 2
     assert [r["step"] for r in read_jsonl(path)] == [1]
-    with JsonlSink(path) as sink:  # reopening drops the partial line
-        sink.log({"k": 3.0}, step=3)
-    assert [r["step"] for r in read_jsonl(path)] == [1, 3]
-    assert len(path.read_text().splitlines()) == 2
+    for step in (3, 4):  # reopening twice: each sink appends, none rewrites
+        with JsonlSink(path) as sink:
+            sink.log({"k": float(step)}, step=step)
+    data = path.read_bytes()
+    assert data.startswith(cut + b"\n")  # existing bytes untouched, the cut line kept
+    assert [r["step"] for r in read_jsonl(path)] == [1, 3, 4]
+    assert len(data.splitlines()) == 4
 
 
-def test_partial_only_line_is_dropped(tmp_path):
+def test_partial_only_line_is_kept(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1, "ti')
     assert read_jsonl(path) == []
     with JsonlSink(path) as sink:
         sink.log({"k": 1.0}, step=5)
+    assert path.read_text().startswith('{"step": 1, "ti\n')
     assert [r["step"] for r in read_jsonl(path)] == [5]
+    with JsonlSink(path) as sink:  # a cut-off first line still marks the file as a run log
+        sink.log({"k": 2.0}, step=6)
+    assert [r["step"] for r in read_jsonl(path)] == [5, 6]
+
+
+def test_complete_last_record_without_newline_is_not_lost(tmp_path):
+    path = tmp_path / "m.jsonl"
+    first = json.dumps({"step": 1, "time": 0.0, "metrics": {"k": 1.0}})
+    last = json.dumps({"step": 2, "time": 0.0, "metrics": {"k": 2.0}})
+    original = (first + "\n" + last).encode()  # e.g. written by hand or by another tool
+    path.write_bytes(original)
+    sink = JsonlSink(path)
+    assert path.read_bytes() == original  # opening alone writes nothing
+    sink.log({}, step=3)
+    assert path.read_bytes() == original
+    sink.log({"k": 3.0}, step=3)
+    sink.log({"k": 4.0}, step=4)
+    sink.close()
+    assert path.read_bytes().startswith(original + b"\n")
+    records = read_jsonl(path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["metrics"]["k"] for r in records] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_file_that_is_not_a_run_log_is_refused_and_left_untouched(tmp_path):
+    torch = pytest.importorskip("torch")
+    safetensors = pytest.importorskip("safetensors.torch")
+    weights = tmp_path / "model.safetensors"
+    tensors = {"w": torch.arange(100, dtype=torch.float32).reshape(10, 10)}
+    safetensors.save_file(tensors, weights)
+    others = {
+        "notes.txt": b"hello\nworld",
+        "config.json": b'{"step": 5, "lr": 0.1}\n',  # JSON, but not a {step, time, metrics}
+        "list.jsonl": b"[1, 2]\n",
+        "blank_first.jsonl": b'\n{"step": 1, "time": 0, "metrics": {}}\n',
+        "binary.bin": bytes(range(256)) * 4,
+    }
+    for name, data in others.items():
+        (tmp_path / name).write_bytes(data)
+    for path in [weights, *(tmp_path / n for n in others)]:
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match="pick another file") as err:
+            JsonlSink(path)
+        assert str(path) in str(err.value) and "not a JSONL run log" in str(err.value)
+        assert path.read_bytes() == before, path.name
+    loaded = safetensors.load_file(weights)
+    assert torch.equal(loaded["w"], tensors["w"])
+
+
+def test_non_finite_and_odd_values_never_raise(tmp_path, caplog):
+    path = tmp_path / "m.jsonl"
+    hists = {
+        "h/nan": np.array([1.0, np.nan]),
+        "h/inf": np.array([np.inf, -np.inf, 2.0]),
+        "h/empty": np.array([]),
+        "h/big": np.random.default_rng(0).standard_normal(10**6),
+    }
+    with JsonlSink(path) as sink, caplog.at_level(logging.WARNING):
+        sink.log({"a/nan": math.nan, "a/inf": -math.inf, "a/max": 1.7e308}, 1, histograms=hists)
+        sink.log({"a/text": "oops", "a/none": None}, 2)  # not numbers: null, one warning
+        sink.log({"a/text": "again"}, 3)
+    assert caplog.text.count("is not a number") == 1
+    raw = [json.loads(line) for line in path.read_text().splitlines()]  # strict JSON
+    assert raw[0]["metrics"] == {"a/nan": None, "a/inf": None, "a/max": 1.7e308}
+    records = read_jsonl(path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert math.isnan(records[0]["metrics"]["a/inf"]) and records[0]["metrics"]["a/max"] == 1.7e308
+    assert all(math.isnan(v) for v in records[1]["metrics"].values())
+
+
+class _FailingFile:
+    def __init__(self, real):
+        self.real = real
+
+    def write(self, data):
+        self.real.write(data[: len(data) // 2])  # half a line reaches the disk
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        self.real.flush()
+
+    def close(self):
+        self.real.close()
+
+
+def test_a_failed_write_is_logged_once_and_never_raises(tmp_path, caplog):
+    path = tmp_path / "m.jsonl"
+    sink = JsonlSink(path)
+    sink.log({"k": 1.0}, step=1)
+    real = sink._file
+    sink._file = _FailingFile(real)
+    with caplog.at_level(logging.WARNING):
+        sink.log({"k": 2.0}, step=2)
+        sink.log({"k": 3.0}, step=3)
+    assert caplog.text.count("No space left") == 1
+    sink._file = real  # the disk has room again
+    sink.log({"k": 4.0}, step=4)
+    sink.close()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 4]
 
 
 def test_corrupt_middle_line_raises(tmp_path):
@@ -107,11 +212,52 @@ def test_wandb_sink_logs_prefixed_floats_histograms_and_step():
     assert sum(hist.histogram) == len(values)
 
 
-def test_wandb_sink_without_run_says_what_to_do(monkeypatch):
+def test_wandb_sink_without_run_warns_once_and_goes_on(monkeypatch, caplog):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setattr(wandb, "run", None)
-    with pytest.raises(RuntimeError, match=r"wandb\.init"):
-        WandbSink().log({"a": 1.0}, step=1)
+    sink = WandbSink()
+    with caplog.at_level(logging.WARNING):
+        sink.log({"a": 1.0}, step=1)
+        sink.log({"a": 2.0}, step=2)
+    assert caplog.text.count("wandb.init") == 1
+
+
+def test_wandb_sink_sends_only_finite_histogram_values_and_never_raises(caplog):
+    wandb = pytest.importorskip("wandb")
+    torch = pytest.importorskip("torch")
+    big = np.random.default_rng(0).standard_normal(10**6)
+    big[::1000] = np.nan
+    hists = {
+        "h/nan": np.array([1.0, np.nan, 2.0, 3.0]),
+        "h/inf": [np.inf, 0.5, -np.inf],
+        "h/all_nan": np.full(5, np.nan),
+        "h/empty": np.array([], dtype=np.float32),
+        "h/big": big,
+        "h/bf16": torch.tensor([1.0, float("nan"), float("inf"), 4.0], dtype=torch.bfloat16),
+        "h/ints": np.arange(6),
+    }
+    run = _FakeRun()
+    sink = WandbSink(run, prefix="p/")
+    sink.log({"a/nan": math.nan, "a/inf": math.inf, "a/bad": "x"}, step=3, histograms=hists)
+    (payload, step), = run.calls
+    assert step == 3
+    assert math.isnan(payload["p/a/nan"]) and payload["p/a/inf"] == math.inf
+    assert "p/a/bad" not in payload
+    counts = {k: sum(v.histogram) for k, v in payload.items() if isinstance(v, wandb.Histogram)}
+    assert counts == {"p/h/nan": 3, "p/h/inf": 1, "p/h/big": 10**6 - 1000, "p/h/bf16": 2,
+                      "p/h/ints": 6}
+    sink.log({}, step=4, histograms={"h/empty": []})  # nothing left to send: no call
+    assert len(run.calls) == 1
+
+    class Broken:
+        def log(self, payload, step=None):
+            raise RuntimeError("wandb service died")
+
+    sink = WandbSink(Broken())
+    with caplog.at_level(logging.WARNING):
+        sink.log({"a": 1.0}, step=1)
+        sink.log({"a": 2.0}, step=2, histograms={"h": np.array([np.nan])})
+    assert caplog.text.count("wandb service died") == 1
 
 
 def test_wandb_sink_names_the_extra_when_wandb_is_missing(monkeypatch):

@@ -95,26 +95,45 @@ def test_probe_dict_is_used_for_forward_metrics(tmp_path):
     assert analysis_entries(trainer.state.log_history)[2]["sparse/tokens"] == 12.0
 
 
+def _overlap_manager() -> ModelAnalysisManager:
+    return ModelAnalysisManager.create(
+        AnalysisConfig(interval=2, param_change_track_mask_overlap=True)
+    )
+
+
+OVERLAP = ("param_change/mask_overlap", "param_change/mask_overlap_prev_ratio")
+
+
 def test_resume_keeps_the_schedule_and_the_numbers(tmp_path):
-    full, cb, _ = _train(tmp_path / "a", interval=2, max_steps=8, save_strategy="steps",
-                         save_steps=1)
+    full, cb, _ = _train(tmp_path / "a", max_steps=8, save_strategy="steps", save_steps=1,
+                         manager=_overlap_manager())
     reference = analysis_entries(full.state.log_history)
     assert sorted(reference) == [4, 6, 8]
-    # checkpoint-4 is a measurement step: the baseline comes from the loaded weights, so the
-    # resumed run measures at 6 and 8 exactly like the uninterrupted one.
-    resumed, _, rec = _train(tmp_path / "b", interval=2, max_steps=8,
+    assert math.isnan(reference[4][OVERLAP[0]]) and not math.isnan(reference[6][OVERLAP[0]])
+    for step in range(1, 9):  # the analysis state is saved with every checkpoint
+        assert (tmp_path / "a" / f"checkpoint-{step}" / "grail_analysis_state_rank0.pt").is_file()
+    # checkpoint-4 is a measurement step: the baseline comes from the loaded weights and the
+    # previous changed set from the checkpoint, so the resumed run measures at 6 and 8 exactly
+    # like the uninterrupted one - mask_overlap included.
+    resumed, _, rec = _train(tmp_path / "b", max_steps=8, manager=_overlap_manager(),
                              resume=str(tmp_path / "a" / "checkpoint-4"))
     # log_history is restored from the checkpoint: entries up to step 4 come from the first run.
     got = {s: m for s, m in analysis_entries(resumed.state.log_history).items() if s > 4}
     assert [c["step"] for c in rec.calls] == [6, 8]
     assert sorted(got) == [6, 8]
-    # checkpoint-5 is not: the manager re-baselines at 6 and measures at 8. The manager of the
-    # first run is reused (its step count is 8): it must follow the trainer back to step 5.
-    again, _, rec5 = _train(tmp_path / "c", interval=2, max_steps=8, manager=cb.analyzer,
+    for step in (6, 8):
+        for key in OVERLAP:
+            assert got[step][key] == reference[step][key], (step, key)
+    # checkpoint-5 is not: the manager re-baselines at 6 and measures at 8, where the carried
+    # changed set (from the interval ending at 4) no longer precedes it: NaN, not a wrong value.
+    # The manager of the first run is reused (its step count is 8): it must follow the trainer
+    # back to step 5.
+    again, _, rec5 = _train(tmp_path / "c", max_steps=8, manager=cb.analyzer,
                             resume=str(tmp_path / "a" / "checkpoint-5"))
     got5 = {s: m for s, m in analysis_entries(again.state.log_history).items() if s > 5}
     assert sorted(got5) == [8]
     assert [c["step"] for c in rec5.calls] == [8]
+    assert all(math.isnan(got5[8][key]) for key in OVERLAP)
     for step, metrics in [*got.items(), *got5.items()]:
         for key in ("param_change/norm_l2", "param_change/changed_ratio_at_1e-06",
                     "sparse/kl_at_1e-06"):
