@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -54,21 +55,53 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+# Names of excluded parameters already logged, per model (see collect_parameters).
+_EXCLUSIONS_LOGGED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+_NAMES_SHOWN = 10
+
+
 def collect_parameters(
     model: nn.Module, trainable_only: bool = False
 ) -> list[tuple[str, torch.Tensor]]:
-    """The floating-point parameters that analysis covers, by name (tied weights once).
+    """The real floating-point parameters that analysis covers, by name (tied weights once).
 
     DDP wrappers are unwrapped so that names do not depend on how the model is wrapped.
+    Complex, integer and bool parameters are excluded from every metric: a complex value has
+    no magnitude threshold or sign in the sense the metrics use, and integer storage (e.g.
+    4-bit packed ``uint8`` of a quantized model) is not a weight value. One INFO line names
+    them, the first time each is met for a given model.
     """
-    out = []
-    for name, p in unwrap_model(model).named_parameters():
+    root = unwrap_model(model)
+    out, excluded = [], []
+    for name, p in root.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
-        if not (p.is_floating_point() or p.is_complex()):
-            continue  # quantized storage (e.g. 4-bit packed uint8): not a weight value
+        if not p.is_floating_point():  # complex, integer, bool
+            excluded.append((name, p.dtype))
+            continue
         out.append((name, p))
+    if excluded:
+        _log_exclusions(root, excluded)
     return out
+
+
+def _log_exclusions(model: nn.Module, excluded: list[tuple[str, torch.dtype]]) -> None:
+    try:
+        logged = _EXCLUSIONS_LOGGED.setdefault(model, set())
+    except TypeError:  # a module that cannot be weakly referenced: log every time
+        logged = set()
+    new = [(n, d) for n, d in excluded if n not in logged]
+    if not new:
+        return
+    logged.update(n for n, _ in new)
+    shown = ", ".join(f"{n} ({str(d).removeprefix('torch.')})" for n, d in new[:_NAMES_SHOWN])
+    more = f", ... ({len(new)} parameters)" if len(new) > _NAMES_SHOWN else ""
+    logger.info(
+        "analysis excludes %d parameter(s) that hold no real floating-point values: %s%s",
+        len(new),
+        shown,
+        more,
+    )
 
 
 _WIDENS = {

@@ -198,6 +198,99 @@ def test_non_floating_parameters_are_skipped():
     assert delta.sparsity_at_threshold(0.0)["total_params"] == 3
 
 
+class _TinyLM(nn.Module):
+    """Embedding + linear head; optionally with a complex and an integer parameter that take
+    no part in the logits (the complex one gets its own gradient through the loss)."""
+
+    def __init__(self, extra: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(13, 8)
+        self.head = nn.Linear(8, 13)
+        if extra:
+            self.phase = nn.Parameter(torch.randn(3, 4, dtype=torch.complex64))
+            self.codes = nn.Parameter(torch.arange(5, dtype=torch.int8), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.embed(input_ids))
+
+
+def _train_and_measure(extra: bool, steps: int = 4) -> list[dict[str, float]]:
+    from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+
+    model = _TinyLM(extra)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    cfg = AnalysisConfig.comprehensive(interval=1, fused_kernels=False, histogram_samples=0)
+    analyzer = ModelAnalysisManager.create(cfg)
+    batch = {"input_ids": torch.randint(0, 13, (2, 6), generator=_gen(1))}
+    out = []
+    for _ in range(steps):
+        loss = model(**batch).square().mean()
+        if extra:
+            loss = loss + model.phase.abs().square().sum()  # its own, separate gradient
+        loss.backward()
+        opt.step()
+        metrics = analyzer.on_optimizer_step(model, inputs=batch, optimizer=opt)
+        opt.zero_grad()
+        out.append(metrics)
+    return out
+
+
+def test_complex_and_integer_parameters_leave_the_other_metrics_unchanged(caplog):
+    caplog.set_level("INFO", logger="grail.trainer.analysis.primitives")
+    plain = _train_and_measure(extra=False)
+    with caplog.at_level("INFO", logger="grail.trainer.analysis"):
+        mixed = _train_and_measure(extra=True)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert not warnings, [r.getMessage() for r in warnings]  # no computer failed
+    for ref, got in zip(plain[1:], mixed[1:], strict=True):
+        for family in ("param_change/", "sparse/", "gradient/", "adam_sign/", "lowrank/"):
+            assert any(k.startswith(family) for k in ref), family  # the premise
+        assert sorted(got) == sorted(ref)
+        for key, value in ref.items():
+            assert got[key] == value or (math.isnan(got[key]) and math.isnan(value)), key
+    # one INFO line names the excluded parameters, once for all measurements
+    lines = [r.getMessage() for r in caplog.records if "real floating-point" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "phase (complex64)" in lines[0] and "codes (int8)" in lines[0]
+
+
+def test_complex_parameter_is_excluded_from_snapshots_and_deltas():
+    model = Params({"w": torch.randn(4), "z": torch.randn(2, dtype=torch.complex64)})
+    assert [n for n, _ in collect_parameters(model)] == ["w"]
+    old = ParameterSnapshot(model)
+    new_w = torch.randn(4, generator=_gen(2))
+    model.assign({"w": new_w, "z": torch.ones(2, dtype=torch.complex64)})
+    delta = old.compute_delta(ParameterSnapshot.live(model))
+    assert delta.names == ["w"]
+    _assert_stats(delta.statistics(), _ref_stats([_ref_delta(old.data["w"], new_w)]))
+
+
+def test_exclusions_are_logged_once_per_model_and_again_for_new_names(caplog):
+    model = Params({"w": torch.randn(4), "z": torch.randn(2, dtype=torch.complex64)})
+    with caplog.at_level("INFO", logger="grail.trainer.analysis.primitives"):
+        for _ in range(3):
+            collect_parameters(model)
+            ParameterSnapshot.live(model)
+        model.register_parameter("flags", nn.Parameter(torch.ones(2, dtype=torch.bool), False))
+        collect_parameters(model)
+        other = Params({"z": torch.randn(2, dtype=torch.complex64)})
+        collect_parameters(other)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "z (complex64)" in lines[0] and "flags" not in lines[0]
+    assert "flags (bool)" in lines[1] and "z (" not in lines[1]
+    assert "z (complex64)" in lines[2]
+
+
+def test_exclusion_log_line_is_cut_for_many_parameters(caplog):
+    model = Params({f"q{i:03d}": torch.zeros(2, dtype=torch.uint8) for i in range(200)})
+    with caplog.at_level("INFO", logger="grail.trainer.analysis.primitives"):
+        assert collect_parameters(model) == []
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "q000 (uint8)" in line and "q199" not in line and "(200 parameters)" in line
+
+
 def test_tied_weights_appear_once():
     model = tiny_gpt2()  # lm_head.weight is tied to transformer.wte.weight
     assert model.lm_head.weight is model.transformer.wte.weight
