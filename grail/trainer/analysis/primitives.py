@@ -403,23 +403,52 @@ class ParameterDelta:
 
     def apply_sparse_mask(
         self, threshold: float, mask_type: str = "magnitude", seed: int = 0
-    ) -> dict[str, torch.Tensor]:
-        """``name -> delta * mask`` (float32): the update a sparse fine-tune would apply.
+    ) -> ParameterDelta:
+        """The update a sparse fine-tune would apply: ``delta * mask``, as a delta of its own.
 
-        ``"magnitude"`` keeps ``|delta| > threshold``; ``"random"`` keeps each entry with
-        probability equal to the magnitude mask's global kept ratio, drawn from a generator
-        seeded by ``seed`` (the global RNG is not touched).
+        ``"magnitude"`` keeps ``|delta| > threshold`` (non-finite deltas are kept); ``"random"``
+        keeps each entry with probability equal to the magnitude mask's global kept ratio, by
+        the hash bits of :func:`~grail.trainer.analysis.masks.random_keep_mask` drawn with
+        ``seed`` (reproducible, independent of sharding; no RNG state is read or advanced).
+
+        The result's ``old`` is this delta's old snapshot and its ``new`` a snapshot of the
+        sparsely updated weights ``W_old + delta * mask`` - the new value where the mask keeps
+        an entry, the old one where it drops it, in the wider of the two dtypes on the old
+        snapshot's device (no arithmetic, so nothing is rounded). Its :attr:`deltas`,
+        :meth:`statistics`, :meth:`sparsity_at_threshold` and :meth:`stream` therefore read the
+        masked update: exactly this delta where kept and ``0`` where dropped (``NaN`` only where
+        the old weight itself is not finite). It holds one copy of the parameters.
+
+        Example:
+            >>> model = torch.nn.Linear(3, 1, bias=False)
+            >>> old = ParameterSnapshot(model)
+            >>> with torch.no_grad():
+            ...     model.weight += torch.tensor([[0.5, 1e-6, -0.25]])
+            >>> sparse = old.compute_delta(ParameterSnapshot.live(model)).apply_sparse_mask(1e-4)
+            >>> sparse.sparsity_at_threshold(0.0)["kept_params"]
+            2
+            >>> sparse.deltas["weight"][0, 1].item()
+            0.0
         """
         if mask_type not in ("magnitude", "random"):
             raise ValueError(f"mask_type must be 'magnitude' or 'random', got {mask_type!r}")
-        keep = self.sparsity_at_threshold(threshold)["kept_ratio"]
-        out = {}
-        for name, d in self.deltas.items():
+        keep = self.sparsity_at_threshold(threshold)["kept_ratio"] if mask_type == "random" else 1
+        masked = ParameterSnapshot(None, device=self.old._device)
+        flat: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            new, old = self.new.data[name], self.old.data[name]
+            dtype = torch.promote_types(new.dtype, old.dtype)
+            masked.data[name] = torch.empty(new.shape, dtype=dtype, device=old.device)
+            masked.shards[name] = self.new.shards[name]
+            masked.param_dtypes[name] = self.new.param_dtypes[name]
+            flat[name] = masked.data[name].view(-1)
+        for c in self.stream(owned_only=False):
             if mask_type == "magnitude":
-                mask = magnitude_keep_mask(d, threshold)
+                kept = magnitude_keep_mask(c.delta, threshold)
             else:
-                info = self.new.shards[name]
-                mask = random_keep_mask(d.numel(), keep, seed, name, info.offset, d.device)
-                mask = mask.view(d.shape)
-            out[name] = torch.where(mask, d, 0.0)  # d * mask would turn a dropped NaN/inf into NaN
-        return out
+                offset = self.new.shards[c.name].offset + c.start
+                kept = random_keep_mask(c.delta.numel(), keep, seed, c.name, offset, c.delta.device)
+            chunk = flat[c.name][c.start : c.start + c.delta.numel()]
+            chunk.copy_(torch.where(kept, c.new, c.old))  # a selection: bit-exact values
+        masked.timestamp = self.new.timestamp
+        return ParameterDelta(self.old, masked)

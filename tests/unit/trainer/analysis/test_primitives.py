@@ -502,18 +502,82 @@ def test_lossy_old_snapshot_delta():
 # --- apply_sparse_mask ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+def _ref_masked(old: dict, new: dict, keep: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float64 copies of the float32 delta with the dropped entries set to 0."""
+    return {n: np.where(keep[n], _ref_delta(old[n], new[n]), 0.0) for n in old}
+
+
+def _ref_magnitude_keep(old: dict, new: dict, t: float) -> dict[str, np.ndarray]:
+    out = {}
+    for n in old:
+        d = _ref_delta(old[n], new[n])
+        out[n] = ~(np.abs(d) <= np.float64(np.float32(t)))  # float32 threshold; NaN is kept
+    return out
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
 def test_apply_sparse_mask_magnitude(dtype):
     old, new = _update_pair(dtype, seed=3)
     delta, _ = _delta_for(old, new)
     t = 1e-4
     out = delta.apply_sparse_mask(t)
-    assert list(out) == list(old)
+    assert isinstance(out, ParameterDelta) and out.names == list(old)
+    assert list(out.deltas) == list(old)
+    ref = _ref_masked(old, new, _ref_magnitude_keep(old, new, t))
     for name in old:
-        d = _ref_delta(old[name], new[name])
-        expected = np.where(np.abs(d) > t, d, 0.0).astype(np.float32)
-        assert out[name].dtype == torch.float32 and out[name].shape == old[name].shape
-        np.testing.assert_array_equal(out[name].numpy().reshape(-1), expected)
+        assert out.deltas[name].dtype == torch.float32 and out.deltas[name].shape == old[name].shape
+        np.testing.assert_array_equal(out.deltas[name].numpy().reshape(-1), ref[name])
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_apply_sparse_mask_returns_a_delta_whose_statistics_match_numpy(dtype):
+    old, new = _update_pair(dtype, seed=8)
+    delta, _ = _delta_for(old, new)
+    t = 3e-4
+    sparse = delta.apply_sparse_mask(t)
+    ref = _ref_masked(old, new, _ref_magnitude_keep(old, new, t))
+    _assert_stats(sparse.statistics(), _ref_stats(list(ref.values())))
+    for name, r in sparse.per_layer_statistics().items():
+        _assert_stats(r, _ref_stats([ref[name]]))
+    every = np.concatenate(list(ref.values()))
+    for u in (0.0, t, 1e-3):
+        got = sparse.sparsity_at_threshold(u)
+        kept = int(np.sum(~(np.abs(every) <= np.float64(np.float32(u)))))
+        assert got["total_params"] == every.size and got["kept_params"] == kept, u
+        assert got["kept_ratio"] == kept / every.size
+    # above t the masked update keeps exactly what the update keeps
+    assert sparse.sparsity_at_threshold(t) == delta.sparsity_at_threshold(t)
+    # its `new` snapshot holds the sparsely updated weights: old or new value, never rounded
+    for name in old:
+        keep = _ref_magnitude_keep(old, new, t)[name].reshape(old[name].shape)
+        got = sparse.new.data[name].double().numpy()
+        expected = np.where(keep, new[name].double().numpy(), old[name].double().numpy())
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_apply_sparse_mask_deltas_stream_and_statistics_agree():
+    old, new = _update_pair(torch.bfloat16, seed=9)
+    delta, _ = _delta_for(old, new)
+    sparse = delta.apply_sparse_mask(2e-4, mask_type="random", seed=5)
+    for name in old:
+        streamed = torch.cat([c.delta.clone() for c in sparse.stream([name])])
+        assert torch.equal(streamed, sparse.deltas[name].reshape(-1))
+    ref = [sparse.deltas[n].double().numpy().reshape(-1) for n in old]
+    _assert_stats(sparse.statistics(), _ref_stats(ref))
+
+
+def test_apply_sparse_mask_of_a_lossy_snapshot():
+    g = _gen(11)
+    model = Params({"w": torch.randn(3000, generator=g), "b": torch.randn(40, generator=g)})
+    before = ParameterSnapshot(model, dtype=torch.bfloat16)  # lossy for float32 weights
+    model.assign({"w": model.w.detach() + 1e-3 * torch.randn(3000, generator=g)})
+    delta = before.compute_delta(ParameterSnapshot.live(model))
+    sparse = delta.apply_sparse_mask(1e-3)
+    for name in ("w", "b"):
+        d = delta.deltas[name].double().numpy()
+        expected = np.where(np.abs(d) > np.float32(1e-3), d, 0.0)
+        np.testing.assert_array_equal(sparse.deltas[name].double().numpy(), expected)
+        assert sparse.new.data[name].dtype == torch.float32
 
 
 def test_apply_sparse_mask_random_density_matches_magnitude_kept_ratio():
@@ -523,7 +587,7 @@ def test_apply_sparse_mask_random_density_matches_magnitude_kept_ratio():
     keep = delta.sparsity_at_threshold(t)["kept_ratio"]
     out = delta.apply_sparse_mask(t, mask_type="random", seed=7)
     kept = dropped_nonzero = 0
-    for name, masked in out.items():
+    for name, masked in out.deltas.items():
         d = delta.deltas[name]
         is_kept = masked != 0  # only non-zero entries can be seen to be kept
         assert torch.equal(masked[is_kept], d[is_kept])  # kept entries are the delta itself
@@ -536,16 +600,29 @@ def test_apply_sparse_mask_random_density_matches_magnitude_kept_ratio():
     assert 0.05 < keep < 0.95  # the premise: a non-trivial ratio
 
 
+def test_apply_sparse_mask_random_is_the_library_hash_mask():
+    from grail.trainer.analysis.masks import random_keep_mask
+
+    old, new = _update_pair(torch.float32, seed=6)
+    delta, _ = _delta_for(old, new)
+    keep = delta.sparsity_at_threshold(1e-4)["kept_ratio"]
+    sparse = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3)
+    for name in old:
+        mask = random_keep_mask(old[name].numel(), keep, 3, name, 0, "cpu").numpy()
+        ref = np.where(mask, _ref_delta(old[name], new[name]), 0.0)
+        np.testing.assert_array_equal(sparse.deltas[name].double().numpy().reshape(-1), ref)
+
+
 def test_apply_sparse_mask_random_seeded_and_rng_free():
     old, new = _update_pair(torch.float32, seed=5)
     delta, _ = _delta_for(old, new)
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    a = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3)
+    a = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3).deltas
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(123)  # the global seed plays no part
-    b = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3)
-    c = delta.apply_sparse_mask(1e-4, mask_type="random", seed=4)
+    b = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3).deltas
+    c = delta.apply_sparse_mask(1e-4, mask_type="random", seed=4).deltas
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
@@ -556,16 +633,19 @@ def test_apply_sparse_mask_random_drops_non_finite_entries_to_zero():
     new = {"w": torch.full((n,), float("nan"))}
     new["w"][::2] = float("inf")
     delta, _ = _delta_for(old, new)
-    out = delta.apply_sparse_mask(0.0, mask_type="random", seed=1)["w"]
+    out = delta.apply_sparse_mask(0.0, mask_type="random", seed=1).deltas["w"]
     # keep ratio is 1 here (every entry changed): all kept
     assert torch.equal(out.isnan(), new["w"].isnan())
     new["w"][: n // 2] = 0.0  # half unchanged: keep ratio 0.5
     delta, _ = _delta_for(old, new)
-    out = delta.apply_sparse_mask(0.0, mask_type="random", seed=1)["w"]
+    sparse = delta.apply_sparse_mask(0.0, mask_type="random", seed=1)
+    out = sparse.deltas["w"]
     dropped = out == 0
     assert 0 < int(dropped[n // 2 :].sum()) < n // 2  # some non-finite entries were dropped ...
     finite_or_zero = torch.isfinite(out) | ~dropped
     assert bool(finite_or_zero.all())  # ... and read exactly 0, not NaN
+    stats = sparse.sparsity_at_threshold(0.0)
+    assert stats["kept_params"] == int((~dropped).sum())
 
 
 def test_apply_sparse_mask_rejects_unknown_type():
