@@ -354,15 +354,18 @@ class ParameterDelta:
     def deltas(self) -> dict[str, torch.Tensor]:
         """``name -> new - old`` in float32 on the old snapshot's device; built on first access.
 
-        This materialises a float32 copy of every parameter: fine for small models and user
-        code; the built-in metrics use :meth:`stream` instead.
+        Each entry is the exact difference rounded once to float32 (:func:`float32_delta_`), the
+        same values :meth:`stream` yields. This materialises a float32 copy of every parameter:
+        fine for small models and user code; the built-in metrics use :meth:`stream` instead.
         """
         if self._deltas is None:
             self.old.synchronize()
             out = {}
             for name in self.names:
-                new = self.new.data[name].to(self.old.data[name].device, torch.float32)
-                out[name] = new - self.old.data[name].float()
+                old = self.old.data[name]
+                new = self.new.data[name].to(old.device)
+                buf = torch.empty(new.shape, dtype=torch.float32, device=old.device)
+                out[name] = float32_delta_(buf, new, old.view(new.shape))
             self._deltas = out
         return self._deltas
 

@@ -393,6 +393,19 @@ def test_deltas_are_lazy_and_match_the_reference():
         np.testing.assert_array_equal(deltas[name].numpy().reshape(-1), ref.astype(np.float32))
 
 
+def test_deltas_of_float64_parameters_are_rounded_once_like_the_stream():
+    g = _gen(4)
+    old = {"w": torch.randn(500, generator=g, dtype=torch.float64)}
+    new = {"w": old["w"] + 1e-9 * torch.randn(500, generator=g, dtype=torch.float64)}
+    delta, _ = _delta_for(old, new)
+    got = delta.deltas["w"]
+    assert got.dtype == torch.float32
+    ref = _ref_delta(old["w"], new["w"])
+    np.testing.assert_array_equal(got.double().numpy(), ref)  # not float32(new) - float32(old)
+    streamed = torch.cat([c.delta.clone() for c in delta.stream()])
+    assert torch.equal(streamed, got)
+
+
 def test_statistics_do_not_materialise_deltas(monkeypatch):
     old, new = _update_pair(torch.float32)
     delta, _ = _delta_for(old, new)
