@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 # Names of excluded parameters already logged, per model (see collect_parameters).
 _EXCLUSIONS_LOGGED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 _NAMES_SHOWN = 10
+_ANALYSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def collect_parameters(
@@ -66,17 +67,18 @@ def collect_parameters(
     """The real floating-point parameters that analysis covers, by name (tied weights once).
 
     DDP wrappers are unwrapped so that names do not depend on how the model is wrapped.
-    Complex, integer and bool parameters are excluded from every metric: a complex value has
-    no magnitude threshold or sign in the sense the metrics use, and integer storage (e.g.
-    4-bit packed ``uint8`` of a quantized model) is not a weight value. One INFO line names
-    them, the first time each is met for a given model.
+    Only float16, bfloat16, float32 and float64 parameters are analysed; others are excluded
+    from every metric: a complex value has no magnitude threshold or sign in the sense the
+    metrics use, integer and bool storage (e.g. 4-bit packed ``uint8`` of a quantized model)
+    is not a weight value, and float8 and smaller formats have no arithmetic in torch that the
+    delta could use. One INFO line names them, the first time each is met for a given model.
     """
     root = unwrap_model(model)
     out, excluded = [], []
     for name, p in root.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
-        if not p.is_floating_point():  # complex, integer, bool
+        if p.dtype not in _ANALYSED_DTYPES:
             excluded.append((name, p.dtype))
             continue
         out.append((name, p))
@@ -97,7 +99,8 @@ def _log_exclusions(model: nn.Module, excluded: list[tuple[str, torch.dtype]]) -
     shown = ", ".join(f"{n} ({str(d).removeprefix('torch.')})" for n, d in new[:_NAMES_SHOWN])
     more = f", ... ({len(new)} parameters)" if len(new) > _NAMES_SHOWN else ""
     logger.info(
-        "analysis excludes %d parameter(s) that hold no real floating-point values: %s%s",
+        "analysis excludes %d parameter(s) of a dtype it does not analyse (only float16, "
+        "bfloat16, float32 and float64 are): %s%s",
         len(new),
         shown,
         more,

@@ -199,8 +199,8 @@ def test_non_floating_parameters_are_skipped():
 
 
 class _TinyLM(nn.Module):
-    """Embedding + linear head; optionally with a complex and an integer parameter that take
-    no part in the logits (the complex one gets its own gradient through the loss)."""
+    """Embedding + linear head; optionally with complex, integer and float8 parameters that
+    take no part in the logits (the complex one gets its own gradient through the loss)."""
 
     def __init__(self, extra: bool) -> None:
         super().__init__()
@@ -210,6 +210,7 @@ class _TinyLM(nn.Module):
         if extra:
             self.phase = nn.Parameter(torch.randn(3, 4, dtype=torch.complex64))
             self.codes = nn.Parameter(torch.arange(5, dtype=torch.int8), requires_grad=False)
+            self.scale = nn.Parameter(torch.ones(3).to(torch.float8_e4m3fn), requires_grad=False)
 
     def forward(self, input_ids, attention_mask=None):
         return self.head(self.embed(input_ids))
@@ -236,7 +237,7 @@ def _train_and_measure(extra: bool, steps: int = 4) -> list[dict[str, float]]:
     return out
 
 
-def test_complex_and_integer_parameters_leave_the_other_metrics_unchanged(caplog):
+def test_complex_integer_and_float8_parameters_leave_the_other_metrics_unchanged(caplog):
     caplog.set_level("INFO", logger="grail.trainer.analysis.primitives")
     plain = _train_and_measure(extra=False)
     with caplog.at_level("INFO", logger="grail.trainer.analysis"):
@@ -250,9 +251,10 @@ def test_complex_and_integer_parameters_leave_the_other_metrics_unchanged(caplog
         for key, value in ref.items():
             assert got[key] == value or (math.isnan(got[key]) and math.isnan(value)), key
     # one INFO line names the excluded parameters, once for all measurements
-    lines = [r.getMessage() for r in caplog.records if "real floating-point" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "excludes" in r.getMessage()]
     assert len(lines) == 1, lines
-    assert "phase (complex64)" in lines[0] and "codes (int8)" in lines[0]
+    for named in ("phase (complex64)", "codes (int8)", "scale (float8_e4m3fn)"):
+        assert named in lines[0], lines[0]
 
 
 def test_complex_parameter_is_excluded_from_snapshots_and_deltas():
