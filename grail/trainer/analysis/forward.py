@@ -188,7 +188,9 @@ def _describe(output: Any, depth: int = 0) -> str:
     return type(output).__name__
 
 
-def logits_from_output(output: Any, output_fn: Callable[[Any], torch.Tensor] | None = None):
+def logits_from_output(
+    output: Any, output_fn: Callable[[Any], torch.Tensor] | None = None
+) -> torch.Tensor:
     """The logits tensor of a model output (see module docstring).
 
     In a tuple or list, 0-d tensors (a loss) and non-tensors are passed over: a forward that

@@ -368,7 +368,7 @@ class ParameterDelta:
                 old = self.old.data[name]
                 new = self.new.data[name].to(old.device)
                 buf = torch.empty(new.shape, dtype=torch.float32, device=old.device)
-                out[name] = float32_delta_(buf, new, old.view(new.shape))
+                out[name] = float32_delta_(buf, new, old)
             self._deltas = out
         return self._deltas
 
@@ -422,8 +422,9 @@ class ParameterDelta:
         an entry, the old one where it drops it, in the wider of the two dtypes on the old
         snapshot's device (no arithmetic, so nothing is rounded). Its :attr:`deltas`,
         :meth:`statistics`, :meth:`sparsity_at_threshold` and :meth:`stream` therefore read the
-        masked update: exactly this delta where kept and ``0`` where dropped (``NaN`` only where
-        the old weight itself is not finite). It holds one copy of the parameters.
+        masked update: exactly this delta where kept and ``0`` where dropped (a dropped entry
+        whose old weight is not finite reads ``NaN``, as ``old - old`` does). It holds one copy
+        of the parameters.
 
         Example:
             >>> model = torch.nn.Linear(3, 1, bias=False)
