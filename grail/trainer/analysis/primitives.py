@@ -45,6 +45,7 @@ from .masks import magnitude_keep_mask, random_keep_mask
 from .stats import StreamingStats, chunk_numel
 
 __all__ = [
+    "ANALYSED_DTYPES",
     "DeltaChunk",
     "ParameterDelta",
     "ParameterSnapshot",
@@ -58,7 +59,8 @@ logger = logging.getLogger(__name__)
 # Names of excluded parameters already logged, per model (see collect_parameters).
 _EXCLUSIONS_LOGGED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 _NAMES_SHOWN = 10
-_ANALYSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Parameter dtypes the analysis covers (see :func:`collect_parameters`).
+ANALYSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def collect_parameters(
@@ -78,7 +80,7 @@ def collect_parameters(
     for name, p in root.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
-        if p.dtype not in _ANALYSED_DTYPES:
+        if p.dtype not in ANALYSED_DTYPES:
             excluded.append((name, p.dtype))
             continue
         out.append((name, p))
