@@ -10,7 +10,19 @@ Decisions where the design is silent:
   ``cpu``, ``cuda``, ``mps``, ``xpu`` (``"cuda:1"`` included). It is not checked for availability
   here: a config is a value that may be written on one machine and used on another.
 * Threshold lists are stored sorted and must be unique after formatting with ``f"{t:.0e}"``,
-  because that string is part of the metric key.
+  because that string is part of the metric key. ``-0.0`` is stored as ``+0.0`` (and
+  :func:`format_threshold` writes it as ``0e+00``): the two are the same threshold.
+* Keep ratios must be unique after formatting with
+  :func:`~grail.trainer.analysis.metrics.sparse_quality.format_keep_ratio` (``keep_0.1``), for
+  the same reason; exact duplicates are an error too.
+* Error messages show at most ten entries of a long list or mapping, then how many there are;
+  the offending entry is always named.
+* Upper bounds exist where a typo would stall training rather than fail:
+  ``low_rank_power_iterations <= 32``, ``low_rank_oversampling <= 256`` and
+  ``histogram_samples <= 10_000_000`` (the comments at the checks say why).
+  ``low_rank_exact_max_dim`` has none: any value above the largest weight dimension already
+  means "always exact", so a bound would not catch a typo. ``sparse_quality_max_tokens`` has
+  none: the batch given bounds the positions anyway.
 * Gradient, Adam and low-rank metrics default to off: they need the optimizer, gradients that are
   still present, or SVDs. ``comprehensive()`` turns everything on.
 * ``fused_kernels`` defaults to on: on CPU, parameter change, the gradient and Adam
@@ -31,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,13 +62,35 @@ SNAPSHOT_DTYPES: dict[str, torch.dtype | None] = {
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
+# Upper bounds of integer fields whose cost grows with the value (see the checks for why).
+MAX_POWER_ITERATIONS = 32
+MAX_OVERSAMPLING = 256
+MAX_HISTOGRAM_SAMPLES = 10_000_000
+
+_SHOWN = 10  # entries of a list or mapping shown in an error message
+
+
 def format_threshold(t: float) -> str:
-    """The key fragment of a threshold: ``format_threshold(1e-6) == "1e-06"``."""
-    return f"{t:.0e}"
+    """The key fragment of a threshold: ``format_threshold(1e-6) == "1e-06"``.
+
+    ``-0.0`` is written like ``0.0`` (``"0e+00"``).
+    """
+    return f"{t + 0.0:.0e}"  # -0.0 + 0.0 == +0.0; no other value changes
+
+
+def _short_repr(value: Any) -> str:
+    """``repr(value)``, with a long list, tuple or dict cut to its first entries and its size."""
+    if isinstance(value, (list, tuple)) and len(value) > _SHOWN:
+        head = ", ".join(repr(v) for v in value[:_SHOWN])
+        return f"[{head}, ...] ({len(value)} values)"
+    if isinstance(value, dict) and len(value) > _SHOWN:
+        head = ", ".join(f"{k!r}: {v!r}" for k, v in list(value.items())[:_SHOWN])
+        return f"{{{head}, ...}} ({len(value)} entries)"
+    return repr(value)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"AnalysisConfig.{name}={value!r} is invalid: {allowed}.")
+    raise ValueError(f"AnalysisConfig.{name}={_short_repr(value)} is invalid: {allowed}.")
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -81,7 +116,7 @@ def _check_thresholds(name: str, values: Any, allow_empty: bool = False) -> list
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             _fail(name, values, f"every threshold must be a finite number >= 0 (got {v!r})")
-        out.append(float(v))
+        out.append(float(v) + 0.0)  # -0.0 is +0.0: its key would read "-0e+00"
     if not out and not allow_empty:
         _fail(name, values, "expected at least one threshold")
     seen: dict[str, float] = {}
@@ -107,7 +142,24 @@ def _check_ratios(name: str, values: Any) -> list[float]:
             _fail(name, values, f"every keep ratio must be in (0, 1] (got {v!r})")
         out.append(float(v))
     if len(set(out)) != len(out):
-        _fail(name, values, "keep ratios must be unique")
+        dup = next(v for v in out if out.count(v) > 1)
+        _fail(name, values, f"keep ratios must be unique ({dup!r} is given twice)")
+    if out:
+        # The label is part of the metric key; imported here because the metrics import this
+        # module.
+        from .metrics.sparse_quality import format_keep_ratio
+
+        seen: dict[str, float] = {}
+        for v in sorted(out):
+            key = format_keep_ratio(v)
+            if key in seen:
+                _fail(
+                    name,
+                    values,
+                    f"keep ratios {seen[key]!r} and {v!r} both format as {key!r} in metric "
+                    "keys; keep one of them",
+                )
+            seen[key] = v
     return sorted(out)
 
 
@@ -237,12 +289,22 @@ class AnalysisConfig:
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0.0 < tol < 1.0):
             _fail("adam_sign_tolerance", tol, "expected a number in (0, 1)")
         self.adam_sign_tolerance = float(tol)
-        _check_int("histogram_samples", self.histogram_samples, 0)
+        # 10M samples resolve every bin of a histogram holding 1e-4 of the mass to ~3%; more
+        # only cost memory (4 bytes a sample, kept between measurements) and logging time.
+        _check_int("histogram_samples", self.histogram_samples, 0, MAX_HISTOGRAM_SAMPLES)
 
         self.low_rank_ranks = _check_ranks("low_rank_ranks", self.low_rank_ranks)
         _check_int("low_rank_exact_max_dim", self.low_rank_exact_max_dim, 1)
-        _check_int("low_rank_oversampling", self.low_rank_oversampling, 0)
-        _check_int("low_rank_power_iterations", self.low_rank_power_iterations, 0)
+        # Halko et al. use 5-10 extra columns; hundreds only widen every sketch (or push it past
+        # the matrix size, turning the randomized path into the exact one it exists to avoid).
+        _check_int("low_rank_oversampling", self.low_rank_oversampling, 0, MAX_OVERSAMPLING)
+        # Each iteration is two passes over every large matrix plus a QR. The error factor
+        # (sigma_{k+1} / sigma_k) ** (2q + 1) is about 1e-3 for a 10% spectral gap at q = 32
+        # (and the default of 2 suffices for decaying spectra); beyond it the cost keeps
+        # growing while the energy fractions, read to a few digits, do not change.
+        _check_int(
+            "low_rank_power_iterations", self.low_rank_power_iterations, 0, MAX_POWER_ITERATIONS
+        )
 
     # --- presets ---------------------------------------------------------------------------
     @classmethod
@@ -287,12 +349,23 @@ class AnalysisConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AnalysisConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error that lists the valid ones."""
+    def from_dict(cls, data: Mapping[str, Any]) -> AnalysisConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that lists the valid ones.
+
+        Raises:
+            TypeError: ``data`` is not a mapping (e.g. ``None`` from an empty YAML section).
+            ValueError: an unknown key or an invalid value.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                "AnalysisConfig.from_dict expects a dict of field values (an empty dict for "
+                f"the defaults), got {type(data).__name__}."
+            )
         valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(valid))
+        unknown = sorted((k for k in data if k not in valid), key=repr)
         if unknown:
             raise ValueError(
-                f"AnalysisConfig.from_dict got unknown keys {unknown}; valid keys are {valid}."
+                f"AnalysisConfig.from_dict got unknown keys {_short_repr(unknown)}; "
+                f"valid keys are {valid}."
             )
         return cls(**data)

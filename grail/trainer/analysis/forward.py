@@ -10,7 +10,9 @@ The batch is cut to at most ``max_tokens`` positions: whole rows first, then, if
 longer, its first ``max_tokens`` positions (a causal model's prefix is self-contained).
 
 Outputs: ``output_fn(output)`` if given, else ``output.logits``, a mapping's ``"logits"``, a
-tuple's first element, or the tensor itself. Logits are flattened to ``[positions, classes]``
+tuple's first tensor that is not a scalar (a forward returning ``(loss, logits)`` works), or the
+tensor itself. No tensor of at least one dimension there is a ``TypeError`` describing the
+output and how to pass ``output_fn``. Logits are flattened to ``[positions, classes]``
 keeping only positions where the attention mask is non-zero.
 
 Example:
@@ -164,25 +166,58 @@ def agree_across_ranks(prepared: PreparedInputs | str) -> PreparedInputs | str:
     return prepared
 
 
-def logits_from_output(output: Any, output_fn: Callable[[Any], torch.Tensor] | None = None):
-    """The logits tensor of a model output (see module docstring)."""
+_EXPECTED = (
+    "expected logits: a tensor of shape [batch, seq, classes] or [positions, classes] as "
+    "output.logits, output['logits'], the first non-scalar tensor of a tuple, or the output "
+    "itself; pass output_fn to pick them, e.g. "
+    "ModelAnalysisManager.create(config, output_fn=lambda out: out[1])"
+)
+
+
+def _describe(output: Any, depth: int = 0) -> str:
+    """Types and tensor shapes of a model output for error messages: ``tuple (0-d tensor,
+    tensor[2, 5, 11])`` for a loss and logits."""
+    if isinstance(output, torch.Tensor):
+        return f"tensor[{', '.join(map(str, output.shape))}]" if output.dim() else "0-d tensor"
+    if depth == 0 and isinstance(output, Mapping):
+        items = [f"{k!r}: {_describe(v, 1)}" for k, v in list(output.items())[:6]]
+        return f"{type(output).__name__} {{{', '.join(items)}{', ...' if len(output) > 6 else ''}}}"
+    if depth == 0 and isinstance(output, (tuple, list)):
+        items = [_describe(v, 1) for v in output[:6]]
+        return f"{type(output).__name__} ({', '.join(items)}{', ...' if len(output) > 6 else ''})"
+    return type(output).__name__
+
+
+def logits_from_output(
+    output: Any, output_fn: Callable[[Any], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The logits tensor of a model output (see module docstring).
+
+    In a tuple or list, 0-d tensors (a loss) and non-tensors are passed over: a forward that
+    returns ``(loss, logits)`` gives its logits. An output without a tensor of at least one
+    dimension raises a ``TypeError`` that describes it and says how to pass ``output_fn``.
+    """
     if output_fn is not None:
         out = output_fn(output)
-    elif isinstance(output, torch.Tensor):
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"output_fn returned {type(out).__name__}, expected a tensor")
+        if out.dim() == 0:
+            raise TypeError(
+                f"output_fn returned a 0-d tensor (a scalar such as a loss); {_EXPECTED}"
+            )
+        return out
+    if isinstance(output, torch.Tensor):
         out = output
     elif getattr(output, "logits", None) is not None:
         out = output.logits
     elif isinstance(output, Mapping) and "logits" in output:
         out = output["logits"]
-    elif isinstance(output, (tuple, list)) and output:
-        out = output[0]
+    elif isinstance(output, (tuple, list)):
+        out = next((o for o in output if isinstance(o, torch.Tensor) and o.dim() > 0), None)
     else:
-        raise TypeError(
-            f"cannot find logits in a {type(output).__name__}; pass output_fn= to map the "
-            "model output to a logits tensor"
-        )
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"output_fn returned {type(out).__name__}, expected a tensor")
+        out = None
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        raise TypeError(f"cannot find logits in the model output {_describe(output)}; {_EXPECTED}")
     return out
 
 

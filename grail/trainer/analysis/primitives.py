@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from .masks import magnitude_keep_mask, random_keep_mask
 from .stats import StreamingStats, chunk_numel
 
 __all__ = [
+    "ANALYSED_DTYPES",
     "DeltaChunk",
     "ParameterDelta",
     "ParameterSnapshot",
@@ -54,21 +56,57 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+# Names of excluded parameters already logged, per model (see collect_parameters).
+_EXCLUSIONS_LOGGED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+_NAMES_SHOWN = 10
+#: Parameter dtypes the analysis covers (see :func:`collect_parameters`).
+ANALYSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def collect_parameters(
     model: nn.Module, trainable_only: bool = False
 ) -> list[tuple[str, torch.Tensor]]:
-    """The floating-point parameters that analysis covers, by name (tied weights once).
+    """The real floating-point parameters that analysis covers, by name (tied weights once).
 
     DDP wrappers are unwrapped so that names do not depend on how the model is wrapped.
+    Only float16, bfloat16, float32 and float64 parameters are analysed; others are excluded
+    from every metric: a complex value has no magnitude threshold or sign in the sense the
+    metrics use, integer and bool storage (e.g. 4-bit packed ``uint8`` of a quantized model)
+    is not a weight value, and float8 and smaller formats have no arithmetic in torch that the
+    delta could use. One INFO line names them, the first time each is met for a given model.
     """
-    out = []
-    for name, p in unwrap_model(model).named_parameters():
+    root = unwrap_model(model)
+    out, excluded = [], []
+    for name, p in root.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
-        if not (p.is_floating_point() or p.is_complex()):
-            continue  # quantized storage (e.g. 4-bit packed uint8): not a weight value
+        if p.dtype not in ANALYSED_DTYPES:
+            excluded.append((name, p.dtype))
+            continue
         out.append((name, p))
+    if excluded:
+        _log_exclusions(root, excluded)
     return out
+
+
+def _log_exclusions(model: nn.Module, excluded: list[tuple[str, torch.dtype]]) -> None:
+    try:
+        logged = _EXCLUSIONS_LOGGED.setdefault(model, set())
+    except TypeError:  # a module that cannot be weakly referenced: log every time
+        logged = set()
+    new = [(n, d) for n, d in excluded if n not in logged]
+    if not new:
+        return
+    logged.update(n for n, _ in new)
+    shown = ", ".join(f"{n} ({str(d).removeprefix('torch.')})" for n, d in new[:_NAMES_SHOWN])
+    more = f", ... ({len(new)} parameters)" if len(new) > _NAMES_SHOWN else ""
+    logger.info(
+        "analysis excludes %d parameter(s) of a dtype it does not analyse (only float16, "
+        "bfloat16, float32 and float64 are): %s%s",
+        len(new),
+        shown,
+        more,
+    )
 
 
 _WIDENS = {
@@ -321,15 +359,18 @@ class ParameterDelta:
     def deltas(self) -> dict[str, torch.Tensor]:
         """``name -> new - old`` in float32 on the old snapshot's device; built on first access.
 
-        This materialises a float32 copy of every parameter: fine for small models and user
-        code; the built-in metrics use :meth:`stream` instead.
+        Each entry is the exact difference rounded once to float32 (:func:`float32_delta_`), the
+        same values :meth:`stream` yields. This materialises a float32 copy of every parameter:
+        fine for small models and user code; the built-in metrics use :meth:`stream` instead.
         """
         if self._deltas is None:
             self.old.synchronize()
             out = {}
             for name in self.names:
-                new = self.new.data[name].to(self.old.data[name].device, torch.float32)
-                out[name] = new - self.old.data[name].float()
+                old = self.old.data[name]
+                new = self.new.data[name].to(old.device)
+                buf = torch.empty(new.shape, dtype=torch.float32, device=old.device)
+                out[name] = float32_delta_(buf, new, old)
             self._deltas = out
         return self._deltas
 
@@ -370,23 +411,53 @@ class ParameterDelta:
 
     def apply_sparse_mask(
         self, threshold: float, mask_type: str = "magnitude", seed: int = 0
-    ) -> dict[str, torch.Tensor]:
-        """``name -> delta * mask`` (float32): the update a sparse fine-tune would apply.
+    ) -> ParameterDelta:
+        """The update a sparse fine-tune would apply: ``delta * mask``, as a delta of its own.
 
-        ``"magnitude"`` keeps ``|delta| > threshold``; ``"random"`` keeps each entry with
-        probability equal to the magnitude mask's global kept ratio, drawn from a generator
-        seeded by ``seed`` (the global RNG is not touched).
+        ``"magnitude"`` keeps ``|delta| > threshold`` (non-finite deltas are kept); ``"random"``
+        keeps each entry with probability equal to the magnitude mask's global kept ratio, by
+        the hash bits of :func:`~grail.trainer.analysis.masks.random_keep_mask` drawn with
+        ``seed`` (reproducible, independent of sharding; no RNG state is read or advanced).
+
+        The result's ``old`` is this delta's old snapshot and its ``new`` a snapshot of the
+        sparsely updated weights ``W_old + delta * mask`` - the new value where the mask keeps
+        an entry, the old one where it drops it, in the wider of the two dtypes on the old
+        snapshot's device (no arithmetic, so nothing is rounded). Its :attr:`deltas`,
+        :meth:`statistics`, :meth:`sparsity_at_threshold` and :meth:`stream` therefore read the
+        masked update: exactly this delta where kept and ``0`` where dropped (a dropped entry
+        whose old weight is not finite reads ``NaN``, as ``old - old`` does). It holds one copy
+        of the parameters.
+
+        Example:
+            >>> model = torch.nn.Linear(3, 1, bias=False)
+            >>> old = ParameterSnapshot(model)
+            >>> with torch.no_grad():
+            ...     model.weight += torch.tensor([[0.5, 1e-6, -0.25]])
+            >>> sparse = old.compute_delta(ParameterSnapshot.live(model)).apply_sparse_mask(1e-4)
+            >>> sparse.sparsity_at_threshold(0.0)["kept_params"]
+            2
+            >>> sparse.deltas["weight"][0, 1].item()
+            0.0
         """
         if mask_type not in ("magnitude", "random"):
             raise ValueError(f"mask_type must be 'magnitude' or 'random', got {mask_type!r}")
-        keep = self.sparsity_at_threshold(threshold)["kept_ratio"]
-        out = {}
-        for name, d in self.deltas.items():
+        keep = self.sparsity_at_threshold(threshold)["kept_ratio"] if mask_type == "random" else 1
+        masked = ParameterSnapshot(None, device=self.old._device)
+        flat: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            new, old = self.new.data[name], self.old.data[name]
+            dtype = torch.promote_types(new.dtype, old.dtype)
+            masked.data[name] = torch.empty(new.shape, dtype=dtype, device=old.device)
+            masked.shards[name] = self.new.shards[name]
+            masked.param_dtypes[name] = self.new.param_dtypes[name]
+            flat[name] = masked.data[name].view(-1)
+        for c in self.stream(owned_only=False):
             if mask_type == "magnitude":
-                mask = magnitude_keep_mask(d, threshold)
+                kept = magnitude_keep_mask(c.delta, threshold)
             else:
-                info = self.new.shards[name]
-                mask = random_keep_mask(d.numel(), keep, seed, name, info.offset, d.device)
-                mask = mask.view(d.shape)
-            out[name] = torch.where(mask, d, 0.0)  # d * mask would turn a dropped NaN/inf into NaN
-        return out
+                offset = self.new.shards[c.name].offset + c.start
+                kept = random_keep_mask(c.delta.numel(), keep, seed, c.name, offset, c.delta.device)
+            chunk = flat[c.name][c.start : c.start + c.delta.numel()]
+            chunk.copy_(torch.where(kept, c.new, c.old))  # a selection: bit-exact values
+        masked.timestamp = self.new.timestamp
+        return ParameterDelta(self.old, masked)

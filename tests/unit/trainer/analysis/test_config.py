@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grail.trainer.analysis.config import SNAPSHOT_DTYPES, AnalysisConfig, format_threshold
+from grail.trainer.analysis.metrics.sparse_quality import format_keep_ratio
 
 FIELDS = [f.name for f in dataclasses.fields(AnalysisConfig)]
 BOOL_FIELDS = [f.name for f in dataclasses.fields(AnalysisConfig) if f.type in ("bool", bool)]
@@ -69,10 +70,10 @@ INT_FIELDS = [
     ("interval", 1, None),
     ("sparse_quality_seed", 0, 2**63 - 1),
     ("sparse_quality_max_tokens", 1, None),
-    ("histogram_samples", 0, None),
+    ("histogram_samples", 0, 10_000_000),
     ("low_rank_exact_max_dim", 1, None),
-    ("low_rank_oversampling", 0, None),
-    ("low_rank_power_iterations", 0, None),
+    ("low_rank_oversampling", 0, 256),
+    ("low_rank_power_iterations", 0, 32),
 ]
 
 
@@ -226,6 +227,15 @@ def test_format_threshold_is_the_design_format():
     assert format_threshold(0.0) == "0e+00"
 
 
+def test_negative_zero_threshold_is_stored_and_formatted_as_zero():
+    assert format_threshold(-0.0) == "0e+00"
+    for field in THRESHOLD_FIELDS:
+        for values in ([-0.0], [1e-6, -0.0], -0.0, [-0.0, 0.0]):
+            stored = getattr(AnalysisConfig(**{field: values}), field)
+            assert stored[0] == 0.0 and math.copysign(1.0, stored[0]) == 1.0, (field, values)
+            assert format_threshold(stored[0]) == f"{stored[0]:.0e}" == "0e+00"
+
+
 def test_empty_thresholds():
     _raises("param_change_thresholds", [])
     _raises("gradient_thresholds", [])
@@ -262,6 +272,24 @@ def test_keep_ratios_reject_non_lists(bad):
 def test_keep_ratios_reject_duplicates():
     msg = _raises("sparse_quality_keep_ratios", [0.1, 0.1])
     assert "unique" in msg
+
+
+@pytest.mark.parametrize(
+    ("a", "b"), [(0.1, 0.1000000001), (0.01, 0.0100000004), (0.3333333, 0.33333334)]
+)
+def test_keep_ratios_with_colliding_keys_are_rejected(a, b):
+    assert a != b and format_keep_ratio(a) == format_keep_ratio(b)  # the premise
+    for values in ([a, b], [b, 0.5, a]):
+        msg = _raises("sparse_quality_keep_ratios", values)
+        assert repr(a) in msg and repr(b) in msg
+        assert repr(format_keep_ratio(a)) in msg
+
+
+def test_keep_ratios_that_format_differently_are_accepted():
+    cfg = AnalysisConfig(sparse_quality_keep_ratios=[0.1, 0.100001, 0.01])
+    assert [format_keep_ratio(r) for r in cfg.sparse_quality_keep_ratios] == [
+        "keep_0.01", "keep_0.1", "keep_0.100001"
+    ]
 
 
 def test_ranks_sorted():
@@ -378,6 +406,19 @@ def test_from_dict_unknown_keys_list_the_valid_ones():
         assert re.search(rf"'{name}'", msg), name
 
 
+@pytest.mark.parametrize("bad", [None, [("interval", 10)], "interval=10", 3])
+def test_from_dict_of_a_non_mapping_says_a_dict_is_expected(bad):
+    with pytest.raises(TypeError, match=r"from_dict expects a dict") as info:
+        AnalysisConfig.from_dict(bad)
+    assert type(bad).__name__ in str(info.value)
+
+
+def test_from_dict_accepts_any_mapping():
+    from types import MappingProxyType
+
+    assert AnalysisConfig.from_dict(MappingProxyType({"interval": 7})) == AnalysisConfig(interval=7)
+
+
 def test_from_dict_partial_uses_defaults_and_validates():
     assert AnalysisConfig.from_dict({"interval": 10}) == AnalysisConfig(interval=10)
     assert AnalysisConfig.from_dict({}) == AnalysisConfig()
@@ -409,8 +450,8 @@ _configs = st.builds(
     sparse_quality_thresholds=st.lists(_finite_threshold, min_size=1, max_size=3).map(_unique_keys),
     sparse_quality_seed=st.integers(0, 2**63 - 1),
     sparse_quality_keep_ratios=st.lists(
-        st.floats(min_value=1e-6, max_value=1.0, exclude_min=False), max_size=3, unique=True
-    ),
+        st.floats(min_value=1e-6, max_value=1.0, exclude_min=False), max_size=3
+    ).map(lambda rs: list({format_keep_ratio(r): r for r in rs}.values())),
     sparse_quality_max_tokens=st.integers(1, 10**5),
     adam_sign_tolerance=st.floats(min_value=1e-6, max_value=0.999),
     histogram_samples=st.integers(0, 10**5),
@@ -429,3 +470,56 @@ def test_round_trip_property(cfg):
     assert AnalysisConfig.from_dict(json.loads(json.dumps(data))) == cfg
     # validation is idempotent: stored values are already normalised
     assert again.param_change_thresholds == sorted(set(data["param_change_thresholds"]))
+
+
+# --- error messages stay one readable line ---------------------------------------------------
+
+
+def _long_error(field: str, value) -> str:
+    with pytest.raises(ValueError) as info:
+        AnalysisConfig(**{field: value})
+    msg = str(info.value)
+    assert f"AnalysisConfig.{field}=" in msg and "\n" not in msg
+    assert len(msg) < 600, len(msg)
+    return msg
+
+
+def test_long_threshold_list_is_cut_in_the_error_but_names_the_bad_value():
+    values = [1e-6 * (1 + i / 1000) for i in range(3000)] + [-1.0]
+    msg = _long_error("param_change_thresholds", values)
+    assert "(3001 values)" in msg and "(got -1.0)" in msg
+    assert repr(values[0]) in msg and repr(values[9]) in msg and repr(values[10]) not in msg
+
+
+def test_long_threshold_list_collision_names_both_values():
+    values = [10.0**-k for k in range(1, 40)] + [1.5e-6, 2e-6]
+    msg = _long_error("sparse_quality_thresholds", values)
+    assert "(41 values)" in msg and "1.5e-06 and 2e-06" in msg
+
+
+def test_long_keep_ratio_list_is_cut_in_the_error():
+    values = [i / 2000 for i in range(1, 2001)] + [0.1000000001]
+    msg = _long_error("sparse_quality_keep_ratios", values)
+    assert "(2001 values)" in msg and "0.1 and 0.1000000001" in msg
+
+
+def test_long_component_map_is_cut_in_the_error():
+    bad = {f"proj_{i}": "group" for i in range(500)}
+    bad["q_proj"] = ""
+    msg = _long_error("component_map", bad)
+    assert "(501 entries)" in msg and "'proj_0': 'group'" in msg
+
+
+def test_short_lists_are_shown_whole():
+    values = [1e-4] * 9 + [-1.0]
+    msg = _raises("param_change_thresholds", values)  # repr(values) is in the message
+    assert "values)" not in msg
+
+
+def test_from_dict_many_unknown_keys_are_cut():
+    data = {f"unknown_{i:04d}": i for i in range(1000)}
+    with pytest.raises(ValueError) as info:
+        AnalysisConfig.from_dict(data)
+    msg = str(info.value)
+    assert "unknown_0000" in msg and "(1000 values)" in msg and "unknown_0999" not in msg
+    assert "'interval'" in msg  # the valid keys are still listed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from types import SimpleNamespace
 
@@ -268,6 +269,90 @@ def test_logits_not_found_is_a_type_error_naming_output_fn(output):
 def test_output_fn_returning_a_non_tensor():
     with pytest.raises(TypeError, match="output_fn returned list"):
         logits_from_output(torch.ones(1), output_fn=lambda o: [o])
+
+
+class _LossAndLogits(nn.Module):
+    """A custom forward returning ``(scalar loss, logits)``, or only the loss."""
+
+    def __init__(self, loss_only: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+        self.loss_only = loss_only
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.head(self.embed(input_ids))
+        loss = logits.logsumexp(-1).mean()
+        return loss if self.loss_only else (loss, logits)
+
+
+def test_a_leading_scalar_loss_is_not_taken_for_the_logits():
+    loss, logits = torch.tensor(0.5), torch.randn(2, 3, 5)
+    assert logits_from_output((loss, logits)) is logits
+    assert logits_from_output([loss, None, logits]) is logits
+    assert logits_from_output({"loss": loss, "logits": logits}) is logits
+
+
+@pytest.mark.parametrize(
+    ("output", "described"),
+    [
+        ((torch.tensor(0.5),), "tuple (0-d tensor)"),
+        (torch.tensor(0.5), "0-d tensor"),
+        ({"logits": torch.tensor(0.5)}, "dict {'logits': 0-d tensor}"),
+        ([torch.tensor(1.0), "cache"], "list (0-d tensor, str)"),
+    ],
+)
+def test_no_logits_error_describes_the_output_and_shows_output_fn(output, described):
+    with pytest.raises(TypeError) as info:
+        logits_from_output(output)
+    msg = str(info.value)
+    assert f"model output {described};" in msg, msg
+    assert "[batch, seq, classes]" in msg
+    assert "ModelAnalysisManager.create(config, output_fn=lambda out: out[1])" in msg
+    assert "\n" not in msg
+
+
+def test_output_fn_returning_a_scalar_is_a_type_error():
+    with pytest.raises(TypeError, match="output_fn returned a 0-d tensor"):
+        logits_from_output((torch.tensor(1.0), torch.ones(2, 3)), output_fn=lambda o: o[0])
+
+
+def test_run_forward_of_a_model_returning_loss_and_logits():
+    model = _LossAndLogits().eval()
+    batch = _batch(pad=True)
+    prepared = prepare_inputs(model, batch, max_tokens=10_000)
+    with torch.no_grad():
+        logits = run_forward(model, prepared)
+        full = model(batch["input_ids"])[1]
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(logits, full[mask])
+    with torch.no_grad():  # the same as picking them with output_fn
+        assert torch.equal(run_forward(model, prepared, output_fn=lambda out: out[1]), logits)
+
+
+def test_run_forward_of_a_model_returning_only_a_loss_says_what_to_do():
+    model = _LossAndLogits(loss_only=True).eval()
+    prepared = prepare_inputs(model, _batch(), max_tokens=10_000)
+    expected = r"0-d tensor.*output_fn=lambda out: out\[1\]"
+    with pytest.raises(TypeError, match=expected), torch.no_grad():
+        run_forward(model, prepared)
+
+
+def test_sparse_quality_runs_on_a_loss_and_logits_model():
+    from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+
+    model = _LossAndLogits()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = AnalysisConfig(interval=1, param_change_enabled=False, fused_kernels=False)
+    analyzer = ModelAnalysisManager.create(cfg)
+    batch = _batch()
+    for _ in range(2):
+        model(batch["input_ids"])[0].backward()
+        opt.step()
+        opt.zero_grad()
+        metrics = analyzer.on_optimizer_step(model, inputs=batch)
+    assert metrics["sparse/tokens"] == float(batch["attention_mask"].sum())
+    assert math.isfinite(metrics["sparse/kl_at_1e-06"])
 
 
 # --- run_forward ----------------------------------------------------------------------------

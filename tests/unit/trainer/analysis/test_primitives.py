@@ -198,6 +198,101 @@ def test_non_floating_parameters_are_skipped():
     assert delta.sparsity_at_threshold(0.0)["total_params"] == 3
 
 
+class _TinyLM(nn.Module):
+    """Embedding + linear head; optionally with complex, integer and float8 parameters that
+    take no part in the logits (the complex one gets its own gradient through the loss)."""
+
+    def __init__(self, extra: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(13, 8)
+        self.head = nn.Linear(8, 13)
+        if extra:
+            self.phase = nn.Parameter(torch.randn(3, 4, dtype=torch.complex64))
+            self.codes = nn.Parameter(torch.arange(5, dtype=torch.int8), requires_grad=False)
+            self.scale = nn.Parameter(torch.ones(3).to(torch.float8_e4m3fn), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.embed(input_ids))
+
+
+def _train_and_measure(extra: bool, steps: int = 4) -> list[dict[str, float]]:
+    from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+
+    model = _TinyLM(extra)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    cfg = AnalysisConfig.comprehensive(interval=1, fused_kernels=False, histogram_samples=0)
+    analyzer = ModelAnalysisManager.create(cfg)
+    batch = {"input_ids": torch.randint(0, 13, (2, 6), generator=_gen(1))}
+    out = []
+    for _ in range(steps):
+        loss = model(**batch).square().mean()
+        if extra:
+            loss = loss + model.phase.abs().square().sum()  # its own, separate gradient
+        loss.backward()
+        opt.step()
+        metrics = analyzer.on_optimizer_step(model, inputs=batch, optimizer=opt)
+        opt.zero_grad()
+        out.append(metrics)
+    return out
+
+
+def test_complex_integer_and_float8_parameters_leave_the_other_metrics_unchanged(caplog):
+    caplog.set_level("INFO", logger="grail.trainer.analysis.primitives")
+    plain = _train_and_measure(extra=False)
+    with caplog.at_level("INFO", logger="grail.trainer.analysis"):
+        mixed = _train_and_measure(extra=True)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert not warnings, [r.getMessage() for r in warnings]  # no computer failed
+    for ref, got in zip(plain[1:], mixed[1:], strict=True):
+        for family in ("param_change/", "sparse/", "gradient/", "adam_sign/", "lowrank/"):
+            assert any(k.startswith(family) for k in ref), family  # the premise
+        assert sorted(got) == sorted(ref)
+        for key, value in ref.items():
+            assert got[key] == value or (math.isnan(got[key]) and math.isnan(value)), key
+    # one INFO line names the excluded parameters, once for all measurements
+    lines = [r.getMessage() for r in caplog.records if "excludes" in r.getMessage()]
+    assert len(lines) == 1, lines
+    for named in ("phase (complex64)", "codes (int8)", "scale (float8_e4m3fn)"):
+        assert named in lines[0], lines[0]
+
+
+def test_complex_parameter_is_excluded_from_snapshots_and_deltas():
+    model = Params({"w": torch.randn(4), "z": torch.randn(2, dtype=torch.complex64)})
+    assert [n for n, _ in collect_parameters(model)] == ["w"]
+    old = ParameterSnapshot(model)
+    new_w = torch.randn(4, generator=_gen(2))
+    model.assign({"w": new_w, "z": torch.ones(2, dtype=torch.complex64)})
+    delta = old.compute_delta(ParameterSnapshot.live(model))
+    assert delta.names == ["w"]
+    _assert_stats(delta.statistics(), _ref_stats([_ref_delta(old.data["w"], new_w)]))
+
+
+def test_exclusions_are_logged_once_per_model_and_again_for_new_names(caplog):
+    model = Params({"w": torch.randn(4), "z": torch.randn(2, dtype=torch.complex64)})
+    with caplog.at_level("INFO", logger="grail.trainer.analysis.primitives"):
+        for _ in range(3):
+            collect_parameters(model)
+            ParameterSnapshot.live(model)
+        model.register_parameter("flags", nn.Parameter(torch.ones(2, dtype=torch.bool), False))
+        collect_parameters(model)
+        other = Params({"z": torch.randn(2, dtype=torch.complex64)})
+        collect_parameters(other)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "z (complex64)" in lines[0] and "flags" not in lines[0]
+    assert "flags (bool)" in lines[1] and "z (" not in lines[1]
+    assert "z (complex64)" in lines[2]
+
+
+def test_exclusion_log_line_is_cut_for_many_parameters(caplog):
+    model = Params({f"q{i:03d}": torch.zeros(2, dtype=torch.uint8) for i in range(200)})
+    with caplog.at_level("INFO", logger="grail.trainer.analysis.primitives"):
+        assert collect_parameters(model) == []
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "q000 (uint8)" in line and "q199" not in line and "(200 parameters)" in line
+
+
 def test_tied_weights_appear_once():
     model = tiny_gpt2()  # lm_head.weight is tied to transformer.wte.weight
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -298,6 +393,19 @@ def test_deltas_are_lazy_and_match_the_reference():
         assert deltas[name].dtype == torch.float32 and deltas[name].shape == p.shape
         ref = _ref_delta(old.data[name], p.detach())
         np.testing.assert_array_equal(deltas[name].numpy().reshape(-1), ref.astype(np.float32))
+
+
+def test_deltas_of_float64_parameters_are_rounded_once_like_the_stream():
+    g = _gen(4)
+    old = {"w": torch.randn(500, generator=g, dtype=torch.float64)}
+    new = {"w": old["w"] + 1e-9 * torch.randn(500, generator=g, dtype=torch.float64)}
+    delta, _ = _delta_for(old, new)
+    got = delta.deltas["w"]
+    assert got.dtype == torch.float32
+    ref = _ref_delta(old["w"], new["w"])
+    np.testing.assert_array_equal(got.double().numpy(), ref)  # not float32(new) - float32(old)
+    streamed = torch.cat([c.delta.clone() for c in delta.stream()])
+    assert torch.equal(streamed, got)
 
 
 def test_statistics_do_not_materialise_deltas(monkeypatch):
@@ -409,18 +517,82 @@ def test_lossy_old_snapshot_delta():
 # --- apply_sparse_mask ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+def _ref_masked(old: dict, new: dict, keep: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float64 copies of the float32 delta with the dropped entries set to 0."""
+    return {n: np.where(keep[n], _ref_delta(old[n], new[n]), 0.0) for n in old}
+
+
+def _ref_magnitude_keep(old: dict, new: dict, t: float) -> dict[str, np.ndarray]:
+    out = {}
+    for n in old:
+        d = _ref_delta(old[n], new[n])
+        out[n] = ~(np.abs(d) <= np.float64(np.float32(t)))  # float32 threshold; NaN is kept
+    return out
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
 def test_apply_sparse_mask_magnitude(dtype):
     old, new = _update_pair(dtype, seed=3)
     delta, _ = _delta_for(old, new)
     t = 1e-4
     out = delta.apply_sparse_mask(t)
-    assert list(out) == list(old)
+    assert isinstance(out, ParameterDelta) and out.names == list(old)
+    assert list(out.deltas) == list(old)
+    ref = _ref_masked(old, new, _ref_magnitude_keep(old, new, t))
     for name in old:
-        d = _ref_delta(old[name], new[name])
-        expected = np.where(np.abs(d) > t, d, 0.0).astype(np.float32)
-        assert out[name].dtype == torch.float32 and out[name].shape == old[name].shape
-        np.testing.assert_array_equal(out[name].numpy().reshape(-1), expected)
+        assert out.deltas[name].dtype == torch.float32 and out.deltas[name].shape == old[name].shape
+        np.testing.assert_array_equal(out.deltas[name].numpy().reshape(-1), ref[name])
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_apply_sparse_mask_returns_a_delta_whose_statistics_match_numpy(dtype):
+    old, new = _update_pair(dtype, seed=8)
+    delta, _ = _delta_for(old, new)
+    t = 3e-4
+    sparse = delta.apply_sparse_mask(t)
+    ref = _ref_masked(old, new, _ref_magnitude_keep(old, new, t))
+    _assert_stats(sparse.statistics(), _ref_stats(list(ref.values())))
+    for name, r in sparse.per_layer_statistics().items():
+        _assert_stats(r, _ref_stats([ref[name]]))
+    every = np.concatenate(list(ref.values()))
+    for u in (0.0, t, 1e-3):
+        got = sparse.sparsity_at_threshold(u)
+        kept = int(np.sum(~(np.abs(every) <= np.float64(np.float32(u)))))
+        assert got["total_params"] == every.size and got["kept_params"] == kept, u
+        assert got["kept_ratio"] == kept / every.size
+    # above t the masked update keeps exactly what the update keeps
+    assert sparse.sparsity_at_threshold(t) == delta.sparsity_at_threshold(t)
+    # its `new` snapshot holds the sparsely updated weights: old or new value, never rounded
+    for name in old:
+        keep = _ref_magnitude_keep(old, new, t)[name].reshape(old[name].shape)
+        got = sparse.new.data[name].double().numpy()
+        expected = np.where(keep, new[name].double().numpy(), old[name].double().numpy())
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_apply_sparse_mask_deltas_stream_and_statistics_agree():
+    old, new = _update_pair(torch.bfloat16, seed=9)
+    delta, _ = _delta_for(old, new)
+    sparse = delta.apply_sparse_mask(2e-4, mask_type="random", seed=5)
+    for name in old:
+        streamed = torch.cat([c.delta.clone() for c in sparse.stream([name])])
+        assert torch.equal(streamed, sparse.deltas[name].reshape(-1))
+    ref = [sparse.deltas[n].double().numpy().reshape(-1) for n in old]
+    _assert_stats(sparse.statistics(), _ref_stats(ref))
+
+
+def test_apply_sparse_mask_of_a_lossy_snapshot():
+    g = _gen(11)
+    model = Params({"w": torch.randn(3000, generator=g), "b": torch.randn(40, generator=g)})
+    before = ParameterSnapshot(model, dtype=torch.bfloat16)  # lossy for float32 weights
+    model.assign({"w": model.w.detach() + 1e-3 * torch.randn(3000, generator=g)})
+    delta = before.compute_delta(ParameterSnapshot.live(model))
+    sparse = delta.apply_sparse_mask(1e-3)
+    for name in ("w", "b"):
+        d = delta.deltas[name].double().numpy()
+        expected = np.where(np.abs(d) > np.float32(1e-3), d, 0.0)
+        np.testing.assert_array_equal(sparse.deltas[name].double().numpy(), expected)
+        assert sparse.new.data[name].dtype == torch.float32
 
 
 def test_apply_sparse_mask_random_density_matches_magnitude_kept_ratio():
@@ -430,7 +602,7 @@ def test_apply_sparse_mask_random_density_matches_magnitude_kept_ratio():
     keep = delta.sparsity_at_threshold(t)["kept_ratio"]
     out = delta.apply_sparse_mask(t, mask_type="random", seed=7)
     kept = dropped_nonzero = 0
-    for name, masked in out.items():
+    for name, masked in out.deltas.items():
         d = delta.deltas[name]
         is_kept = masked != 0  # only non-zero entries can be seen to be kept
         assert torch.equal(masked[is_kept], d[is_kept])  # kept entries are the delta itself
@@ -443,16 +615,29 @@ def test_apply_sparse_mask_random_density_matches_magnitude_kept_ratio():
     assert 0.05 < keep < 0.95  # the premise: a non-trivial ratio
 
 
+def test_apply_sparse_mask_random_is_the_library_hash_mask():
+    from grail.trainer.analysis.masks import random_keep_mask
+
+    old, new = _update_pair(torch.float32, seed=6)
+    delta, _ = _delta_for(old, new)
+    keep = delta.sparsity_at_threshold(1e-4)["kept_ratio"]
+    sparse = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3)
+    for name in old:
+        mask = random_keep_mask(old[name].numel(), keep, 3, name, 0, "cpu").numpy()
+        ref = np.where(mask, _ref_delta(old[name], new[name]), 0.0)
+        np.testing.assert_array_equal(sparse.deltas[name].double().numpy().reshape(-1), ref)
+
+
 def test_apply_sparse_mask_random_seeded_and_rng_free():
     old, new = _update_pair(torch.float32, seed=5)
     delta, _ = _delta_for(old, new)
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    a = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3)
+    a = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3).deltas
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(123)  # the global seed plays no part
-    b = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3)
-    c = delta.apply_sparse_mask(1e-4, mask_type="random", seed=4)
+    b = delta.apply_sparse_mask(1e-4, mask_type="random", seed=3).deltas
+    c = delta.apply_sparse_mask(1e-4, mask_type="random", seed=4).deltas
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
@@ -463,16 +648,19 @@ def test_apply_sparse_mask_random_drops_non_finite_entries_to_zero():
     new = {"w": torch.full((n,), float("nan"))}
     new["w"][::2] = float("inf")
     delta, _ = _delta_for(old, new)
-    out = delta.apply_sparse_mask(0.0, mask_type="random", seed=1)["w"]
+    out = delta.apply_sparse_mask(0.0, mask_type="random", seed=1).deltas["w"]
     # keep ratio is 1 here (every entry changed): all kept
     assert torch.equal(out.isnan(), new["w"].isnan())
     new["w"][: n // 2] = 0.0  # half unchanged: keep ratio 0.5
     delta, _ = _delta_for(old, new)
-    out = delta.apply_sparse_mask(0.0, mask_type="random", seed=1)["w"]
+    sparse = delta.apply_sparse_mask(0.0, mask_type="random", seed=1)
+    out = sparse.deltas["w"]
     dropped = out == 0
     assert 0 < int(dropped[n // 2 :].sum()) < n // 2  # some non-finite entries were dropped ...
     finite_or_zero = torch.isfinite(out) | ~dropped
     assert bool(finite_or_zero.all())  # ... and read exactly 0, not NaN
+    stats = sparse.sparsity_at_threshold(0.0)
+    assert stats["kept_params"] == int((~dropped).sum())
 
 
 def test_apply_sparse_mask_rejects_unknown_type():
@@ -529,4 +717,8 @@ def test_cuda_delta_statistics_match_float64_reference(dtype):
     cpu_delta, _ = _delta_for(old, new)
     a = delta.apply_sparse_mask(1e-4, mask_type="random", seed=5)
     b = cpu_delta.apply_sparse_mask(1e-4, mask_type="random", seed=5)
-    assert all(torch.equal(a[n].cpu(), b[n]) for n in a)
+    assert a.new.device == "cpu"  # the sparsely updated weights live with the snapshot
+    assert list(a.deltas) == list(b.deltas)
+    assert all(torch.equal(a.deltas[n].cpu(), b.deltas[n]) for n in b.deltas)
+    masked = [b.deltas[n].double().numpy().reshape(-1) for n in b.deltas]
+    _assert_stats(a.statistics(), _ref_stats(masked))
