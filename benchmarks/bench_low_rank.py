@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import paired, qwen2, simulate_update, table
 
 from grail.trainer.analysis.config import AnalysisConfig
+from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.low_rank import LowRankMetrics
 from grail.trainer.analysis.metrics.sparse_quality import SparseQualityMetrics
-from grail.trainer.analysis.patching import analysis_mode
-from grail.trainer.analysis.primitives import ParameterSnapshot
+from grail.trainer.analysis.patching.swaps import analysis_mode
 
 
 def main() -> None:

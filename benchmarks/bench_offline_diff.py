@@ -35,12 +35,12 @@ from _common import (
     table,
 )
 
+from grail.trainer.analysis.core.naming import ParameterNaming
+from grail.trainer.analysis.core.snapshot import ParameterDelta, ParameterSnapshot
 from grail.trainer.analysis.metrics import ParameterChangeMetrics
-from grail.trainer.analysis.naming import ParameterNaming
-from grail.trainer.analysis.offline_diff import DiffOptions, run_diff
-from grail.trainer.analysis.offline_pair import open_pair
-from grail.trainer.analysis.offline_stream import CellStats, ObservedDelta
-from grail.trainer.analysis.primitives import ParameterDelta, ParameterSnapshot
+from grail.trainer.analysis.offline.diff import DiffOptions, run_diff
+from grail.trainer.analysis.offline.pair import open_pair
+from grail.trainer.analysis.offline.stream import CellStats, ObservedDelta
 
 
 def run(dtype: torch.dtype, args: argparse.Namespace, root: Path) -> dict[str, str]:

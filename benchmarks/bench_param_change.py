@@ -34,8 +34,8 @@ from _common import (
     table,
 )
 
+from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.metrics import ParameterChangeMetrics
-from grail.trainer.analysis.primitives import ParameterSnapshot
 
 
 def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:

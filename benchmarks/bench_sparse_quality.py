@@ -30,9 +30,9 @@ from _common import (
     table,
 )
 
+from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.metrics import SparseQualityMetrics
 from grail.trainer.analysis.metrics.base import AnalysisContext
-from grail.trainer.analysis.primitives import ParameterSnapshot
 
 
 def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:

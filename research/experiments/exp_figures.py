@@ -8,7 +8,7 @@ from typing import Any
 from exp_checks import overlap_baselines
 from exp_precision import mean
 
-from grail.trainer.analysis.report_plots import require_matplotlib
+from grail.trainer.analysis.report.plots import require_matplotlib
 
 MODE_STYLE = {
     "fp32": ("fp32 (exact_unchanged_ratio)", "C0", "o"),

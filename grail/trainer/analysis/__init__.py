@@ -8,6 +8,9 @@ Three lines in a training loop::
 """
 
 from .config import AnalysisConfig
+from .core.naming import ParameterNaming
+from .core.snapshot import ParameterDelta, ParameterSnapshot
+from .core.stats import StreamingStats
 from .manager import ModelAnalysisManager, measurement_steps
 from .metrics import (
     AnalysisContext,
@@ -15,9 +18,6 @@ from .metrics import (
     ParameterChangeMetrics,
     SparseQualityMetrics,
 )
-from .naming import ParameterNaming
-from .primitives import ParameterDelta, ParameterSnapshot
-from .stats import StreamingStats
 
 __all__ = [
     "AnalysisConfig",

@@ -1,7 +1,7 @@
 """Command line: ``grail-analysis`` (also ``python -m grail.trainer.analysis``).
 
 ``grail-analysis diff BASE TUNED --out DIR`` compares two checkpoints with the online metric code
-(:mod:`.offline_diff`) and writes ``DIR/metrics.json`` and ``DIR/report.html``;
+(:mod:`.offline.diff`) and writes ``DIR/metrics.json`` and ``DIR/report.html``;
 ``grail-analysis plot RUN.jsonl --out DIR`` writes ``DIR/report.html`` for a training run logged
 with ``JsonlSink``.
 
@@ -46,7 +46,7 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _add_diff(sub: Any) -> None:
-    from .offline_diff import DEFAULT_KEEP_RATIOS
+    from .offline.diff import DEFAULT_KEEP_RATIOS
 
     p = sub.add_parser(
         "diff",
@@ -126,10 +126,10 @@ def _write(path: Path, text: str) -> None:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from .offline_diff import DiffOptions, run_diff
+    from .offline.diff import DiffOptions, run_diff
 
     if args.report:
-        from .report_plots import require_matplotlib
+        from .report.plots import require_matplotlib
 
         require_matplotlib()  # fail before the work, not after it
     opts = DiffOptions(
@@ -146,7 +146,7 @@ def _diff(args: argparse.Namespace) -> int:
     _write(out / "metrics.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
     written = [out / "metrics.json"]
     if args.report:
-        from .report import render_diff_report
+        from .report.html import render_diff_report
 
         _write(out / "report.html", render_diff_report(result))
         written.append(out / "report.html")
@@ -155,9 +155,9 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .report import render_run_report
-    from .report_plots import require_matplotlib
-    from .runlog import has_values, read_run_log
+    from .report.html import render_run_report
+    from .report.plots import require_matplotlib
+    from .report.runlog import has_values, read_run_log
 
     require_matplotlib()
     records = read_run_log(args.log)
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="grail-analysis: %(levelname)s: %(message)s",
                             level=logging.INFO if args.verbose else logging.WARNING)
-    from .offline import CheckpointError
+    from .offline.checkpoint import CheckpointError
 
     try:
         return _diff(args) if args.command == "diff" else _plot(args)

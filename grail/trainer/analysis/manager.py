@@ -53,9 +53,9 @@ import torch
 from torch import nn
 
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
-from .distributed import ShardInfo, all_reduce_, is_distributed, reshard, unsupported_engine
+from .core.distributed import ShardInfo, all_reduce_, is_distributed, reshard, unsupported_engine
+from .core.snapshot import ParameterSnapshot
 from .metrics.base import AnalysisContext, MetricComputer
-from .primitives import ParameterSnapshot
 
 __all__ = ["ModelAnalysisManager", "measurement_steps"]
 

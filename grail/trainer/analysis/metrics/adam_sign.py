@@ -90,10 +90,10 @@ import torch
 
 from .. import kernels
 from ..config import AnalysisConfig
-from ..distributed import local_tensor, shard_info
-from ..naming import ParameterNaming, group_prefix, group_rows
-from ..primitives import collect_parameters
-from ..stats import StreamingStats, Summary, chunk_numel, f32_floor
+from ..core.distributed import local_tensor, shard_info
+from ..core.naming import ParameterNaming, group_prefix, group_rows
+from ..core.snapshot import collect_parameters
+from ..core.stats import StreamingStats, Summary, chunk_numel, f32_floor
 from .base import AnalysisContext, MetricComputer
 from .gradient import HistogramSample, real_view
 

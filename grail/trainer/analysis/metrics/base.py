@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..primitives import ParameterDelta, ParameterSnapshot
+    from ..core.snapshot import ParameterDelta, ParameterSnapshot
 
 __all__ = ["AnalysisContext", "MetricComputer"]
 

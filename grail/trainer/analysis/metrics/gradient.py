@@ -23,7 +23,7 @@ key                        definition
 Per layer (``gradient/layer_{i}/...``, ``gradient_track_per_layer``) and per component
 (``gradient/component/{c}/...``, ``gradient_track_components``) the keys are ``norm_l2``,
 ``mean_abs``, ``sparsity_at_{T}`` and ``missing_ratio``; a group is reported when it has a
-trainable entry. Groups come from :mod:`~grail.trainer.analysis.naming`.
+trainable entry. Groups come from :mod:`~grail.trainer.analysis.core.naming`.
 
 Sparse gradients (``nn.Embedding(sparse=True)``) are coalesced (duplicate indices summed, as the
 optimizer sees them) and their implicit zeros count as entries equal to zero. Complex gradients
@@ -57,10 +57,10 @@ import torch
 
 from .. import kernels
 from ..config import AnalysisConfig, format_threshold
-from ..distributed import all_reduce_, local_tensor, shard_info
-from ..naming import ParameterNaming, group_prefix, group_rows
-from ..primitives import collect_parameters
-from ..stats import StreamingStats, Summary
+from ..core.distributed import all_reduce_, local_tensor, shard_info
+from ..core.naming import ParameterNaming, group_prefix, group_rows
+from ..core.snapshot import collect_parameters
+from ..core.stats import StreamingStats, Summary
 from .base import AnalysisContext, MetricComputer
 
 __all__ = ["GradientSparsityMetrics", "HistogramSample", "real_view"]

@@ -7,9 +7,9 @@ sharing storage with one of those (tied heads). Without a model (offline) a name
 the owning module's last name contains ``embed`` or is ``lm_head``, ``wte`` or ``wpe``. Matrices
 with a non-finite update are left out.
 
-**Spectrum** (:mod:`~grail.trainer.analysis.spectrum`: float32 on the delta's device, one matrix
+**Spectrum** (:mod:`~grail.trainer.analysis.ops.spectrum`: float32 on the delta's device, one matrix
 materialised at a time; weighted by :math:`E_i = \lVert\Delta_i\rVert_F^2`, see
-:func:`~grail.trainer.analysis.spectrum.aggregate_spectra`):
+:func:`~grail.trainer.analysis.ops.spectrum.aggregate_spectra`):
 
 ===================================  ==============================================================
 ``lowrank/energy_at_r{r}``           share of the update's energy kept by rank-r truncations
@@ -43,9 +43,9 @@ invariants of :mod:`~grail.trainer.analysis.metrics.sparse_quality`):
 
 Truncation factors are computed once per matrix and measurement; only they are kept
 (:math:`r_{max}(m+n)` floats per matrix, on the delta's device), and
-:class:`~grail.trainer.analysis.patching.ModulePatch` writes
+:class:`~grail.trainer.analysis.patching.swaps.ModulePatch` writes
 :math:`W_{old} + \mathrm{left}_{:,:r}\mathrm{right}_{:r}` just before a module runs. The budget
-mask is exact, ties included (:mod:`~grail.trainer.analysis.budget_mask`). The range finder's seed
+mask is exact, ties included (:mod:`~grail.trainer.analysis.ops.budget`). The range finder's seed
 mixes ``sparse_quality_seed``, the step and the parameter name, so results do not depend on the
 order of matrices; its Gaussian draws come from a generator on the matrix's device, so a CPU and a
 CUDA run agree to the range finder's accuracy, not bit for bit.
@@ -53,7 +53,7 @@ CUDA run agree to the range finder's accuracy, not bit for bit.
 **Distributed** (DDP, FSDP2): every rank returns the same numbers, equal to one process analysing
 the unsharded model. Each matrix is decomposed once, on rank ``i mod world`` (a sharded one is
 gathered there first), and its spectrum and factors are broadcast
-(:mod:`~grail.trainer.analysis.sharded_spectrum`). Under FSDP2 each rank patches its own rows,
+(:mod:`~grail.trainer.analysis.ops.sharded_spectrum`). Under FSDP2 each rank patches its own rows,
 :math:`W_{old,local} + \mathrm{left}_{rows,:r}\mathrm{right}_{:r}`. The budget mask is the global
 one, whatever the sharding. KL and top-1 agreement are averaged over the compared tokens of all
 ranks (with the same batch on every rank: that batch's values).
@@ -64,7 +64,7 @@ benchmark in the README.
 
 Example:
     >>> import torch
-    >>> from grail.trainer.analysis.primitives import ParameterSnapshot
+    >>> from grail.trainer.analysis.core.snapshot import ParameterSnapshot
     >>> model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
     >>> old = ParameterSnapshot(model)
     >>> with torch.no_grad():
@@ -85,17 +85,17 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..budget_mask import exact_budget_drops, subset_delta
 from ..config import AnalysisConfig
-from ..distributed import local_tensor, unwrap_model
-from ..divergence import Comparisons
-from ..forward import PreparedInputs, agree_across_ranks, prepare_inputs, run_forward
-from ..masks import mix_seed
-from ..naming import ParameterNaming
-from ..patching import ModulePatch, SelectPatch, analysis_mode
-from ..primitives import ParameterDelta, collect_parameters
-from ..sharded_spectrum import sharded_spectra
-from ..spectrum import Spectrum, aggregate_spectra, matrix_spectrum, spectrum_layout
+from ..core.distributed import local_tensor, unwrap_model
+from ..core.naming import ParameterNaming
+from ..core.snapshot import ParameterDelta, collect_parameters
+from ..ops.budget import exact_budget_drops, subset_delta
+from ..ops.divergence import Comparisons
+from ..ops.masks import mix_seed
+from ..ops.sharded_spectrum import sharded_spectra
+from ..ops.spectrum import Spectrum, aggregate_spectra, matrix_spectrum, spectrum_layout
+from ..patching.forward import PreparedInputs, agree_across_ranks, prepare_inputs, run_forward
+from ..patching.swaps import ModulePatch, SelectPatch, analysis_mode
 from .base import AnalysisContext, MetricComputer
 from .sparse_quality import shared_reference
 

@@ -28,7 +28,7 @@ updated; with dense (fp32) updates both sets are nearly everything and the overl
 
 Example:
     >>> import torch
-    >>> from grail.trainer.analysis.primitives import ParameterSnapshot
+    >>> from grail.trainer.analysis.core.snapshot import ParameterSnapshot
     >>> model = torch.nn.Linear(4, 1, bias=False)
     >>> computer = MaskOverlapMetrics()
     >>> def step(idx):
@@ -51,8 +51,8 @@ from typing import Any
 
 import torch
 
-from ..primitives import ParameterDelta
-from ..stats import StreamingStats
+from ..core.snapshot import ParameterDelta
+from ..core.stats import StreamingStats
 from .base import MetricComputer
 
 __all__ = ["MaskOverlapMetrics", "pack_bits", "unpack_bits"]

@@ -28,7 +28,7 @@ key                             definition
 Per layer (``param_change/layer_{i}/...``) and per component (``param_change/component/{c}/...``)
 the keys are ``mean_abs_delta``, ``norm_l2``, ``relative_norm``, ``sparsity`` (=
 ``exact_unchanged_ratio`` of the group) and ``sparsity_at_{T}``. Groups come from
-:mod:`~grail.trainer.analysis.naming`.
+:mod:`~grail.trainer.analysis.core.naming`.
 
 Reading it: a bf16 model trained with a small learning rate shows a high
 ``exact_unchanged_ratio`` because updates below about 2^-9 of a weight are rounded away; if
@@ -41,7 +41,7 @@ snapshots, devices and layouts take the chunked eager path. Both give the same n
 
 Example:
     >>> import torch
-    >>> from grail.trainer.analysis.primitives import ParameterSnapshot
+    >>> from grail.trainer.analysis.core.snapshot import ParameterSnapshot
     >>> model = torch.nn.Linear(3, 1, bias=False)
     >>> old = ParameterSnapshot(model)
     >>> with torch.no_grad():
@@ -61,9 +61,9 @@ import torch
 
 from .. import kernels
 from ..config import format_threshold
-from ..naming import ParameterNaming, group_prefix, group_rows
-from ..primitives import DeltaChunk, ParameterDelta
-from ..stats import StreamingStats, Summary, chunk_numel, count_zeros
+from ..core.naming import ParameterNaming, group_prefix, group_rows
+from ..core.snapshot import DeltaChunk, ParameterDelta
+from ..core.stats import StreamingStats, Summary, chunk_numel, count_zeros
 from .base import MetricComputer
 
 __all__ = ["ParameterChangeMetrics"]

@@ -35,11 +35,11 @@ update is redundant rather than concentrated in large entries.
 
 All forward passes run in eval mode under ``no_grad`` on the batch the caller passes (cut to
 ``max_tokens`` positions); weights, gradients, training flags and RNG states are exactly
-restored, also when a pass fails (see :mod:`~grail.trainer.analysis.patching`).
+restored, also when a pass fails (see :mod:`~grail.trainer.analysis.patching.swaps`).
 
 Example:
     >>> import torch
-    >>> from grail.trainer.analysis.primitives import ParameterSnapshot
+    >>> from grail.trainer.analysis.core.snapshot import ParameterSnapshot
     >>> from grail.trainer.analysis.metrics.base import AnalysisContext
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <...>
@@ -65,10 +65,10 @@ import torch
 
 from .. import kernels
 from ..config import AnalysisConfig, format_threshold
-from ..distributed import all_reduce_, unwrap_model
-from ..divergence import Comparisons, LogitsReference
-from ..forward import PreparedInputs, agree_across_ranks, prepare_inputs, run_forward
-from ..masks import (
+from ..core.distributed import all_reduce_, unwrap_model
+from ..core.snapshot import ParameterDelta
+from ..ops.divergence import Comparisons, LogitsReference
+from ..ops.masks import (
     keep_ratio_thresholds,
     keep_threshold_bits,
     magnitude_drop,
@@ -76,8 +76,8 @@ from ..masks import (
     random_bits,
     random_drop,
 )
-from ..patching import ModulePatch, SelectPatch, analysis_mode
-from ..primitives import ParameterDelta
+from ..patching.forward import PreparedInputs, agree_across_ranks, prepare_inputs, run_forward
+from ..patching.swaps import ModulePatch, SelectPatch, analysis_mode
 from .base import AnalysisContext, MetricComputer
 
 __all__ = ["SparseQualityMetrics", "format_keep_ratio", "shared_reference"]

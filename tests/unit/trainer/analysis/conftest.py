@@ -22,7 +22,7 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     scaled down to the tiny test models, and the test fails if compiling failed and the
     computers silently fell back to eager."""
     if request.param == "eager":
-        monkeypatch.setattr(kernels, "MIN_NUMEL", 2**62)
+        overrides = {"min_numel": 2**62}
     else:
         if request.node.get_closest_marker("distributed"):
             pytest.skip("worker processes do not see the fixture")
@@ -30,7 +30,7 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
             pytest.skip(f"torch.compile does not work here: {kernels.disabled_reason()}")
         # tiny test models: kernels at any model size, biases and norms pooled, matrices one
         # call each
-        monkeypatch.setattr(kernels, "MIN_TOTAL_NUMEL", 0)
-        monkeypatch.setattr(kernels, "POOL_NUMEL", 64)
-    yield request.param
+        overrides = {"min_total_numel": 0, "pool_numel": 64}
+    with kernels.settings.override(**overrides):
+        yield request.param
     assert kernels.disabled_reason() is None

@@ -49,9 +49,9 @@ def budget_ties(mode: str) -> dict:
     import torch
     from torch import nn
 
-    from grail.trainer.analysis.budget_mask import exact_budget_drops
-    from grail.trainer.analysis.patching import SelectPatch
-    from grail.trainer.analysis.primitives import ParameterSnapshot
+    from grail.trainer.analysis.core.snapshot import ParameterSnapshot
+    from grail.trainer.analysis.ops.budget import exact_budget_drops
+    from grail.trainer.analysis.patching.swaps import SelectPatch
 
     gen = torch.Generator().manual_seed(7)
     shapes = {"first": (7, 5), "mid": (5, 3), "last": (1, 6)}
@@ -182,9 +182,9 @@ def main() -> None:
             snapshot_bytes = manager.old_snapshot.nbytes()
     result = {"metrics": records, "snapshot_bytes": snapshot_bytes}
     if args.low_rank:  # inputs on rank 0 only: every rank must skip the forwards, none may hang
+        from grail.trainer.analysis.core.snapshot import ParameterSnapshot
         from grail.trainer.analysis.metrics.base import AnalysisContext
         from grail.trainer.analysis.metrics.low_rank import LowRankMetrics
-        from grail.trainer.analysis.primitives import ParameterSnapshot
 
         inputs = {"input_ids": ids} if args.rank == 0 else None
         delta = manager.old_snapshot.compute_delta(ParameterSnapshot.live(train_model))

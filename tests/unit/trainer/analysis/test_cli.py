@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from grail.trainer.analysis.cli import main
+from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.registry import build_computers
-from grail.trainer.analysis.offline_diff import DiffOptions, build_config
-from grail.trainer.analysis.primitives import ParameterSnapshot
+from grail.trainer.analysis.offline.diff import DiffOptions, build_config
 
 from .checkpoints import float64_reference, save_pair, tokenizer
 
@@ -108,7 +108,7 @@ def test_different_dtypes_are_compared_in_float32(tmp_path, capsys):
 @pytest.mark.slow
 def test_diff_with_prompts_equals_online_forward_metrics(tmp_path, capsys):
     pytest.importorskip("tokenizers")
-    from grail.trainer.analysis.offline_quality import tokenize
+    from grail.trainer.analysis.offline.quality import tokenize
 
     base, tuned, bdir, tdir = save_pair(tmp_path, shard=True, with_tokenizer=True)
     (tmp_path / "p.txt").write_text(PROMPTS)
@@ -150,7 +150,7 @@ def test_prompts_need_a_usable_tokenizer(tmp_path, capsys, monkeypatch):
     prompts encode to nothing, which is an error before any weight is read, not a silent run
     without sparse/* metrics; --tokenizer DIR takes the tokenizer from elsewhere."""
     pytest.importorskip("tokenizers")
-    from grail.trainer.analysis import offline_diff
+    from grail.trainer.analysis.offline import diff as offline_diff
 
     _, _, bdir, tdir = save_pair(tmp_path, vocab=320)
     (tmp_path / "p.txt").write_text(PROMPTS)

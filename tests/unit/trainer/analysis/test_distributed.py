@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from .test_budget_mask import reference_keep
+from .ops.test_budget import reference_keep
 
 pytestmark = [
     pytest.mark.distributed,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+from grail.trainer.analysis.core.naming import ParameterNaming
 from grail.trainer.analysis.metrics.adam_sign import AdamSignDescentMetrics
 from grail.trainer.analysis.metrics.base import AnalysisContext
-from grail.trainer.analysis.naming import ParameterNaming
 from tests.conftest import tiny_qwen2
 
 from ..reference import assert_same_state, state
@@ -335,7 +335,7 @@ def test_gradient_pass_shared_with_adam_gives_the_same_numbers(
         p.grad = None  # Adam state but no gradient: the Adam computer's own eager path
 
     calls = {"adam": 0}
-    adam_fast = kernels._ADAM_FAST
+    adam_fast = kernels.adam._ADAM_FAST
 
     class Counting:
         def __call__(self, *args):
@@ -345,7 +345,7 @@ def test_gradient_pass_shared_with_adam_gives_the_same_numbers(
         def ready(self, *args):
             return adam_fast.ready(*args)
 
-    monkeypatch.setattr(kernels, "_ADAM_FAST", Counting())
+    monkeypatch.setattr(kernels.adam, "_ADAM_FAST", Counting())
     apart = {}
     for computer in (GradientSparsityMetrics(per_layer=True),
                      AdamSignDescentMetrics(track_components=True)):

@@ -11,9 +11,9 @@ import torch
 
 from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
 from grail.trainer.analysis.config import format_threshold
+from grail.trainer.analysis.core.naming import ParameterNaming
 from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics, HistogramSample
-from grail.trainer.analysis.naming import ParameterNaming
 from tests.conftest import tiny_gpt2, tiny_qwen2
 
 from ..reference import assert_same_state, state

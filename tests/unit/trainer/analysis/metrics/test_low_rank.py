@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from grail.trainer.analysis.config import AnalysisConfig
-from grail.trainer.analysis.distributed import ShardInfo
+from grail.trainer.analysis.core.distributed import ShardInfo
+from grail.trainer.analysis.core.naming import ParameterNaming
+from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.manager import ModelAnalysisManager
 from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.low_rank import LowRankMetrics, low_rank_targets
 from grail.trainer.analysis.metrics.registry import build_computers
-from grail.trainer.analysis.naming import ParameterNaming
-from grail.trainer.analysis.primitives import ParameterSnapshot
 from tests.conftest import tiny_gpt2, tiny_qwen2
 
 from ..reference import assert_same_state, state

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+from grail.trainer.analysis.core.snapshot import ParameterSnapshot
+from grail.trainer.analysis.core.stats import CPU_CHUNK
 from grail.trainer.analysis.metrics.mask_overlap import MaskOverlapMetrics, pack_bits, unpack_bits
-from grail.trainer.analysis.primitives import ParameterSnapshot
-from grail.trainer.analysis.stats import CPU_CHUNK
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, CPU_CHUNK + 3])

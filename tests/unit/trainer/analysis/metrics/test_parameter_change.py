@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from grail.trainer.analysis.config import format_threshold
+from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.metrics import ParameterChangeMetrics
-from grail.trainer.analysis.primitives import ParameterSnapshot
 from tests.conftest import tiny_gpt2, tiny_qwen2
 
 from ..reference import bf16_bits, delta32

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import BatchEncoding
 
-from grail.trainer.analysis.masks import mix_seed, random_keep_mask
+from grail.trainer.analysis.core.snapshot import ParameterSnapshot
+from grail.trainer.analysis.core.stats import f32_floor
 from grail.trainer.analysis.metrics import SparseQualityMetrics
 from grail.trainer.analysis.metrics.base import AnalysisContext
-from grail.trainer.analysis.primitives import ParameterSnapshot
-from grail.trainer.analysis.stats import f32_floor
+from grail.trainer.analysis.ops.masks import mix_seed, random_keep_mask
 from tests.conftest import tiny_qwen2
 
 from ..reference import assert_same_state, state

@@ -1,0 +1,11 @@
+"""The foundation: parameter snapshots and deltas, streaming statistics, naming, collectives.
+
+* :mod:`.snapshot` is the only place parameters are copied (``ParameterSnapshot``) and diffed
+  (``ParameterDelta``, streamed tensor by tensor).
+* :mod:`.stats` accumulates sums, counts and extremes in float64 and reduces them once.
+* :mod:`.naming` derives layer and component groups from parameter names.
+* :mod:`.distributed` is the only module that issues collectives (DDP, FSDP2).
+
+Knows no metric. Imports nothing from the rest of the package except ``ops.masks`` (the hashed
+masks of ``ParameterDelta.apply_sparse_mask``), imported where it is used.
+"""

@@ -1,0 +1,98 @@
+"""Moments of whole tensors (the gradient family): sums, counts and ``max |x|`` in one loop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .batch import Batch, Groups
+from .policy import Kernel, constants, usable
+from .sums import finite_sums, sums
+
+__all__ = ["MomentsBatch"]
+
+
+def _moments_fast(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``[sum, sum_sq, sum_abs, le(t)..., max_abs]``, valid when every value is finite."""
+    x = x.float()
+    ax = x.abs()
+    return torch.stack([*sums(x, ax, t), ax.amax().double()])
+
+
+def _moments_masked(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``[count, sum, sum_sq, sum_abs, le(t)..., max_abs]`` over the finite values."""
+    x = x.float()
+    ax = x.abs()
+    max_abs = torch.where(ax < math.inf, ax, -math.inf).amax().double()
+    return torch.stack([*finite_sums(x, ax, t), max_abs])
+
+
+
+_MOMENTS_FAST = Kernel(_moments_fast, 1)
+_MOMENTS_MASKED = Kernel(_moments_masked, 1)
+
+
+class MomentsBatch(Batch):
+    """Moments of whole 1-D tensors through the compiled kernels, one row per tensor.
+
+    Each row feeds the groups given with its tensor. Tensors below ``settings.pool_numel``
+    entries with the same groups and dtype are concatenated into one row (one kernel call for
+    all the norms and biases of a layer instead of one each); a tensor of more than ``2**30``
+    entries gets one row per slice of that size. The inputs are referenced (small ones copied) until
+    :meth:`rows`, which reruns the rare non-finite ones masked.
+
+    Args:
+        thresholds_f32: thresholds of the counts ``|x| <= t``, already as float32 values.
+        min_numel: smaller tensors are refused (default :attr:`~.policy.KernelSettings.min_numel`).
+    """
+
+    def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
+        super().__init__(min_numel)
+        self.thresholds = constants(thresholds_f32)
+
+    def _fast(self) -> tuple[Kernel, Callable[..., torch.Tensor]]:
+        return _MOMENTS_FAST, _moments_fast
+
+    def _masked(self) -> tuple[Kernel, Callable[..., torch.Tensor]]:
+        return _MOMENTS_MASKED, _moments_masked
+
+    def _consts(self, pool_key: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        return (self.thresholds,)
+
+    def add(self, x: torch.Tensor, groups: Sequence[int], raw: torch.Tensor | None = None) -> bool:
+        """Take ``x`` (its rows feed ``groups``); ``False`` means the caller must go eager.
+        ``raw`` is the fast kernel's row when :func:`joint_rows` already computed it."""
+        if raw is not None:  # from joint_rows, which checked the inputs
+            self._push(raw, (x.detach(), self.thresholds), tuple(groups), None)
+            return True
+        if not usable(self._min, x):
+            return False
+        x = x.detach()
+        return self._take((x,), (tuple(groups), None, x.dtype))
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, list[Groups]]:
+        """``(sums, maxes, groups)``: float64 ``(P, 5 + T)`` and ``(P, 3)`` and the groups of
+        each of the ``P`` rows. Of the maxima only ``max |x|`` is computed (``-inf`` where no
+        value was finite); ``max`` and ``-min`` are NaN."""
+        nt = self.thresholds.numel()
+        stacked = self._stacked()
+        p = len(self._raw)
+        sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
+        maxes = torch.full((p, 3), math.nan, dtype=torch.float64)
+        if stacked is None:
+            return sums, maxes, []
+        raw, counts = stacked  # raw: sum, sum_sq, sum_abs, le(t)..., max_abs
+        sums[:, 0] = counts
+        sums[:, 1:4] = raw[:, :3]
+        sums[:, 5:] = raw[:, 3 : 3 + nt]
+        maxes[:, 0] = raw[:, 3 + nt]
+        for i, masked in self._reruns(raw, 3):
+            sums[i, 4] = sums[i, 0] - masked[0]
+            sums[i, :4] = masked[:4]
+            sums[i, 5:] = masked[4 : 4 + nt]
+            maxes[i, 0] = masked[4 + nt]
+        return sums, maxes, list(self._groups)
+

@@ -1,0 +1,309 @@
+r"""How different are two sets of logits: pure tensor functions with exact definitions.
+
+For logits :math:`a, b \in \mathbb{R}^{N \times V}` (one row per compared position, already
+restricted to unmasked tokens) and :math:`P = \mathrm{softmax}(a)`, :math:`Q = \mathrm{softmax}(b)`:
+
+* ``kl``: :math:`\frac{1}{N}\sum_i \max(0, \sum_v P_{iv}(\log P_{iv} - \log Q_{iv}))`. With
+  :math:`d = a - b`, centred on its mean under :math:`P` (the KL ignores a constant shift of a
+  row), a row's KL is :math:`P \cdot d + \log(1 + P \cdot \mathrm{expm1}(-d))`: both terms come
+  from the difference itself, so a KL of 1e-9 keeps its relative accuracy (two float32
+  log-softmaxes of ~10 would leave only rounding noise). Rows where some
+  :math:`d_v < -60` (the product of an underflowed probability and a huge :math:`e^{-d}` would
+  be lost) use two log-softmaxes instead. The clamp removes rounding noise around an exact 0;
+* ``cosine``: :math:`\frac{1}{N}\sum_i \frac{a_i \cdot b_i}{\lVert a_i\rVert\lVert b_i\rVert}`;
+* ``mse``: :math:`\frac{1}{NV}\sum_{i,v}(a_{iv} - b_{iv})^2`;
+* ``top1_agree``: fraction of rows with :math:`\arg\max a_i = \arg\max b_i`.
+
+Rows where either side has a non-finite logit are excluded and counted (``nonfinite_rows``); with
+no finite row left every value is NaN, never a reassuring 1.0. Work is done in row blocks with
+buffers allocated once, so the temporaries stay small when the vocabulary is large and no
+operation pays for a fresh allocation.
+
+Example:
+    >>> import torch
+    >>> a = torch.tensor([[2.0, 0.0, -1.0]])
+    >>> r = LogitsReference(a).compare(a)
+    >>> r["kl"], r["cosine"], r["mse"], r["top1_agree"]
+    (0.0, 1.0, 0.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .. import kernels
+from ..core.distributed import all_reduce_
+
+__all__ = [
+    "Comparisons",
+    "LogitsReference",
+    "compare_logits",
+    "first_argmax",
+    "kl_divergence",
+    "means",
+]
+
+_BLOCK_ELEMENTS = 1 << 18  # logits per row block (1 MiB of float32)
+
+
+class LogitsReference:
+    """Logits of the full update, with what every comparison reuses computed once."""
+
+    def __init__(self, logits: torch.Tensor, fused: bool = False) -> None:
+        self.logits = _rows(logits)
+        self.fused = fused  # compiled (kernels.reference_rows, compare_rows) where they apply
+        self.top1 = first_argmax(self.logits)
+        rows = kernels.reference_rows(self.logits) if fused else None
+        if rows is not None:
+            self.probs, self.mass, self.norm = rows
+            self.finite = _finite_rows(self.logits, self.norm)
+            self._norm_eager: torch.Tensor | None = None  # computed if an eager compare needs it
+            return
+        norm = _row_norms(self.logits)
+        self.finite = _finite_rows(self.logits, norm)
+        self.norm = self._norm_eager = norm.double()
+        self.probs = torch.softmax(self.logits, dim=-1)
+        self.mass = self.probs.sum(dim=-1).double()  # 1 up to rounding
+
+    def compare_sums(self, other: torch.Tensor) -> list[float]:
+        """Per-row sums ``[kl, cosine, squared error, top-1 agreements, rows, nonfinite rows]``.
+
+        Sums, not means, so that comparisons over several batches (ranks) combine exactly;
+        :func:`means` turns them into :meth:`compare`'s numbers.
+        """
+        other = _rows(other.to(self.logits.device))
+        if other.shape != self.logits.shape:
+            raise ValueError(
+                f"logits shapes differ: {tuple(self.logits.shape)} vs {tuple(other.shape)}"
+            )
+        rows = None
+        if self.fused:
+            rows = kernels.compare_rows(self.logits, other, self.probs, self.mass)
+        if rows is None:
+            kl, dots, sq, norm_a, norm_b, min_diff, top1 = self._compare_eager(other)
+        else:
+            sq, dots, norm_a, norm_b, min_diff, pd, pe = rows.double()
+            kl = pd / self.mass + torch.log1p(pe / self.mass)
+            top1 = first_argmax(other)
+        return self._sums(other, kl, dots, sq, norm_a, norm_b, min_diff, top1)
+
+    def _compare_eager(self, other: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-row ``kl, a.b, sum d^2, a.a, b.b, min dc, top-1`` in row blocks (see
+        :meth:`compare_sums`)."""
+        n, v = other.shape
+        f64 = {"dtype": torch.float64, "device": other.device}
+        kl, dots, sq, norm_b = (torch.empty(n, **f64) for _ in range(4))
+        min_diff = torch.empty(n, dtype=torch.float32, device=other.device)
+        top1 = torch.empty(n, dtype=torch.int64, device=other.device)
+        diff_buf, prod = _scratch(n, v, 2, other.device)
+        for s, e in _blocks(n, v):
+            a, b, p = self.logits[s:e], other[s:e], self.probs[s:e]
+            diff = torch.sub(a, b, out=diff_buf[: (e - s) * v].view(e - s, v))
+            sq[s:e] = _rowdot(diff, diff, prod)
+            # KL(P||Q) = P.d + log(sum P exp(-d)) with d = a - b, both terms from d directly
+            # (no difference of two log-sum-exps): relative accuracy even for a tiny KL. The
+            # KL ignores a constant shift of a row of d, so d is first centred on its P-mean:
+            # logits that moved together (as softmax allows) would otherwise make both terms
+            # large and their sum inaccurate.
+            mass = self.mass[s:e]
+            centre = _rowdot(p, diff, prod).double() / mass
+            diff.sub_(centre.to(diff.dtype)[:, None])
+            min_diff[s:e] = diff.amin(dim=-1) if v else 0.0
+            pd = _rowdot(p, diff, prod).double()  # ~0: what the centring left in float32
+            pe = _rowdot(p, diff.neg_().expm1_(), prod).double()
+            kl[s:e] = pd / mass + torch.log1p(pe / mass)
+            dots[s:e] = _rowdot(a, b, prod)
+            norm_b[s:e] = _rowdot(b, b, prod)
+            top1[s:e] = first_argmax(b)
+        if self._norm_eager is None:  # the reference was compiled, this comparison is not
+            self._norm_eager = _row_norms(self.logits).double()
+        return kl, dots, sq, self._norm_eager, norm_b, min_diff, top1
+
+    def _sums(
+        self,
+        other: torch.Tensor,
+        kl: torch.Tensor,
+        dots: torch.Tensor,
+        sq: torch.Tensor,
+        norm_a: torch.Tensor,
+        norm_b: torch.Tensor,
+        min_diff: torch.Tensor,
+        top1: torch.Tensor,
+    ) -> list[float]:
+        """:meth:`compare_sums`' result from the per-row values (float64 where summed)."""
+        n, v = other.shape
+        f64 = {"dtype": torch.float64, "device": other.device}
+        ok = self.finite & _finite_rows(other, norm_b)
+        # exp(-d) loses the entries where P underflows once -d is large: exact path there
+        redo = (ok & ((min_diff < -_EXP_SAFE) | ~torch.isfinite(kl))).nonzero().flatten()
+        step = _block_rows(v)
+        for i in range(0, redo.numel(), step):  # in row blocks, like everything else
+            rows = redo[i : i + step]
+            kl[rows] = _kl_rows(self.logits[rows], other[rows])
+        kl.clamp_(min=0.0)  # rounding noise around an exact 0
+        # both norms from the loop of the dot product: identical rows give a cosine of 1
+        norm_a, norm_b = norm_a.double(), norm_b.double()
+        denom = (norm_a * norm_b).sqrt()
+        both_zero = (norm_a == 0) & (norm_b == 0)  # identical zero vectors: similarity 1
+        cos = torch.where(denom > 0, dots / denom, both_zero.to(denom.dtype))
+        agree = (top1 == self.top1).to(torch.float64)
+        zero = torch.zeros((), **f64)
+        sums = torch.stack([torch.where(ok, x, zero).sum() for x in (kl, cos, sq, agree)])
+        kl_s, cos_s, sq_s, agree_s = sums.tolist()
+        good = int(ok.sum())
+        return [kl_s, cos_s, sq_s / max(v, 1), agree_s, float(good), float(n - good)]
+
+    def compare(self, other: torch.Tensor) -> dict[str, float]:
+        """``kl, cosine, mse, top1_agree, nonfinite_rows`` of ``other`` against the reference."""
+        return means(self.compare_sums(other))
+
+
+_EXP_SAFE = 60.0  # exp(60) * smallest float32 * 2^18 classes is far below anything reported
+
+
+def _block_rows(v: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(v, 1))
+
+
+def _blocks(n: int, v: int) -> list[tuple[int, int]]:
+    step = _block_rows(v)
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _scratch(n: int, v: int, count: int, device: torch.device) -> list[torch.Tensor]:
+    """Buffers for one row block: allocated once per comparison, not once per operation."""
+    size = min(n, _block_rows(v)) * v
+    return [torch.empty(size, dtype=torch.float32, device=device) for _ in range(count)]
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products (float32), the product written into ``scratch``."""
+    return torch.mul(a, b, out=scratch[: a.numel()].view_as(a)).sum(dim=-1)
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Squared row norms (float32) by the kernel of the dot products, :func:`_rowdot` in the
+    same row blocks: identical rows give a cosine of exactly 1, and the error stays ~1e-7
+    (float32 vector_norm errs by ~1e-6 at 150k classes, a large part of the informative
+    1 - cosine)."""
+    n, v = x.shape
+    norm = torch.empty(n, dtype=torch.float32, device=x.device)
+    scratch = _scratch(n, v, 1, x.device)[0]
+    for s, e in _blocks(n, v):
+        norm[s:e] = _rowdot(x[s:e], x[s:e], scratch)
+    return norm
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """float32 with unit stride along the classes (the views below need it)."""
+    x = logits.detach().float()
+    return x if x.ndim != 2 or x.stride(-1) == 1 else x.contiguous()
+
+
+def _finite_rows(x: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """Rows without NaN/Inf. A finite sum of squares proves it; rows whose sum is not finite
+    (a non-finite entry, or squares overflowing) are checked entry by entry."""
+    finite = torch.isfinite(sq_norm)
+    check = (~finite).nonzero().flatten()
+    if check.numel():
+        finite[check] = torch.isfinite(x[check]).all(dim=-1)
+    return finite
+
+
+def _kl_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row KL from two log-softmaxes: robust to any spread of the logits."""
+    logp = torch.log_softmax(a, dim=-1)
+    return torch.linalg.vecdot(logp.exp(), logp - torch.log_softmax(b, dim=-1)).double()
+
+
+_ARGMAX_WIDTH = 128  # columns per segment of first_argmax
+
+
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of a 2-D tensor without NaN - the first index of each row's
+    maximum - from a vectorised ``amax`` over fixed segments of the row: the first segment whose
+    maximum equals the row's maximum holds the first occurrence, found by an argmax inside that
+    segment only (a plain CPU argmax is about ten times slower than amax).
+
+    >>> x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    >>> first_argmax(x).tolist(), x.argmax(dim=-1).tolist()
+    ([1, 0], [1, 0])
+    """
+    n, v = x.shape
+    w = _ARGMAX_WIDTH
+    k = v // w
+    if k < 2 or x.stride(-1) != 1:
+        return x.argmax(dim=-1)
+    body = x[:, : k * w].unflatten(1, (k, w))
+    seg_max = body.amax(dim=-1)
+    seg = seg_max.argmax(dim=-1)
+    inside = body[torch.arange(n, device=x.device), seg].argmax(dim=-1)
+    idx = seg * w + inside
+    if v > k * w:  # a tail shorter than a segment: it wins only with a strictly larger max
+        tail_max, tail_idx = x[:, k * w :].max(dim=-1)
+        body_max = seg_max.gather(1, seg[:, None]).squeeze(1)
+        idx = torch.where(tail_max > body_max, tail_idx + k * w, idx)
+    return idx
+
+
+def means(sums: Sequence[float]) -> dict[str, float]:
+    """Means from (possibly summed over batches) :meth:`LogitsReference.compare_sums` values;
+    NaN when no finite row was compared."""
+    kl, cos, sq, agree, rows, nonfinite = sums
+    nan = math.nan
+    return {
+        "kl": kl / rows if rows else nan,
+        "cosine": cos / rows if rows else nan,
+        "mse": sq / rows if rows else nan,
+        "top1_agree": agree / rows if rows else nan,
+        "nonfinite_rows": int(nonfinite),
+    }
+
+
+class Comparisons:
+    """Several comparisons against one reference, combined over ranks with one reduction.
+
+    Each rank compares its own batch; :meth:`results` sums the per-row sums over ranks, so the
+    means are token-weighted over every rank's batch and identical on every rank (one process:
+    the batch's own means).
+
+    >>> ref = LogitsReference(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    >>> c = Comparisons(ref)
+    >>> c.add("same", torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    >>> c.results()["same"]["kl"], c.reference_nonfinite
+    (0.0, 0)
+    """
+
+    def __init__(self, reference: LogitsReference) -> None:
+        self.reference = reference
+        self._labels: list[str] = []  # after results(): reference counts summed over ranks
+        self._sums: list[list[float]] = []
+        self.reference_nonfinite = int((~reference.finite).sum())
+        self.reference_rows = int(reference.logits.shape[0])
+
+    def add(self, label: str, logits: torch.Tensor) -> None:
+        self._labels.append(label)
+        self._sums.append(self.reference.compare_sums(logits))
+
+    def results(self) -> dict[str, dict[str, float]]:
+        flat = [x for row in self._sums for x in row]
+        flat += [float(self.reference_nonfinite), float(self.reference_rows)]
+        total = all_reduce_(torch.tensor(flat, dtype=torch.float64), "sum").tolist()
+        self.reference_nonfinite, self.reference_rows = int(total[-2]), int(total[-1])
+        width = len(self._sums[0]) if self._sums else 0
+        return {
+            label: means(total[i * width : (i + 1) * width]) for i, label in enumerate(self._labels)
+        }
+
+
+def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """One-off :meth:`LogitsReference.compare` (``reference`` plays P in the KL)."""
+    return LogitsReference(reference).compare(other)
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(p) || softmax(q)), clamped at 0 per row."""
+    return compare_logits(p_logits, q_logits)["kl"]

@@ -1,0 +1,390 @@
+"""Which entries of an update a sparse mask keeps: magnitude, random, and budget thresholds.
+
+* **Magnitude**: keep ``|delta| > T``. ``T`` is applied exactly as a real number to the float32
+  delta (see :func:`~grail.trainer.analysis.core.stats.f32_floor`).
+* **Random**: keep each entry independently with probability ``keep``. The random bits of an entry
+  are a hash of ``(seed, parameter name, global flat position)`` (:func:`random_bits`), so the
+  mask does not depend on how the tensor is sharded over ranks or chunked, and no RNG state - the
+  global one least of all - is read or advanced.
+* **Budget**: :func:`keep_ratio_thresholds` finds the global magnitude threshold that keeps a
+  given fraction of all entries, exactly, by a two-pass radix select on the float32 bit pattern
+  of ``|delta|`` (monotone for non-negative floats): a 32768-bin histogram of the high 16 bits,
+  then one of the low 16 bits inside the selected bin. Memory is two histograms, not a
+  concatenation or sort of all deltas.
+
+Example:
+    >>> import torch
+    >>> d = torch.tensor([0.0, 1e-7, 1e-5, -1e-3])
+    >>> magnitude_keep_mask(d, 1e-6).tolist()
+    [False, False, True, True]
+    >>> m1 = random_keep_mask(10, 0.5, seed=1, name="w", offset=0, device="cpu")
+    >>> m2 = random_keep_mask(4, 0.5, seed=1, name="w", offset=6, device="cpu")
+    >>> bool((m1[6:] == m2).all())
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..core.stats import f32_floor
+
+__all__ = [
+    "NO_DROP",
+    "DropFn",
+    "DropSpec",
+    "keep_ratio_thresholds",
+    "keep_threshold_bits",
+    "magnitude_drop",
+    "magnitude_keep_mask",
+    "mix_seed",
+    "pack_mask",
+    "position_only",
+    "random_bits",
+    "random_drop",
+    "random_keep_mask",
+    "random_key",
+    "random_uniforms",
+    "spec_of",
+    "unpack_mask",
+    "uses_delta",
+]
+
+_MASK63 = (1 << 63) - 1
+_M1 = 0x7FEB352D  # lowbias32 multipliers (C. Wellons' hash prospector), as signed int32
+_M2 = 0x846CA68B - (1 << 32)
+
+
+def mix_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _MASK63
+
+
+def magnitude_keep_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask ``|delta| > threshold`` (NaN deltas are kept: they certainly changed)."""
+    return ~(delta.float().abs() <= f32_floor(threshold))
+
+
+def _as_int32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _lowbias32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """In-place 32-bit integer hash of an int32 tensor (wrapping arithmetic, logical shifts)."""
+    for shift, mult in ((16, _M1), (15, _M2), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp).bitwise_and_((1 << (32 - shift)) - 1)
+        x.bitwise_xor_(tmp)
+        if mult is not None:
+            x.mul_(mult)
+    return x
+
+
+_ARANGE: dict[torch.device, torch.Tensor] = {}
+
+
+_ARANGE_MAX = 1 << 20  # the cached counter stays small; longer requests are drawn in pieces
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    cached = _ARANGE.get(device)
+    if cached is None:
+        cached = torch.arange(_ARANGE_MAX, dtype=torch.int32, device=device)
+        _ARANGE[device] = cached
+    return cached[:n]
+
+
+def random_bits(
+    numel: int,
+    seed: int,
+    name: str,
+    offset: int,
+    device: torch.device | str,
+    out: torch.Tensor | None = None,
+    tmp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """24 uniform random bits (int32 in [0, 2^24)) for global flat positions ``offset ..``.
+
+    A counter-based generator: the value at global position ``i`` of parameter ``name`` is
+    ``lowbias32(i + key)`` with ``key`` derived from ``(seed, name, i // 2^32)``, so it depends
+    neither on sharding nor on chunking, and no generator state (least of all the global one) is
+    involved. lowbias32 is a bijective 32-bit mixer with full avalanche; its top 24 bits are used.
+    ``out`` and ``tmp`` are optional int32 buffers of ``numel`` elements (the result goes to
+    ``out``).
+    """
+    device = torch.device(device)
+    out = torch.empty(numel, dtype=torch.int32, device=device) if out is None else out
+    tmp = torch.empty_like(out) if tmp is None else tmp
+    pos = 0
+    while pos < numel:
+        gi = offset + pos
+        low = gi & 0xFFFFFFFF
+        # stay inside one 2^32 block of positions and within the cached counter
+        n = min(numel - pos, (1 << 32) - low, _ARANGE_MAX)
+        x = out[pos : pos + n]
+        torch.add(_arange(n, device), random_key(seed, name, gi), out=x)
+        _lowbias32_(x, tmp[pos : pos + n])
+        torch.bitwise_right_shift(x, 8, out=x).bitwise_and_(0xFFFFFF)
+        pos += n
+    return out
+
+
+def random_key(seed: int, name: str, offset: int) -> int:
+    """The int32 added to the local counter ``0, 1, ..`` of the positions ``offset ..`` (within
+    one ``2^32`` block) before hashing: :func:`random_bits` at ``offset + i`` is
+    ``lowbias32(int32(i + random_key(seed, name, offset)))``."""
+    return _as_int32((offset & 0xFFFFFFFF) + mix_seed(seed, name, offset >> 32))
+
+
+def random_uniforms(
+    numel: int, seed: int, name: str, offset: int, device: torch.device | str
+) -> torch.Tensor:
+    """Uniforms in [0, 1) on a 2^-24 grid, from :func:`random_bits`."""
+    return random_bits(numel, seed, name, offset, device).float().mul_(2.0**-24)
+
+
+def keep_threshold_bits(keep: float) -> int:
+    """An entry is kept iff its 24 random bits are below this (so P(keep) = keep on the grid)."""
+    return round(min(max(keep, 0.0), 1.0) * (1 << 24))
+
+
+#: ``drop(name, global_offset, abs_bits, out) -> out``: int32 ``-1`` where an entry reverts to
+#: ``W_old``, ``0`` where it keeps ``W_new``. ``abs_bits`` is the int32 bit pattern of ``|delta|``
+#: of the chunk starting at ``global_offset``; ``out`` is an int32 buffer of the same size. A
+#: drop that depends on the position alone is marked by :func:`position_only` and gets ``None``
+#: for ``abs_bits``, sparing the caller the delta.
+DropFn = Callable[[str, int, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+
+
+def position_only(drop: DropFn) -> DropFn:
+    """Mark ``drop`` as independent of ``|delta|`` (see :func:`uses_delta`)."""
+    drop.uses_delta = False  # type: ignore[attr-defined]
+    return drop
+
+
+def uses_delta(drop: DropFn) -> bool:
+    """Whether ``drop`` reads ``abs_bits`` (every drop not marked :func:`position_only`)."""
+    return getattr(drop, "uses_delta", True)
+
+
+@dataclass(frozen=True)
+class DropSpec:
+    """What a drop function computes, in a form the compiled swap of
+    :mod:`~grail.trainer.analysis.kernels` evaluates itself: an entry is dropped where
+    ``float32 |delta| <= threshold`` (``-inf``: never) or where its :func:`random_bits` drawn
+    with ``seed`` are ``>= keep_limit`` (``2**24``: never). :func:`magnitude_drop` and
+    :func:`random_drop` carry one (:func:`spec_of`); other drops are evaluated eagerly.
+    """
+
+    threshold: float = -math.inf
+    keep_limit: int = 1 << 24
+    seed: int | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.keep_limit < 1 << 24
+
+
+#: The spec of "nothing dropped": the parameters as trained (``W_new``).
+NO_DROP = DropSpec()
+
+
+def spec_of(drop: DropFn) -> DropSpec | None:
+    """The :class:`DropSpec` of ``drop``, or ``None`` for a drop only known as a function.
+
+    It is a function attribute, which ``functools.wraps`` copies: a wrapper that changes what
+    the mask drops must set its own ``spec = None``, or the compiled swap would ignore it.
+    """
+    return getattr(drop, "spec", None)
+
+
+_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:  # 1 << k as int32; 1 << 31 wraps to the sign bit
+        w = torch.tensor([_as_int32(1 << k) for k in range(32)], dtype=torch.int32, device=device)
+        _BIT_WEIGHTS[device] = w
+    return w
+
+
+def pack_mask(
+    mask: torch.Tensor, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat int32 ``-1/0`` mask packed 32 entries to an int32 word, plus the unpacked tail
+    (``scratch``: an optional int32 buffer as large as ``mask``).
+
+    >>> m = -(torch.arange(70) % 3 == 0).int()
+    >>> torch.equal(unpack_mask(pack_mask(m), torch.empty(70, dtype=torch.int32)), m)
+    True
+    """
+    body = mask.numel() // 32 * 32
+    scratch = torch.empty_like(mask) if scratch is None else scratch
+    words = torch.bitwise_and(
+        mask[:body].view(-1, 32), _bit_weights(mask.device), out=scratch[:body].view(-1, 32)
+    )
+    # distinct bits: the sum is their OR (wrapping into the sign bit for bit 31)
+    return words.sum(dim=1, dtype=torch.int32), mask[body:].clone()
+
+
+def unpack_mask(packed: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The int32 ``-1/0`` mask of :func:`pack_mask`, written into ``out``."""
+    words, tail = packed
+    body = words.numel() * 32
+    if body:
+        shifts = 31 - torch.arange(32, dtype=torch.int32, device=out.device)
+        rows = out[:body].view(-1, 32)
+        torch.bitwise_left_shift(words[:, None], shifts, out=rows)
+        rows.bitwise_right_shift_(31)  # arithmetic: the moved bit fills the word
+    out[body:].copy_(tail)
+    return out
+
+
+def _f32_bits(t: float) -> int:
+    return int(np.float32(t).view(np.int32))
+
+
+def magnitude_drop(threshold: float) -> DropFn:
+    """Drop entries with ``|delta| <= threshold`` (NaN deltas are kept)."""
+    # A negative or NaN threshold drops nothing (limit 0); its bit pattern would wrap around.
+    # -0.0 counts as +0.0 (its bit pattern is the sign bit: the limit would wrap around too)
+    t32 = f32_floor(threshold) + 0.0 if threshold >= 0 else -math.inf
+    limit = _f32_bits(t32) + 1 if threshold >= 0 else 0
+
+    def drop(
+        name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        assert abs_bits is not None
+        return torch.sub(abs_bits, limit, out=out).bitwise_right_shift_(31)
+
+    drop.spec = DropSpec(threshold=t32)  # type: ignore[attr-defined]
+    return drop
+
+
+def random_drop(keep: float, seed: int) -> DropFn:
+    """Drop each entry with probability ``1 - keep`` (:func:`random_bits` decides)."""
+    limit = keep_threshold_bits(keep)
+    scratch: dict[torch.device, torch.Tensor] = {}
+
+    @position_only
+    def drop(
+        name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        n = out.numel()
+        tmp = scratch.get(out.device)
+        if tmp is None or tmp.numel() < n:
+            tmp = scratch[out.device] = torch.empty_like(out)
+        bits = random_bits(n, seed, name, offset, out.device, out=out, tmp=tmp[:n])
+        # kept iff bits < limit  <=>  (limit - 1 - bits) >= 0; drop = sign bit of that
+        return bits.neg_().add_(limit - 1).bitwise_right_shift_(31)
+
+    drop.spec = DropSpec(keep_limit=limit, seed=seed)  # type: ignore[attr-defined]
+    return drop
+
+
+def random_keep_mask(
+    numel: int, keep: float, seed: int, name: str, offset: int, device: torch.device | str
+) -> torch.Tensor:
+    """Flat boolean mask keeping each entry with probability ``keep`` (see module docstring)."""
+    return random_bits(numel, seed, name, offset, device) < keep_threshold_bits(keep)
+
+
+_HI_BINS = 1 << 15  # non-negative finite float32 bit patterns are < 0x7F800000: high half < 2^15
+
+
+def keep_ratio_thresholds(
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    keep_ratios: Iterable[float],
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    device: torch.device | str = "cpu",
+) -> dict[float, float]:
+    """Global magnitude thresholds ``T`` such that ``|delta| > T`` keeps each target fraction.
+
+    Args:
+        chunks: called once per pass; yields float32 delta chunks covering every entry once.
+        keep_ratios: targets in (0, 1].
+        reduce: sums a histogram over ranks (identity in one process). Every rank issues the
+            same reductions in the same order, whether or not it holds any entries.
+        device: where the histograms live when this rank yields no chunk.
+
+    The threshold keeps every entry at least as large as the k-th largest ``|delta|``
+    (``k = round(keep * N)``), so the achieved ratio is the target up to ties; non-finite
+    deltas are always kept and count towards ``N``. A target above the changed fraction gives
+    ``T = 0`` (all changed entries).
+    """
+    ratios = sorted(set(keep_ratios))
+    hist_hi: torch.Tensor | None = None
+    n_total = 0
+    for d in chunks():
+        n_total += d.numel()
+        h = torch.bincount(_abs_bits(d) >> 16, minlength=_HI_BINS)
+        hist_hi = h if hist_hi is None else hist_hi + h
+    if hist_hi is None:
+        hist_hi = torch.zeros(_HI_BINS, dtype=torch.long, device=device)
+    # every non-finite |delta| (high half >= that of +inf) goes to one extra, top bin
+    hist_hi = torch.cat(
+        [
+            hist_hi[:_INF_HI],
+            hist_hi.new_zeros(_HI_BINS - _INF_HI),
+            hist_hi[_INF_HI:].sum(0, keepdim=True),
+        ]
+    )
+    total = reduce(torch.tensor([n_total], dtype=torch.long, device=hist_hi.device))
+    hist_hi = reduce(hist_hi)
+    n = int(total.item())
+    if n == 0:
+        return dict.fromkeys(ratios, 0.0)
+    # Walk bins from the largest values down; bin _HI_BINS collects non-finite (always kept).
+    desc = hist_hi.flip(0).cumsum(0).cpu()
+    targets = {}
+    for r in ratios:
+        k = max(1, min(n, round(r * n)))
+        j = int(torch.searchsorted(desc, k))  # first position where the cumulative count >= k
+        hi_bin = _HI_BINS - j
+        above = int(desc[j - 1]) if j > 0 else 0
+        targets[r] = (hi_bin, k - above)  # need the (k-above)-th largest inside hi_bin
+    out: dict[float, float] = {}
+    need = sorted({hb for hb, _ in targets.values() if hb < _HI_BINS})  # same order on all ranks
+    hist_lo: dict[int, torch.Tensor] = {}
+    if need:
+        for d in chunks():
+            bits = _abs_bits(d)
+            hi = bits >> 16
+            for hb in need:
+                sel = bits[hi == hb] & 0xFFFF
+                h = torch.bincount(sel, minlength=1 << 16)
+                hist_lo[hb] = h if hb not in hist_lo else hist_lo[hb] + h
+        for hb in need:
+            if hb not in hist_lo:
+                hist_lo[hb] = torch.zeros(1 << 16, dtype=torch.long, device=hist_hi.device)
+            hist_lo[hb] = reduce(hist_lo[hb])
+    for r, (hb, rank_in_bin) in targets.items():
+        if hb >= _HI_BINS:  # the k largest are all non-finite: keep exactly those
+            out[r] = float(np.finfo(np.float32).max)  # `|inf| > inf` is False: inf won't do
+            continue
+        desc_lo = hist_lo[hb].flip(0).cumsum(0).cpu()
+        j = int(torch.searchsorted(desc_lo, rank_in_bin))
+        value_bits = (hb << 16) | ((1 << 16) - 1 - j)
+        value = torch.tensor([value_bits], dtype=torch.int32).view(torch.float32).item()
+        if value <= 0.0:
+            out[r] = 0.0
+        else:
+            below = torch.nextafter(torch.tensor(value), torch.tensor(0.0)).item()
+            out[r] = float(below)
+    return out
+
+
+_INF_HI = 0x7F80  # high half of +inf; NaNs lie above it, every finite |x| below
+
+
+def _abs_bits(d: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of ``|d|`` (monotone in the value; non-finite ones at the top)."""
+    return d.float().abs().view(torch.int32)

@@ -1,0 +1,239 @@
+"""Turning whatever the user passed into one forward pass, and its output into logits.
+
+Inputs may be a mapping (``dict``, ``BatchEncoding``), a tensor of input ids, or a tuple/list of
+positional arguments. Mapping keys that the model's ``forward`` does not name (``labels``,
+``completion_mask``, ``advantages``, ...) are dropped by inspecting its signature; ``labels`` is
+always dropped (the analysis needs logits, not a loss), and ``use_cache=False`` is passed where
+accepted. Tensors are moved to the device of the model's first parameter.
+
+The batch is cut to at most ``max_tokens`` positions: whole rows first, then, if a single row is
+longer, its first ``max_tokens`` positions (a causal model's prefix is self-contained).
+
+Outputs: ``output_fn(output)`` if given, else ``output.logits``, a mapping's ``"logits"``, a
+tuple's first tensor that is not a scalar (a forward returning ``(loss, logits)`` works), or the
+tensor itself. No tensor of at least one dimension there is a ``TypeError`` describing the
+output and how to pass ``output_fn``. Logits are flattened to ``[positions, classes]``
+keeping only positions where the attention mask is non-zero.
+
+Example:
+    >>> import torch
+    >>> batch = {"input_ids": torch.ones(4, 10, dtype=torch.long),
+    ...          "attention_mask": torch.ones(4, 10), "labels": torch.ones(4, 10)}
+    >>> prepared = prepare_inputs(torch.nn.Embedding(2, 3), batch, max_tokens=25)
+    >>> isinstance(prepared, str)  # Embedding.forward has no attention_mask parameter
+    False
+    >>> sorted(prepared.kwargs), prepared.tokens
+    (['input'], 20)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.distributed import all_reduce_, is_distributed, reshard
+
+__all__ = [
+    "PreparedInputs",
+    "agree_across_ranks",
+    "logits_from_output",
+    "prepare_inputs",
+    "run_forward",
+]
+
+_ALWAYS_DROP = {"labels"}
+_ID_KEYS = ("input_ids", "input", "x", "inputs_embeds")
+
+
+@dataclass
+class PreparedInputs:
+    """Arguments of one forward pass and the mask of positions to compare."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    mask: torch.Tensor | None = None  # bool, shape [batch, seq] (or None: every position)
+    tokens: int = 0
+
+
+def _forward_parameters(model: nn.Module) -> tuple[set[str], bool]:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return set(), True
+    named = {
+        n
+        for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    return named, not named
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _cut(t: Any, rows: int, cols: int | None, batch: int, seq: int | None) -> Any:
+    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != batch:
+        return t
+    t = t[:rows]
+    if cols is not None and seq is not None and t.dim() >= 2 and t.shape[1] == seq:
+        t = t[:, :cols]
+    return t
+
+
+def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedInputs | str:
+    """Normalise ``inputs`` for ``model`` (see module docstring); a string says why it can't."""
+    if inputs is None:
+        return "no inputs were passed"
+    device = _model_device(model)
+    if isinstance(inputs, torch.Tensor):
+        args: tuple[Any, ...] = (inputs,)
+        kwargs: dict[str, Any] = {}
+        ids = inputs
+    elif isinstance(inputs, Mapping):
+        named, accepts_all = _forward_parameters(model)
+        kwargs = {
+            k: v
+            for k, v in inputs.items()
+            if k not in _ALWAYS_DROP and (accepts_all or k in named)
+        }
+        if "input" in named and "input" not in kwargs and "input_ids" in inputs:
+            kwargs["input"] = inputs["input_ids"]  # plain nn.Module taking `input`
+        if "use_cache" in named:
+            kwargs["use_cache"] = False
+        args = ()
+        ids = next((kwargs[k] for k in _ID_KEYS if isinstance(kwargs.get(k), torch.Tensor)), None)
+        if ids is None:
+            ids = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if ids is None:
+            keys = sorted(map(str, inputs))
+            return f"inputs mapping has no tensor the model accepts (keys: {keys})"
+    elif isinstance(inputs, (tuple, list)) and inputs:
+        args = tuple(inputs)
+        kwargs = {}
+        ids = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if ids is None:
+            return "inputs tuple holds no tensor"
+    else:
+        return f"unsupported inputs type {type(inputs).__name__}"
+    if ids.dim() == 0 or ids.numel() == 0:
+        return "inputs are empty"
+
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    batch = ids.shape[0]
+    seq = ids.shape[1] if ids.dim() >= 2 and ids.dtype in (torch.long, torch.int) else None
+    if seq is None and isinstance(mask, torch.Tensor) and mask.shape == ids.shape[:2]:
+        seq = mask.shape[1]  # inputs_embeds [batch, seq, hidden]: the mask says what a position is
+    per_row = seq if seq is not None else 1
+    rows = max(1, min(batch, max_tokens // per_row))
+    cols = min(seq, max_tokens) if seq is not None else None
+    args = tuple(_cut(a, rows, cols, batch, seq) for a in args)
+    kwargs = {k: _cut(v, rows, cols, batch, seq) for k, v in kwargs.items()}
+    mask = _cut(mask, rows, cols, batch, seq).bool() if isinstance(mask, torch.Tensor) else None
+
+    def move(v: Any) -> Any:
+        return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+
+    args = tuple(move(a) for a in args)
+    kwargs = {k: move(v) for k, v in kwargs.items()}
+    if mask is not None:
+        mask = mask.to(device)
+        tokens = int(mask.sum())
+    else:
+        tokens = rows * (cols if cols is not None else 1)
+    return PreparedInputs(args=args, kwargs=kwargs, mask=mask, tokens=tokens)
+
+
+def agree_across_ranks(prepared: PreparedInputs | str) -> PreparedInputs | str:
+    """Forwards run only if every rank has usable inputs (one reduction; identity alone).
+
+    Analysis forwards of a sharded model are collectives: a rank that skipped them would leave
+    the others waiting.
+    """
+    if not is_distributed():
+        return prepared
+    usable = torch.tensor([0.0 if isinstance(prepared, str) else 1.0], dtype=torch.float64)
+    if not all_reduce_(usable, "min").item() and not isinstance(prepared, str):
+        return "another rank has no usable inputs"
+    return prepared
+
+
+_EXPECTED = (
+    "expected logits: a tensor of shape [batch, seq, classes] or [positions, classes] as "
+    "output.logits, output['logits'], the first non-scalar tensor of a tuple, or the output "
+    "itself; pass output_fn to pick them, e.g. "
+    "ModelAnalysisManager.create(config, output_fn=lambda out: out[1])"
+)
+
+
+def _describe(output: Any, depth: int = 0) -> str:
+    """Types and tensor shapes of a model output for error messages: ``tuple (0-d tensor,
+    tensor[2, 5, 11])`` for a loss and logits."""
+    if isinstance(output, torch.Tensor):
+        return f"tensor[{', '.join(map(str, output.shape))}]" if output.dim() else "0-d tensor"
+    if depth == 0 and isinstance(output, Mapping):
+        items = [f"{k!r}: {_describe(v, 1)}" for k, v in list(output.items())[:6]]
+        return f"{type(output).__name__} {{{', '.join(items)}{', ...' if len(output) > 6 else ''}}}"
+    if depth == 0 and isinstance(output, (tuple, list)):
+        items = [_describe(v, 1) for v in output[:6]]
+        return f"{type(output).__name__} ({', '.join(items)}{', ...' if len(output) > 6 else ''})"
+    return type(output).__name__
+
+
+def logits_from_output(
+    output: Any, output_fn: Callable[[Any], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The logits tensor of a model output (see module docstring).
+
+    In a tuple or list, 0-d tensors (a loss) and non-tensors are passed over: a forward that
+    returns ``(loss, logits)`` gives its logits. An output without a tensor of at least one
+    dimension raises a ``TypeError`` that describes it and says how to pass ``output_fn``.
+    """
+    if output_fn is not None:
+        out = output_fn(output)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"output_fn returned {type(out).__name__}, expected a tensor")
+        if out.dim() == 0:
+            raise TypeError(
+                f"output_fn returned a 0-d tensor (a scalar such as a loss); {_EXPECTED}"
+            )
+        return out
+    if isinstance(output, torch.Tensor):
+        out = output
+    elif getattr(output, "logits", None) is not None:
+        out = output.logits
+    elif isinstance(output, Mapping) and "logits" in output:
+        out = output["logits"]
+    elif isinstance(output, (tuple, list)):
+        out = next((o for o in output if isinstance(o, torch.Tensor) and o.dim() > 0), None)
+    else:
+        out = None
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        raise TypeError(f"cannot find logits in the model output {_describe(output)}; {_EXPECTED}")
+    return out
+
+
+def run_forward(
+    model: nn.Module,
+    prepared: PreparedInputs,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One forward pass; logits as float32 ``[positions, classes]`` of the unmasked positions."""
+    try:
+        logits = logits_from_output(model(*prepared.args, **prepared.kwargs), output_fn)
+    finally:
+        reshard(model)  # FSDP2: drop unsharded copies of (possibly patched) parameters
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(-1)
+    mask = prepared.mask
+    if mask is not None and logits.shape[:-1] == mask.shape and not bool(mask.all()):
+        logits = logits[mask.to(logits.device)]  # a copy: only when some positions are masked
+    return logits.reshape(-1, logits.shape[-1]).float()

@@ -1,0 +1,507 @@
+"""Swap weights for an extra forward pass and put every bit back, also when the pass fails.
+
+Three context managers:
+
+* :func:`analysis_mode` - ``torch.no_grad()``, every module in eval mode (dropout would make
+  identical weights look different), and on exit each module's own ``training`` flag and the
+  global CPU and CUDA RNG states exactly as they were.
+* :class:`SelectPatch` - every analysed parameter becomes ``W_new`` or ``W_old`` entry by entry
+  (a magnitude or random mask). A masked update is an element-wise *selection* between two values
+  that already exist, so the patch swaps the dropped entries between the parameter and the
+  snapshot and swaps them back afterwards: no copy of the model, exact by construction. Undoing
+  recomputes the mask, which is why a mask may depend only on ``|W_new - W_old|`` and on the
+  position. Where the snapshot's dtype differs from the parameter's (a bf16 snapshot of an fp32
+  model) the dropped values are saved instead and the snapshot is left alone. With ``fused=True``
+  each CPU tensor is moved in one compiled pass that evaluates the masks itself
+  (:func:`~grail.trainer.analysis.kernels.select_swap`, for magnitude and random masks; 2-3x
+  faster than the chunked eager ops); whatever it declines takes the eager path.
+* :class:`ModulePatch` - arbitrary new values (DARE rescaling, low-rank truncation) that cannot
+  be swapped. Each parameter is written just before its owning module runs and restored right
+  after (forward pre-hook and an always-called forward hook), so at most one module's parameters
+  are saved at any time - O(largest module), not a clone of the model. Parameters shared by
+  several modules (tied embeddings) are patched for the whole pass with a saved copy.
+
+Everything runs on the parameters' own devices; snapshot chunks are brought over as needed.
+
+Example:
+    >>> import torch
+    >>> from grail.trainer.analysis.core.snapshot import ParameterSnapshot
+    >>> from grail.trainer.analysis.ops.masks import magnitude_drop
+    >>> model = torch.nn.Linear(2, 1, bias=False)
+    >>> old = ParameterSnapshot(model)
+    >>> w_old = model.weight.detach().clone()
+    >>> with torch.no_grad():
+    ...     model.weight += torch.tensor([[1e-3, 1.0]])
+    >>> w_new = model.weight.detach().clone()
+    >>> delta = old.compute_delta(ParameterSnapshot.live(model))
+    >>> with analysis_mode(model), SelectPatch(delta, magnitude_drop(0.1)):
+    ...     model.weight[0, 0] == w_old[0, 0], model.weight[0, 1] == w_new[0, 1]
+    (tensor(True), tensor(True))
+    >>> torch.equal(model.weight, w_new), torch.equal(old.data["weight"], w_old)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..core.distributed import fsdp_units, local_tensor, shard_info, unwrap_model
+from ..core.snapshot import ParameterDelta, collect_parameters, float32_delta_
+from ..core.stats import chunk_numel
+from ..ops.masks import NO_DROP, DropFn, DropSpec, pack_mask, spec_of, unpack_mask, uses_delta
+
+__all__ = ["ModulePatch", "SelectPatch", "analysis_mode"]
+
+logger = logging.getLogger(__name__)
+_MISSED: set[str] = set()  # parameters already warned about (once per process)
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module) -> Iterator[None]:
+    """no_grad + eval for the duration; restores training flags and RNG states on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@dataclass
+class _Patched:
+    name: str
+    start: int
+    stop: int
+    index: torch.Tensor | None = None  # fallback path: positions written ...
+    saved: torch.Tensor | None = None  # ... and their original values
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the swap mask, 1 bit an entry
+    drop: DropFn | None = None  # the mask in place (recomputed to undo where not packed)
+    fused: bool = False  # the whole tensor, swapped by the compiled kernel (masks recomputed)
+
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _pack_on(device: torch.device) -> bool:
+    """Keep swap masks packed for the undo (host memory), or recompute them (accelerators)."""
+    return device.type == "cpu"
+
+
+class SelectPatch:
+    """Within the context, each parameter equals ``W_new`` where ``drop`` is 0 and ``W_old``
+    where it is -1 (see module docstring and :data:`~grail.trainer.analysis.ops.masks.DropFn`).
+
+    When parameter and snapshot share a dtype, dropped entries are exchanged between them with
+    an XOR swap of their bit patterns (``x = (p ^ s) & m; p ^= x; s ^= x``): three integer ops,
+    no indices, no copy, an involution. Undoing swaps the same entries back: on the CPU the mask
+    is kept packed (one bit an entry, 1/32 of a float32 model), on an accelerator it is
+    recomputed from ``|W_new - W_old|``, which the swap leaves unchanged (device memory stays
+    O(one chunk)). Entries the update did not change may be swapped too: their values are equal.
+    Otherwise (snapshot dtype differs) the dropped changed values are saved and written back.
+
+    ``fused`` lets :func:`~grail.trainer.analysis.kernels.select_swap` move whole CPU tensors
+    in one compiled pass when the mask carries a :class:`~grail.trainer.analysis.ops.masks.DropSpec`
+    (such records keep no packed mask: undoing recomputes it in the same pass). A tensor the
+    kernel declines, at any step, continues on the eager path from the state it is in.
+
+    ``count_dropped`` / ``count_changed`` turn off the counts behind :meth:`dropped_count` and
+    :meth:`changed_count` when they are not needed: a position-only mask (such as
+    :func:`~grail.trainer.analysis.ops.masks.random_drop`) then never computes the delta at all.
+    :meth:`switch` moves to another mask in one pass, without going back to ``W_new`` between.
+    """
+
+    def __init__(
+        self,
+        delta: ParameterDelta,
+        drop: DropFn,
+        *,
+        count_dropped: bool = True,
+        count_changed: bool = True,
+        fused: bool = False,
+    ) -> None:
+        self.delta = delta
+        self.drop = drop
+        self.count_dropped = count_dropped
+        self.count_changed = count_changed
+        self.fused = fused
+        self._done: list[_Patched] = []
+        self._scratch: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._dropped: list[torch.Tensor] = []
+        self._changed: list[torch.Tensor] = []
+
+    def changed_count(self) -> int:
+        """Entries whose value differs between ``W_new`` and ``W_old``, counted like
+        :meth:`dropped_count`."""
+        if not self.count_changed:
+            raise RuntimeError("changed entries are not counted: pass count_changed=True")
+        if not self._changed:
+            return 0
+        return int(torch.stack([t.cpu() for t in self._changed]).sum(dtype=torch.int64))
+
+    def dropped_count(self) -> int:
+        """Entries (changed or not) that the mask sends back to ``W_old``, counted while
+        patching: this rank's local entries, replicated tensors on their owner rank only."""
+        if not self.count_dropped:
+            raise RuntimeError("dropped entries are not counted: pass count_dropped=True")
+        if not self._dropped:
+            return 0
+        return int(torch.stack([t.cpu() for t in self._dropped]).sum(dtype=torch.int64))
+
+    def __enter__(self) -> SelectPatch:
+        self.delta.old.synchronize()
+        try:
+            for name in self.delta.names:
+                self._patch_tensor(name)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def _views(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.delta.new.data[name]
+        s = self.delta.old.data[name]
+        if not p.is_contiguous():
+            raise RuntimeError(f"parameter {name} is not contiguous; cannot patch it in place")
+        return p.view(-1), s.view(-1)
+
+    def _buffers(self, device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
+        """float32 delta, two int32 masks and a raw byte buffer for ``n`` entries (reused)."""
+        bufs = self._scratch.get(device)
+        if bufs is None or bufs[0].numel() < n:
+            size = max(n, chunk_numel(device))
+            bufs = (
+                torch.empty(size, dtype=torch.float32, device=device),
+                torch.empty(size, dtype=torch.int32, device=device),
+                torch.empty(size, dtype=torch.int32, device=device),
+                torch.empty(size * 8, dtype=torch.uint8, device=device),
+            )
+            self._scratch[device] = bufs
+        return bufs[0][:n], bufs[1][:n], bufs[2][:n], bufs[3]
+
+    def _mask(
+        self,
+        name: str,
+        start: int,
+        pc: torch.Tensor,
+        sd: torch.Tensor,
+        drop: DropFn,
+        out: torch.Tensor,
+        count: bool = False,
+    ) -> torch.Tensor:
+        """int32 mask in ``out``, -1 where ``drop`` drops the entry (changed or not)."""
+        d = self._buffers(pc.device, pc.numel())[0]
+        info = self.delta.shard(name)
+        counting = count and info.owner
+        abs_bits = None
+        if uses_delta(drop) or (counting and self.count_changed):
+            float32_delta_(d, pc, sd)
+            abs_bits = d.abs_().view(torch.int32)
+        m = drop(name, info.offset + start, abs_bits, out)
+        # int32 sums: exact (a chunk has < 2^31 entries), and no int64 copy of the mask
+        if counting and self.count_dropped:
+            self._dropped.append(-m.sum(dtype=torch.int32))
+        if counting and self.count_changed and abs_bits is not None:
+            # changed iff |d| > 0 (NaN included): the sign bit of -bits
+            changed = abs_bits.neg_().bitwise_right_shift_(31)
+            self._changed.append(-changed.sum(dtype=torch.int32))
+        return m
+
+    def _fused_swap(
+        self, name: str, before: DropSpec | None, after: DropSpec | None, count: bool
+    ) -> bool:
+        """The whole tensor from mask ``before`` to ``after`` in one compiled pass
+        (:func:`~grail.trainer.analysis.kernels.select_swap`); ``False``: nothing was done."""
+        if before is None or after is None:
+            return False
+        p, s = self._views(name)
+        info = self.delta.shard(name)
+        count = count and info.owner
+        changed = count and self.count_changed
+        counts = kernels.select_swap(p, s, before, after, name, info.offset, changed)
+        if counts is None:
+            return False
+        if count and self.count_dropped:
+            self._dropped.append(counts[0])
+        if changed:
+            self._changed.append(counts[1])
+        return True
+
+    def _chunk_records(self, rec: _Patched) -> list[_Patched]:
+        """A fused record as the eager path's chunk records in the same state (masks
+        recomputed), for when the kernel cannot take it further."""
+        step = chunk_numel(self.delta.new.data[rec.name].device)
+        return [
+            _Patched(rec.name, start, min(start + step, rec.stop), drop=rec.drop)
+            for start in range(rec.start, rec.stop, step)
+        ]
+
+    def _patch_tensor(self, name: str) -> None:
+        p, s = self._views(name)
+        if self.fused and self._fused_swap(name, NO_DROP, spec_of(self.drop), count=True):
+            self._done.append(_Patched(name, 0, p.numel(), drop=self.drop, fused=True))
+            return
+        step = chunk_numel(p.device)
+        for start in range(0, p.numel(), step):
+            stop = min(start + step, p.numel())
+            pc, sc = p[start:stop], s[start:stop]
+            sd = sc.to(pc.device, non_blocking=True) if sc.device != pc.device else sc
+            d, m, _, raw = self._buffers(pc.device, pc.numel())
+            m = self._mask(name, start, pc, sd, self.drop, m, count=True)
+            if pc.dtype == sc.dtype:
+                packed = pack_mask(m, d.view(torch.int32)) if _pack_on(pc.device) else None
+                self._xor_swap(pc, sd, m, raw)
+                # recorded before anything else can fail, so that the undo sees this chunk
+                self._done.append(_Patched(name, start, stop, packed=packed, drop=self.drop))
+                if sd is not sc:
+                    sc.copy_(sd, non_blocking=sc.is_pinned())
+            else:
+                # values are saved here: only the changed entries are worth saving
+                float32_delta_(d, pc, sd)
+                m.bitwise_and_(d.abs_().view(torch.int32).neg_().bitwise_right_shift_(31))
+                idx = m.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                self._done.append(_Patched(name, start, stop, idx, pc[idx]))
+                pc[idx] = sd[idx].to(pc.dtype)
+
+    def _current_mask(
+        self, rec: _Patched, pc: torch.Tensor, sd: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        """The mask a swapped chunk is in: unpacked, or recomputed (``|delta|`` is unchanged)."""
+        if rec.packed is not None:
+            return unpack_mask(rec.packed, out)
+        assert rec.drop is not None
+        return self._mask(rec.name, rec.start, pc, sd, rec.drop, out)
+
+    def switch(
+        self, drop: DropFn, *, count_dropped: bool = False, count_changed: bool = False
+    ) -> None:
+        """Within the context, move from the current mask to ``drop``'s: the same state as
+        leaving and entering again with ``drop``, but each chunk is visited once and swapped
+        only where the two masks differ. Counts restart with the given flags.
+
+        >>> import torch
+        >>> from grail.trainer.analysis.core.snapshot import ParameterSnapshot
+        >>> from grail.trainer.analysis.ops.masks import magnitude_drop
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> old, w_old = ParameterSnapshot(model), model.weight.detach().clone()
+        >>> with torch.no_grad():
+        ...     model.weight += torch.tensor([[1e-3, 1.0]])
+        >>> w_new = model.weight.detach().clone()
+        >>> delta = old.compute_delta(ParameterSnapshot.live(model))
+        >>> with torch.no_grad(), SelectPatch(delta, magnitude_drop(0.1)) as patch:
+        ...     patch.switch(magnitude_drop(10.0))  # now everything is W_old
+        ...     torch.equal(model.weight, w_old)
+        True
+        >>> torch.equal(model.weight, w_new)
+        True
+        """
+        self.drop, self.count_dropped, self.count_changed = drop, count_dropped, count_changed
+        self._dropped, self._changed = [], []
+        data_new, data_old = self.delta.new.data, self.delta.old.data
+        if any(data_new[n].dtype != data_old[n].dtype for n in self.delta.names):
+            # dropped values were saved, not swapped (records restore themselves): redo
+            self._restore()
+            self.__enter__()
+            return
+        try:
+            moved: list[_Patched] = []  # fused records first, one pass each ...
+            records: list[_Patched] = []  # ... the rest chunk by chunk
+            for rec in self._done:
+                if not rec.fused:
+                    records.append(rec)
+                elif self._fused_swap(rec.name, spec_of(rec.drop), spec_of(drop), count=True):
+                    rec.drop = drop
+                    moved.append(rec)
+                else:
+                    records.extend(self._chunk_records(rec))
+            self._done = moved + records  # before any chunk moves: the undo sees them all
+            for rec in records:
+                p, s = self._views(rec.name)
+                pc, sc = p[rec.start : rec.stop], s[rec.start : rec.stop]
+                sd = sc.to(pc.device, non_blocking=True) if sc.device != pc.device else sc
+                d, before, after, raw = self._buffers(pc.device, pc.numel())
+                before = self._current_mask(rec, pc, sd, before)
+                after = self._mask(rec.name, rec.start, pc, sd, drop, after, count=True)
+                packed = pack_mask(after, d.view(torch.int32)) if rec.packed is not None else None
+                self._xor_swap(pc, sd, before.bitwise_xor_(after), raw)
+                rec.packed, rec.drop = packed, drop  # before anything else can fail
+                if sd is not sc:
+                    sc.copy_(sd, non_blocking=sc.is_pinned())
+        except BaseException:
+            self._restore()
+            raise
+
+    @staticmethod
+    def _xor_swap(pc: torch.Tensor, sd: torch.Tensor, m: torch.Tensor, raw: torch.Tensor) -> None:
+        itype = _INT_VIEW[pc.element_size()]
+        pi, si = pc.view(itype), sd.view(itype)
+        x = raw[: pc.numel() * pc.element_size()].view(itype)
+        torch.bitwise_xor(pi, si, out=x)
+        x.bitwise_and_(m if itype == torch.int32 else m.to(itype))
+        pi.bitwise_xor_(x)
+        si.bitwise_xor_(x)
+
+    def _restore(self) -> None:
+        devices = {torch.device(t.device) for t in self.delta.new.data.values()}
+        try:
+            self._undo()
+        finally:
+            for device in devices:  # pinned write-backs of the snapshot are asynchronous
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+
+    def _undo(self) -> None:
+        while self._done:
+            rec = self._done.pop()
+            if rec.fused:
+                if not self._fused_swap(rec.name, spec_of(rec.drop), NO_DROP, count=False):
+                    self._done += self._chunk_records(rec)
+                continue
+            p, s = self._views(rec.name)
+            pc, sc = p[rec.start : rec.stop], s[rec.start : rec.stop]
+            if rec.index is not None:
+                pc[rec.index] = rec.saved
+                continue
+            sd = sc.to(pc.device) if sc.device != pc.device else sc
+            _, m, _, raw = self._buffers(pc.device, pc.numel())
+            self._xor_swap(pc, sd, self._current_mask(rec, pc, sd, m), raw)
+            if sd is not sc:
+                sc.copy_(sd, non_blocking=sc.is_pinned())
+
+
+def _local_attr(module: nn.Module, attr: str) -> torch.Tensor:
+    return local_tensor(getattr(module, attr))
+
+
+def _local_parameter(model: nn.Module, name: str) -> torch.Tensor:
+    return local_tensor(model.get_parameter(name))
+
+
+class ModulePatch:
+    """Within the context, parameter ``name`` reads as ``values[name](local_tensor)`` while its
+    owning module runs (see module docstring).
+
+    Args:
+        model: the module whose forward will run.
+        values: ``name -> fn(current local tensor) -> new values`` (cast to the tensor's dtype).
+    """
+
+    def __init__(
+        self, model: nn.Module, values: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+    ) -> None:
+        self.model = unwrap_model(model)
+        self.values = values
+        self._handles: list[Any] = []
+        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.calls: dict[str, int] = dict.fromkeys(values, 0)
+        self._hooked: set[str] = set()
+
+    def _targets(self) -> dict[str, tuple[nn.Module | None, Callable[[], torch.Tensor]]]:
+        """``name -> (module to hook or None for the whole pass, current local tensor)``.
+
+        Plain parameters are hooked on their owning module; one shared by several modules is
+        patched for the whole pass. An FSDP2-sharded parameter is hooked on the FSDP unit that
+        manages it, ahead of the unit's own all-gather, and patched in its local shard.
+        """
+        by_id: dict[int, list[tuple[nn.Module, str]]] = {}
+        for module in self.model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    by_id.setdefault(id(p), []).append((module, attr))
+        params = dict(collect_parameters(self.model))
+        units = fsdp_units(self.model)
+        out: dict[str, tuple[nn.Module | None, Callable[[], torch.Tensor]]] = {}
+        for name in self.values:
+            if name not in params:
+                continue
+            if shard_info(params[name]).sharded and units:
+                unit = max(
+                    (u for u in units if not u or name.startswith(u + ".")), key=len, default=None
+                )
+                if unit is not None:
+                    get = functools.partial(_local_parameter, self.model, name)
+                    out[name] = (units[unit], get)
+                    continue
+            owners = by_id.get(id(params[name]), [])
+            module, attr = owners[0] if owners else (None, "")
+            get = (
+                functools.partial(_local_attr, module, attr)
+                if module is not None
+                else (functools.partial(_local_parameter, self.model, name))
+            )
+            out[name] = (module if len(owners) == 1 else None, get)
+        return out
+
+    def _write(self, name: str, t: torch.Tensor) -> None:
+        if name in self._saved:
+            return  # already patched (a shared parameter, or a re-entrant module)
+        new = self.values[name](t)
+        self._saved[name] = (t, t.clone())
+        t.copy_(new.to(t.dtype))
+        self.calls[name] += 1
+
+    def _put_back(self, name: str) -> None:
+        entry = self._saved.pop(name, None)
+        if entry is not None:
+            entry[0].copy_(entry[1])
+
+    def __enter__(self) -> ModulePatch:
+        try:
+            for name, (module, get) in self._targets().items():
+                if module is None:  # shared or unowned: patch for the whole pass
+                    self._write(name, get())
+                else:
+                    self._hook(module, name, get)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _hook(self, module: nn.Module, name: str, get: Callable[[], torch.Tensor]) -> None:
+        def pre(mod: nn.Module, args: Any) -> None:
+            self._write(name, get())
+
+        def post(mod: nn.Module, args: Any, output: Any) -> None:
+            self._put_back(name)
+
+        self._handles.append(module.register_forward_pre_hook(pre, prepend=True))
+        self._handles.append(module.register_forward_hook(post, always_call=True))
+        self._hooked.add(name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for name in list(self._saved):
+            self._put_back(name)
+        missed = sorted(n for n, c in self.calls.items() if c == 0 and n in self._hooked)
+        if exc[0] is None and missed and not _MISSED.issuperset(missed):
+            _MISSED.update(missed)
+            logger.warning(
+                "per-module patches were never applied to %d parameters (%s%s): their owning "
+                "modules did not run in this forward, so if a parent reads them directly "
+                "(e.g. F.linear(x, child.weight)) the patched numbers do not reflect them",
+                len(missed),
+                ", ".join(missed[:3]),
+                ", ..." if len(missed) > 3 else "",
+            )
