@@ -60,7 +60,7 @@ ranks (with the same batch on every rank: that batch's values).
 
 Cost: besides the spectra, ``1 + 2 len(ranks)`` forward passes (the full model, then per rank the
 truncated and the budget-sparse one) against sparse quality's 3 with its defaults; see the
-benchmark in the README.
+low-rank benchmark in ``benchmarks/README.md``.
 
 Example:
     >>> import torch

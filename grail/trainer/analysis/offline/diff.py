@@ -2,10 +2,10 @@
 
 :func:`run_diff` builds the run's :class:`~grail.trainer.analysis.config.AnalysisConfig` from
 :class:`DiffOptions`, instantiates the computers with the same registry as the online manager,
-and feeds them a delta between two lazily loaded checkpoints (:mod:`.offline_pair`). Peak memory
+and feeds them a delta between two lazily loaded checkpoints (:mod:`.pair`). Peak memory
 is a few tensors: nothing holds a whole checkpoint. The checkpoint is read once for the
 parameter-change metrics, the per-(layer, component) heatmaps and the threshold curve
-(:mod:`.offline_stream`); the input files are hashed in a background thread meanwhile.
+(:mod:`.stream`); the input files are hashed in a background thread meanwhile.
 
 Parameter change always runs on the streamed delta. The low-rank spectra run there too when no
 prompts are given (``context=None``: no forward pass). With prompts, sparse quality and low-rank

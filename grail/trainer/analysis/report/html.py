@@ -2,7 +2,7 @@
 
 One file, no external resource: CSS inline, figures as base64 PNG (:mod:`.plots`, which
 needs the ``plot`` extra). Each report opens with a table that says in words what the numbers mean
-(:mod:`.report_text`), then the figures with a caption each, the notes, and every metric.
+(:mod:`.text`), then the figures with a caption each, the notes, and every metric.
 
 Diff report figures: changed ratio vs threshold; per-layer x component heatmaps of mean |dW| and of
 the changed ratio (with ``--per-layer``); output KL vs kept fraction for the magnitude and random
