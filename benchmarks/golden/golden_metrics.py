@@ -106,7 +106,8 @@ def diff(tmp: Path) -> dict[str, object]:
         if isinstance(x, float):
             return _hex(x)
         if isinstance(x, dict):
-            return {k: walk(v) for k, v in sorted(x.items()) if k not in ("meta", "timing")}
+            skip = ("meta", "timing", "arguments", "path")  # run-specific, not results
+            return {k: walk(v) for k, v in sorted(x.items()) if k not in skip}
         if isinstance(x, list):
             return [walk(v) for v in x]
         return x
