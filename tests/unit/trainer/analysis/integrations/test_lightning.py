@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,41 +38,42 @@ def _rows(n: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": r, "labels": r} for r in ids]
 
 
-def _module_class(base: Any) -> type:
-    class TinyLM(base):
-        """A causal LM whose forward returns logits; the loss is logged as ``train_loss``."""
+class _TinyLMBody:
+    """A causal LM whose forward returns logits; the loss is logged as ``train_loss``.
 
-        def __init__(self, tuple_batches: bool = False, same_batches: bool = False) -> None:
-            super().__init__()
-            self.model = tiny_qwen2(vocab=VOCAB)
-            self.tuple_batches = tuple_batches
-            self.same_batches = same_batches
+    Mixed into the ``LightningModule`` of ``lightning.pytorch`` or of ``pytorch_lightning``.
+    """
 
-        def forward(self, input_ids, attention_mask=None):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def __init__(self, tuple_batches: bool = False, same_batches: bool = False) -> None:
+        super().__init__()
+        self.model = tiny_qwen2(vocab=VOCAB)
+        self.tuple_batches = tuple_batches
+        self.same_batches = same_batches
 
-        def training_step(self, batch, batch_idx):
-            if self.tuple_batches:
-                batch = {"input_ids": batch[0], "labels": batch[1]}
-            loss = self.model(**batch).loss
-            self.log("train_loss", loss)
-            return loss
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+    def training_step(self, batch, batch_idx):
+        if self.tuple_batches:
+            batch = {"input_ids": batch[0], "labels": batch[1]}
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss)
+        return loss
 
-        def train_dataloader(self):
-            rows = _rows()
-            if self.same_batches:  # every batch alike: where a resumed epoch starts is moot
-                rows = rows[:BATCH] * 4
-            if self.tuple_batches:
-                rows = [(r["input_ids"], r["labels"]) for r in rows]
-            return torch.utils.data.DataLoader(rows, batch_size=BATCH)
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
-    return TinyLM
+    def train_dataloader(self):
+        rows = _rows()
+        if self.same_batches:  # every batch alike: where a resumed epoch starts is moot
+            rows = rows[:BATCH] * 4
+        if self.tuple_batches:
+            rows = [(r["input_ids"], r["labels"]) for r in rows]
+        return torch.utils.data.DataLoader(rows, batch_size=BATCH)
 
 
-TinyLM = _module_class(L.LightningModule)
+class TinyLM(_TinyLMBody, L.LightningModule):
+    pass
 
 
 class StateRecorder(L.Callback):
@@ -79,9 +83,11 @@ class StateRecorder(L.Callback):
         self.weights: dict[int, dict[str, np.ndarray]] = {}
         self.grad_norm: dict[int, float] = {}
         self.batches_per_step: dict[int, int] = {}
+        self.all_training: list[bool] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
+        self.all_training.append(all(m.training for m in pl_module.modules()))
         self.batches_per_step[step] = self.batches_per_step.get(step, 0) + 1
         self.weights[step] = {
             n: p.detach().double().numpy().copy() for n, p in pl_module.named_parameters()
@@ -167,6 +173,29 @@ def test_metrics_reach_the_csv_logger_at_global_steps_and_training_is_unchanged(
         assert torch.equal(a, b), name
     assert torch.equal(torch.get_rng_state(), rng_plain)
     assert not any(p.grad is None for p in module.parameters())  # Lightning's grads kept
+    assert recorder.all_training == [True] * 6  # train mode restored after the analysis
+
+
+class RaisingForward(TinyLM):
+    """Training uses ``self.model`` directly; only the analysis calls ``forward``."""
+
+    def forward(self, input_ids, attention_mask=None):
+        self.model(input_ids=input_ids)  # half-way through, as a real failure would be
+        raise RuntimeError("forward broke")
+
+
+def test_a_forward_that_raises_leaves_training_bit_identical(tmp_path):
+    plain = TinyLM()
+    _fit(tmp_path / "plain", plain, [])
+    module = RaisingForward()
+    analyzer = ModelAnalysisManager.create(_config())
+    _fit(tmp_path, module, [LightningAnalysisCallback(analyzer)])
+    for (name, a), b in zip(module.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name
+    assert _losses(_csv(tmp_path)) == _losses(_csv(tmp_path / "plain"))
+    found = _analysis_rows(_csv(tmp_path))
+    assert sorted(found) == [4, 6] and "param_change/norm_l2" in found[4]
+    assert not any(k.startswith("sparse/") for k in found[4])  # the failing family is skipped
 
 
 def test_gradient_accumulation_measures_only_real_optimizer_steps(tmp_path):
@@ -352,7 +381,7 @@ def test_a_failing_logger_does_not_stop_training(tmp_path, caplog):
 
 def test_pytorch_lightning_trainer_accepts_the_callback(tmp_path):
     pl = pytest.importorskip("pytorch_lightning")
-    module = _module_class(pl.LightningModule)()
+    module = type("PlTinyLM", (_TinyLMBody, pl.LightningModule), {})()
     analyzer = ModelAnalysisManager.create(_config(sparse_quality_enabled=False))
     callback = LightningAnalysisCallback(analyzer)
     assert isinstance(callback, pl.Callback) and isinstance(callback, L.Callback)
@@ -371,3 +400,46 @@ def test_bad_arguments_fail_at_construction():
         LightningAnalysisCallback(analyzer, probe_inputs=["a probe"])
     with pytest.raises(TypeError, match="batch_to_inputs"):
         LightningAnalysisCallback(analyzer, batch_to_inputs="input_ids")
+
+
+def test_missing_lightning_names_the_extra():
+    code = (
+        "import sys\n"
+        "sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None\n"
+        "from grail.trainer.analysis import integrations\n"
+        "try:\n"
+        "    integrations.LightningAnalysisCallback\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "grail-analysis[lightning]" in out.stdout
+
+
+class RankReport(L.Callback):
+    """Writes what each rank's analysis returned, for the parent process to compare."""
+
+    def __init__(self, analyzer: ModelAnalysisManager, out: str) -> None:
+        self.analyzer, self.out = analyzer, out
+        self.seen: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.analyzer.last_metrics and trainer.global_step % 2 == 0:
+            self.seen[trainer.global_step] = dict(self.analyzer.last_metrics)
+
+    def on_train_end(self, trainer, pl_module):
+        with open(f"{self.out}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump({str(k): v for k, v in self.seen.items()}, f)
+
+
+@pytest.mark.distributed
+def test_ddp_every_rank_measures_the_same_and_rank_zero_logs(tmp_path):
+    analyzer = ModelAnalysisManager.create(_config(sparse_quality_enabled=False))
+    callback = LightningAnalysisCallback(analyzer)
+    _fit(tmp_path, TinyLM(), [callback, RankReport(analyzer, str(tmp_path))], max_steps=4,
+         devices=2, strategy="ddp_spawn")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(ranks[0]) == ["4"] and ranks[0] == ranks[1]
+    found = _analysis_rows(_csv(tmp_path))
+    assert sorted(found) == [4]
+    assert found[4]["gradient/norm_l2"] == pytest.approx(ranks[0]["4"]["gradient/norm_l2"])
