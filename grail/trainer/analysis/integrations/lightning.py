@@ -58,6 +58,9 @@ Decisions where the design is silent:
   uninterrupted run; otherwise (other steps, several processes, where each rank's carried
   state may differ from rank zero's) the manager is aligned with ``global_step`` and
   re-baselines at its next measurement step.
+* The optimizer handed to the analysis is ``trainer.optimizers[0]`` when there is exactly one;
+  with several (manual optimization) none is, and the families that read optimizer state are
+  skipped (the manager says so once).
 * Training comes first: a failing ``batch_to_inputs``, logger, ``set_base`` or state restore
   is logged once per kind as a warning and training goes on. Wrong argument types raise at
   construction.
@@ -198,8 +201,8 @@ class LightningAnalysisCallback(*_callback_bases()):  # type: ignore[misc]
         saved, self._saved_state = self._saved_state, None
         self._sync_step(pl_module, step, saved, int(getattr(trainer, "world_size", 1)))
         set_base = getattr(self.analyzer, "set_base", None)
-        if step == 0 and callable(set_base) and getattr(self.analyzer.config, "drift_enabled",
-                                                          False):
+        drift = getattr(self.analyzer.config, "drift_enabled", False)
+        if step == 0 and drift and callable(set_base):
             try:
                 set_base(pl_module)
             except Exception as err:  # drift is lost for this run; training is not
