@@ -1,8 +1,13 @@
 """Adapters to training frameworks and metric backends; heavy libraries load on first use.
 
-``ModelAnalysisCallback`` (Hugging Face ``Trainer`` and TRL trainers) needs the ``hf`` extra;
-``WandbSink`` needs the ``wandb`` extra. Importing this package imports neither: names are
-resolved lazily on attribute access.
+``ModelAnalysisCallback`` (Hugging Face ``Trainer`` and TRL trainers) needs the ``hf`` extra,
+``LightningAnalysisCallback`` the ``lightning`` extra, ``WandbSink`` the ``wandb`` extra and
+``TensorBoardSink`` the ``tensorboard`` extra; ``AccelerateSink`` uses the accelerator it is
+given. Importing this package imports none of them: names are resolved lazily on attribute
+access, and a missing library is an ``ImportError`` naming the extra to install.
+
+May import: the analysis core (``manager``, ``config``) and, inside each adapter module only,
+its framework (transformers, lightning, wandb, tensorboard).
 
 Example:
     >>> from grail.trainer.analysis import integrations
@@ -16,15 +21,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .accelerate import AccelerateSink
     from .batch import BatchCapture, tokenize_probe
+    from .lightning import LightningAnalysisCallback
     from .sinks import JsonlSink, MetricSink, WandbSink, read_jsonl
+    from .tensorboard import TensorBoardSink
     from .transformers import ModelAnalysisCallback
 
 __all__ = [
+    "AccelerateSink",
     "BatchCapture",
     "JsonlSink",
+    "LightningAnalysisCallback",
     "MetricSink",
     "ModelAnalysisCallback",
+    "TensorBoardSink",
     "WandbSink",
     "read_jsonl",
     "tokenize_probe",
@@ -32,6 +43,9 @@ __all__ = [
 
 _WHERE = {
     "ModelAnalysisCallback": ".transformers",
+    "LightningAnalysisCallback": ".lightning",
+    "AccelerateSink": ".accelerate",
+    "TensorBoardSink": ".tensorboard",
     "BatchCapture": ".batch",
     "tokenize_probe": ".batch",
     "JsonlSink": ".sinks",
