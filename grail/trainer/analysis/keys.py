@@ -57,6 +57,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -242,6 +243,7 @@ def metric_key(
 
 
 # --- reading ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8192)  # reports read the same few hundred keys many times
 def parse_key(key: str) -> KeyParts | None:
     """The parts of ``key``, or None when it is outside the grammar.
 
