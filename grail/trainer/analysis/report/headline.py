@@ -99,8 +99,9 @@ def entries(key_sets: Sequence[Collection[str]]) -> list[Entry]:
         Entry("size", "Update size", ((_P + "relative_norm", "relative L2", "solid"),),
               "||dW|| / ||W||: how far the weights moved in the interval, relative to their size.",
               percent=True, logy=True),
-        Entry("unchanged", "Unchanged entries", ((_P + "exact_unchanged_ratio", "stored", "solid"),
-                                    (_P + "bf16_unchanged_ratio", "bf16 view", "dotted")),
+        Entry("unchanged", "Unchanged entries",
+              ((_P + "exact_unchanged_ratio", "stored", "solid"),
+               (_P + "bf16_unchanged_ratio", "bf16 view", "dotted")),
               "Entries whose value did not move, in their stored precision and after rounding to "
               "bf16; far apart means the apparent sparsity is rounding.", percent=True),
     ]
@@ -113,12 +114,14 @@ def entries(key_sets: Sequence[Collection[str]]) -> list[Entry]:
             title, role = f"KL: largest {share} vs random {share}", f"largest {share}"
         else:
             title, role = f"KL: |dW| > {label} vs random", f"|dW| > {label}"
-        out.append(Entry("mask", title, ((parts.key, role, "solid"),
-                                 (parts.with_(variant="random").key, "random", "dashed")),
+        out.append(Entry("mask", title,
+                         ((parts.key, role, "solid"),
+                          (parts.with_(variant="random").key, "random", "dashed")),
                          "KL(full || masked update) per token: the largest entries far below a "
                          "random mask of the same size means they carry the update.", logy=True))
-    out.append(Entry("base", "KL to base", (("drift/kl_base_now", "KL(base || now)", "solid"),
-                                    ("drift/kl_now_base", "KL(now || base)", "dotted")),
+    out.append(Entry("base", "KL to base",
+                     (("drift/kl_base_now", "KL(base || now)", "solid"),
+                      ("drift/kl_now_base", "KL(now || base)", "dotted")),
                      "How far the outputs have moved from the base model over the whole run "
                      "(nats per token).", logy=True))
     return [e for e in out if any(key in found for key, _, _ in e.lines)]
