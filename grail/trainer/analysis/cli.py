@@ -2,14 +2,16 @@
 
 ``grail-analysis diff BASE TUNED --out DIR`` compares two checkpoints with the online metric code
 (:mod:`.offline.diff`) and writes ``DIR/metrics.json`` and ``DIR/report.html``;
-``grail-analysis plot RUN.jsonl --out DIR`` writes ``DIR/report.html`` for a training run logged
-with ``JsonlSink``.
+``grail-analysis plot RUN.jsonl [RUN2.jsonl ...] --out DIR [--labels A B ...]`` writes
+``DIR/report.html`` for training runs logged with ``JsonlSink``, several overlaid on shared axes
+(labels default to the file names, made distinct).
 
 Bad input ends with one line on stderr and exit status 1 (2 for a malformed command line), never
 a traceback; ``--debug`` shows the traceback instead. Beyond unreadable inputs this covers an
 empty ``--out`` (it would mean the current directory), a run log without any finite metric value
-(the report would be empty), and, with ``--prompts``, a tokenizer that encodes the prompts to
-nothing or to ids beyond the model's embedding (``--tokenizer DIR`` takes it from elsewhere).
+(the report would be empty), ``--labels`` that do not name each log once, and, with
+``--prompts``, a tokenizer that encodes the prompts to nothing or to ids beyond the model's
+embedding (``--tokenizer DIR`` takes it from elsewhere).
 
 Example:
     >>> main(["diff", "no/such/dir", "no/such/other", "--out", "unused"])
@@ -97,11 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plot",
         parents=[_common()],
-        help="report of a training run logged as JSON lines",
-        description="Write DIR/report.html for a JSONL log written by JsonlSink.",
+        help="report of one training run, or several overlaid, logged as JSON lines",
+        description="Write DIR/report.html for JSONL logs written by JsonlSink; several logs "
+        "are overlaid on shared axes, one colour per run.",
     )
-    p.add_argument("log", metavar="RUN.jsonl", help="the log file")
+    p.add_argument("logs", nargs="+", metavar="RUN.jsonl", help="the log files")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL",
+                   help="one legend label per log (default: the file names, made distinct)")
     return parser
 
 
@@ -155,18 +160,23 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .report.html import render_run_report
+    from .report.html import render_runs_report
     from .report.plots import require_matplotlib
-    from .report.runlog import has_values, read_run_log
+    from .report.runlog import has_values, read_run_log, run_labels
+    from .report.series import Run
 
     require_matplotlib()
-    records = read_run_log(args.log)
-    if not records:
-        raise _Failure(f"{args.log} holds no measurements")
-    if not has_values(records):
-        raise _Failure(f"{args.log} holds {len(records)} records but no metric values")
+    labels = run_labels(args.logs, args.labels)
+    runs = []
+    for path, label in zip(args.logs, labels, strict=True):
+        records = read_run_log(path)
+        if not records:
+            raise _Failure(f"{path} holds no measurements")
+        if not has_values(records):
+            raise _Failure(f"{path} holds {len(records)} records but no metric values")
+        runs.append(Run(label, str(path), records))
     out = _out_dir(args.out)
-    _write(out / "report.html", render_run_report(records, str(args.log)))
+    _write(out / "report.html", render_runs_report(runs))
     sys.stdout.write(f"wrote {out / 'report.html'}\n")
     return 0
 

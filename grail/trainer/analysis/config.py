@@ -13,7 +13,7 @@ Decisions where the design is silent:
   because that string is part of the metric key. ``-0.0`` is stored as ``+0.0`` (and
   :func:`format_threshold` writes it as ``0e+00``): the two are the same threshold.
 * Keep ratios must be unique after formatting with
-  :func:`~grail.trainer.analysis.metrics.sparse_quality.format_keep_ratio` (``keep_0.1``), for
+  :func:`~grail.trainer.analysis.keys.format_keep_ratio` (``keep_0.1``), for
   the same reason; exact duplicates are an error too.
 * Error messages show at most ten entries of a long list or mapping, then how many there are;
   the offending entry is always named.
@@ -49,6 +49,8 @@ from typing import Any
 
 import torch
 
+from .keys import format_keep_ratio, format_threshold  # the key grammar; re-exported
+
 __all__ = ["SNAPSHOT_DTYPES", "AnalysisConfig", "format_threshold"]
 
 #: Accepted values of ``snapshot_dtype``; "auto" keeps each parameter's own dtype (lossless).
@@ -68,14 +70,6 @@ MAX_OVERSAMPLING = 256
 MAX_HISTOGRAM_SAMPLES = 10_000_000
 
 _SHOWN = 10  # entries of a list or mapping shown in an error message
-
-
-def format_threshold(t: float) -> str:
-    """The key fragment of a threshold: ``format_threshold(1e-6) == "1e-06"``.
-
-    ``-0.0`` is written like ``0.0`` (``"0e+00"``).
-    """
-    return f"{t + 0.0:.0e}"  # -0.0 + 0.0 == +0.0; no other value changes
 
 
 def _short_repr(value: Any) -> str:
@@ -145,10 +139,6 @@ def _check_ratios(name: str, values: Any) -> list[float]:
         dup = next(v for v in out if out.count(v) > 1)
         _fail(name, values, f"keep ratios must be unique ({dup!r} is given twice)")
     if out:
-        # The label is part of the metric key; imported here because the metrics import this
-        # module.
-        from .metrics.sparse_quality import format_keep_ratio
-
         seen: dict[str, float] = {}
         for v in sorted(out):
             key = format_keep_ratio(v)

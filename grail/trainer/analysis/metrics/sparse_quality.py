@@ -67,6 +67,7 @@ from .. import kernels
 from ..config import AnalysisConfig, format_threshold
 from ..core.distributed import all_reduce_, unwrap_model
 from ..core.snapshot import ParameterDelta
+from ..keys import format_keep_ratio  # the key grammar; re-exported here
 from ..ops.divergence import Comparisons, LogitsReference
 from ..ops.masks import (
     keep_ratio_thresholds,
@@ -85,11 +86,6 @@ __all__ = ["SparseQualityMetrics", "format_keep_ratio", "shared_reference"]
 logger = logging.getLogger(__name__)
 
 _QUALITY = ("kl", "cosine", "mse", "top1_agree")
-
-
-def format_keep_ratio(r: float) -> str:
-    """Key label of a kept fraction: ``format_keep_ratio(0.01) == "keep_0.01"``."""
-    return f"keep_{r:g}"
 
 
 class SparseQualityMetrics(MetricComputer):

@@ -1,17 +1,18 @@
-"""Self-contained HTML reports: a checkpoint diff (``metrics.json``) or a JSONL training log.
+"""Self-contained HTML reports: a checkpoint diff (``metrics.json``) and training runs.
 
-One file, no external resource: CSS inline, figures as base64 PNG (:mod:`.plots`, which
-needs the ``plot`` extra). Each report opens with a table that says in words what the numbers mean
-(:mod:`.text`), then the figures with a caption each, the notes, and every metric.
+One file, no external resource: CSS inline, figures as base64 PNG (:mod:`.plots`, which needs
+the ``plot`` extra). The run report (one run or several overlaid) is :mod:`.runs`; this module
+holds the diff report and re-exports both entry points.
 
-Diff report figures: changed ratio vs threshold; per-layer x component heatmaps of mean |dW| and of
-the changed ratio (with ``--per-layer``); output KL vs kept fraction for the magnitude and random
-masks and, with the low-rank metrics, LoRA truncation vs a magnitude mask of equal parameter budget
-(with ``--prompts``); the share of update energy kept by rank r (with the low-rank metrics).
-
-Run report figures: one grid of time series per metric family (keys that differ only by a
-threshold or kept-fraction label share a panel; random/DARE baselines are dashed) and, when the
-log has per-layer keys, a layer x step heatmap of mean |dW|.
+Diff report, in order: the headline cards (:mod:`.headline`: update size, unchanged entries in
+stored precision and in bf16, KL of the largest-k mask vs random at the same k, KL to base when
+present), the summary in words (:mod:`.text`), then one section per metric family with its "how
+to read this" caption, its figures and a collapsed table of its metrics, and the notes.
+Figures: changed ratio vs threshold and per-layer x component heatmaps of mean |dW| and of the
+changed ratio (``--per-layer``) under ``param_change``; output KL vs kept fraction for the
+magnitude and random masks and, with the low-rank metrics, LoRA truncation vs a magnitude mask of
+equal parameter budget under ``sparse`` (with ``--prompts``); the share of update energy kept by
+rank r under ``lowrank``.
 
 Example:
     >>> records = [{"step": s, "time": 0.0, "metrics": {"param_change/norm_l2": 1.0 / s}}
@@ -23,86 +24,37 @@ Example:
 
 from __future__ import annotations
 
-import html
-import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from . import plots
-from .text import diff_summary, number, run_summary
+from ..keys import format_budget, parse_key
+from . import headline, plots
+from .page import cards, details, e, figure, page, section, table
+from .runs import render_run_report, render_runs_report
+from .series import root_family
+from .text import FAMILY_ORDER, diff_summary, family_reading, family_title, number, stored_dtype
 
-__all__ = ["render_diff_report", "render_run_report"]
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;width:100%;font-size:.9em}
-td,th{border-bottom:1px solid #eee;padding:.35em .6em;text-align:left;vertical-align:top}
-th{background:#f6f6f6} td.v{font-variant-numeric:tabular-nums;min-width:9em}
-td:first-child{width:16%} details{margin-top:1em}
-figure{margin:1.2em 0} figure img{max-width:100%;height:auto}
-figcaption{font-size:.85em;color:#555} code{font-size:.9em} .meta{color:#666;font-size:.85em}
-"""
-
-_LABEL = re.compile(r"^(?P<base>.+?)_at_(?P<label>.+?)(?P<variant>_random|_dare)?$")
+__all__ = ["render_diff_report", "render_run_report", "render_runs_report"]
 
 
-def _e(text: Any) -> str:
-    return html.escape(str(text))
-
-
-def _page(title: str, meta: list[str], sections: list[str]) -> str:
-    lines = "".join(f"<div>{m}</div>" for m in meta)
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1><div class='meta'>{lines}</div>{''.join(sections)}</body></html>\n"
-    )
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], value_col: int = 1) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(
-            f"<td class='v'>{_e(c)}</td>" if i == value_col else f"<td>{_e(c)}</td>"
-            for i, c in enumerate(r)
-        ) + "</tr>"
-        for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _figure(uri: str, alt: str, caption: str) -> str:
-    return (f"<figure><img src='{uri}' alt='{_e(alt)}'>"
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
-
-
-def _all_metrics(metrics: Mapping[str, float | None]) -> str:
-    rows = [(k, number(v)) for k, v in sorted(metrics.items())]
-    return (f"<details><summary>All {len(rows)} metrics</summary>"
-            f"{_table(['key', 'value'], rows)}</details>")
-
-
-def _notes(notes: Sequence[str]) -> str:
+def _notes(notes: list[str]) -> str:
     if not notes:
         return ""
-    return "<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
+    return "<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>"
 
 
-# --- diff -----------------------------------------------------------------------------------
 def _sparse_panels(m: Mapping[str, float | None]) -> list[tuple[str, str, Any]]:
     mag, rnd = [], []
     for key, kl in m.items():
-        match = _LABEL.match(key)
-        if not key.startswith("sparse/kl_at_") or not match or match["variant"]:
+        parts = parse_key(key)
+        if (parts is None or parts.family != "sparse" or parts.scope != "global"
+                or parts.name != "kl" or parts.variant is not None
+                or parts.label_kind not in ("threshold", "keep")):
             continue
-        if match["label"].startswith("budget_"):
-            continue
-        kept = m.get(f"sparse/kept_ratio_at_{match['label']}")
+        kept = m.get(parts.with_(name="kept_ratio").key)
         if kept is not None and kl is not None:
             mag.append((kept, kl))
-            rnd.append((kept, m.get(f"{key}_random")))
+            rnd.append((kept, m.get(parts.with_(variant="random").key)))
     panels = []
     if mag:
         rnd = [p for p in rnd if p[1] is not None]
@@ -110,11 +62,15 @@ def _sparse_panels(m: Mapping[str, float | None]) -> list[tuple[str, str, Any]]:
                        {"magnitude mask": mag, "random mask": rnd}))
     lora, equal = [], []
     for key, kl in m.items():
-        hit = re.match(r"^lowrank/kl_at_r(\d+)$", key)
-        ratio = m.get(f"lowrank/param_ratio_at_r{hit[1]}") if hit else None
-        if hit and kl is not None and ratio is not None:
+        parts = parse_key(key)
+        if (parts is None or parts.family != "lowrank" or parts.scope != "global"
+                or parts.name != "kl" or parts.label_kind != "rank" or parts.variant):
+            continue
+        ratio = m.get(parts.with_(name="param_ratio").key)
+        if kl is not None and ratio is not None:
+            budget = parts.with_(family="sparse", label=format_budget(int(parts.label_value or 0)))
             lora.append((min(ratio, 1.0), kl))
-            equal.append((min(ratio, 1.0), m.get(f"sparse/kl_at_budget_r{hit[1]}")))
+            equal.append((min(ratio, 1.0), m.get(budget.key)))
     if lora:
         panels.append(("Weight matrices, equal parameter budget",
                        "budget / entries of the matrices",
@@ -126,22 +82,24 @@ def _sparse_panels(m: Mapping[str, float | None]) -> list[tuple[str, str, Any]]:
 def _energy(m: Mapping[str, float | None]) -> dict[str, list[tuple[float, float]]]:
     curves: dict[str, list[tuple[float, float]]] = {}
     for key, v in m.items():
-        hit = re.match(r"^lowrank/(?:component/(?P<c>.+)/)?energy_at_r(?P<r>\d+)$", key)
-        if hit and v is not None:
-            curves.setdefault(hit["c"] or "all matrices", []).append((int(hit["r"]), v))
+        parts = parse_key(key)
+        if (parts is None or parts.family != "lowrank" or parts.name != "energy"
+                or parts.label_kind != "rank" or parts.variant or v is None
+                or parts.scope not in ("global", "component")):
+            continue
+        group = parts.group if parts.scope == "component" else "all matrices"
+        curves.setdefault(str(group), []).append((parts.label_value or 0.0, v))
     ordered = {"all matrices": curves.pop("all matrices", [])} if "all matrices" in curves else {}
     ordered.update(sorted(curves.items()))
     return ordered
 
 
-def render_diff_report(result: Mapping[str, Any]) -> str:
-    """The HTML report of a ``metrics.json`` document (see module docstring)."""
-    m: dict[str, float | None] = dict(result["metrics"])
+def _param_change_figures(result: Mapping[str, Any], m: Mapping[str, float | None]) -> list[str]:
     figures = []
     curve = result.get("threshold_curve")
     if curve:
         bf16 = m.get("param_change/bf16_unchanged_ratio")
-        figures.append(_figure(
+        figures.append(figure(
             plots.threshold_curve(curve["thresholds"], curve["changed_ratio"],
                                   None if bf16 is None else 1.0 - bf16,
                                   result.get("config", {}).get("param_change_thresholds", [])),
@@ -152,7 +110,7 @@ def render_diff_report(result: Mapping[str, Any]) -> str:
         ))
     grid = result.get("layer_component") or {}
     if result.get("arguments", {}).get("per_layer", True) and grid.get("layers"):
-        figures.append(_figure(
+        figures.append(figure(
             plots.heatmap(grid["layers"], grid["components"], grid["mean_abs_delta"],
                           "mean |dW|", log=True),
             "mean |dW| per layer and component",
@@ -160,29 +118,39 @@ def render_diff_report(result: Mapping[str, Any]) -> str:
             "'other' collects parameters outside the repeated blocks (embeddings, final norm, "
             "output head).",
         ))
-        figures.append(_figure(
+        figures.append(figure(
             plots.heatmap(grid["layers"], grid["components"], grid["changed_ratio"],
                           "fraction of entries changed", limits=(0.0, 1.0)),
             "changed ratio per layer and component",
             "Fraction of entries whose stored value changed, per layer and component.",
         ))
+    return figures
+
+
+def _figures(result: Mapping[str, Any], m: Mapping[str, float | None]) -> dict[str, list[str]]:
+    """The figures of each family section."""
+    out = {"param_change": _param_change_figures(result, m)}
     panels = _sparse_panels(m)
     if panels:
-        figures.append(_figure(
+        out["sparse"] = [figure(
             plots.kl_vs_kept(panels), "KL vs kept fraction",
             "Output divergence of the tuned model from the base plus a partial update, on the "
             "prompts. Left: keep the largest entries (magnitude) or the same number at random. "
             "Right: a rank-r truncation of every weight-matrix update (LoRA) against keeping the "
             "same number of largest entries in those matrices. Lower is closer to the tuned model.",
-        ))
+        )]
     energy = _energy(m)
     if energy:
-        figures.append(_figure(
+        out["lowrank"] = [figure(
             plots.energy_curves(energy), "singular-value energy",
             "Share of the update's squared Frobenius norm kept by the top-r singular values of "
             "each weight-matrix update (weighted over matrices), overall and per component. A "
             "curve that reaches 1 at small r means a low-rank update would reproduce it.",
-        ))
+        )]
+    return out
+
+
+def _meta(result: Mapping[str, Any]) -> list[str]:
     inputs = result.get("inputs", {})
     meta = []
     for side in ("base", "tuned"):
@@ -191,77 +159,34 @@ def render_diff_report(result: Mapping[str, Any]) -> str:
         digest = ", ".join(f"{f['file']} sha256 {f['sha256'][:12]}" for f in files if "sha256" in f)
         if len(files) > 2:
             digest = f"{len(files)} files (SHA-256 in metrics.json)"
-        meta.append(f"{side.upper()}: <code>{_e(info.get('path', '?'))}</code> "
-                    f"({_e(info.get('format', '?'))}) {_e(digest)}")
+        meta.append(f"{side.upper()}: <code>{e(info.get('path', '?'))}</code> "
+                    f"({e(info.get('format', '?'))}) {e(digest)}")
     v = result.get("versions", {})
-    meta.append(_e(", ".join(f"{k} {val}" for k, val in v.items() if val)))
-    summary = _table(["quantity", "value", "what it means"], diff_summary(result))
-    sections = [f"<h2>Summary</h2>{summary}", "<h2>Figures</h2>", *figures,
-                _notes(result.get("notes", [])), f"<h2>Metrics</h2>{_all_metrics(m)}"]
-    return _page("Checkpoint diff", meta, sections)
+    meta.append(e(", ".join(f"{k} {val}" for k, val in v.items() if val)))
+    return meta
 
 
-# --- training run ---------------------------------------------------------------------------
-def _series(records: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    out: dict[str, list[tuple[float, float]]] = {}
-    for rec in records:
-        for key, value in rec.get("metrics", {}).items():
-            if isinstance(value, (int, float)) and value is not None:
-                out.setdefault(key, []).append((float(rec["step"]), float(value)))
-    return out
-
-
-def _panels(
-    series: Mapping[str, list[tuple[float, float]]], family: str
-) -> list[tuple[str, Any, bool]]:
-    grouped: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for key, points in sorted(series.items()):
-        name = key.split("/", 1)[1]
-        hit = _LABEL.match(name)
-        if hit:
-            grouped.setdefault(hit["base"], {})[hit["label"] + (hit["variant"] or "")] = points
-        else:
-            grouped.setdefault(name, {})[name] = points
-    panels = []
-    for title, lines in grouped.items():
-        positive = all(y > 0 for pts in lines.values() for _, y in pts if math.isfinite(y))
-        logy = positive and any(title.startswith(p) for p in ("kl", "mse", "norm", "relative"))
-        panels.append((f"{family}/{title}", lines, logy))
-    return panels
-
-
-def render_run_report(records: Sequence[Mapping[str, Any]], source: str) -> str:
-    """The HTML report of a training run logged as JSON lines (see module docstring)."""
-    series = _series(records)
-    top = {k: v for k, v in series.items() if k.count("/") == 1}
-    families: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for key, points in top.items():
-        families.setdefault(key.split("/", 1)[0], {})[key] = points
-    figures = []
-    for family, keys in families.items():
-        figures.append(_figure(
-            plots.small_multiples(_panels(keys, family)), f"{family} over training",
-            f"{family}/* at each measurement step (dashed: random or DARE baselines).",
-        ))
-    layers: dict[str, dict[float, float]] = {}
-    for key, points in series.items():
-        hit = re.match(r"^param_change/(layer_\d+|.+\.layer_\d+)/mean_abs_delta$", key)
-        if hit:
-            layers[hit[1]] = dict(points)
-    if layers:
-        steps = sorted({s for pts in layers.values() for s in pts})[-60:]
-        names = sorted(layers, key=lambda n: [int(p) if p.isdigit() else p
-                                              for p in re.split(r"(\d+)", n)])
-        figures.append(_figure(
-            plots.heatmap(names, [f"{s:g}" for s in steps],
-                          [[layers[n].get(s) for s in steps] for n in names], "mean |dW|",
-                          log=True),
-            "mean |dW| per layer over training",
-            "Mean absolute update of each layer (rows) per measurement interval (columns: step).",
-        ))
-    last = records[-1]["metrics"] if records else {}
-    meta = [f"Source: <code>{_e(source)}</code>, {len(records)} measurements"]
-    summary = _table(["quantity", "value", "what it means"], run_summary(records))
-    sections = [f"<h2>Summary</h2>{summary}", "<h2>Figures</h2>", *figures,
-                f"<h2>Last measurement</h2>{_all_metrics(last)}"]
-    return _page("Training run analysis", meta, sections)
+def render_diff_report(result: Mapping[str, Any]) -> str:
+    """The HTML report of a ``metrics.json`` document (see module docstring)."""
+    m: dict[str, float | None] = dict(result["metrics"])
+    chosen = headline.entries([set(m)])
+    sections = [section("headline", "Headline", "the numbers that answer whether this update is "
+                        "small, sparse, and reproducible by a sparse mask.",
+                        [cards(headline.cards(chosen, [("diff", m)], stored_dtype(result)))])]
+    sections.append(section("summary", "In words", "", [
+        table(["quantity", "value", "what it means"], diff_summary(result))]))
+    families: dict[str, list[str]] = {}
+    for key in sorted(m):
+        families.setdefault(root_family(key), []).append(key)
+    figures = _figures(result, m)
+    order = [f for f in FAMILY_ORDER if f in families or figures.get(f)]
+    order += sorted(f for f in families if f not in FAMILY_ORDER)
+    for name in order:
+        keys = families.get(name, [])
+        body = list(figures.get(name, []))
+        if keys:
+            rows = [(k, number(m[k])) for k in keys]
+            body.append(details(f"{len(keys)} {name} metrics", table(["key", "value"], rows)))
+        sections.append(section(f"family-{name}", family_title(name), family_reading(name), body))
+    sections.append(_notes(list(result.get("notes", []))))
+    return page("Checkpoint diff", _meta(result), sections)

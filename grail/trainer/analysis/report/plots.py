@@ -16,18 +16,46 @@ import base64
 import io
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "Line",
+    "Panel",
     "energy_curves",
     "heatmap",
     "kl_vs_kept",
+    "line_panels",
     "require_matplotlib",
-    "small_multiples",
     "threshold_curve",
 ]
 
 Series = Mapping[str, Sequence[tuple[float, float]]]
+_STYLES = {"solid": "-", "dashed": "--", "dashdot": "-.", "dotted": ":"}
+
+
+@dataclass(frozen=True)
+class Line:
+    """One time series of a panel: ``points`` are ``(step, value)``; ``color`` indexes the
+    palette (``C0``, ``C1``, ...); ``style`` is ``solid``, ``dashed`` (random baselines),
+    ``dashdot`` (DARE baselines) or ``dotted``."""
+
+    label: str
+    points: Sequence[tuple[float, float]]
+    color: int = 0
+    style: str = "solid"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One plot of :func:`line_panels`; ``absent`` names the runs that did not log it;
+    ``percent`` labels the y axis in percent (the values are fractions)."""
+
+    title: str
+    lines: Sequence[Line]
+    logy: bool = False
+    absent: Sequence[str] = field(default_factory=tuple)
+    percent: bool = False
 
 
 def require_matplotlib() -> Any:
@@ -161,26 +189,41 @@ def energy_curves(curves: Series) -> str:
     return _uri(fig)
 
 
-def small_multiples(panels: Sequence[tuple[str, Series, bool]], ncols: int = 3) -> str:
-    """A grid of line plots ``(title, {line: [(step, value), ...]}, log y)`` sharing the x axis."""
+def line_panels(panels: Sequence[Panel], ncols: int = 3) -> str:
+    """A grid of line plots of time series, one :class:`Panel` each.
+
+    Non-finite values (and non-positive ones on a log axis) break a line instead of being
+    dropped, so a gap reads as a gap; a run listed in ``absent`` gets a legend entry saying it
+    did not log the key, and no line.
+    """
+    import numpy as np
+
+    ncols = max(1, min(ncols, len(panels)))
     nrows = max(1, math.ceil(len(panels) / ncols))
-    fig = _figure(4.2 * min(ncols, len(panels)), 2.8 * nrows)
-    for k, (title, series, logy) in enumerate(panels):
-        ax = fig.add_subplot(nrows, min(ncols, len(panels)), k + 1)
-        for i, (name, points) in enumerate(series.items()):
-            pts = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
-            if logy:
-                pts = [(x, y) for x, y in pts if y > 0]
-            if pts:
-                style = "--" if name.endswith(("random", "dare")) else "-"
-                ax.plot(*zip(*pts, strict=True), style, marker=".", ms=3, label=name,
-                        color=f"C{i % 10}")
-        if logy and ax.lines:
+    fig = _figure(4.2 * ncols, 2.9 * nrows)
+    for k, panel in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        for line in panel.lines:
+            pts = sorted(line.points)
+            y = np.array([np.nan if v is None else float(v) for _, v in pts], dtype=float)
+            y[~np.isfinite(y)] = np.nan
+            if panel.logy:
+                y[y <= 0] = np.nan
+            if pts and np.isfinite(y).any():
+                ax.plot([x for x, _ in pts], y, _STYLES[line.style], marker=".", ms=3,
+                        lw=1.3, label=line.label, color=f"C{line.color % 10}")
+        for name in panel.absent:
+            ax.plot([], [], " ", label=f"{name}: not logged")
+        if panel.logy and ax.lines:
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=9)
+        if panel.percent:
+            from matplotlib.ticker import PercentFormatter
+
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_title(panel.title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if len(series) > 1 and ax.lines:
+        if len(panel.lines) + len(panel.absent) > 1 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     return _uri(fig)

@@ -13,12 +13,13 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..offline.checkpoint import CheckpointError
 
-__all__ = ["has_values", "read_run_log"]
+__all__ = ["has_values", "read_run_log", "run_labels"]
 
 
 def read_run_log(path: str | Path) -> list[dict[str, Any]]:
@@ -79,3 +80,51 @@ def _checked(path: Path, records: list[Any]) -> list[dict[str, Any]]:
 def has_values(records: list[dict[str, Any]]) -> bool:
     """Whether any record holds a finite metric value (``null`` reads as NaN)."""
     return any(math.isfinite(v) for r in records for v in r["metrics"].values())
+
+
+def run_labels(paths: Sequence[str | Path], given: Sequence[str] | None = None) -> list[str]:
+    """Legend labels of the runs: ``given`` (checked), else the file stems made distinct.
+
+    Stems that clash get the folders that tell them apart prepended (``runs/a/x/analysis.jsonl``
+    and ``runs/b/x/analysis.jsonl`` become ``a/analysis`` and ``b/analysis``); the same file given
+    twice gets ``#2``. A wrong number of labels, an empty
+    one or a repeated one is a one-line ``CheckpointError``.
+
+    >>> run_labels(["runs/a/x/analysis.jsonl", "runs/b/x/analysis.jsonl", "bf16.jsonl"])
+    ['a/analysis', 'b/analysis', 'bf16']
+    >>> run_labels(["x.jsonl", "x.jsonl"])
+    ['x', 'x #2']
+    """
+    if given is not None:
+        if len(given) != len(paths):
+            raise CheckpointError(f"--labels has {len(given)} labels for {len(paths)} run logs; "
+                                  "give one label per run log")
+        for label in given:
+            if not label.strip():
+                raise CheckpointError("--labels has an empty label")
+            if list(given).count(label) > 1:
+                raise CheckpointError(f"--labels has {label!r} twice; labels must be distinct")
+        return list(given)
+    parts = [Path(p).with_suffix("").parts or (str(p),) for p in paths]
+    labels = [pp[-1] for pp in parts]
+    for stem in {lab for lab in labels if labels.count(lab) > 1}:
+        group = [i for i, lab in enumerate(labels) if lab == stem]
+        dirs = [parts[i][:-1] for i in group]
+        lead = _common_length(dirs)
+        tail = _common_length([d[lead:][::-1] for d in dirs])
+        for i, d in zip(group, dirs, strict=True):
+            labels[i] = "/".join([*d[lead:len(d) - tail], stem])
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return out
+
+
+def _common_length(seqs: Sequence[Sequence[str]]) -> int:
+    """Length of the longest common prefix of ``seqs``."""
+    n = 0
+    while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
+        n += 1
+    return n

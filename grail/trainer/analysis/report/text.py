@@ -14,12 +14,25 @@ Example:
 
 from __future__ import annotations
 
-import re
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["diff_summary", "number", "pct", "run_summary", "unchanged_sentence"]
+from ..keys import KeyParts, format_budget, metric_key, parse_key
+
+__all__ = [
+    "FAMILY_ORDER",
+    "diff_summary",
+    "family_reading",
+    "family_title",
+    "metric_rows",
+    "number",
+    "pct",
+    "quality_sentence",
+    "run_summary",
+    "stored_dtype",
+    "unchanged_sentence",
+]
 
 Row = tuple[str, str, str]
 Metrics = Mapping[str, float | None]
@@ -64,14 +77,15 @@ def unchanged_sentence(exact: float, bf16: float, dtype: str | None) -> str:
     return f"Only {pct(exact)} of entries are exactly unchanged {at}: the update is dense."
 
 
-def _label_text(label: str, kept: float | None) -> str:
-    if label.startswith("keep_"):
-        return f"Keep the largest {pct(float(label[5:]))} of changes"
-    return f"Keep changes with |dW| > {label} ({pct(kept)} of entries)"
+def _label_text(parts: KeyParts, kept: float | None) -> str:
+    if parts.label_kind == "keep":
+        return f"Keep the largest {pct(parts.label_value)} of changes"
+    return f"Keep changes with |dW| > {parts.label} ({pct(kept)} of entries)"
 
 
-def _quality_sentence(kl: float | None, baseline: float | None, top1: float | None,
-                      what: str) -> str:
+def quality_sentence(kl: float | None, baseline: float | None, top1: float | None,
+                     what: str) -> str:
+    """What a masked update's KL says next to a baseline's (``what``) at the same budget."""
     agree = f" Top-1 agreement {pct(top1)}." if top1 is not None else ""
     if kl is None or baseline is None:
         return "Not available." + agree
@@ -94,13 +108,31 @@ def _quality_sentence(kl: float | None, baseline: float | None, top1: float | No
     return f"{lead} (KL {number(kl)} nats/token); {cmp}.{agree}"
 
 
-def _where(m: Metrics, kind: str) -> tuple[str, float, float] | None:
-    pat = re.compile(rf"^param_change/{kind}(?P<g>[^/]+)/mean_abs_delta$")
-    vals = {hit["g"]: v for k, v in m.items() if (hit := pat.match(k)) and v is not None}
+def _parsed(m: Metrics) -> Iterable[tuple[KeyParts, float | None]]:
+    for key, value in m.items():
+        parts = parse_key(key)
+        if parts is not None:
+            yield parts, value
+
+
+def _where(m: Metrics, scope: str) -> tuple[str, float, float] | None:
+    vals = {p.group: v for p, v in _parsed(m)
+            if p.family == "param_change" and p.scope == scope and p.name == "mean_abs_delta"
+            and p.label is None and v is not None}
     if len(vals) < 2:
         return None
     top = max(vals, key=lambda g: vals[g])
-    return top, vals[top], statistics.median(vals.values())
+    return str(top), vals[top], statistics.median(vals.values())
+
+
+def _labelled(m: Metrics, family: str, name: str, kinds: tuple[str, ...]
+              ) -> list[tuple[KeyParts, float | None]]:
+    """Global ``{family}/{name}_at_{label}`` values (no variant) whose label is of ``kinds``,
+    sorted by the label's number."""
+    found = [(p, v) for p, v in _parsed(m)
+             if p.family == family and p.scope == "global" and p.name == name
+             and p.variant is None and p.label_kind in kinds]
+    return sorted(found, key=lambda pv: pv[0].label_value or 0.0)
 
 
 def metric_rows(m: Metrics, dtype: str | None) -> list[Row]:
@@ -116,35 +148,32 @@ def metric_rows(m: Metrics, dtype: str | None) -> list[Row]:
     if exact is not None and bf16 is not None:
         rows.append(("Unchanged entries", f"{pct(exact)} exact, {pct(bf16)} in bf16",
                      unchanged_sentence(exact, bf16, dtype)))
-    changed = sorted(((k.rsplit("_at_", 1)[1], v) for k, v in m.items()
-                      if k.startswith(p + "changed_ratio_at_") and v is not None),
-                     key=lambda tv: float(tv[0]))
+    changed = [(p.label, v) for p, v in _labelled(m, "param_change", "changed_ratio",
+                                                   ("threshold",)) if v is not None]
     if changed:
         rows.append(("Changed by more than T", "; ".join(f"{t}: {pct(v)}" for t, v in changed),
                      "Share of entries whose |dW| exceeds each threshold T."))
     if m.get(p + "sign_flip_ratio") is not None:
         rows.append(("Sign flips", pct(m[p + "sign_flip_ratio"]),
                      "Entries whose sign changed: there the update was larger than the weight."))
-    for kind, word in (("", "layer"), ("component/", "component")):
-        found = _where(m, kind)
+    for scope, word in (("layer", "layer"), ("component", "component")):
+        found = _where(m, scope)
         if found:
             g, v, med = found
             rows.append((f"Largest {word}", g, f"Mean |dW| {number(v)}, "
                          f"{v / med if med else float('inf'):.1f}x the median {word}."))
-    kls = [(k[len("sparse/kl_at_"):], v) for k, v in m.items()
-           if k.startswith("sparse/kl_at_") and not k.endswith(("_random", "_dare"))
-           and "budget_" not in k]
-    if any(label.startswith("keep_") for label, _ in kls):  # kept fractions read best
-        kls = [(label, v) for label, v in kls if label.startswith("keep_")]
-    kls.sort(key=lambda lv: m.get(f"sparse/kept_ratio_at_{lv[0]}") or 0.0)
-    for label, kl in kls:
-        kept = m.get(f"sparse/kept_ratio_at_{label}")
-        rnd = m.get(f"sparse/kl_at_{label}_random")
-        rows.append((_label_text(label, kept), f"KL {number(kl)} (random {number(rnd)})",
-                     _quality_sentence(kl, rnd, m.get(f"sparse/top1_agree_at_{label}"),
-                                       "a random mask of the same size")))
-    energy = sorted((int(k.rsplit("_r", 1)[1]), v) for k, v in m.items()
-                    if re.match(r"^lowrank/energy_at_r\d+$", k) and v is not None)
+    kls = _labelled(m, "sparse", "kl", ("keep", "threshold"))
+    if any(parts.label_kind == "keep" for parts, _ in kls):  # kept fractions read best
+        kls = [(parts, v) for parts, v in kls if parts.label_kind == "keep"]
+    kls.sort(key=lambda pv: m.get(pv[0].with_(name="kept_ratio").key) or 0.0)
+    for parts, kl in kls:
+        kept = m.get(parts.with_(name="kept_ratio").key)
+        rnd = m.get(parts.with_(variant="random").key)
+        rows.append((_label_text(parts, kept), f"KL {number(kl)} (random {number(rnd)})",
+                     quality_sentence(kl, rnd, m.get(parts.with_(name="top1_agree").key),
+                                      "a random mask of the same size")))
+    energy = [(int(parts.label_value or 0), v)
+              for parts, v in _labelled(m, "lowrank", "energy", ("rank",)) if v is not None]
     if energy:
         (r0, e0), (r1, e1) = energy[0], energy[-1]
         if e0 >= 0.9:
@@ -156,14 +185,20 @@ def metric_rows(m: Metrics, dtype: str | None) -> list[Row]:
         rows.append(("Low-rank energy", "; ".join(f"r{r}: {pct(e)}" for r, e in energy),
                      f"Share of each matrix update's energy in its top-r singular values "
                      f"(stable rank {number(m.get('lowrank/stable_rank'))}): {reading}"))
-    lora = sorted((int(hit[1]), kl) for k, kl in m.items()
-                  if (hit := re.match(r"^lowrank/kl_at_r(\d+)$", k)))
-    for r, kl in lora:
-        sparse = m.get(f"sparse/kl_at_budget_r{r}")
+    for parts, kl in _labelled(m, "lowrank", "kl", ("rank",)):
+        r = int(parts.label_value or 0)
+        sparse = m.get(metric_key("sparse", "kl", label=format_budget(r)))
         rows.append((f"LoRA rank {r}", f"KL {number(kl)} (sparse {number(sparse)})",
-                     _quality_sentence(kl, sparse, m.get(f"lowrank/top1_agree_at_r{r}"),
-                                       "a magnitude mask of the same parameter budget")))
+                     quality_sentence(kl, sparse, m.get(parts.with_(name="top1_agree").key),
+                                      "a magnitude mask of the same parameter budget")))
     return rows
+
+
+def stored_dtype(result: Mapping[str, Any]) -> str | None:
+    """The one dtype both checkpoints of a diff are stored in; None when there are several."""
+    dtypes = result.get("compared", {}).get("dtypes", {})
+    only = next(iter(dtypes), "")
+    return only if len(dtypes) == 1 and "->" not in only else None
 
 
 def diff_summary(result: Mapping[str, Any]) -> list[Row]:
@@ -171,7 +206,7 @@ def diff_summary(result: Mapping[str, Any]) -> list[Row]:
     m = result["metrics"]
     compared = result.get("compared", {})
     dtypes = compared.get("dtypes", {})
-    dtype = next(iter(dtypes)) if len(dtypes) == 1 and "->" not in next(iter(dtypes)) else None
+    dtype = stored_dtype(result)
     stored = ", ".join(f"{n} x {d}" for d, n in dtypes.items())
     skipped = len(compared.get("skipped", []))
     rows: list[Row] = [(
@@ -203,3 +238,59 @@ def run_summary(records: Sequence[Mapping[str, Any]]) -> list[Row]:
                      f"{last['step']} ({'shrinking' if b < a else 'growing'})."))
     rows += [(f"{q} (last)", v, s) for q, v, s in metric_rows(last["metrics"], None)]
     return rows
+
+
+#: Sections of the reports, in this order; other families follow alphabetically.
+FAMILY_ORDER = ("param_change", "sparse", "drift", "lowrank", "gradient", "adam_sign", "attrib",
+                "principal")
+_FAMILIES = {
+    "param_change": (
+        "Parameter change",
+        "Size and sparsity of the update W_new - W_old (each interval in a run, base to tuned in "
+        "a diff): a changed ratio near 1 is a dense update, and exact vs bf16 unchanged "
+        "fractions far apart mean the apparent sparsity is rounding."),
+    "sparse": (
+        "Sparse-update quality",
+        "Outputs with only part of the update (its largest entries, or as many random ones) "
+        "against the full update: lower KL is closer, and a wide gap to the random mask means "
+        "the large entries carry the update."),
+    "drift": (
+        "Drift from the base model",
+        "The whole fine-tune, base to now: KL to base growing while sparse/* stays small per "
+        "interval means many small updates adding up."),
+    "lowrank": (
+        "Low-rank feasibility",
+        "Share of each weight-matrix update's energy in its top-r singular values, and outputs "
+        "with a rank-r truncation: near 1 at small r means LoRA would reproduce the update."),
+    "gradient": (
+        "Gradients",
+        "The gradient the optimizer used at each measurement step (after clipping): norms and "
+        "the share of entries that are (near) zero or missing."),
+    "adam_sign": (
+        "Adam's update",
+        "Adam's normalised step u: a large share with |u| near 1 is sign descent; a large share "
+        "below 0.1 is noise-dominated."),
+    "attrib": (
+        "Where the output change comes from",
+        "Output KL of the update restricted to one layer or component, or without it: the "
+        "largest shares name the parts that matter for the outputs."),
+    "principal": (
+        "Principal directions",
+        "How much of the update lies in the base weights' top singular directions, against a "
+        "random subspace of the same size (dashed)."),
+}
+
+
+def family_title(family: str) -> str:
+    """Heading of a family's section: ``Parameter change (param_change/*)``."""
+    title = _FAMILIES.get(family, (family.replace("_", " ").capitalize(), ""))[0]
+    return f"{title} ({family}/*)" if family != "other" else "Other metrics"
+
+
+def family_reading(family: str) -> str:
+    """The one-line "how to read this" caption of a family's section."""
+    if family in _FAMILIES:
+        return _FAMILIES[family][1]
+    if family == "other":
+        return "Keys outside the family/name grammar, as logged."
+    return f"Metrics of the {family} computer, as logged."

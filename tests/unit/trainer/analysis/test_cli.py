@@ -320,8 +320,8 @@ def test_plot_writes_a_report_of_the_run(tmp_path, capsys):
     rc, _, err = _run(capsys, "plot", str(tmp_path / "run.jsonl"), "--out", str(tmp_path / "r"))
     assert rc == 0, err
     html = (tmp_path / "r" / "report.html").read_text()
-    # one grid per family (param_change, sparse) and the layer x step heatmap
-    assert html.count("<img") == 3
+    # the headline, one grid per family (param_change, sparse) and the layer x step heatmap
+    assert html.count("<img") == 4
     assert "From step 10 to step 30" in html and "the sparsity is rounding" in html
     rc, _, err = _run(capsys, "plot", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r"))
     assert rc == 1 and "does not exist" in err
