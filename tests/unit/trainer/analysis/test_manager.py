@@ -286,3 +286,18 @@ def test_a_failed_snapshot_refill_drops_the_baseline(monkeypatch):
     monkeypatch.setattr(type(manager.old_snapshot), "capture_", broken)
     assert manager.on_optimizer_step(model) == {}  # metrics lost, training unharmed
     assert manager.old_snapshot is None  # no half-refilled baseline survives
+
+
+def test_a_failing_computer_without_a_name_is_logged_with_its_class_name(caplog):
+    class ExplodingMetric(MetricComputer):
+        def compute(self, delta, **kwargs):
+            raise RuntimeError("kaboom")
+
+    model = torch.nn.Linear(2, 2)
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(ExplodingMetric())
+    caplog.set_level(logging.WARNING, logger="grail.trainer.analysis.manager")
+    manager.on_optimizer_step(model)
+    manager.on_optimizer_step(model)
+    assert "analysis computer 'ExplodingMetric' failed" in caplog.records[0].getMessage()
+    assert "ExplodingMetric" in repr(manager)
+    assert Count.name == "count"  # explicit names are kept
