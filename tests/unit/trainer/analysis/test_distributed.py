@@ -57,11 +57,19 @@ def _run(mode: str, world: int, tmp: Path, low_rank: bool = False, *flags: str) 
     return [json.loads(o.read_text()) for o in outs]
 
 
+REPLICAS = "param_change/replicas_diverged"
+
+
 def _assert_close(got: dict, ref: dict, where: str, token_factor: int = 2) -> None:
     """``got`` from ranks, ``ref`` from one process. Forward-pass metrics average over every
     rank's batch, so ``sparse/tokens`` counts ``token_factor`` times the single batch when all
-    ranks analyse that same batch."""
+    ranks analyse that same batch. DDP replicas are compared bit for bit on top (no process has
+    replicas, FSDP2 shards every parameter): the replicas never diverge here."""
     assert got.keys() == ref.keys(), (where, sorted(set(got) ^ set(ref))[:10])
+    replicated = where.startswith("ddp")
+    for step in got:
+        assert got[step].get(REPLICAS) == (0.0 if replicated else None), (where, step)
+    got = {step: {k: v for k, v in m.items() if k != REPLICAS} for step, m in got.items()}
     for step in ref:
         diff = sorted(set(got[step]) ^ set(ref[step]))[:10]
         assert got[step].keys() == ref[step].keys(), (where, step, diff)
