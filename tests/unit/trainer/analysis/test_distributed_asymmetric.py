@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+
+from .ranks import run_ranks
 
 pytestmark = [
     pytest.mark.distributed,
@@ -27,39 +25,23 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed"),
 ]
 
-ROOT = Path(__file__).resolve().parents[4]
 TIMEOUT = 480  # the whole matrix of one (mode, odd rank); a hang fails at the group timeout
 REPLICAS = "param_change/replicas_diverged"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(mode: str, odd: int, tmp: Path) -> list[dict]:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs, outs = [], []
-    for rank in range(2):
-        out = tmp / f"{mode}-odd{odd}-rank{rank}.json"
-        cmd = [sys.executable, "-m", "tests.unit.trainer.analysis.dist_asym_worker",
-               "--mode", mode, "--odd", str(odd), "--rank", str(rank), "--port", str(port),
-               "--out", str(out)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-        outs.append(out)
-    try:
-        logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{mode} with the odd state on rank {odd} timed out")
-    done = [sorted(json.loads(o.read_text())) if o.exists() else [] for o in outs]
-    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, (f"rank {rank} exited with {p.returncode} after cases "
-                                   f"{done[rank]}", log[-4000:])
+    outs = [tmp / f"{mode}-odd{odd}-rank{rank}.json" for rank in range(2)]
+
+    def args_of(rank: int, port: int) -> list[str]:
+        return ["--mode", mode, "--odd", str(odd), "--rank", str(rank), "--port", str(port),
+                "--out", str(outs[rank])]
+
+    done = run_ranks("tests.unit.trainer.analysis.dist_asym_worker", 2, args_of, TIMEOUT,
+                     f"{mode} with the odd state on rank {odd}")
+    cases = [sorted(json.loads(o.read_text())) if o.exists() else [] for o in outs]
+    for rank, (code, log) in enumerate(done):
+        assert code == 0, (f"rank {rank} exited with {code} after cases {cases[rank]}",
+                           log[-4000:])
     return [json.loads(o.read_text()) for o in outs]
 
 
