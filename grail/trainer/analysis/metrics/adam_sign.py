@@ -433,10 +433,8 @@ class AdamSignDescentMetrics(MetricComputer):
             )
             w_sq = r.extra["w_sq"]
             # A NaN or Inf weight gives NaN (not a reassuring 0); only an all-zero weight gives 0.
-            if not math.isfinite(w_sq):
-                out[p + "update_to_weight"] = math.nan
-            else:
-                out[p + "update_to_weight"] = math.sqrt(r.extra["lr_u_sq"] / w_sq) if w_sq else 0.0
+            ratio = math.sqrt(r.extra["lr_u_sq"] / w_sq) if w_sq else 0.0
+            out[p + "update_to_weight"] = ratio if math.isfinite(w_sq) else math.nan
             if group == "all":
                 out[p + "nonfinite_count"] = float(r.nonfinite)
                 out[p + "num_params"] = float(total)

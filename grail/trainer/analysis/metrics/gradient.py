@@ -86,7 +86,8 @@ class HistogramSample:
     global shapes), so every rank gets the whole sample.
 
     A position that no rank filled (a tensor without a gradient or optimizer state) is left out,
-    and so is a non-finite value (histogram loggers reject them): :attr:`nonfinite` counts those.
+    and so is a non-finite value (histogram loggers reject them); :attr:`nonfinite` counts the
+    non-finite values left out.
 
     >>> tensors = [torch.arange(3.0), torch.tensor([10.0, float("nan"), 12.0, 13.0, 14.0])]
     >>> s = HistogramSample(4, [t.numel() for t in tensors], seed=0)
