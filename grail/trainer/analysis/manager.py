@@ -615,11 +615,8 @@ def _integer_step(step: Any) -> int | None:
     if isinstance(step, (bool, np.bool_)):
         return None
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.dtype == torch.bool or step.is_floating_point():
-            return None
-        if step.is_complex():
-            return None
-        return int(step.item())
+        real_or_bool = step.is_floating_point() or step.is_complex() or step.dtype == torch.bool
+        return int(step.item()) if step.numel() == 1 and not real_or_bool else None
     try:
         return operator.index(step)
     except TypeError:
