@@ -12,18 +12,49 @@ error type (a warning naming it; the traceback at debug level) and skipped, the 
 nothing propagates into the training loop. When parameters are added, removed or reshaped
 between measurements, one warning names them and the snapshot is re-baselined.
 
+Agreement across ranks. In a process group no rank may take a branch that issues a collective
+alone, so every such decision is put to a vote (:func:`~.distributed.agree`, one small integer
+all-reduce each):
+
+* every call: the step (ranks that pass different ``step=`` values follow rank 0, with one
+  warning) and a hash of the config and the computers (ranks that differ measure nothing, with
+  one warning); on calls that are not measurement steps this is the only work done;
+* before a measurement: whether the analysis failed locally, whether the parameters are
+  readable, whether any rank must re-baseline (no snapshot yet, parameters changed, or the ranks
+  hold different parameter names, global shapes or dtypes: then every rank re-baselines) and,
+  per computer, whether it can run (inputs, model, optimizer) - a computer runs on every rank or
+  on none;
+* after the computers: per computer, whether it failed anywhere (then its keys are dropped on
+  every rank) and a hash of its key set; on a mismatch the key sets are exchanged and only the
+  keys every rank has are kept, with one warning. The same vote carries one bit checksum per
+  replicated parameter (see :func:`~.distributed.bit_checksums`), from which
+  ``param_change/replicas_diverged`` is reported.
+
+In one process every vote is the local value and nothing extra is computed.
+
 Decisions where the design is silent:
 
-* ``on_optimizer_step(..., step=N)`` sets the step counter to ``N`` first (the HF callback passes
-  the trainer's global step, so a resumed run keeps its schedule).
+* ``on_optimizer_step(..., step=N)`` sets the step counter to ``N`` (the HF callback passes the
+  trainer's global step, so a resumed run keeps its schedule). ``N`` must be an integer (Python,
+  numpy or a one-element integer torch tensor); anything else (``10.7``, ``"10"``, ``True``) is
+  ignored with one warning and the call counts as the next step. A step below the counter (a run
+  resumed from an earlier checkpoint) would compare against a snapshot from the future: one
+  warning, and the snapshot and every computer's carried state are dropped, so the next
+  measurement step takes a fresh snapshot.
 * Computers run under ``torch.no_grad()``; the manager restores ``model.training`` of every
   module after each computer, whatever the computer did.
+* Two computers returning the same key: the first value stands, and one warning names both.
+* ``param_change/replicas_diverged`` is the number of replicated parameter tensors (plain tensors
+  in a process group, as under DDP) whose bits are not the same on every rank. It is reported at
+  every measurement under a process group with at least one replicated parameter, and never
+  otherwise, whichever computers are on (statistics count rank 0's replica only, so a replica
+  that diverged would otherwise go unnoticed).
+* ``snapshot_device`` must exist on this machine: the manager checks it at construction (the
+  config itself does not, as it may be written elsewhere).
 * ``state_dict()`` holds the step counter, the config and the computers' carried state (small:
   e.g. one bit per entry for ``mask_overlap``); the snapshot only with ``include_snapshot=True``
   (it is as large as the model). Without it, a resumed run re-baselines at its next measurement
   step, unless ``load_state_dict(state, model=...)`` gets the weights of a measurement step.
-* In a process group, a computer's result is kept only if it succeeded on every rank (one tiny
-  all-reduce per computer), so all ranks return the same keys.
 
 Example:
     >>> import torch
@@ -45,21 +76,35 @@ Example:
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
-from .core.distributed import ShardInfo, all_reduce_, is_distributed, reshard, unsupported_engine
+from .core.distributed import (
+    ShardInfo,
+    agree,
+    all_gather_objects,
+    bit_checksums,
+    from_rank0,
+    is_distributed,
+    reshard,
+    stable_hash,
+    unsupported_engine,
+)
 from .core.snapshot import ParameterSnapshot
 from .metrics.base import AnalysisContext, MetricComputer
 
 __all__ = ["ModelAnalysisManager", "measurement_steps"]
 
 logger = logging.getLogger(__name__)
+
+REPLICAS_KEY = "param_change/replicas_diverged"
 
 
 def measurement_steps(interval: int, last_step: int) -> list[int]:
@@ -83,6 +128,9 @@ class ModelAnalysisManager:
 
     Args:
         config: all options; ``None`` means ``AnalysisConfig()``.
+
+    Raises:
+        ValueError: ``config.snapshot_device`` does not exist on this machine.
     """
 
     def __init__(self, config: AnalysisConfig | None = None) -> None:
@@ -92,6 +140,7 @@ class ModelAnalysisManager:
                 "AnalysisConfig(...) or AnalysisConfig.from_dict(...)"
             )
         self.config = config or AnalysisConfig()
+        _check_device_exists(self.config.snapshot_device)
         self.computers: list[MetricComputer] = []
         self.step_count = 0
         self.old_snapshot: ParameterSnapshot | None = None
@@ -99,6 +148,7 @@ class ModelAnalysisManager:
         self.last_histograms: dict[str, Any] = {}
         self._reported: set[tuple[str, str]] = set()
         self._skip_logged: set[tuple[str, str]] = set()
+        self._warned: set[tuple[str, ...]] = set()
 
     @classmethod
     def create(
@@ -154,21 +204,77 @@ class ModelAnalysisManager:
         step: int | None = None,
         **metadata: Any,
     ) -> dict[str, float]:
-        """Call once after every ``optimizer.step()``; returns metrics on measurement steps.
+        """Call once after every ``optimizer.step()``, on every rank; returns metrics on
+        measurement steps.
 
         Never raises because of the analysis: problems are logged and ``{}`` is returned.
         """
-        if step is not None:
-            self.step_count = int(step)
-        else:
-            self.step_count += 1
-        if not self.is_measurement_step():
-            return {}
         try:
+            if not self._advance(step) or not self.is_measurement_step():
+                return {}
             return self._measure(model, inputs, optimizer, metadata)
         except Exception as err:  # the training loop must survive anything the analysis does
             self._report("manager", err)
             return {}
+
+    def _advance(self, step: Any) -> bool:
+        """Set the step counter for this call (agreed across ranks); False when the ranks'
+        configs or computers differ, so that nothing is measured."""
+        wanted = self.step_count + 1
+        if step is not None:
+            given = _integer_step(step)
+            if given is None:
+                self._warn_once(
+                    ("step-type",),
+                    "on_optimizer_step(step=%r) is not an integer; it is ignored and this call "
+                    "counts as step %d",
+                    step,
+                    wanted,
+                )
+            else:
+                wanted = given
+        same_layout = True
+        if is_distributed():
+            layout = self._layout_hash()
+            high, low = agree([wanted, from_rank0(wanted), layout])
+            if high[0] != low[0]:
+                self._warn_once(
+                    ("step-disagree",),
+                    "ranks passed different steps to on_optimizer_step (from %d to %d; this rank "
+                    "%d); every rank follows rank 0's step %d",
+                    low[0],
+                    high[0],
+                    wanted,
+                    high[1],
+                )
+            wanted = high[1]
+            if high[2] != low[2]:
+                same_layout = False
+                self._warn_once(
+                    ("layout",),
+                    "ranks run the analysis with different configs or computers; nothing is "
+                    "measured until every rank passes the same AnalysisConfig and add_metric calls",
+                )
+        previous, self.step_count = self.step_count, wanted
+        if wanted < previous:
+            self._warn_once(
+                ("step-back",),
+                "the step went back from %d to %d (a resumed run?): the snapshot is from a later "
+                "step, so the analysis re-baselines at the next measurement step",
+                previous,
+                wanted,
+            )
+            self.old_snapshot = None
+            for computer in self.computers:
+                computer.reset()
+        return same_layout
+
+    def _layout_hash(self) -> int:
+        """What every rank must share for the measurements' collectives to line up: the config
+        (but the snapshot device, which may be each rank's own GPU) and the computers."""
+        config = {k: v for k, v in self.config.to_dict().items() if k != "snapshot_device"}
+        kinds = [(type(c).__module__, type(c).__qualname__, c.name) for c in self.computers]
+        return stable_hash([config, kinds])
 
     def _measure(
         self,
@@ -177,73 +283,182 @@ class ModelAnalysisManager:
         optimizer: torch.optim.Optimizer | None,
         metadata: dict[str, Any],
     ) -> dict[str, float]:
-        engine = unsupported_engine(model)
-        if engine is not None:
-            if ("engine", engine) not in self._skip_logged:
-                self._skip_logged.add(("engine", engine))
-                logger.warning(
-                    "%s partitions parameters into placeholders outside their forward; the "
-                    "analysis cannot read them and reports nothing for this model",
-                    engine,
-                )
-            return {}
-        reshard(model)  # FSDP2: analyse local shards, whatever the last forward left behind
+        distributed = is_distributed()
         cfg = self.config
-        if self.old_snapshot is None:
-            self.old_snapshot = self._new_snapshot(model)
-            return {}
-        live = ParameterSnapshot.live(model, trainable_only=cfg.trainable_only)
-        changed = _spec_changes(self.old_snapshot.spec(), live.spec())
-        if changed:
-            logger.warning(
-                "model parameters changed since the last snapshot (%s); re-baselining without "
-                "metrics this step",
-                changed,
+        # --- this rank's view, without collectives: a failure still votes below -------------
+        broken = False
+        engine: str | None = None
+        live: ParameterSnapshot | None = None
+        changed, spec_hash = "", 0
+        context = AnalysisContext()
+        waiting: list[str | None] = [None] * len(self.computers)  # why a computer cannot run
+        try:
+            engine = unsupported_engine(model)
+            if engine is None:
+                reshard(model)  # FSDP2: analyse local shards, whatever the last forward left
+                live = ParameterSnapshot.live(model, trainable_only=cfg.trainable_only)
+                if self.old_snapshot is not None:
+                    changed = _spec_changes(self.old_snapshot.spec(), live.spec())
+                if distributed:
+                    spec_hash = stable_hash(_global_spec(live))
+            context = AnalysisContext(
+                model=model,
+                inputs=inputs,
+                attention_mask=_attention_mask(inputs),
+                optimizer=optimizer,
+                step=self.step_count,
+                metadata=dict(metadata),
             )
+            waiting = [self._waiting(c, context) for c in self.computers]
+        except Exception as err:
+            if not distributed:
+                raise
+            self._report("manager", err)
+            broken = True
+        rebase = self.old_snapshot is None or bool(changed)
+        flags = [w is not None for w in waiting]
+        high, low = agree([broken, engine is not None, rebase, spec_hash, *flags])
+        if high[0]:
+            if not broken:
+                self._log_once("manager", "peer-broken", "the analysis failed on another rank; "
+                               "every rank skips this measurement")
+            return {}
+        if high[1]:
+            self._warn_once(
+                ("engine", engine or "another rank"),
+                "%s partitions parameters into placeholders outside their forward; the analysis "
+                "cannot read them and reports nothing for this model",
+                engine or "a sharding engine on another rank",
+            )
+            return {}
+        if high[2] or high[3] != low[3]:
+            self._explain_rebaseline(changed, high[3] != low[3])
+            self.old_snapshot = None  # free the old buffers before allocating new ones
             self.old_snapshot = self._new_snapshot(model)
             return {}
+        assert live is not None and self.old_snapshot is not None
         delta = self.old_snapshot.compute_delta(live)
-        context = AnalysisContext(
-            model=model,
-            inputs=inputs,
-            attention_mask=_attention_mask(inputs),
-            optimizer=optimizer,
-            step=self.step_count,
-            metadata=dict(metadata),
-        )
-        metrics: dict[str, float] = {}
-        histograms: dict[str, Any] = {}
-        for computer in self.computers:
-            if not self._ready(computer, context):
-                continue
-            result = self._run(computer, delta, live, context, model)
-            if result is not None:
-                metrics.update(result)
-                hist = getattr(computer, "last_histograms", None)
-                if hist:
-                    histograms.update(hist)
+        replicated = [n for n in live.data if not live.shards[n].sharded] if distributed else []
+        results: list[dict[str, float] | None] = []
+        histograms: list[dict[str, Any]] = []
+        for computer, local, anywhere in zip(self.computers, waiting, high[4:], strict=True):
+            result = None
+            if anywhere:
+                reason = local or "another rank has no inputs, model or optimizer for it"
+                where = " on every rank" if distributed else ""
+                self._log_once(computer.name, reason, f"{reason}; skipping{where}")
+            else:
+                result = self._run(computer, delta, live, context, model)
+            results.append(result)
+            hist = getattr(computer, "last_histograms", None) if result is not None else None
+            histograms.append(dict(hist) if hist else {})
+        diverged = self._agree_results(results, [bool(f) for f in high[4:]], live, replicated)
+        metrics, origin = self._merge(results, histograms)
+        if diverged is not None:
+            self._add(metrics, origin, REPLICAS_KEY, float(diverged), "manager")
         try:
             self.old_snapshot.capture_(model)
         except BaseException:
             self.old_snapshot = None  # a half-refilled baseline would give wrong numbers later
             raise
         self.last_metrics = metrics
-        self.last_histograms = histograms
         return metrics
 
-    def _ready(self, computer: MetricComputer, context: AnalysisContext) -> bool:
-        if computer.requires_inputs() and context.inputs is None:
-            self._log_once(computer.name, "no-inputs", "no inputs passed; skipping")
-            return False
-        if computer.requires_model() and context.model is None:
-            self._log_once(computer.name, "no-model", "no model passed; skipping")
-            return False
-        if computer.requires_optimizer() and context.optimizer is None:
-            self._log_once(
-                computer.name, "no-optimizer", "no optimizer passed to on_optimizer_step; skipping"
+    def _waiting(self, computer: MetricComputer, context: AnalysisContext) -> str | None:
+        """Why ``computer`` cannot run on this rank (None: it can)."""
+        try:
+            if computer.requires_inputs() and context.inputs is None:
+                return "no inputs passed"
+            if computer.requires_model() and context.model is None:
+                return "no model passed"
+            if computer.requires_optimizer() and context.optimizer is None:
+                return "no optimizer passed to on_optimizer_step"
+        except Exception as err:
+            self._report(computer.name, err)
+            return "it failed to say what it requires"
+        return None
+
+    def _agree_results(
+        self,
+        results: list[dict[str, float] | None],
+        skipped: list[bool],
+        live: ParameterSnapshot,
+        replicated: list[str],
+    ) -> int | None:
+        """Drop, on every rank, the results of computers that failed on any rank and the keys
+        that not every rank returned; the number of replicated tensors whose bits differ between
+        ranks (None when there are none to compare)."""
+        if not is_distributed():
+            return None
+        n = len(results)
+        failed = [r is None and not s for r, s in zip(results, skipped, strict=True)]
+        keys = [stable_hash(sorted(r)) if r is not None else 0 for r in results]
+        sums = bit_checksums([live.data[name] for name in replicated])
+        high, low = agree([*failed, *keys, *sums])
+        for i in range(n):
+            if high[i]:
+                results[i] = None
+        mismatched = [i for i in range(n) if results[i] is not None and high[n + i] != low[n + i]]
+        if mismatched:
+            local = {i: sorted(results[i] or {}) for i in mismatched}
+            every = all_gather_objects(local)
+            for i in mismatched:
+                common = set.intersection(*(set(keysets[i]) for keysets in every))
+                dropped = sorted(set().union(*(keysets[i] for keysets in every)) - common)
+                name = self.computers[i].name
+                self._warn_once(
+                    ("keys", name),
+                    "computer %r returns different keys on different ranks; %d keys that not "
+                    "every rank has are dropped (e.g. %s)",
+                    name,
+                    len(dropped),
+                    ", ".join(dropped[:3]),
+                )
+                results[i] = {k: v for k, v in (results[i] or {}).items() if k in common}
+        if not replicated:
+            return None
+        return sum(h != lo for h, lo in zip(high[2 * n :], low[2 * n :], strict=True))
+
+    def _merge(
+        self, results: list[dict[str, float] | None], histograms: list[dict[str, Any]]
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        """Every kept result in computer order (the first value of a key stands) and, per key,
+        the name of the computer it came from; sets :attr:`last_histograms` from the same
+        computers."""
+        metrics: dict[str, float] = {}
+        origin: dict[str, str] = {}
+        merged_histograms: dict[str, Any] = {}
+        for computer, result, hist in zip(self.computers, results, histograms, strict=True):
+            if result is None:
+                continue
+            for key, value in result.items():
+                self._add(metrics, origin, key, value, computer.name)
+            merged_histograms.update(hist)
+        self.last_histograms = merged_histograms
+        return metrics, origin
+
+    def _add(
+        self,
+        metrics: dict[str, float],
+        origin: dict[str, str],
+        key: str,
+        value: float,
+        source: str,
+    ) -> None:
+        """``metrics[key] = value`` unless another computer set it first (one warning)."""
+        if key in metrics:
+            first = origin[key]
+            self._warn_once(
+                ("collision", first, source),
+                "computers %r and %r both return %r (and maybe more keys); the first value "
+                "stands",
+                first,
+                source,
+                key,
             )
-            return False
-        return True
+            return
+        origin[key] = source
+        metrics[key] = value
 
     def _run(
         self,
@@ -253,9 +468,9 @@ class ModelAnalysisManager:
         context: AnalysisContext,
         model: nn.Module,
     ) -> dict[str, float] | None:
+        """One computer's keys, or None when it raised (logged)."""
         modes = [(m, m.training) for m in model.modules()]
-        failed = False
-        result: dict[str, float] = {}
+        result: dict[str, float] | None = None
         start = time.perf_counter()
         try:
             with torch.no_grad():
@@ -267,16 +482,29 @@ class ModelAnalysisManager:
                 )
             result = {str(k): float(v) for k, v in (raw or {}).items()}
         except Exception as err:
-            failed = True
             self._report(computer.name, err)
         finally:
             for module, mode in modes:
                 module.training = mode
-        if is_distributed():
-            flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64)
-            failed = bool(all_reduce_(flag, "max").item())
         logger.debug("%s took %.3fs", computer.name, time.perf_counter() - start)
-        return None if failed else result
+        return result
+
+    def _explain_rebaseline(self, changed: str, ranks_differ: bool) -> None:
+        if ranks_differ:
+            self._warn_once(
+                ("ranks-differ",),
+                "ranks hold different parameters (names, global shapes or dtypes); every rank "
+                "re-baselines without metrics until they agree",
+            )
+        elif changed:
+            logger.warning(
+                "model parameters changed since the last snapshot (%s); re-baselining without "
+                "metrics this step",
+                changed,
+            )
+        elif self.old_snapshot is not None:
+            logger.info("another rank re-baselines (no snapshot or changed parameters there); "
+                        "so does this one")
 
     def _report(self, name: str, err: BaseException) -> None:
         key = (name, type(err).__name__)
@@ -296,6 +524,13 @@ class ModelAnalysisManager:
         if (name, reason) not in self._skip_logged:
             self._skip_logged.add((name, reason))
             logger.info("%s: %s", name, message)
+
+    def _warn_once(self, key: tuple[str, ...], message: str, *args: Any) -> None:
+        if key in self._warned:
+            logger.debug(message, *args)
+            return
+        self._warned.add(key)
+        logger.warning(message, *args)
 
     def _new_snapshot(self, model: nn.Module) -> ParameterSnapshot:
         cfg = self.config
@@ -429,3 +664,51 @@ def _spec_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             parts.append(f"{label}: {', '.join(names[:5])}{more}")
     return "; ".join(parts)
+
+
+def _global_spec(snapshot: ParameterSnapshot) -> list[tuple[str, list[int], str, bool]]:
+    """What every rank's parameters must share: names, global shapes, dtypes and whether each
+    is sharded (local shapes and offsets differ between ranks by design)."""
+    return [
+        (name, list(info.global_shape), str(snapshot.param_dtypes[name]), info.sharded)
+        for name, info in snapshot.shards.items()
+    ]
+
+
+def _integer_step(step: Any) -> int | None:
+    """``step`` as an int if it is an integer (Python, numpy, or a one-element integer tensor),
+    else None; booleans are not steps.
+
+    >>> [_integer_step(s) for s in (7, np.int64(7), torch.tensor(7), 7.0, "7", True)]
+    [7, 7, 7, None, None, None]
+    """
+    if isinstance(step, (bool, np.bool_)):
+        return None
+    if isinstance(step, torch.Tensor):
+        real_or_bool = step.is_floating_point() or step.is_complex() or step.dtype == torch.bool
+        return int(step.item()) if step.numel() == 1 and not real_or_bool else None
+    try:
+        return operator.index(step)
+    except TypeError:
+        return None
+
+
+def _check_device_exists(device: str) -> None:
+    """Raise a ValueError that says what to change when ``device`` is not on this machine."""
+    dev = torch.device(device)
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None),
+               "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
+    if backend is None:  # cpu (or a type the config already rejected)
+        return
+    count = 1
+    if not backend.is_available():
+        count = 0
+    elif hasattr(backend, "device_count"):
+        count = backend.device_count()
+    if count == 0 or (dev.index is not None and dev.index >= count):
+        found = f"{count} {dev.type} device(s)" if count else f"no {dev.type} device"
+        raise ValueError(
+            f"AnalysisConfig.snapshot_device={device!r}, but this machine has {found}; set "
+            "AnalysisConfig.snapshot_device='cpu' (the default: snapshots in host memory) or a "
+            "device that exists here"
+        )

@@ -12,6 +12,14 @@ Parameters come in three kinds:
   the shard's place in the global tensor is described by :class:`ShardInfo`;
 * ``DTensor`` parameters that are replicated: treated like plain tensors.
 
+Agreement. A rank must never take a branch that issues a collective on its own: every per-rank
+decision that leads to one (measure or not, run a computer or not, re-baseline or not, how long
+a reduced tensor is) is put to a vote first. :func:`agree` packs any number of such integers into
+one all-reduce and returns each one's maximum and minimum over ranks ("any" and "all" of a flag,
+"the same everywhere" when both are equal); :func:`stable_hash` turns sets of names and configs
+into integers that can be compared this way. :func:`bit_checksums` lets replicas compare their
+parameters bit for bit (NaN payloads included) at the price of one integer per tensor.
+
 Example:
     >>> import torch
     >>> get_rank(), get_world_size()
@@ -22,16 +30,24 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "NO_VOTE",
     "ShardInfo",
+    "agree",
+    "all_gather_objects",
     "all_reduce_",
+    "bit_checksums",
     "broadcast_",
+    "from_rank0",
     "fsdp_units",
     "gather_",
     "get_rank",
@@ -40,6 +56,7 @@ __all__ = [
     "local_tensor",
     "reshard",
     "shard_info",
+    "stable_hash",
     "unsupported_engine",
     "unwrap_model",
 ]
@@ -250,3 +267,90 @@ def gather_(tensor: torch.Tensor, dst: int) -> torch.Tensor | None:
         out = torch.empty((get_world_size(), *work.shape), dtype=work.dtype, device=work.device)
     dist.gather(work, gather_list=list(out.unbind(0)) if out is not None else None, dst=dst)
     return out.to(tensor.device) if out is not None else None
+
+
+# --- agreement ------------------------------------------------------------------------------
+_MASK = (1 << 62) - 1  # votes stay inside +-2**62, so negating one never overflows int64
+NO_VOTE = -(1 << 62)  # a rank that has no say in an entry (see from_rank0)
+
+
+def agree(values: Sequence[int]) -> tuple[list[int], list[int]]:
+    """``(maximum, minimum)`` over ranks of every integer in ``values``, in one all-reduce.
+
+    Every rank passes the same number of entries, each with ``|v| <= 2**62``. A flag agreed by
+    "any rank" is its maximum, by "every rank" its minimum; a value is the same on every rank
+    exactly when both are equal. Alone it returns ``(values, values)`` without building a tensor.
+
+    >>> agree([1, 0, 7])
+    ([1, 0, 7], [1, 0, 7])
+    """
+    vals = [int(v) for v in values]
+    if not is_distributed():
+        return vals, list(vals)
+    packed = torch.tensor(vals + [-v for v in vals], dtype=torch.int64)
+    out = all_reduce_(packed, "max").tolist()
+    n = len(vals)
+    return out[:n], [-v for v in out[n:]]
+
+
+def from_rank0(value: int) -> int:
+    """``value`` on rank 0, :data:`NO_VOTE` elsewhere: the maximum of :func:`agree` is then
+    rank 0's value.
+
+    >>> from_rank0(5)
+    5
+    """
+    return int(value) if get_rank() == 0 else NO_VOTE
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` alone)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def stable_hash(obj: Any) -> int:
+    """A 62-bit hash of a JSON-able ``obj`` that is the same in every process (Python's own
+    ``hash`` of a string is salted per process). Non-JSON values hash by ``repr``.
+
+    >>> stable_hash(["a", (1, 2)]) == stable_hash(["a", [1, 2]])
+    True
+    """
+    text = json.dumps(obj, sort_keys=True, default=repr, separators=(",", ":"))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _MASK
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHECKSUM_CHUNK = 1 << 22  # entries per partial sum: bounds the temporaries on any tensor size
+
+
+def bit_checksums(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """One 62-bit checksum per tensor: the sum of its entries' bit patterns read as integers.
+
+    Equal tensors give equal checksums; a NaN, a different payload or a sign of zero changes it,
+    as does almost any other difference (a sum is blind only to entries trading places). Local:
+    no collective; one device-to-host copy for all tensors.
+
+    >>> a = torch.tensor([1.0, float("nan")])
+    >>> bit_checksums([a]) == bit_checksums([a.clone()]), bit_checksums([a]) == bit_checksums([-a])
+    (True, False)
+    """
+    sums = []
+    for t in tensors:
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        flat = t.detach().reshape(-1)
+        ints = flat.view(_INT_OF_SIZE[flat.element_size()])
+        total = torch.zeros((), dtype=torch.int64, device=flat.device)
+        for start in range(0, ints.numel(), _CHECKSUM_CHUNK):
+            total += ints[start : start + _CHECKSUM_CHUNK].sum(dtype=torch.int64)
+        sums.append(total)
+    if not sums:
+        return []
+    if len({s.device for s in sums}) > 1:  # model parallel: one copy per tensor
+        sums = [s.cpu() for s in sums]
+    return [v & _MASK for v in torch.stack(sums).tolist()]

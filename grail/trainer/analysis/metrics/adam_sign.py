@@ -17,22 +17,26 @@ three; it differs from torch's own evaluation by a few units in the last place) 
 Over all entries with state (non-finite :math:`u` are counted in ``nonfinite_count`` and kept in
 the denominators of the fractions):
 
-=====================  ===========================================================================
-key                    definition
-=====================  ===========================================================================
-``mean_abs_u``         mean of :math:`|u|`
-``frac_near_one``      fraction with :math:`1 - \tau \le |u| \le 1 + \tau` (``adam_sign_tolerance``
-                       :math:`\tau`, default 0.1): coordinates in the sign-descent regime
-``frac_small``         fraction with :math:`|u| < 0.1`: noise-dominated coordinates
-``sign_agreement``     among entries where the current gradient :math:`g` (``p.grad``, negated for
-                       ``maximize``) and :math:`m` are both non-zero, the fraction with
-                       :math:`\mathrm{sign}(g) = \mathrm{sign}(m)`; omitted when there is no such
-                       pair (no gradients)
-``update_to_weight``   :math:`\lVert \eta u\rVert_2 / \lVert W\rVert_2` with the current (post-step)
-                       weights; 0 when :math:`\lVert W\rVert_2 = 0`, NaN when a weight is NaN
-``nonfinite_count``    number of non-finite :math:`u`
-``num_params``         number of entries with Adam state
-=====================  ===========================================================================
+========================  ========================================================================
+key                       definition
+========================  ========================================================================
+``mean_abs_u``            mean of :math:`|u|`
+``frac_near_one``         fraction with :math:`1 - \tau \le |u| \le 1 + \tau`
+                          (``adam_sign_tolerance`` :math:`\tau`, default 0.1): coordinates in
+                          the sign-descent regime
+``frac_small``            fraction with :math:`|u| < 0.1`: noise-dominated coordinates
+``sign_agreement``        among entries where the current gradient :math:`g` (``p.grad``,
+                          negated for ``maximize``) and :math:`m` are both non-zero, the fraction
+                          with :math:`\mathrm{sign}(g) = \mathrm{sign}(m)`; NaN when there is no
+                          such pair (no gradients)
+``update_to_weight``      :math:`\lVert \eta u\rVert_2 / \lVert W\rVert_2` with the current
+                          (post-step) weights; 0 when :math:`\lVert W\rVert_2 = 0`, NaN when a
+                          weight is NaN or infinite
+``nonfinite_count``       number of non-finite :math:`u`
+``num_params``            number of entries with Adam state
+``histogram_nonfinite``   with ``histogram_samples > 0``: sampled :math:`u` left out of the
+                          histogram because they were NaN/Inf
+========================  ========================================================================
 
 Per component (``adam_sign/component/{c}/...``, ``adam_sign_track_components``) the first five
 keys are reported for each group that has Adam state.
@@ -60,7 +64,12 @@ through :meth:`~.gradient.GradientSparsityMetrics.share_pass_with` computes both
 same loop, reading each gradient once.
 
 With ``histogram_samples > 0``, :attr:`last_histograms` is ``{"adam_sign/u": u at up to
-histogram_samples positions}`` (see :class:`~.gradient.HistogramSample`), else ``{}``.
+histogram_samples positions}`` (see :class:`~.gradient.HistogramSample`; finite values only,
+positions without Adam state left out), else ``{}``.
+
+Decisions: under a process group a rank without Adam state still takes part in the reduction of
+the statistics; the family is skipped (``{}`` on every rank) when no entry with state is counted
+anywhere.
 
 Example:
     >>> import torch
@@ -223,20 +232,21 @@ class AdamSignDescentMetrics(MetricComputer):
         self.last_histograms = {}
         model = context.model if context is not None else None
         optimizer = context.optimizer if context is not None else None
-        if model is None or optimizer is None:
-            return self.skip("no model or no optimizer passed to on_optimizer_step")
+        if model is None:
+            return self.skip("no model passed")
         params = collect_parameters(model, self.trainable_only)
-        entries = adam_entries(optimizer, params)
-        if not entries:
-            return self.skip(
-                f"{type(optimizer).__name__} holds no Adam state (exp_avg, exp_avg_sq, step) for "
-                "the model's parameters"
-            )
+        # Whether there is anything to report is decided after the reduction below, from every
+        # rank's counts: a rank without Adam state (no optimizer, SGD) still takes part in it,
+        # so no rank is left alone in a collective.
+        entries = adam_entries(optimizer, params) if optimizer is not None else []
         names = [n for n, _ in params]
         if self._naming is None or self._naming[0] != tuple(names):
             self._naming = (tuple(names), ParameterNaming(names, self.component_map))
         groups, rows = group_rows(self._naming[1], names, False, self.track_components)
-        device = local_tensor(entries[0][2]["exp_avg"]).device
+        if entries:
+            device = local_tensor(entries[0][2]["exp_avg"]).device
+        else:
+            device = local_tensor(params[0][1]).device if params else torch.device("cpu")
         stats = StreamingStats(self._thresholds(), groups, extra_sums=_EXTRAS, device=device)
         fused = self.fused and kernels.worth_it(sum(p.numel() for _, p, _, _ in entries))
         batch = kernels.AdamBatch(stats.thresholds_f32) if fused else None
@@ -250,9 +260,22 @@ class AdamSignDescentMetrics(MetricComputer):
             sums, maxes, extras, batch_groups = batch.rows()
             stats.accumulate_rows(sums, maxes, batch_groups, extras)
         stats.all_reduce()
+        results = stats.results()
+        if results[0].count + results[0].nonfinite == 0:
+            if optimizer is None:
+                return self.skip("no optimizer passed to on_optimizer_step")
+            if not entries:
+                return self.skip(
+                    f"{type(optimizer).__name__} holds no Adam state (exp_avg, exp_avg_sq, step) "
+                    "for the model's parameters"
+                )
+            return self.skip("the rank that counts these parameters holds no Adam state for them")
+        out = self._finalize(results, groups)
         if self.histogram_samples > 0:
-            self.last_histograms = {"adam_sign/u": self._histogram(entries)}
-        return self._finalize(stats.results(), groups)
+            sample = self._histogram(params, entries)
+            self.last_histograms = {"adam_sign/u": sample.result()}
+            out["adam_sign/histogram_nonfinite"] = float(sample.nonfinite)
+        return out
 
     def _thresholds(self) -> list[float]:
         return [self._small, self._lo, self._hi]
@@ -367,16 +390,24 @@ class AdamSignDescentMetrics(MetricComputer):
             stats.add("sign_sum", s_sum * sign, rows)
             stats.add("sign_nonzero", s_nonzero, rows)
 
-    def _histogram(self, entries: list[tuple[str, torch.Tensor, Any, Any]]) -> np.ndarray:
-        infos = [shard_info(p) for _, p, _, _ in entries]
+    def _histogram(
+        self,
+        params: list[tuple[str, torch.Tensor]],
+        entries: list[tuple[str, torch.Tensor, Any, Any]],
+    ) -> HistogramSample:
+        """Positions over every analysed parameter (the same on every rank, whatever each rank's
+        optimizer holds); the owner of a position fills it if it holds Adam state there."""
+        infos = [shard_info(p) for _, p in params]
         sample = HistogramSample(
             self.histogram_samples, [i.global_numel for i in infos], self.histogram_seed
         )
-        for i, ((_, p, st, group), info) in enumerate(zip(entries, infos, strict=True)):
+        index = {name: i for i, (name, _) in enumerate(params)}
+        for name, p, st, group in entries:
+            i = index[name]
+            info = infos[i]
             if not info.owner:
                 continue
             m, v, bc1, bc2s, eps = self._state(p, st, group)
-
             scale, shift = u_constants(bc1, bc2s, eps)
 
             def u_at(pos: torch.Tensor, m=m, v=v, scale=scale, shift=shift) -> torch.Tensor:
@@ -384,7 +415,7 @@ class AdamSignDescentMetrics(MetricComputer):
                 return kernels.adam_u(m[pos], v[pos], scale, shift)
 
             sample.fill(i, info.offset, m.numel(), u_at)
-        return sample.result()
+        return sample
 
     def _finalize(self, results: list[Summary], groups: list[str]) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -401,8 +432,9 @@ class AdamSignDescentMetrics(MetricComputer):
                 (r.extra["sign_sum"] + nonzero) / (2.0 * nonzero) if nonzero > 0 else math.nan
             )
             w_sq = r.extra["w_sq"]
-            # NaN weights give NaN (not a reassuring 0); only an all-zero weight gives 0.
-            out[p + "update_to_weight"] = math.sqrt(r.extra["lr_u_sq"] / w_sq) if w_sq else 0.0
+            # A NaN or Inf weight gives NaN (not a reassuring 0); only an all-zero weight gives 0.
+            ratio = math.sqrt(r.extra["lr_u_sq"] / w_sq) if w_sq else 0.0
+            out[p + "update_to_weight"] = ratio if math.isfinite(w_sq) else math.nan
             if group == "all":
                 out[p + "nonfinite_count"] = float(r.nonfinite)
                 out[p + "num_params"] = float(total)

@@ -85,10 +85,31 @@ class AnalysisContext:
 
 
 class MetricComputer(ABC):
-    """Base class of every metric family (see module docstring)."""
+    """Base class of every metric family (see module docstring).
 
-    #: Prefix of the keys this computer returns, used in log messages.
-    name: str = "metric"
+    A subclass that sets no ``name`` is named after its class, so log messages say which
+    computer spoke:
+
+    >>> class Norms(MetricComputer):
+    ...     def compute(self, delta=None, **kwargs):
+    ...         return {}
+    >>> Norms().name
+    'Norms'
+    """
+
+    #: Who is speaking in log messages (usually the prefix of the keys); defaults to the class
+    #: name.
+    name: str = "MetricComputer"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # An explicit ``name`` (here or in a parent other than this base) is kept; a name that
+        # was itself only a default is not inherited.
+        if "name" not in cls.__dict__:
+            source = next(k for k in cls.__mro__[1:] if "name" in k.__dict__)
+            if source is MetricComputer or source.__dict__.get("_default_name"):
+                cls.name = cls.__name__
+                cls._default_name = True
 
     @abstractmethod
     def compute(

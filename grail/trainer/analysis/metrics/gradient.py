@@ -31,7 +31,9 @@ are read as pairs of reals.
 
 With ``histogram_samples > 0`` the computer also sets :attr:`last_histograms` to
 ``{"gradient/abs_grad": |g| at up to histogram_samples positions}`` (see
-:class:`HistogramSample`); otherwise it is ``{}``.
+:class:`HistogramSample`: positions are drawn over every trainable entry, those without a gradient
+and non-finite values are left out) and reports ``histogram_nonfinite``, the number of sampled
+values left out because they were NaN/Inf; otherwise :attr:`last_histograms` is ``{}``.
 
 Decisions: when no parameter has a gradient (called after ``zero_grad(set_to_none=True)``) the
 computer returns ``{}`` and logs one info message, rather than reporting zero norms.
@@ -80,14 +82,19 @@ class HistogramSample:
     so sharding does not change them), drawn once from a ``torch.Generator`` seeded with ``seed``:
     the global RNG is neither read nor advanced. When the tensors hold ``size`` entries or fewer,
     every entry is taken once. Each rank fills the positions inside its local shards;
-    :meth:`result` sums over ranks (one collective), so every rank gets the whole sample.
+    :meth:`result` sums over ranks (one collective, whose size depends only on ``size`` and the
+    global shapes), so every rank gets the whole sample.
 
-    >>> tensors = [torch.arange(3.0), torch.arange(10.0, 15.0)]
+    A position that no rank filled (a tensor without a gradient or optimizer state) is left out,
+    and so is a non-finite value (histogram loggers reject them); :attr:`nonfinite` counts the
+    non-finite values left out.
+
+    >>> tensors = [torch.arange(3.0), torch.tensor([10.0, float("nan"), 12.0, 13.0, 14.0])]
     >>> s = HistogramSample(4, [t.numel() for t in tensors], seed=0)
     >>> for i, t in enumerate(tensors):
     ...     s.fill(i, 0, t.numel(), lambda pos, t=t: t[pos])
-    >>> s.result().tolist()
-    [0.0, 11.0, 12.0, 14.0]
+    >>> s.result().tolist(), s.nonfinite
+    ([0.0, 12.0, 14.0], 1)
     """
 
     def __init__(self, size: int, numels: Sequence[int], seed: int = 0) -> None:
@@ -101,7 +108,9 @@ class HistogramSample:
         starts = torch.tensor([0, *np.cumsum(numels).tolist()], dtype=torch.int64)
         self._starts = starts
         self._bounds = torch.searchsorted(pos, starts).tolist()
-        self.values = torch.zeros(pos.numel(), dtype=torch.float64)
+        # row 0: the values, row 1: 1 where this rank filled the slot (summed in one reduction)
+        self._slots = torch.zeros(2, pos.numel(), dtype=torch.float64)
+        self.nonfinite = 0
 
     def fill(
         self,
@@ -120,12 +129,17 @@ class HistogramSample:
         if not bool(keep.any()):
             return
         slots = torch.arange(lo, hi)[keep]
-        self.values[slots] = values_at(local[keep]).detach().double().cpu()
+        self._slots[0, slots] = values_at(local[keep]).detach().double().cpu()
+        self._slots[1, slots] = 1.0
 
     def result(self) -> np.ndarray:
-        """The sample as a float32 numpy array (collective in a process group)."""
-        all_reduce_(self.values, "sum")
-        return self.values.float().numpy()
+        """The finite sampled values as a float32 numpy array (collective in a process group);
+        sets :attr:`nonfinite`."""
+        all_reduce_(self._slots, "sum")
+        values = self._slots[0][self._slots[1] > 0].float()
+        finite = torch.isfinite(values)
+        self.nonfinite = int(values.numel() - int(finite.sum()))
+        return values[finite].numpy()
 
 
 class GradientSparsityMetrics(MetricComputer):
@@ -236,9 +250,12 @@ class GradientSparsityMetrics(MetricComputer):
                 "no parameter has a gradient; call on_optimizer_step after optimizer.step() and "
                 "before zero_grad()"
             )
+        out = self._finalize(results, groups)
         if self.histogram_samples > 0:
-            self.last_histograms = {"gradient/abs_grad": self._histogram(with_grad)}
-        return self._finalize(results, groups)
+            sample = self._histogram(params)
+            self.last_histograms = {"gradient/abs_grad": sample.result()}
+            out["gradient/histogram_nonfinite"] = float(sample.nonfinite)
+        return out
 
     def _update_sparse(self, stats: StreamingStats, grad: torch.Tensor, rows: list[int]) -> None:
         grad = grad.to_sparse_coo().coalesce()
@@ -252,13 +269,15 @@ class GradientSparsityMetrics(MetricComputer):
             sums[5:] = implicit
             stats.accumulate(sums, torch.zeros(3, dtype=torch.float64), rows)
 
-    def _histogram(self, with_grad: list[tuple[str, torch.Tensor]]) -> np.ndarray:
-        infos = [shard_info(p) for _, p in with_grad]
+    def _histogram(self, params: list[tuple[str, torch.Tensor]]) -> HistogramSample:
+        """Positions over every trainable parameter (the same on every rank, whatever each rank's
+        gradients); the owner of a position fills it if it holds a gradient there."""
+        infos = [shard_info(p) for _, p in params]
         sample = HistogramSample(
             self.histogram_samples, [i.global_numel for i in infos], self.histogram_seed
         )
-        for i, ((_, p), info) in enumerate(zip(with_grad, infos, strict=True)):
-            if not info.owner:
+        for i, ((_, p), info) in enumerate(zip(params, infos, strict=True)):
+            if not info.owner or p.grad is None:
                 continue
             grad = local_tensor(p.grad)
             if grad.layout == torch.strided:
@@ -266,7 +285,7 @@ class GradientSparsityMetrics(MetricComputer):
                 sample.fill(i, info.offset, flat.numel(), lambda pos, f=flat: f[pos].abs())
             else:
                 sample.fill(i, info.offset, grad.numel(), lambda pos, g=grad: _sparse_at(g, pos))
-        return sample.result()
+        return sample
 
     def _finalize(self, results: list[Summary], groups: list[str]) -> dict[str, float]:
         out: dict[str, float] = {}

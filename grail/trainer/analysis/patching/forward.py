@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.distributed import all_reduce_, is_distributed, reshard
+from ..core.distributed import agree, reshard
 
 __all__ = [
     "PreparedInputs",
@@ -153,15 +153,13 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
 
 
 def agree_across_ranks(prepared: PreparedInputs | str) -> PreparedInputs | str:
-    """Forwards run only if every rank has usable inputs (one reduction; identity alone).
+    """Forwards run only if every rank has usable inputs (one vote; identity alone).
 
     Analysis forwards of a sharded model are collectives: a rank that skipped them would leave
-    the others waiting.
+    the others waiting. Every rank must call this at the same point, usable inputs or not.
     """
-    if not is_distributed():
-        return prepared
-    usable = torch.tensor([0.0 if isinstance(prepared, str) else 1.0], dtype=torch.float64)
-    if not all_reduce_(usable, "min").item() and not isinstance(prepared, str):
+    unusable, _ = agree([isinstance(prepared, str)])
+    if unusable[0] and not isinstance(prepared, str):
         return "another rank has no usable inputs"
     return prepared
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from .ops.test_budget import reference_keep
+from .ranks import run_ranks
 
 pytestmark = [
     pytest.mark.distributed,
@@ -22,46 +19,37 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed"),
 ]
 
-ROOT = Path(__file__).resolve().parents[4]
 TIMEOUT = 240  # a deadlock fails the test instead of hanging CI
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(mode: str, world: int, tmp: Path, low_rank: bool = False, *flags: str) -> list[dict]:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs, outs = [], []
-    for rank in range(world):
-        out = tmp / f"{mode}-{world}-{rank}.json"
-        cmd = [sys.executable, "-m", "tests.unit.trainer.analysis.dist_worker", "--mode", mode,
-               "--rank", str(rank), "--world", str(world), "--port", str(port), "--out", str(out)]
-        if low_rank:
-            cmd.append("--low-rank")
-        cmd += flags
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-        outs.append(out)
-    try:
-        logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{mode} with {world} ranks timed out (deadlock?)")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    outs = [tmp / f"{mode}-{world}-{rank}.json" for rank in range(world)]
+
+    def args_of(rank: int, port: int) -> list[str]:
+        extra = ["--low-rank"] if low_rank else []
+        return ["--mode", mode, "--rank", str(rank), "--world", str(world), "--port", str(port),
+                "--out", str(outs[rank]), *extra, *flags]
+
+    done = run_ranks("tests.unit.trainer.analysis.dist_worker", world, args_of, TIMEOUT,
+                     f"{mode} with {world} ranks")
+    for code, log in done:
+        assert code == 0, log[-3000:]
     return [json.loads(o.read_text()) for o in outs]
+
+
+REPLICAS = "param_change/replicas_diverged"
 
 
 def _assert_close(got: dict, ref: dict, where: str, token_factor: int = 2) -> None:
     """``got`` from ranks, ``ref`` from one process. Forward-pass metrics average over every
     rank's batch, so ``sparse/tokens`` counts ``token_factor`` times the single batch when all
-    ranks analyse that same batch."""
+    ranks analyse that same batch. DDP replicas are compared bit for bit on top (no process has
+    replicas, FSDP2 shards every parameter): the replicas never diverge here."""
     assert got.keys() == ref.keys(), (where, sorted(set(got) ^ set(ref))[:10])
+    replicated = where.startswith("ddp")
+    for step in got:
+        assert got[step].get(REPLICAS) == (0.0 if replicated else None), (where, step)
+    got = {step: {k: v for k, v in m.items() if k != REPLICAS} for step, m in got.items()}
     for step in ref:
         diff = sorted(set(got[step]) ^ set(ref[step]))[:10]
         assert got[step].keys() == ref[step].keys(), (where, step, diff)

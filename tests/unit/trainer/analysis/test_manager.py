@@ -286,3 +286,117 @@ def test_a_failed_snapshot_refill_drops_the_baseline(monkeypatch):
     monkeypatch.setattr(type(manager.old_snapshot), "capture_", broken)
     assert manager.on_optimizer_step(model) == {}  # metrics lost, training unharmed
     assert manager.old_snapshot is None  # no half-refilled baseline survives
+
+
+def test_a_snapshot_device_missing_here_fails_at_construction(monkeypatch):
+    """Not ``{}`` forever after a warning about 'manager': construction says which field to
+    change. The config alone stays valid (it may be written on another machine)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = AnalysisConfig(snapshot_device="cuda")  # a value: no availability check
+    for build in (ModelAnalysisManager, ModelAnalysisManager.create):
+        with pytest.raises(ValueError, match=r"AnalysisConfig\.snapshot_device.*'cpu'"):
+            build(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    ModelAnalysisManager(AnalysisConfig(snapshot_device="cuda:1"))
+    with pytest.raises(ValueError, match=r"2 cuda device\(s\)"):
+        ModelAnalysisManager(AnalysisConfig(snapshot_device="cuda:2"))
+    ModelAnalysisManager(AnalysisConfig(snapshot_device="cpu"))
+
+
+class Impostor(MetricComputer):
+    name = "impostor"
+
+    def compute(self, delta, **kwargs):
+        return {"param_change/norm_l2": -1.0, "impostor/own": 2.0}
+
+
+def test_a_computer_cannot_overwrite_another_computers_key(caplog):
+    model = torch.nn.Linear(4, 4)
+    manager = ModelAnalysisManager.create(
+        AnalysisConfig(interval=1, sparse_quality_enabled=False)
+    ).add_metric(Impostor())
+    caplog.set_level(logging.WARNING, logger="grail.trainer.analysis.manager")
+    manager.on_optimizer_step(model)
+    for _ in range(2):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        m = manager.on_optimizer_step(model)
+        assert m["param_change/norm_l2"] == pytest.approx(4.0)  # the first value stands
+        assert m["impostor/own"] == 2.0
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "'param_change'" in warnings[0] and "'impostor'" in warnings[0]
+
+
+def test_a_failing_computer_without_a_name_is_logged_with_its_class_name(caplog):
+    class ExplodingMetric(MetricComputer):
+        def compute(self, delta, **kwargs):
+            raise RuntimeError("kaboom")
+
+    model = torch.nn.Linear(2, 2)
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(ExplodingMetric())
+    caplog.set_level(logging.WARNING, logger="grail.trainer.analysis.manager")
+    manager.on_optimizer_step(model)
+    manager.on_optimizer_step(model)
+    assert "analysis computer 'ExplodingMetric' failed" in caplog.records[0].getMessage()
+    assert "ExplodingMetric" in repr(manager)
+    assert Count.name == "count"  # explicit names are kept
+
+
+def test_a_step_going_back_rebaselines_with_one_warning(caplog):
+    """A resumed run passes an earlier step: comparing with the snapshot from the later step
+    would mix two runs, so the next measurement step takes a fresh snapshot."""
+    model = torch.nn.Linear(2, 2)
+    manager = ModelAnalysisManager.create(AnalysisConfig(interval=2, sparse_quality_enabled=False))
+    manager.on_optimizer_step(model, step=2)  # first snapshot
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert manager.on_optimizer_step(model, step=4)["param_change/norm_max"] == 1.0
+    caplog.set_level(logging.WARNING, logger="grail.trainer.analysis.manager")
+    for _ in range(2):  # resumed twice from step 1: one warning
+        with torch.no_grad():
+            model.weight.add_(10.0)
+        assert manager.on_optimizer_step(model, step=1) == {}
+        assert manager.old_snapshot is None and manager.step_count == 1
+        assert manager.on_optimizer_step(model, step=2) == {}  # fresh snapshot, no metrics
+        with torch.no_grad():
+            model.weight.add_(0.5)
+        assert manager.on_optimizer_step(model, step=4)["param_change/norm_max"] == 0.5
+    assert sum("went back" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_non_integer_steps_are_ignored_with_one_warning(caplog):
+    import numpy as np
+
+    manager = ModelAnalysisManager(AnalysisConfig(interval=100)).add_metric(Count())
+    model = torch.nn.Linear(2, 2)
+    caplog.set_level(logging.WARNING, logger="grail.trainer.analysis.manager")
+    manager.on_optimizer_step(model, step=10)
+    for bad in (10.7, "10", True, np.float64(12.0), torch.tensor(12.5)):
+        before = manager.step_count
+        manager.on_optimizer_step(model, step=bad)
+        assert manager.step_count == before + 1, bad  # counted as the next step
+    assert sum("not an integer" in r.getMessage() for r in caplog.records) == 1
+    for good, want in ((np.int64(40), 40), (torch.tensor(50), 50), (np.int32(60), 60)):
+        manager.on_optimizer_step(model, step=good)
+        assert manager.step_count == want and type(manager.step_count) is int
+
+
+def test_one_process_does_no_agreement_work(monkeypatch):
+    """Without a process group the votes are the local values: no hashes, checksums or
+    exchanges are computed, and no replica key is reported."""
+    import grail.trainer.analysis.manager as manager_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("agreement work in a single process")
+
+    for name in ("stable_hash", "bit_checksums", "all_gather_objects", "from_rank0"):
+        monkeypatch.setattr(manager_module, name, forbidden)
+    model = tiny_qwen2()
+    manager = ModelAnalysisManager.create(AnalysisConfig(interval=1)).add_metric(Count())
+    ids = torch.randint(0, 128, (2, 8))
+    manager.on_optimizer_step(model, inputs=ids, step=1)
+    m = manager.on_optimizer_step(model, inputs=ids, step=2)
+    assert "sparse/kl_at_1e-06" in m and "count/tensors" in m
+    assert "param_change/replicas_diverged" not in m

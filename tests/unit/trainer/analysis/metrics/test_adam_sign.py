@@ -241,6 +241,43 @@ def test_nonfinite_u_is_counted_and_excluded() -> None:
     _assert_matches(metrics, ref, slack, "adam_sign/")
 
 
+def test_nonfinite_u_are_left_out_of_the_histogram_and_counted() -> None:
+    """Histogram loggers reject NaN/Inf: the sample holds the finite u only, and
+    ``histogram_nonfinite`` says how many were left out (every entry sampled here)."""
+    model = tiny_qwen2()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, opt, steps=2)
+    state = opt.state[model.lm_head.weight]
+    state["exp_avg"].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    n_total = sum(p.numel() for p in model.parameters())
+    computer = AdamSignDescentMetrics(histogram_samples=n_total)
+    metrics = _compute(computer, model, opt)
+    u = np.concatenate([d["u"] for d in _per_param(model, opt).values()])
+    hist = computer.last_histograms["adam_sign/u"]
+    assert metrics["adam_sign/histogram_nonfinite"] == 3.0 == float((~np.isfinite(u)).sum())
+    assert np.isfinite(hist).all() and hist.size == n_total - 3
+    np.testing.assert_allclose(np.sort(hist), np.sort(u[np.isfinite(u)]), rtol=1e-5, atol=1e-7)
+    # the key is there whenever histograms are on
+    assert "adam_sign/histogram_nonfinite" in _compute(
+        AdamSignDescentMetrics(histogram_samples=8), model, opt)
+    assert "adam_sign/histogram_nonfinite" not in _compute(AdamSignDescentMetrics(), model, opt)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_a_nonfinite_weight_gives_nan_update_to_weight(bad) -> None:
+    """0 is reserved for an all-zero weight; an Inf weight must not read as "no update"."""
+    model = tiny_qwen2()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, opt, steps=2)
+    with torch.no_grad():
+        model.lm_head.weight.view(-1)[0] = bad
+    assert math.isnan(_compute(AdamSignDescentMetrics(), model, opt)["adam_sign/update_to_weight"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert _compute(AdamSignDescentMetrics(), model, opt)["adam_sign/update_to_weight"] == 0.0
+
+
 def test_bf16_state_matches_upcast_reference() -> None:
     model = tiny_qwen2(dtype=torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -225,16 +225,57 @@ def test_histogram_is_reproducible_sized_and_drawn_from_the_gradients() -> None:
     assert off.last_histograms == {}
 
 
+def test_nonfinite_gradients_are_left_out_of_the_histogram_and_counted() -> None:
+    """Histogram loggers reject NaN/Inf: the sample holds the finite |g| only, and
+    ``histogram_nonfinite`` says how many were left out (every entry sampled here)."""
+    model = tiny_qwen2()
+    _backward(model)
+    model.lm_head.weight.grad.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -1e38])
+    model.model.norm.weight.grad.view(-1)[0] = -float("inf")
+    grads = np.concatenate([g for g in _grads(model).values()])
+    computer = GradientSparsityMetrics(histogram_samples=grads.size)
+    metrics = _compute(computer, model)
+    hist = computer.last_histograms["gradient/abs_grad"]
+    assert metrics["gradient/histogram_nonfinite"] == 3.0 == float((~np.isfinite(grads)).sum())
+    assert np.isfinite(hist).all()
+    np.testing.assert_array_equal(np.sort(hist),
+                                  np.sort(np.abs(grads[np.isfinite(grads)]).astype(np.float32)))
+    assert "gradient/histogram_nonfinite" not in _compute(GradientSparsityMetrics(), model)
+
+
+def test_histogram_positions_do_not_depend_on_which_gradients_exist() -> None:
+    """Positions are drawn over every trainable entry (so every rank draws the same, whatever
+    gradients it holds); those without a gradient are left out of the sample."""
+    model = tiny_qwen2()
+    _backward(model)
+    full = GradientSparsityMetrics(histogram_samples=300)
+    _compute(full, model)
+    model.lm_head.weight.grad = None
+    part = GradientSparsityMetrics(histogram_samples=300)
+    _compute(part, model)
+    names = [n for n, _ in model.named_parameters()]
+    numels = [p.numel() for p in model.parameters()]
+    head = names.index("lm_head.weight")
+    start = sum(numels[:head])
+    # the documented draw: sorted uniform positions from a generator seeded with the seed (0)
+    pos = torch.randint(sum(numels), (300,), generator=torch.Generator().manual_seed(0)).sort()[0]
+    in_head = ((pos >= start) & (pos < start + numels[head])).numpy()
+    assert 0 < in_head.sum() < 300
+    np.testing.assert_array_equal(part.last_histograms["gradient/abs_grad"],
+                                  full.last_histograms["gradient/abs_grad"][~in_head])
+
+
 def test_histogram_sample_takes_everything_when_small() -> None:
     tensors = [torch.arange(3.0), torch.arange(10.0, 15.0)]
     s = HistogramSample(100, [t.numel() for t in tensors], seed=0)
     for i, t in enumerate(tensors):
         s.fill(i, 0, t.numel(), lambda pos, t=t: t[pos])
     assert s.result().tolist() == [0, 1, 2, 10, 11, 12, 13, 14]
-    # a shard holding positions 2..4 of the second tensor fills exactly those slots
+    # a shard holding positions 2..4 of the second tensor fills exactly those slots; slots
+    # nobody filled are left out, not reported as zeros
     s = HistogramSample(100, [3, 5], seed=0)
     s.fill(1, 2, 3, lambda pos: pos.double() + 100)
-    assert s.result().tolist() == [0, 0, 0, 0, 0, 100, 101, 102]
+    assert s.result().tolist() == [100, 101, 102]
 
 
 def test_manager_reports_gradient_keys_and_histograms() -> None:

@@ -1,0 +1,42 @@
+"""Start one worker process per rank and wait for all of them, failing instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[4]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(
+    module: str, world: int, args_of: Callable[[int, int], list[str]], timeout: float, what: str
+) -> list[tuple[int, str]]:
+    """Run ``python -m module *args_of(rank, port)`` for every rank from the repository root;
+    ``(return code, output)`` per rank. A run past ``timeout`` seconds is killed and fails the
+    test with ``what`` in the message (a deadlock fails instead of stalling CI)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", module, *args_of(rank, port)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(world)
+    ]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{what} timed out (deadlock?)")
+    return [(p.returncode, log) for p, log in zip(procs, logs, strict=True)]
