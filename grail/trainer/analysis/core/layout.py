@@ -14,6 +14,8 @@ rows by position; it asks a :class:`Columns` for the column of a name:
 * :func:`stack_row` builds a row from named values in a declared field order, and
   :func:`assign` copies named columns between rows of two layouts (the translation from a
   kernel's raw row to the statistics' columns).
+* :class:`Summary` is one group's finalised statistics, read from its rows by
+  :meth:`Layout.summary`.
 
 =================  ==========================================  ==========
 sums field         definition over the finite values x         reduction
@@ -31,9 +33,10 @@ The maxima are ``max_abs`` (max abs(x)), ``max`` (max x) and ``neg_min`` (-min x
 with MAX, so that one element-wise maximum merges every column.
 
 Decisions: an extra sum may not reuse a base name or ``"le"`` (a :class:`ValueError` at
-construction, never a silently shadowed column); :func:`stack_row` and the kernels that call it
-are plain Python over tuples of names, so ``torch.compile`` resolves every name at trace time
-and the traced graph holds only the tensor ops.
+construction, never a silently shadowed column); extra sums passed by name must exist (unknown
+names raise) and those not passed add 0; :func:`stack_row` and the kernels that call it are
+plain Python over tuples of names, so ``torch.compile`` resolves every name at trace time and
+the traced graph holds only the tensor ops.
 
 Example:
     >>> import torch
@@ -55,7 +58,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BASE_SUMS", "LE", "MAXES", "MOMENTS", "Columns", "Layout", "assign", "stack_row"]
+__all__ = [
+    "BASE_SUMS",
+    "LE",
+    "MAXES",
+    "MOMENTS",
+    "Columns",
+    "Layout",
+    "Summary",
+    "assign",
+    "stack_row",
+]
 
 #: The field of the threshold counts: one column per threshold.
 LE = "le"
@@ -149,6 +162,66 @@ def assign(
     return dst
 
 
+@dataclass(frozen=True)
+class Summary:
+    """Finalised statistics of one group (plain Python numbers)."""
+
+    count: int
+    nonfinite: int
+    sum: float
+    sum_sq: float
+    sum_abs: float
+    max_abs: float
+    max: float
+    min: float
+    le: dict[float, int]
+    extra: dict[str, float]
+
+    @property
+    def norm_l2(self) -> float:
+        return math.sqrt(self.sum_sq)
+
+    @property
+    def norm_l1(self) -> float:
+        return self.sum_abs
+
+    @property
+    def norm_max(self) -> float:
+        return self.max_abs
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    @property
+    def mean_abs(self) -> float:
+        return self.sum_abs / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        if not self.count:
+            return 0.0
+        mean = self.sum / self.count
+        return math.sqrt(max(self.sum_sq / self.count - mean * mean, 0.0))
+
+    def fraction_le(self, t: float) -> float:
+        """Fraction of all values (non-finite included in the denominator) with abs(x) <= t."""
+        total = self.count + self.nonfinite
+        return self.le[t] / total if total else 0.0
+
+    def five_numbers(self) -> dict[str, float]:
+        """``norm_l2, norm_l1, norm_max, mean, std, min, max`` as floats."""
+        return {
+            "norm_l2": self.norm_l2,
+            "norm_l1": self.norm_l1,
+            "norm_max": self.norm_max,
+            "mean": self.mean,
+            "std": self.std,
+            "min": self.min,
+            "max": self.max,
+        }
+
+
 #: The maxima of every :class:`Layout`.
 MAXES = Columns(("max_abs", "max", "neg_min"))
 
@@ -215,3 +288,22 @@ class Layout:
                 value = zero
             parts.append(value.to(like))
         return torch.stack(parts, dim=-1)
+
+    def summary(self, sums: Sequence[float], maxes: Sequence[float]) -> Summary:
+        """The :class:`Summary` of one group's rows (plain floats in :attr:`sums` and
+        :attr:`maxes` columns); the extremes of a group without finite values are 0."""
+        s, m = self.sums, self.maxes
+        count = int(sums[s["count"]])
+        empty = count == 0
+        return Summary(
+            count=count,
+            nonfinite=int(sums[s["nonfinite"]]),
+            sum=sums[s["sum"]],
+            sum_sq=sums[s["sum_sq"]],
+            sum_abs=sums[s["sum_abs"]],
+            max_abs=0.0 if empty else maxes[m["max_abs"]],
+            max=0.0 if empty else maxes[m["max"]],
+            min=0.0 if empty else -maxes[m["neg_min"]],
+            le={t: int(c) for t, c in zip(self.thresholds, sums[s.span(LE)])},
+            extra={name: sums[s[name]] for name in self.extras},
+        )

@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .distributed import all_reduce_
-from .layout import LE, MAXES, MOMENTS, Layout, stack_row
+from .layout import LE, MAXES, MOMENTS, Layout, Summary, stack_row
 from .scratch import ScratchBuffers
 
 __all__ = [
@@ -175,66 +174,6 @@ def _chunk_moments_sync_free(
     empty = nonfinite == x.numel()  # no finite entry: maxima stay at -inf, like the CPU path
     maxes = torch.where(empty, torch.full_like(maxes, -math.inf), maxes)
     return sums, maxes
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Finalised statistics of one group (plain Python numbers)."""
-
-    count: int
-    nonfinite: int
-    sum: float
-    sum_sq: float
-    sum_abs: float
-    max_abs: float
-    max: float
-    min: float
-    le: dict[float, int]
-    extra: dict[str, float]
-
-    @property
-    def norm_l2(self) -> float:
-        return math.sqrt(self.sum_sq)
-
-    @property
-    def norm_l1(self) -> float:
-        return self.sum_abs
-
-    @property
-    def norm_max(self) -> float:
-        return self.max_abs
-
-    @property
-    def mean(self) -> float:
-        return self.sum / self.count if self.count else 0.0
-
-    @property
-    def mean_abs(self) -> float:
-        return self.sum_abs / self.count if self.count else 0.0
-
-    @property
-    def std(self) -> float:
-        if not self.count:
-            return 0.0
-        mean = self.sum / self.count
-        return math.sqrt(max(self.sum_sq / self.count - mean * mean, 0.0))
-
-    def fraction_le(self, t: float) -> float:
-        """Fraction of all values (non-finite included in the denominator) with abs(x) <= t."""
-        total = self.count + self.nonfinite
-        return self.le[t] / total if total else 0.0
-
-    def five_numbers(self) -> dict[str, float]:
-        """``norm_l2, norm_l1, norm_max, mean, std, min, max`` as floats."""
-        return {
-            "norm_l2": self.norm_l2,
-            "norm_l1": self.norm_l1,
-            "norm_max": self.norm_max,
-            "mean": self.mean,
-            "std": self.std,
-            "min": self.min,
-            "max": self.max,
-        }
 
 
 class StreamingStats:
@@ -412,30 +351,8 @@ class StreamingStats:
     # --- results ---------------------------------------------------------------------------
     def results(self) -> list[Summary]:
         """One :class:`Summary` per group, in group order (a single device-to-host copy)."""
-        sums = self.sums.cpu().tolist()
-        maxes = self.maxes.cpu().tolist()
-        s, m = self.layout.sums, self.layout.maxes
-        le_cols = s.span(LE)
-        extra_cols = [(name, s[name]) for name in self.extra_names]
-        out = []
-        for row, mx in zip(sums, maxes):
-            count = int(row[s["count"]])
-            empty = count == 0
-            out.append(
-                Summary(
-                    count=count,
-                    nonfinite=int(row[s["nonfinite"]]),
-                    sum=row[s["sum"]],
-                    sum_sq=row[s["sum_sq"]],
-                    sum_abs=row[s["sum_abs"]],
-                    max_abs=0.0 if empty else mx[m["max_abs"]],
-                    max=0.0 if empty else mx[m["max"]],
-                    min=0.0 if empty else -mx[m["neg_min"]],
-                    le={t: int(c) for t, c in zip(self.thresholds, row[le_cols])},
-                    extra={name: row[col] for name, col in extra_cols},
-                )
-            )
-        return out
+        sums, maxes = self.sums.cpu().tolist(), self.maxes.cpu().tolist()
+        return [self.layout.summary(row, mx) for row, mx in zip(sums, maxes)]
 
     def result(self, group: int | str = 0) -> Summary:
         i = self.groups.index(group) if isinstance(group, str) else group
