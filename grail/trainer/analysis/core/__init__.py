@@ -3,6 +3,9 @@
 * :mod:`.snapshot` is the only place parameters are copied (``ParameterSnapshot``) and diffed
   (``ParameterDelta``, streamed tensor by tensor).
 * :mod:`.stats` accumulates sums, counts and extremes in float64 and reduces them once.
+* :mod:`.layout` names the columns of those rows (and of the compiled kernels' raw rows): the
+  only place column indices are known.
+* :mod:`.scratch` is the one cache of reused temporary buffers (per device, dtype and slot).
 * :mod:`.naming` derives layer and component groups from parameter names.
 * :mod:`.distributed` is the only module that issues collectives (DDP, FSDP2).
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..ops.masks import magnitude_keep_mask, random_keep_mask
 from .distributed import ShardInfo, local_tensor, shard_info, unwrap_model
+from .scratch import ScratchBuffers
 from .stats import StreamingStats, chunk_numel
 
 __all__ = [
@@ -307,7 +308,7 @@ class ParameterDelta:
         self.new = new
         self.names = [n for n in new.data if n in old.data]
         self._deltas: dict[str, torch.Tensor] | None = None
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._scratch = ScratchBuffers(chunk_numel)  # the float32 delta chunk
 
     def __len__(self) -> int:
         return len(self.names)
@@ -320,13 +321,6 @@ class ParameterDelta:
         return sum(self.new.data[n].numel() for n in self.names)
 
     # --- streaming -------------------------------------------------------------------------
-    def _scratch(self, device: torch.device, n: int) -> torch.Tensor:
-        buf = self._buffers.get(device)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, chunk_numel(device)), dtype=torch.float32, device=device)
-            self._buffers[device] = buf
-        return buf
-
     def stream(
         self, names: list[str] | None = None, owned_only: bool = True
     ) -> Iterator[DeltaChunk]:
@@ -346,7 +340,7 @@ class ParameterDelta:
             n = new.numel()
             for start in range(0, max(n, 1), step):
                 stop = min(start + step, n)
-                d = self._scratch(device, stop - start)[: stop - start]
+                d = self._scratch.get(device, stop - start)
                 nc = new[start:stop]
                 oc = old[start:stop]
                 if oc.device != device:

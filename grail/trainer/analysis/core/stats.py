@@ -1,21 +1,12 @@
 """Streaming float64 accumulators: feed tensors one at a time, merge, all-reduce once, finalise.
 
 :class:`StreamingStats` keeps, for each of ``G`` groups (the whole model, each layer, each
-component, ...), the sums that every statistic of this library is derived from:
-
-=================  ==========================================  ==========
-field              definition over the finite values x         reduction
-=================  ==========================================  ==========
-``count``          number of finite values                     SUM
-``sum``            sum x                                       SUM
-``sum_sq``         sum x^2                                     SUM
-``sum_abs``        sum abs(x)                                  SUM
-``nonfinite``      number of NaN/Inf values (excluded above)   SUM
-``le[t]``          number of finite values with abs(x) <= t    SUM
-extra sums         caller-defined (e.g. sum of W_old^2)        SUM
-``max_abs``        max abs(x)                                  MAX
-``max``/``min``    max x / min x                               MAX / MIN
-=================  ==========================================  ==========
+component, ...), a row of float64 sums (``count``, ``sum``, ``sum_sq``, ``sum_abs``,
+``nonfinite``, the counts ``le[t]`` of ``abs(x) <= t``, then caller-defined extra sums) and a row
+of maxima (``max_abs``, ``max``, ``-min``) that every statistic of this library is derived from.
+Their columns are named by a :class:`~.layout.Layout` (built from the thresholds and the extra
+sums; see :mod:`.layout` for each field's definition and reduction): this module, the compiled
+kernels and the computers look columns up by name, never by position.
 
 Each tensor is processed in fixed-size chunks of its flattened view, so the extra memory is a
 chunk, never the whole tensor, and the chunk stays in cache for the dozen reductions applied to
@@ -41,13 +32,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .distributed import all_reduce_
+from .layout import LE, MAXES, MOMENTS, Layout, Summary, stack_row
+from .scratch import ScratchBuffers
 
 __all__ = [
     "CPU_CHUNK",
@@ -63,10 +55,6 @@ __all__ = [
 #: Elements per chunk: 1 MiB of float32 fits in L2 on CPU; GPUs want fewer, larger launches.
 CPU_CHUNK = 1 << 18
 CUDA_CHUNK = 1 << 24
-
-_BASE_SUMS = ("count", "sum", "sum_sq", "sum_abs", "nonfinite")
-_MAXES = ("max_abs", "max", "neg_min")
-
 
 def chunk_numel(device: torch.device) -> int:
     """Chunk size used for streaming reductions on ``device``."""
@@ -108,8 +96,8 @@ def chunk_moments(
 
     ``ax``, ``tmp`` (float32) and ``ibuf`` (int32) are scratch buffers of ``x``'s size; ``ax``
     holds ``|x|`` of the finite entries afterwards. Returns ``(sums, maxes)`` as float64
-    tensors on ``x``'s device: ``[count, sum, sum_sq, sum_abs, nonfinite, le(t)...]`` and
-    ``[max_abs, max, -min]``.
+    tensors on ``x``'s device, in the columns of :attr:`.Layout.moments` and
+    :attr:`.Layout.maxes` for these thresholds.
 
     Counting uses arithmetic rather than comparisons, which are several times slower on CPU:
     for non-negative floats the int32 bit pattern is monotone, so ``|x| <= t`` iff
@@ -132,28 +120,37 @@ def chunk_moments(
         ax, tmp, ibuf = ax[:n], tmp[:n], ibuf[:n]
         total = x.sum()
     if n == 0:
-        sums = torch.zeros(5 + len(thresholds_f32), dtype=torch.float64, device=x.device)
-        sums[4] = nonfinite
-        return sums, torch.full((3,), -math.inf, dtype=torch.float64, device=x.device)
+        layout = Layout(tuple(thresholds_f32))
+        sums = layout.new_sums(device=x.device)
+        sums[layout.moments["nonfinite"]] = nonfinite
+        return sums, layout.new_maxes(device=x.device)
     torch.abs(x, out=ax)
-    row = [
-        x.new_tensor(float(n)),
-        total,
-        torch.mul(ax, ax, out=tmp).sum(),
-        ax.sum(),
-        x.new_tensor(float(nonfinite)),
-    ]
+    row = {
+        "count": x.new_tensor(float(n)),
+        "sum": total,
+        "sum_sq": torch.mul(ax, ax, out=tmp).sum(),
+        "sum_abs": ax.sum(),
+        "nonfinite": x.new_tensor(float(nonfinite)),
+    }
     bits = ax.view(torch.int32)
+    le = []
     for t in thresholds_f32:
         if t == 0.0:
-            row.append(n - torch.sign(ax, out=tmp).sum())
+            le.append(n - torch.sign(ax, out=tmp).sum())
         else:
             neg = torch.sub(bits, _f32_bits(t) + 1, out=ibuf).bitwise_right_shift_(31)
-            row.append(-neg.sum(dtype=torch.int32).float())  # exact: a chunk has < 2^24 entries
+            le.append(-neg.sum(dtype=torch.int32).float())  # exact: a chunk has < 2^24 entries
+    row[LE] = le
     lo, hi = torch.aminmax(x)
-    sums = torch.stack(row).double()
-    maxes = torch.stack([torch.maximum(hi.abs(), lo.abs()), hi, -lo]).double()
-    return sums, maxes
+    return _rows(row, hi, lo)
+
+
+def _rows(
+    sums: dict[str, torch.Tensor | list[torch.Tensor]], hi: torch.Tensor, lo: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 ``(sums, maxes)`` rows of named chunk sums and the chunk's extremes."""
+    maxes = {"max_abs": torch.maximum(hi.abs(), lo.abs()), "max": hi, "neg_min": -lo}
+    return stack_row(MOMENTS, sums).double(), stack_row(MAXES.fields, maxes).double()
 
 
 def _chunk_moments_sync_free(
@@ -163,82 +160,20 @@ def _chunk_moments_sync_free(
     nonfinite = (~finite).sum(dtype=torch.float32)
     tmp.copy_(x).masked_fill_(~finite, 0.0)
     torch.abs(tmp, out=ax)
-    row = [
-        x.numel() - nonfinite,
-        tmp.sum(),
-        torch.mul(ax, ax).sum(),
-        ax.sum(),
-        nonfinite,
-    ]
-    for t in thresholds_f32:
-        row.append(((ax <= t) & finite).sum(dtype=torch.float32))
+    row: dict[str, torch.Tensor | list[torch.Tensor]] = {
+        "count": x.numel() - nonfinite,
+        "sum": tmp.sum(),
+        "sum_sq": torch.mul(ax, ax).sum(),
+        "sum_abs": ax.sum(),
+        "nonfinite": nonfinite,
+    }
+    row[LE] = [((ax <= t) & finite).sum(dtype=torch.float32) for t in thresholds_f32]
     hi = torch.where(finite, x, -math.inf).amax()
     lo = torch.where(finite, x, math.inf).amin()
-    sums = torch.stack(row).double()
-    maxes = torch.stack([torch.maximum(hi.abs(), lo.abs()), hi, -lo]).double()
+    sums, maxes = _rows(row, hi, lo)
     empty = nonfinite == x.numel()  # no finite entry: maxima stay at -inf, like the CPU path
     maxes = torch.where(empty, torch.full_like(maxes, -math.inf), maxes)
     return sums, maxes
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Finalised statistics of one group (plain Python numbers)."""
-
-    count: int
-    nonfinite: int
-    sum: float
-    sum_sq: float
-    sum_abs: float
-    max_abs: float
-    max: float
-    min: float
-    le: dict[float, int]
-    extra: dict[str, float]
-
-    @property
-    def norm_l2(self) -> float:
-        return math.sqrt(self.sum_sq)
-
-    @property
-    def norm_l1(self) -> float:
-        return self.sum_abs
-
-    @property
-    def norm_max(self) -> float:
-        return self.max_abs
-
-    @property
-    def mean(self) -> float:
-        return self.sum / self.count if self.count else 0.0
-
-    @property
-    def mean_abs(self) -> float:
-        return self.sum_abs / self.count if self.count else 0.0
-
-    @property
-    def std(self) -> float:
-        if not self.count:
-            return 0.0
-        mean = self.sum / self.count
-        return math.sqrt(max(self.sum_sq / self.count - mean * mean, 0.0))
-
-    def fraction_le(self, t: float) -> float:
-        """Fraction of all values (non-finite included in the denominator) with abs(x) <= t."""
-        total = self.count + self.nonfinite
-        return self.le[t] / total if total else 0.0
-
-    def five_numbers(self) -> dict[str, float]:
-        """``norm_l2, norm_l1, norm_max, mean, std, min, max`` as floats."""
-        return {
-            "norm_l2": self.norm_l2,
-            "norm_l1": self.norm_l1,
-            "norm_max": self.norm_max,
-            "mean": self.mean,
-            "std": self.std,
-            "min": self.min,
-            "max": self.max,
-        }
 
 
 class StreamingStats:
@@ -262,14 +197,14 @@ class StreamingStats:
         self._t32 = [f32_floor(t) for t in self.thresholds]
         self.groups = list(groups)
         self.extra_names = list(extra_sums)
+        #: the named columns of :attr:`sums` and :attr:`maxes`
+        self.layout = Layout(tuple(self.thresholds), tuple(self.extra_names))
         self.device = torch.device(device)
-        n_sums = len(_BASE_SUMS) + len(self.thresholds) + len(self.extra_names)
-        self.sums = torch.zeros(len(self.groups), n_sums, dtype=torch.float64, device=self.device)
-        self.maxes = torch.full(
-            (len(self.groups), len(_MAXES)), -math.inf, dtype=torch.float64, device=self.device
-        )
+        n = len(self.groups)
+        self.sums = self.layout.new_sums(n, extras=True, device=self.device)
+        self.maxes = self.layout.new_maxes(n, device=self.device)
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
-        self._scratch: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._scratch = ScratchBuffers(chunk_numel)
 
     # --- feeding ---------------------------------------------------------------------------
     def _rows(self, groups: Sequence[int] | int) -> torch.Tensor:
@@ -301,25 +236,49 @@ class StreamingStats:
         ax, tmp, ibuf = self.scratch(x.device, x.numel())
         return chunk_moments(x, self._t32, ax, tmp, ibuf)
 
+    def _with_extras(
+        self,
+        sums: torch.Tensor,
+        extras: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``sums`` (columns of ``layout.moments``) followed by the extra sums, given by name
+        or, as a sequence, in the order of :attr:`extra_names`."""
+        if not extras:
+            return sums
+        if isinstance(extras, Mapping):
+            return torch.cat([sums, self.layout.extra_columns(extras, sums)], dim=-1)
+        if len(extras) != len(self.extra_names):
+            raise ValueError(f"expected {len(self.extra_names)} extras, got {len(extras)}")
+        return torch.cat([sums, torch.stack(list(extras)).to(sums)])
+
+    def _columns(self, sums: torch.Tensor) -> slice:
+        """The columns of :attr:`sums` that a row of ``sums``' width fills: the moments, or the
+        moments and every extra sum (both lead with the same columns)."""
+        width = sums.shape[-1]
+        if width not in (len(self.layout.moments), len(self.layout.sums)):
+            raise ValueError(
+                f"rows of {width} sums fit neither {self.layout.moments.fields} nor "
+                f"{self.layout.sums.fields} with {len(self.thresholds)} thresholds"
+            )
+        return slice(0, width)
+
     def accumulate(
         self,
         sums: torch.Tensor,
         maxes: torch.Tensor,
         groups: Sequence[int] | int = 0,
-        extras: Sequence[torch.Tensor] = (),
+        extras: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] = (),
     ) -> None:
-        """Add a row of base sums (and, in order, every extra sum) and fold in a row of maxima.
+        """Add a row of sums (the columns of ``layout.moments``, e.g. from :meth:`moments`) and
+        every extra sum (by name, or in the order of :attr:`extra_names`), and fold in a row of
+        maxima.
 
         Passing the extras here instead of through :meth:`add` costs one small kernel per chunk
         instead of several, which matters when chunks are small.
         """
         rows = self._rows(groups)
-        if extras:
-            if len(extras) != len(self.extra_names):
-                raise ValueError(f"expected {len(self.extra_names)} extras, got {len(extras)}")
-            sums = torch.cat([sums, torch.stack(list(extras)).to(sums)])
-        sums = sums.to(self.device, torch.float64)
-        self.sums[:, : sums.numel()].index_add_(0, rows, sums.expand(len(rows), -1))
+        sums = self._with_extras(sums, extras).to(self.device, torch.float64)
+        self.sums[:, self._columns(sums)].index_add_(0, rows, sums.expand(len(rows), -1))
         cur = self.maxes.index_select(0, rows)
         self.maxes.index_copy_(0, rows, torch.maximum(cur, maxes.to(self.device, torch.float64)))
 
@@ -328,24 +287,22 @@ class StreamingStats:
         sums: torch.Tensor,
         maxes: torch.Tensor,
         groups: Sequence[Sequence[int]],
-        extras: torch.Tensor | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """:meth:`accumulate` for ``P`` rows at once: ``sums`` ``(P, 5 + T)``, ``maxes``
-        ``(P, 3)``, ``extras`` ``(P, E)`` in the order of the extra sums, ``groups[i]`` the
-        groups of row ``i``. Two scatter ops in all, instead of a few per row."""
+        """:meth:`accumulate` for ``P`` rows at once: ``sums`` ``(P, len(layout.moments))``,
+        ``maxes`` ``(P, len(layout.maxes))``, ``extras`` extra sum name -> ``(P,)`` (names not
+        given add nothing), ``groups[i]`` the groups of row ``i``. Two scatter ops in all,
+        instead of a few per row."""
         if len(groups) != sums.shape[0]:
             raise ValueError(f"expected {sums.shape[0]} group lists, got {len(groups)}")
-        if extras is not None:
-            if extras.shape[1] != len(self.extra_names):
-                raise ValueError(f"expected {len(self.extra_names)} extras, got {extras.shape[1]}")
-            sums = torch.cat([sums, extras.to(sums)], dim=1)
+        sums = self._with_extras(sums, extras)
         src = torch.tensor([i for i, gs in enumerate(groups) for _ in gs], dtype=torch.long)
         dst = torch.tensor([g for gs in groups for g in gs], dtype=torch.long, device=self.device)
         if not len(src):
             return
         sums = sums.to(self.device, torch.float64)[src.to(self.device)]
         maxes = maxes.to(self.device, torch.float64)[src.to(self.device)]
-        self.sums[:, : sums.shape[1]].index_add_(0, dst, sums)
+        self.sums[:, self._columns(sums)].index_add_(0, dst, sums)
         self.maxes.scatter_reduce_(0, dst[:, None].expand(-1, maxes.shape[1]), maxes, "amax")
 
     @property
@@ -354,27 +311,22 @@ class StreamingStats:
         return list(self._t32)
 
     def column(self, key: str | float) -> int:
-        """Column of a base field (``"count"``, ``"sum"``, ...) or of the count at threshold t."""
+        """Column of a field of :attr:`sums` by name (``"count"``, ``"sum"``, ..., an extra
+        sum) or of the count at threshold ``t`` (see :class:`~.layout.Layout`)."""
         if isinstance(key, str):
-            return _BASE_SUMS.index(key)
-        return len(_BASE_SUMS) + self.thresholds.index(float(key))
+            return self.layout.sums[key]
+        return self.layout.le(key)
 
     def scratch(self, device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
         """Two float32 and one int32 scratch buffer of ``n`` elements on ``device`` (reused)."""
-        bufs = self._scratch.get(device)
-        if bufs is None or bufs[0].numel() < n:
-            size = max(n, chunk_numel(device))
-            bufs = (
-                torch.empty(size, dtype=torch.float32, device=device),
-                torch.empty(size, dtype=torch.float32, device=device),
-                torch.empty(size, dtype=torch.int32, device=device),
-            )
-            self._scratch[device] = bufs
-        return tuple(b[:n] for b in bufs)
+        get = self._scratch.get
+        return get(device, n, slot="ax"), get(device, n, slot="tmp"), get(device, n, torch.int32)
 
     def add(self, name: str, value: torch.Tensor | float, groups: Sequence[int] | int = 0) -> None:
         """Add ``value`` to the extra sum ``name`` of the given groups (no device sync)."""
-        col = len(_BASE_SUMS) + len(self.thresholds) + self.extra_names.index(name)
+        if name not in self.extra_names:
+            raise ValueError(f"no extra sum {name!r}; the extra sums are {self.extra_names}")
+        col = self.layout.sums[name]
         rows = self._rows(groups)
         if isinstance(value, torch.Tensor):
             value = value.to(device=self.device, dtype=torch.float64)
@@ -384,11 +336,7 @@ class StreamingStats:
     # --- combining -------------------------------------------------------------------------
     def merge(self, other: StreamingStats) -> StreamingStats:
         """Fold ``other`` (same thresholds, groups and extras) into ``self``; returns self."""
-        if (other.thresholds, other.groups, other.extra_names) != (
-            self.thresholds,
-            self.groups,
-            self.extra_names,
-        ):
+        if (other.layout, other.groups) != (self.layout, self.groups):
             raise ValueError("can only merge StreamingStats with the same layout")
         self.sums += other.sums.to(self.device)
         torch.maximum(self.maxes, other.maxes.to(self.device), out=self.maxes)
@@ -403,30 +351,8 @@ class StreamingStats:
     # --- results ---------------------------------------------------------------------------
     def results(self) -> list[Summary]:
         """One :class:`Summary` per group, in group order (a single device-to-host copy)."""
-        sums = self.sums.cpu().tolist()
-        maxes = self.maxes.cpu().tolist()
-        out = []
-        nt = len(self.thresholds)
-        for row, mx in zip(sums, maxes):
-            count = int(row[0])
-            le = {t: int(c) for t, c in zip(self.thresholds, row[5 : 5 + nt])}
-            extra = dict(zip(self.extra_names, row[5 + nt :]))
-            empty = count == 0
-            out.append(
-                Summary(
-                    count=count,
-                    nonfinite=int(row[4]),
-                    sum=row[1],
-                    sum_sq=row[2],
-                    sum_abs=row[3],
-                    max_abs=0.0 if empty else mx[0],
-                    max=0.0 if empty else mx[1],
-                    min=0.0 if empty else -mx[2],
-                    le=le,
-                    extra=extra,
-                )
-            )
-        return out
+        sums, maxes = self.sums.cpu().tolist(), self.maxes.cpu().tolist()
+        return [self.layout.summary(row, mx) for row, mx in zip(sums, maxes)]
 
     def result(self, group: int | str = 0) -> Summary:
         i = self.groups.index(group) if isinstance(group, str) else group

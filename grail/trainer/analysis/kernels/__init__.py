@@ -6,11 +6,14 @@ Adam statistics cost many passes over the data. The kernels here compute every s
 extreme of a whole tensor in one loop that ``torch.compile`` (Inductor) generates, vectorises and
 parallelises; they read each input once and allocate nothing of the tensor's size.
 
-Two batches collect one row per tensor, in the layout of
+Two batches collect one row per tensor, in the columns of
 :class:`~grail.trainer.analysis.core.stats.StreamingStats` (fed at the end through
-:meth:`~grail.trainer.analysis.core.stats.StreamingStats.accumulate_rows`). Each computes what its
-computer reports and nothing more, because on a CPU every extra reduction in the loop costs
-about as much as reading the data again:
+:meth:`~grail.trainer.analysis.core.stats.StreamingStats.accumulate_rows`). Each kernel declares
+its raw row by field names next to it (``FAST``, ``MASKED``; see
+:mod:`~grail.trainer.analysis.core.layout`) and builds it from named values, so ``rows()``
+translates raw rows into the statistics' columns by name and returns the extra sums by name.
+Each computes what its computer reports and nothing more, because on a CPU every extra reduction
+in the loop costs about as much as reading the data again:
 
 * :class:`MomentsBatch` (gradients): finite count, sum, sum of squares, sum of absolute values,
   non-finite count, the counts ``|x| <= t`` and ``max |x|`` over the finite entries; the signed

@@ -9,12 +9,22 @@ from typing import Any
 
 import torch
 
+from ..core.layout import LE, Columns, Layout, assign, stack_row
 from .batch import Batch, Groups
 from .moments import MomentsBatch, _moments_fast
 from .policy import Kernel, constants, floats, settings, usable
 from .sums import count
 
 __all__ = ["AdamBatch", "adam_u", "joint_rows"]
+
+#: The row of :func:`_adam_fast` (``le``: one column per threshold): Adam's normalised update's
+#: sums and counts, the weights' squared norm and the sign agreement of the gradient and ``m``.
+FAST = ("sum_sq", "sum_abs", "w_sq", LE, "agree", "pairs")
+#: The row of :func:`_adam_masked`.
+MASKED = ("count", *FAST)
+#: The columns whose non-finite value sends a row to the masked rerun (the weights' norm does
+#: not: a NaN weight is reported, not masked).
+CHECKED = ("sum_sq", "sum_abs")
 
 
 def adam_u(m: torch.Tensor, v: torch.Tensor, scale: Any, shift: Any) -> torch.Tensor:
@@ -25,48 +35,49 @@ def adam_u(m: torch.Tensor, v: torch.Tensor, scale: Any, shift: Any) -> torch.Te
     return (m.float() * scale) / (v.float().sqrt() + shift)
 
 
-def _sign_counts(g: torch.Tensor, m: torch.Tensor) -> list[torch.Tensor]:
+def _sign_counts(g: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
     g, m = g.float(), m.float()
     gp, gn, mp, mn = g > 0, g < 0, m > 0, m < 0  # NaN is neither
-    return [count((gp & mp) | (gn & mn)), count((gp | gn) & (mp | mn))]
+    return {"agree": count((gp & mp) | (gn & mn)), "pairs": count((gp | gn) & (mp | mn))}
 
 
 def _adam_fast(
     m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, w: torch.Tensor, c: torch.Tensor
 ) -> torch.Tensor:
-    """``[sum_sq, sum_abs, w_sq, le(t)..., agree, pairs]`` of u with ``c = [scale, shift,
-    t...]``, valid when u is finite."""
+    """:data:`FAST` of u with ``c = [scale, shift, t...]``, valid when u is finite."""
     u = adam_u(m, v, c[0], c[1])
     au = u.abs()
     ud, wd = u.double(), w.float().double()
-    return torch.stack(
-        [
-            (ud * ud).sum(),
-            ud.abs().sum(),
-            (wd * wd).sum(),
-            *(count(au <= c[i]) for i in range(2, c.shape[0])),
-            *_sign_counts(g, m),
-        ]
+    return stack_row(
+        FAST,
+        {
+            "sum_sq": (ud * ud).sum(),
+            "sum_abs": ud.abs().sum(),
+            "w_sq": (wd * wd).sum(),
+            LE: [count(au <= c[i]) for i in range(2, c.shape[0])],
+            **_sign_counts(g, m),
+        },
     )
 
 
 def _adam_masked(
     m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, w: torch.Tensor, c: torch.Tensor
 ) -> torch.Tensor:
-    """``[count, sum_sq, sum_abs, w_sq, le(t)..., agree, pairs]`` over the finite u."""
+    """:data:`MASKED` over the finite u (the weights' norm and the signs over every entry)."""
     u = adam_u(m, v, c[0], c[1])
     au = u.abs()
     finite = au < math.inf
     ud, wd = torch.where(finite, u, 0.0).double(), w.float().double()
-    return torch.stack(
-        [
-            count(finite),
-            (ud * ud).sum(),
-            ud.abs().sum(),
-            (wd * wd).sum(),
-            *(count(finite & (au <= c[i])) for i in range(2, c.shape[0])),
-            *_sign_counts(g, m),
-        ]
+    return stack_row(
+        MASKED,
+        {
+            "count": count(finite),
+            "sum_sq": (ud * ud).sum(),
+            "sum_abs": ud.abs().sum(),
+            "w_sq": (wd * wd).sum(),
+            LE: [count(finite & (au <= c[i])) for i in range(2, c.shape[0])],
+            **_sign_counts(g, m),
+        },
     )
 
 
@@ -99,10 +110,16 @@ class AdamBatch(Batch):
         min_numel: smaller tensors are refused (default :attr:`~.policy.KernelSettings.min_numel`).
     """
 
+    #: The extra sums of :meth:`rows`, by name.
+    EXTRAS = ("sign_sum", "sign_nonzero", "w_sq", "lr_u_sq")
+
     def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
         super().__init__(min_numel)
         self._t = [float(t) for t in thresholds_f32]
         self._constants: dict[tuple[float, float], torch.Tensor] = {}
+        #: the columns of the rows this batch returns
+        self.layout = Layout(tuple(self._t), self.EXTRAS)
+        self.fast, self.masked = Columns(FAST, len(self._t)), Columns(MASKED, len(self._t))
 
     @property
     def n_thresholds(self) -> int:
@@ -151,37 +168,40 @@ class AdamBatch(Batch):
         pool_key = (tuple(groups), factors, scale, shift, *(a.dtype for a in data))
         return self._take(data, pool_key)
 
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Groups]]:
-        """``(sums, maxes, extras, groups)`` for the ``P`` rows added: float64 ``(P, 5 + T)``,
-        ``(P, 3)`` and ``(P, 4)`` of ``[sum sign(g) sign(m), non-zero pairs, sum w^2,
-        lr^2 sum u^2]``, and each row's groups. Adam's statistics use neither the signed sum
-        of u nor its extremes: those are NaN."""
-        nt = self.n_thresholds
+    def rows(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list[Groups]]:
+        """``(sums, maxes, extras, groups)`` for the ``P`` rows added: float64
+        ``(P, len(layout.moments))`` and ``(P, len(layout.maxes))``, the extra sums
+        :data:`EXTRAS` by name (``(P,)`` each: ``sign_sum`` = sum sign(g) sign(m),
+        ``sign_nonzero`` = non-zero pairs, ``w_sq`` = sum w^2, ``lr_u_sq`` = lr^2 sum u^2), and
+        each row's groups. Adam's statistics use neither the signed sum of u nor its extremes:
+        those are NaN."""
         stacked = self._stacked()
         p = len(self._raw)
-        sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
-        maxes = torch.full((p, 3), math.nan, dtype=torch.float64)
+        cols, fast, masked = self.layout.moments, self.fast, self.masked
+        sums = self.layout.new_sums(p)
+        maxes = self.layout.new_maxes(p, math.nan)
         if stacked is None:
-            return sums, maxes, torch.zeros(0, 4, dtype=torch.float64), []
-        raw, counts = stacked  # raw: sum_sq, sum_abs, w_sq, le(t)..., agree, pairs
-        sums[:, 0] = counts
-        sums[:, 1] = math.nan
-        sums[:, 2:4] = raw[:, :2]
-        sums[:, 5:] = raw[:, 3 : 3 + nt]
-        pair = raw[:, 3 + nt :].clone()
-        w_sq = raw[:, 2].clone()
-        for i, masked in self._reruns(raw, 2):
-            sums[i, 4] = sums[i, 0] - masked[0]  # from the entry count, before it is replaced
-            sums[i, 0] = masked[0]
-            sums[i, 2:4] = masked[1:3]
-            sums[i, 5:] = masked[4 : 4 + nt]
-            w_sq[i] = masked[3]
-            pair[i] = masked[4 + nt :]
+            return sums, maxes, {k: torch.zeros(0, dtype=torch.float64) for k in self.EXTRAS}, []
+        raw, counts = stacked
+        sums[:, cols["count"]] = counts
+        sums[:, cols["sum"]] = math.nan
+        assign(sums, cols, raw, fast, ("sum_sq", "sum_abs", LE))
+        w_sq, agree, pairs = (raw[:, fast[name]].clone() for name in ("w_sq", "agree", "pairs"))
+        for i, row in self._reruns(raw, fast.indices(*CHECKED)):
+            # non-finite from the entry count, before the count is replaced
+            sums[i, cols["nonfinite"]] = sums[i, cols["count"]] - row[masked["count"]]
+            assign(sums[i], cols, row, masked, ("count", "sum_sq", "sum_abs", LE))
+            w_sq[i], agree[i], pairs[i] = (row[masked[k]] for k in ("w_sq", "agree", "pairs"))
         sign, lr_sq = torch.tensor(self._meta, dtype=torch.float64).unbind(1)
-        agree, pairs = pair.unbind(1)
-        extras = torch.stack([(2 * agree - pairs) * sign, pairs, w_sq, sums[:, 2] * lr_sq], dim=1)
+        extras = {
+            "sign_sum": (2 * agree - pairs) * sign,
+            "sign_nonzero": pairs,
+            "w_sq": w_sq,
+            "lr_u_sq": sums[:, cols["sum_sq"]] * lr_sq,
+        }
         return sums, maxes, extras, list(self._groups)
-
 
 
 def joint_rows(
@@ -205,5 +225,5 @@ def joint_rows(
     out = _JOINT_FAST(*args, moments.thresholds)
     if out is None:
         return None
-    n_adam = 5 + adam.n_thresholds
+    n_adam = len(adam.fast)  # the joint row: the Adam row, then the gradient's
     return out[:n_adam], out[n_adam:]

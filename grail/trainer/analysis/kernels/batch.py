@@ -108,11 +108,12 @@ class Batch:
         counts = torch.tensor([a[0].numel() for a in self._inputs], dtype=torch.float64)
         return torch.stack(self._raw), counts
 
-    def _reruns(self, raw: torch.Tensor, sums: int) -> list[tuple[int, torch.Tensor]]:
-        """``(row, masked row)`` for the rows whose first ``sums`` columns are not finite."""
+    def _reruns(self, raw: torch.Tensor, checked: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """``(row, masked row)`` for the rows with a non-finite value in a ``checked`` column
+        (the float64 sums, finite exactly when every input value is)."""
         kernel, fn = self._masked()
         out = []
-        for i in (~torch.isfinite(raw[:, :sums]).all(1)).nonzero().flatten().tolist():
+        for i in (~torch.isfinite(raw[:, checked]).all(1)).nonzero().flatten().tolist():
             masked = kernel(*self._inputs[i])
             out.append((i, fn(*self._inputs[i]) if masked is None else masked))
         return out

@@ -8,11 +8,20 @@ from typing import Any
 
 import torch
 
+from ..core.layout import LE, MAXES, Columns, Layout, assign, stack_row
 from .batch import Batch, Groups
 from .policy import Kernel, constants, usable
 from .sums import count, finite_sums, sums
 
 __all__ = ["ChangeBatch"]
+
+#: The row of :func:`_change_fast` (``le``: one column per threshold): the moments of ``d``,
+#: its extremes, and the counts of :func:`_change_counts`.
+FAST = ("sum", "sum_sq", "sum_abs", LE, "max", "min", "old_sq", "bf16_same", "flips")
+#: The row of :func:`_change_masked`.
+MASKED = ("count", *FAST)
+#: The columns whose non-finite value sends a row to the masked rerun.
+CHECKED = ("sum", "sum_sq", "sum_abs")
 
 
 def _bf16_bits(x: torch.Tensor) -> torch.Tensor:
@@ -26,10 +35,11 @@ def _bf16_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x != x, 0x7FC0, rounded)
 
 
-def _change_counts(new: torch.Tensor, old: torch.Tensor) -> list[torch.Tensor]:
-    """``[sum old^2, bf16-unchanged count, sign-flip count]`` over every entry: the parameter
-    change extras (bf16 rounding compared bit by bit, as the eager path does). For bfloat16
-    parameters the bf16 count is the exact-unchanged count, so it is not computed (0)."""
+def _change_counts(new: torch.Tensor, old: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``old_sq`` (sum old^2), ``bf16_same`` (bf16-unchanged count) and ``flips`` (sign-flip
+    count) over every entry: the parameter change extras (bf16 rounding compared bit by bit,
+    as the eager path does). For bfloat16 parameters the bf16 count is the exact-unchanged
+    count, so it is not computed (0)."""
     od = old.float().double()
     if new.dtype == torch.bfloat16:
         same_bf16 = torch.zeros((), dtype=torch.float64)
@@ -37,33 +47,26 @@ def _change_counts(new: torch.Tensor, old: torch.Tensor) -> list[torch.Tensor]:
         same_bf16 = count(_bf16_bits(new) == _bf16_bits(old))
     n, o = new.float(), old.float()
     flips = ((n > 0) & (o < 0)) | ((n < 0) & (o > 0))
-    return [(od * od).sum(), same_bf16, count(flips)]
+    return {"old_sq": (od * od).sum(), "bf16_same": same_bf16, "flips": count(flips)}
 
 
 def _change_fast(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``[sum, sum_sq, sum_abs, le(t)..., max, min, old_sq, bf16_same, flips]`` of
-    ``d = float32(new) - float32(old)``, valid when every ``d`` is finite."""
+    """:data:`FAST` of ``d = float32(new) - float32(old)``, valid when every ``d`` is finite."""
     d = new.float() - old.float()
-    extremes = [d.amax().double(), d.amin().double()]
-    return torch.stack([*sums(d, d.abs(), t), *extremes, *_change_counts(new, old)])
+    extremes = {"max": d.amax().double(), "min": d.amin().double()}
+    return stack_row(FAST, {**sums(d, d.abs(), t), **extremes, **_change_counts(new, old)})
 
 
 def _change_masked(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``[count, sum, sum_sq, sum_abs, le(t)..., max, min, old_sq, bf16_same, flips]`` with the
-    moments over the finite ``d`` and the extras over every entry."""
+    """:data:`MASKED` with the moments over the finite ``d`` and the extras over every entry."""
     d = new.float() - old.float()
     ad = d.abs()
     finite = ad < math.inf
-    extremes = [
-        torch.where(finite, d, -math.inf).amax().double(),
-        torch.where(finite, d, math.inf).amin().double(),
-    ]
-    return torch.stack([*finite_sums(d, ad, t), *extremes, *_change_counts(new, old)])
-
-
-# The select swap of SelectPatch (see select_swap). t = [threshold before, threshold after]
-# (float32), k = [random key, keep limit before, keep limit after] (int64). The hash is
-# lowbias32 in int64 arithmetic masked to 32 bits (defined wrap-around, unlike int32 in C++).
+    extremes = {
+        "max": torch.where(finite, d, -math.inf).amax().double(),
+        "min": torch.where(finite, d, math.inf).amin().double(),
+    }
+    return stack_row(MASKED, {**finite_sums(d, ad, t), **extremes, **_change_counts(new, old)})
 
 
 _CHANGE_FAST = Kernel(_change_fast, 2)
@@ -86,11 +89,18 @@ class ChangeBatch(Batch):
     """
 
     _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    #: The extra sums of :meth:`rows`, by name.
+    EXTRAS = ("old_sum_sq", "exact_unchanged", "bf16_unchanged", "sign_flips")
 
     def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
         super().__init__(min_numel)
         self.thresholds = constants(thresholds_f32)
-        self._zero = list(thresholds_f32).index(0.0)
+        #: the columns of the rows this batch returns
+        self.layout = Layout(tuple(thresholds_f32), self.EXTRAS)
+        if 0.0 not in self.layout.thresholds:
+            raise ValueError(f"ChangeBatch needs the threshold 0.0, got {list(thresholds_f32)}")
+        n = len(self.layout.thresholds)
+        self.fast, self.masked = Columns(FAST, n), Columns(MASKED, n)
 
     def _fast(self) -> tuple[Kernel, Callable[..., torch.Tensor]]:
         return _CHANGE_FAST, _change_fast
@@ -115,34 +125,36 @@ class ChangeBatch(Batch):
         pool_key = (tuple(groups), bf16_param, new.dtype)
         return self._take((new.detach(), old.detach()), pool_key)
 
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Groups]]:
-        """``(sums, maxes, extras, groups)``: float64 ``(P, 5 + T)``, ``(P, 3)``, ``(P, 4)``
-        and the groups of each of the ``P`` rows."""
-        nt = self.thresholds.numel()
+    def rows(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list[Groups]]:
+        """``(sums, maxes, extras, groups)``: float64 ``(P, len(layout.moments))`` and
+        ``(P, len(layout.maxes))``, the extra sums :data:`EXTRAS` by name (``(P,)`` each) and
+        the groups of each of the ``P`` rows."""
         stacked = self._stacked()
         p = len(self._raw)
-        sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
-        extras = torch.zeros(p, 4, dtype=torch.float64)
+        cols, fast, masked = self.layout.moments, self.fast, self.masked
+        sums = self.layout.new_sums(p)
         if stacked is None:
-            return sums, torch.zeros(0, 3, dtype=torch.float64), extras, []
-        raw, counts = stacked  # raw: sum, sum_sq, sum_abs, le(t)..., max, min, 3 extras
-        sums[:, 0] = counts
-        sums[:, 1:4] = raw[:, :3]
-        sums[:, 5:] = raw[:, 3 : 3 + nt]
-        hi, lo = raw[:, 3 + nt].clone(), raw[:, 4 + nt].clone()
-        tail = raw[:, 5 + nt :].clone()  # old_sq, bf16 same, flips
-        for i, masked in self._reruns(raw, 3):
-            sums[i, 4] = sums[i, 0] - masked[0]
-            sums[i, :4] = masked[:4]
-            sums[i, 5:] = masked[4 : 4 + nt]
-            hi[i], lo[i] = masked[4 + nt], masked[5 + nt]
-            tail[i] = masked[6 + nt :]
-        maxes = torch.stack([torch.maximum(hi, -lo), hi, -lo], dim=1)
+            extras = {k: torch.zeros(0, dtype=torch.float64) for k in self.EXTRAS}
+            return sums, self.layout.new_maxes(0), extras, []
+        raw, counts = stacked
+        sums[:, cols["count"]] = counts
+        assign(sums, cols, raw, fast, ("sum", "sum_sq", "sum_abs", LE))
+        tail = ("max", "min", "old_sq", "bf16_same", "flips")
+        hi, lo, old_sq, bf16_same, flips = (raw[:, fast[k]].clone() for k in tail)
+        for i, row in self._reruns(raw, fast.indices(*CHECKED)):
+            sums[i, cols["nonfinite"]] = sums[i, cols["count"]] - row[masked["count"]]
+            assign(sums[i], cols, row, masked, ("count", "sum", "sum_sq", "sum_abs", LE))
+            hi[i], lo[i], old_sq[i], bf16_same[i], flips[i] = (row[masked[k]] for k in tail)
+        extremes = {"max_abs": torch.maximum(hi, -lo), "max": hi, "neg_min": -lo}
+        maxes = stack_row(MAXES.fields, extremes, dim=1)
         bf16_params = torch.tensor(self._meta, dtype=torch.bool)
-        exact = sums[:, 5 + self._zero]  # lossless: |d| <= 0 iff the stored values are equal
-        extras[:, 0] = tail[:, 0]
-        extras[:, 1] = exact
-        extras[:, 2] = torch.where(bf16_params, exact, tail[:, 1])  # as the eager path counts
-        extras[:, 3] = tail[:, 2]
+        exact = sums[:, self.layout.le(0.0)].clone()  # lossless: |d| <= 0 iff values are equal
+        extras = {
+            "old_sum_sq": old_sq,
+            "exact_unchanged": exact,
+            "bf16_unchanged": torch.where(bf16_params, exact, bf16_same),  # as the eager path
+            "sign_flips": flips,
+        }
         return sums, maxes, extras, list(self._groups)
-

@@ -8,26 +8,34 @@ from typing import Any
 
 import torch
 
+from ..core.layout import LE, MAXES, Columns, Layout, assign, stack_row
 from .batch import Batch, Groups
 from .policy import Kernel, constants, usable
 from .sums import finite_sums, sums
 
 __all__ = ["MomentsBatch"]
 
+#: The row of :func:`_moments_fast` (``le``: one column per threshold).
+FAST = ("sum", "sum_sq", "sum_abs", LE, "max_abs")
+#: The row of :func:`_moments_masked`.
+MASKED = ("count", *FAST)
+#: The columns whose non-finite value sends a row to the masked rerun.
+CHECKED = ("sum", "sum_sq", "sum_abs")
+
 
 def _moments_fast(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``[sum, sum_sq, sum_abs, le(t)..., max_abs]``, valid when every value is finite."""
+    """:data:`FAST`, valid when every value is finite."""
     x = x.float()
     ax = x.abs()
-    return torch.stack([*sums(x, ax, t), ax.amax().double()])
+    return stack_row(FAST, {**sums(x, ax, t), "max_abs": ax.amax().double()})
 
 
 def _moments_masked(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``[count, sum, sum_sq, sum_abs, le(t)..., max_abs]`` over the finite values."""
+    """:data:`MASKED` over the finite values."""
     x = x.float()
     ax = x.abs()
     max_abs = torch.where(ax < math.inf, ax, -math.inf).amax().double()
-    return torch.stack([*finite_sums(x, ax, t), max_abs])
+    return stack_row(MASKED, {**finite_sums(x, ax, t), "max_abs": max_abs})
 
 
 
@@ -52,6 +60,10 @@ class MomentsBatch(Batch):
     def __init__(self, thresholds_f32: Sequence[float], min_numel: int | None = None) -> None:
         super().__init__(min_numel)
         self.thresholds = constants(thresholds_f32)
+        #: the columns of the rows this batch returns
+        self.layout = Layout(tuple(thresholds_f32))
+        n = len(self.layout.thresholds)
+        self.fast, self.masked = Columns(FAST, n), Columns(MASKED, n)
 
     def _fast(self) -> tuple[Kernel, Callable[..., torch.Tensor]]:
         return _MOMENTS_FAST, _moments_fast
@@ -74,25 +86,23 @@ class MomentsBatch(Batch):
         return self._take((x,), (tuple(groups), None, x.dtype))
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, list[Groups]]:
-        """``(sums, maxes, groups)``: float64 ``(P, 5 + T)`` and ``(P, 3)`` and the groups of
-        each of the ``P`` rows. Of the maxima only ``max |x|`` is computed (``-inf`` where no
-        value was finite); ``max`` and ``-min`` are NaN."""
-        nt = self.thresholds.numel()
+        """``(sums, maxes, groups)``: float64 ``(P, len(layout.moments))`` and
+        ``(P, len(layout.maxes))`` and the groups of each of the ``P`` rows. Of the maxima only
+        ``max_abs`` is computed (``-inf`` where no value was finite); ``max`` and ``neg_min``
+        are NaN."""
         stacked = self._stacked()
         p = len(self._raw)
-        sums = torch.zeros(p, 5 + nt, dtype=torch.float64)
-        maxes = torch.full((p, 3), math.nan, dtype=torch.float64)
+        cols, fast, masked = self.layout.moments, self.fast, self.masked
+        sums = self.layout.new_sums(p)
+        maxes = self.layout.new_maxes(p, math.nan)
         if stacked is None:
             return sums, maxes, []
-        raw, counts = stacked  # raw: sum, sum_sq, sum_abs, le(t)..., max_abs
-        sums[:, 0] = counts
-        sums[:, 1:4] = raw[:, :3]
-        sums[:, 5:] = raw[:, 3 : 3 + nt]
-        maxes[:, 0] = raw[:, 3 + nt]
-        for i, masked in self._reruns(raw, 3):
-            sums[i, 4] = sums[i, 0] - masked[0]
-            sums[i, :4] = masked[:4]
-            sums[i, 5:] = masked[4 : 4 + nt]
-            maxes[i, 0] = masked[4 + nt]
+        raw, counts = stacked
+        sums[:, cols["count"]] = counts
+        assign(sums, cols, raw, fast, ("sum", "sum_sq", "sum_abs", LE))
+        assign(maxes, MAXES, raw, fast, ("max_abs",))
+        for i, row in self._reruns(raw, fast.indices(*CHECKED)):
+            sums[i, cols["nonfinite"]] = sums[i, cols["count"]] - row[masked["count"]]
+            assign(sums[i], cols, row, masked, ("count", "sum", "sum_sq", "sum_abs", LE))
+            assign(maxes[i], MAXES, row, masked, ("max_abs",))
         return sums, maxes, list(self._groups)
-

@@ -9,9 +9,15 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.layout import stack_row
 from .policy import Kernel, settings
 
-__all__ = ["compare_rows", "reference_rows"]
+__all__ = ["COMPARE", "compare_rows", "reference_rows"]
+
+#: The rows of :func:`_compare`, one per compared logits row: ``sq`` = sum d^2, ``dots`` = a.b,
+#: ``norm_a`` = a.a, ``norm_b`` = b.b, ``min_diff`` = min dc, ``pd`` = p.dc and ``pe`` =
+#: p.expm1(-dc).
+COMPARE = ("sq", "dots", "norm_a", "norm_b", "min_diff", "pd", "pe")
 
 
 def _expm1(x: torch.Tensor) -> torch.Tensor:
@@ -35,23 +41,24 @@ def _reference(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def _compare(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """Row sums of :meth:`~grail.trainer.analysis.ops.divergence.LogitsReference.compare_sums` for
     reference logits ``a``, other logits ``b``, ``p = softmax(a)`` and its row sums ``mass``
-    (float64): ``[sum d^2, a.b, a.a, b.b, min dc, p.dc, p.expm1(-dc)]`` (float64, one column per
-    row) with ``d = a - b`` and ``dc = d`` centred on its P-mean. Products are float32 like the
-    eager path's, sums float64: Inductor accumulates a row in a few vector lanes, whose float32
-    error (~1e-6 of a centre of 10) would swamp a KL of 1e-7."""
+    (float64): the :data:`COMPARE` rows (float64, one column per compared row) with
+    ``d = a - b`` and ``dc = d`` centred on its P-mean. Products are float32 like the eager
+    path's, sums float64: Inductor accumulates a row in a few vector lanes, whose float32 error
+    (~1e-6 of a centre of 10) would swamp a KL of 1e-7."""
     d = a - b
     centre = ((p * d).double().sum(-1) / mass).float()
     dc = d - centre[:, None]
-    return torch.stack(
-        [
-            (d * d).double().sum(-1),
-            (a * b).double().sum(-1),
-            (a * a).double().sum(-1),
-            (b * b).double().sum(-1),
-            dc.amin(-1).double(),
-            (p * dc).double().sum(-1),
-            (p * _expm1(-dc)).double().sum(-1),
-        ]
+    return stack_row(
+        COMPARE,
+        {
+            "sq": (d * d).double().sum(-1),
+            "dots": (a * b).double().sum(-1),
+            "norm_a": (a * a).double().sum(-1),
+            "norm_b": (b * b).double().sum(-1),
+            "min_diff": dc.amin(-1).double(),
+            "pd": (p * dc).double().sum(-1),
+            "pe": (p * _expm1(-dc)).double().sum(-1),
+        },
     )
 
 
@@ -83,9 +90,10 @@ def reference_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def compare_rows(
     a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, mass: torch.Tensor
-) -> torch.Tensor | None:
-    """:func:`_compare` in one compiled call: float64 ``[7, rows]``, or ``None`` where the
-    caller compares eagerly (not float32 CPU rows of one contiguous shape, or kernels off)."""
+) -> dict[str, torch.Tensor] | None:
+    """:func:`_compare` in one compiled call: the :data:`COMPARE` row sums by name (float64,
+    one value per row), or ``None`` where the caller compares eagerly (not float32 CPU rows of
+    one contiguous shape, or kernels off)."""
     n, v = a.shape
     if n < 2 or v < 2 or n * v >= settings.slice_numel or mass.dtype != torch.float64:
         return None
@@ -99,5 +107,6 @@ def compare_rows(
     storages = {x.untyped_storage().data_ptr() for x in (a, b, p, mass)}
     if len(storages) < 4:  # aliased inputs (logits compared with themselves): one more guard
         return None
-    return _COMPARE(a, b, p, mass)
+    out = _COMPARE(a, b, p, mass)
+    return None if out is None else dict(zip(COMPARE, out.unbind(0), strict=True))
 

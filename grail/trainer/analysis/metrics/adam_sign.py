@@ -101,6 +101,7 @@ from .. import kernels
 from ..config import AnalysisConfig
 from ..core.distributed import local_tensor, shard_info
 from ..core.naming import ParameterNaming, group_prefix, group_rows
+from ..core.scratch import ScratchBuffers
 from ..core.snapshot import collect_parameters
 from ..core.stats import StreamingStats, Summary, chunk_numel, f32_floor
 from .base import AnalysisContext, MetricComputer
@@ -189,7 +190,7 @@ class AdamSignDescentMetrics(MetricComputer):
         self._small = math.nextafter(_SMALL, 0.0)
         self.last_histograms: dict[str, np.ndarray] = {}
         self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
-        self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch = ScratchBuffers(chunk_numel)
 
     @classmethod
     def from_config(cls, config: AnalysisConfig) -> AdamSignDescentMetrics:
@@ -208,14 +209,6 @@ class AdamSignDescentMetrics(MetricComputer):
     def requires_optimizer(self) -> bool:
         return True
 
-    def _scratch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        bufs = self._buffers.get(device)
-        if bufs is None:
-            n = chunk_numel(device)
-            bufs = (torch.empty(n, device=device), torch.empty(n, device=device))
-            self._buffers[device] = bufs
-        return bufs
-
     def compute(
         self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
     ) -> dict[str, float]:
@@ -224,7 +217,7 @@ class AdamSignDescentMetrics(MetricComputer):
         try:
             return self._compute(delta=delta, context=context, **kwargs)
         finally:
-            self._buffers.clear()
+            self._scratch.clear()
 
     def _compute(
         self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
@@ -356,7 +349,8 @@ class AdamSignDescentMetrics(MetricComputer):
             and batch.add(m, v, g, w, scale, shift, rows, sign, lr)
         ):
             return
-        a_buf, b_buf = self._scratch(m.device)
+        a_buf = self._scratch.get(m.device, chunk_numel(m.device), slot="a")
+        b_buf = self._scratch.get(m.device, chunk_numel(m.device), slot="b")
         zero = torch.zeros((), dtype=torch.float32, device=m.device)
         step = chunk_numel(m.device)
         for start in range(0, m.numel(), step):

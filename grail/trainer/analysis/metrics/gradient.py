@@ -60,6 +60,7 @@ import torch
 from .. import kernels
 from ..config import AnalysisConfig, format_threshold
 from ..core.distributed import all_reduce_, local_tensor, shard_info
+from ..core.layout import LE
 from ..core.naming import ParameterNaming, group_prefix, group_rows
 from ..core.snapshot import collect_parameters
 from ..core.stats import StreamingStats, Summary
@@ -264,10 +265,11 @@ class GradientSparsityMetrics(MetricComputer):
         implicit = grad.numel() * (2 if grad.is_complex() else 1) - values.numel()
         if implicit > 0:
             # Implicit zeros: count, |0| <= t for every threshold, and 0 folded into max/min.
-            sums = torch.zeros(5 + len(stats.thresholds), dtype=torch.float64)
-            sums[stats.column("count")] = implicit
-            sums[5:] = implicit
-            stats.accumulate(sums, torch.zeros(3, dtype=torch.float64), rows)
+            cols = stats.layout.moments
+            sums = stats.layout.new_sums()
+            sums[cols["count"]] = implicit
+            sums[cols.span(LE)] = implicit
+            stats.accumulate(sums, stats.layout.new_maxes(fill=0.0), rows)
 
     def _histogram(self, params: list[tuple[str, torch.Tensor]]) -> HistogramSample:
         """Positions over every trainable parameter (the same on every rank, whatever each rank's

@@ -62,6 +62,7 @@ import torch
 from .. import kernels
 from ..config import format_threshold
 from ..core.naming import ParameterNaming, group_prefix, group_rows
+from ..core.scratch import ScratchBuffers
 from ..core.snapshot import DeltaChunk, ParameterDelta
 from ..core.stats import StreamingStats, Summary, chunk_numel, count_zeros
 from .base import MetricComputer
@@ -92,8 +93,7 @@ class ParameterChangeMetrics(MetricComputer):
         self.track_sign_flips = track_sign_flips
         self.component_map = dict(component_map or {})
         self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
-        self._scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._bf16: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._scratch = ScratchBuffers(chunk_numel)
 
     # --- grouping --------------------------------------------------------------------------
     def _groups(self, names: list[str]) -> tuple[list[str], dict[str, list[int]]]:
@@ -101,26 +101,6 @@ class ParameterChangeMetrics(MetricComputer):
         if self._naming is None or self._naming[0] != key:
             self._naming = (key, ParameterNaming(names, self.component_map))
         return group_rows(self._naming[1], names, self.per_layer, self.track_components)
-
-    def _bf16_buffers(self, device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
-        bufs = self._bf16.get(device)
-        if bufs is None:
-            size = chunk_numel(device)
-            bufs = (
-                torch.empty(size, dtype=torch.bfloat16, device=device),
-                torch.empty(size, dtype=torch.bfloat16, device=device),
-                torch.empty(size, dtype=torch.int16, device=device),
-            )
-            self._bf16[device] = bufs
-        return tuple(b[:n] for b in bufs)
-
-    def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        bufs = self._scratch.get(device)
-        if bufs is None:
-            n = chunk_numel(device)
-            bufs = (torch.empty(n, device=device), torch.empty(n, device=device))
-            self._scratch[device] = bufs
-        return bufs
 
     # --- computation -----------------------------------------------------------------------
     def compute(self, delta: ParameterDelta | None = None, **kwargs: Any) -> dict[str, float]:
@@ -130,7 +110,6 @@ class ParameterChangeMetrics(MetricComputer):
             return self._compute(delta=delta, **kwargs)
         finally:
             self._scratch.clear()
-            self._bf16.clear()
 
     def _compute(self, delta: ParameterDelta | None = None, **kwargs: Any) -> dict[str, float]:
         if delta is None or len(delta) == 0:
@@ -155,7 +134,7 @@ class ParameterChangeMetrics(MetricComputer):
             eager = [n for n in delta.names if not self._take(batch, delta, n, rows[n])]
             sums, maxes, extras, batch_groups = batch.rows()
             if not self.track_sign_flips:
-                extras[:, 3] = 0.0
+                extras["sign_flips"].zero_()
             stats.accumulate_rows(sums, maxes, batch_groups, extras)
         for chunk in delta.stream(eager):
             self._update(stats, chunk, rows[chunk.name], delta)
@@ -184,8 +163,8 @@ class ParameterChangeMetrics(MetricComputer):
         if n == 0:
             return
         sums, maxes = stats.moments(c.delta)
-        a, b = self._buffers(c.delta.device)
-        a, b = a[:n], b[:n]
+        scratch, device = self._scratch, c.delta.device
+        a, b = scratch.get(device, n, slot="a"), scratch.get(device, n, slot="b")
         old32 = c.old if c.old.dtype == torch.float32 else a.copy_(c.old)
         old_sum_sq = torch.mul(old32, old32, out=b).sum()
         if c.lossless:
@@ -200,7 +179,9 @@ class ParameterChangeMetrics(MetricComputer):
         else:
             # Round both sides to bf16 and compare bit patterns: int16 arithmetic is cheap and
             # a wrapped difference is zero iff the patterns are equal.
-            nb, ob, i16 = self._bf16_buffers(c.delta.device, n)
+            nb = scratch.get(device, n, torch.bfloat16, slot="new")
+            ob = scratch.get(device, n, torch.bfloat16, slot="old")
+            i16 = scratch.get(device, n, torch.int16)
             nb.copy_(c.new)
             ob.copy_(c.old)
             diff = torch.sub(nb.view(torch.int16), ob.view(torch.int16), out=i16)
@@ -211,8 +192,13 @@ class ParameterChangeMetrics(MetricComputer):
             flips = -a.mul_(b).clamp_(max=0).nan_to_num_(nan=0.0).sum()
         else:
             flips = old_sum_sq.new_zeros(())
-        extras = [old_sum_sq, exact, bf16, flips]
-        stats.accumulate(sums, maxes, rows, [e.double() for e in extras])
+        extras = {
+            "old_sum_sq": old_sum_sq,
+            "exact_unchanged": exact,
+            "bf16_unchanged": bf16,
+            "sign_flips": flips,
+        }
+        stats.accumulate(sums, maxes, rows, {k: e.double() for k, e in extras.items()})
 
     def _finalize(self, results: list[Summary], groups: list[str]) -> dict[str, float]:
         out: dict[str, float] = {}

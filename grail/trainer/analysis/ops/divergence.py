@@ -36,6 +36,7 @@ import torch
 
 from .. import kernels
 from ..core.distributed import all_reduce_
+from ..core.scratch import ScratchBuffers
 
 __all__ = [
     "Comparisons",
@@ -84,11 +85,11 @@ class LogitsReference:
             rows = kernels.compare_rows(self.logits, other, self.probs, self.mass)
         if rows is None:
             kl, dots, sq, norm_a, norm_b, min_diff, top1 = self._compare_eager(other)
-        else:
-            sq, dots, norm_a, norm_b, min_diff, pd, pe = rows.double()
-            kl = pd / self.mass + torch.log1p(pe / self.mass)
-            top1 = first_argmax(other)
-        return self._sums(other, kl, dots, sq, norm_a, norm_b, min_diff, top1)
+            return self._sums(other, kl, dots, sq, norm_a, norm_b, min_diff, top1)
+        kl = rows["pd"] / self.mass + torch.log1p(rows["pe"] / self.mass)
+        top1 = first_argmax(other)
+        norms = rows["norm_a"], rows["norm_b"]
+        return self._sums(other, kl, rows["dots"], rows["sq"], *norms, rows["min_diff"], top1)
 
     def _compare_eager(self, other: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per-row ``kl, a.b, sum d^2, a.a, b.b, min dc, top-1`` in row blocks (see
@@ -174,9 +175,11 @@ def _blocks(n: int, v: int) -> list[tuple[int, int]]:
 
 
 def _scratch(n: int, v: int, count: int, device: torch.device) -> list[torch.Tensor]:
-    """Buffers for one row block: allocated once per comparison, not once per operation."""
+    """``count`` float32 buffers for one row block: allocated once per comparison, not once per
+    operation, and freed with it (nothing is held between comparisons)."""
     size = min(n, _block_rows(v)) * v
-    return [torch.empty(size, dtype=torch.float32, device=device) for _ in range(count)]
+    buffers = ScratchBuffers()
+    return [buffers.get(device, size, slot=i) for i in range(count)]
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.scratch import ScratchBuffers
 from ..core.stats import f32_floor
 
 __all__ = [
@@ -272,17 +273,15 @@ def magnitude_drop(threshold: float) -> DropFn:
 def random_drop(keep: float, seed: int) -> DropFn:
     """Drop each entry with probability ``1 - keep`` (:func:`random_bits` decides)."""
     limit = keep_threshold_bits(keep)
-    scratch: dict[torch.device, torch.Tensor] = {}
+    scratch = ScratchBuffers()
 
     @position_only
     def drop(
         name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
     ) -> torch.Tensor:
         n = out.numel()
-        tmp = scratch.get(out.device)
-        if tmp is None or tmp.numel() < n:
-            tmp = scratch[out.device] = torch.empty_like(out)
-        bits = random_bits(n, seed, name, offset, out.device, out=out, tmp=tmp[:n])
+        tmp = scratch.get(out.device, n, out.dtype)
+        bits = random_bits(n, seed, name, offset, out.device, out=out, tmp=tmp)
         # kept iff bits < limit  <=>  (limit - 1 - bits) >= 0; drop = sign bit of that
         return bits.neg_().add_(limit - 1).bitwise_right_shift_(31)
 

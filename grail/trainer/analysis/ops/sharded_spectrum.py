@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..core.distributed import broadcast_, gather_, get_rank, get_world_size
+from ..core.scratch import ScratchBuffers
 from ..core.snapshot import ParameterDelta
 from ..core.stats import StreamingStats, chunk_numel
 from .spectrum import Spectrum
@@ -70,23 +71,11 @@ def _fill(delta: ParameterDelta, name: str, out: torch.Tensor) -> None:
         out[c.start : c.start + c.delta.numel()].copy_(c.delta)
 
 
-class _Scratch:
-    """One reused flat float32 buffer per device (the local block or the replicated matrix)."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[torch.device, torch.Tensor] = {}
-
-    def get(self, device: torch.device, n: int) -> torch.Tensor:
-        buf = self._bufs.get(device)
-        if buf is None or buf.numel() < n:
-            buf = self._bufs[device] = torch.empty(n, dtype=torch.float32, device=device)
-        return buf[:n]
-
-
 def _assemble(
-    delta: ParameterDelta, name: str, dst: int, scratch: _Scratch
+    delta: ParameterDelta, name: str, dst: int, scratch: ScratchBuffers
 ) -> torch.Tensor | None:
     """The full float32 delta ``[m, n]`` of ``name`` on rank ``dst``; None on the other ranks.
+    ``scratch`` holds it (the local block or the replicated matrix), reused across matrices.
 
     A collective (gather) for a sharded matrix, on every rank; nothing for a replicated one.
     """
@@ -169,7 +158,7 @@ def sharded_spectra(
         layout: sizes of what ``compute`` returns for a shape (to receive it).
     """
     world, me = get_world_size(), get_rank()
-    scratch = _Scratch()
+    scratch = ScratchBuffers()
     spectra: dict[str, Spectrum] = {}
     nonfinite: list[str] = []
     for i, name in enumerate(names):

@@ -55,6 +55,7 @@ from torch import nn
 
 from .. import kernels
 from ..core.distributed import fsdp_units, local_tensor, shard_info, unwrap_model
+from ..core.scratch import ScratchBuffers
 from ..core.snapshot import ParameterDelta, collect_parameters, float32_delta_
 from ..core.stats import chunk_numel
 from ..ops.masks import NO_DROP, DropFn, DropSpec, pack_mask, spec_of, unpack_mask, uses_delta
@@ -141,7 +142,7 @@ class SelectPatch:
         self.count_changed = count_changed
         self.fused = fused
         self._done: list[_Patched] = []
-        self._scratch: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._scratch = ScratchBuffers(chunk_numel)
         self._dropped: list[torch.Tensor] = []
         self._changed: list[torch.Tensor] = []
 
@@ -184,18 +185,15 @@ class SelectPatch:
         return p.view(-1), s.view(-1)
 
     def _buffers(self, device: torch.device, n: int) -> tuple[torch.Tensor, ...]:
-        """float32 delta, two int32 masks and a raw byte buffer for ``n`` entries (reused)."""
-        bufs = self._scratch.get(device)
-        if bufs is None or bufs[0].numel() < n:
-            size = max(n, chunk_numel(device))
-            bufs = (
-                torch.empty(size, dtype=torch.float32, device=device),
-                torch.empty(size, dtype=torch.int32, device=device),
-                torch.empty(size, dtype=torch.int32, device=device),
-                torch.empty(size * 8, dtype=torch.uint8, device=device),
-            )
-            self._scratch[device] = bufs
-        return bufs[0][:n], bufs[1][:n], bufs[2][:n], bufs[3]
+        """float32 delta, two int32 masks and a raw byte buffer (8 bytes an entry: any
+        parameter dtype) for ``n`` entries (reused)."""
+        get = self._scratch.get
+        return (
+            get(device, n),
+            get(device, n, torch.int32, slot="before"),
+            get(device, n, torch.int32, slot="after"),
+            get(device, 8 * n, torch.uint8),
+        )
 
     def _mask(
         self,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from grail.trainer.analysis import kernels
+from grail.trainer.analysis.core.layout import LE, MAXES, Columns
 from grail.trainer.analysis.core.stats import f32_floor
 from grail.trainer.analysis.kernels import moments, policy
 
@@ -63,13 +64,22 @@ def _moments_reference(x: torch.Tensor, thresholds: list[float]) -> dict[str, fl
     }
 
 
-def _assert_row(sums: torch.Tensor, max_abs: float, ref: dict) -> None:
-    got = sums.tolist()
-    assert got[0] == ref["count"] and got[4] == ref["nonfinite"]
-    assert got[5:] == ref["le"]
-    for i, key in ((1, "sum"), (2, "sum_sq"), (3, "sum_abs")):
-        assert got[i] == pytest.approx(ref[key], rel=1e-12, abs=1e-9), key
+def _named(row: torch.Tensor, cols: Columns) -> dict:
+    """A row as ``{column name: value}`` (the threshold counts as a list)."""
+    values = row.tolist()
+    return {k: values[cols.span(k)] if k == LE else values[cols[k]] for k in cols.fields}
+
+
+def _assert_row(sums: torch.Tensor, max_abs: float, ref: dict, cols: Columns) -> None:
+    got = _named(sums, cols)
+    assert got["count"] == ref["count"] and got["nonfinite"] == ref["nonfinite"]
+    assert got[LE] == ref["le"]
+    for key in ("sum", "sum_sq", "sum_abs"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-12, abs=1e-9), key
     assert max_abs == ref["max_abs"]
+
+
+MAX_ABS = MAXES["max_abs"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -81,8 +91,9 @@ def test_moments_match_float64_reference(dtype, nonfinite) -> None:
     sums, maxes, groups = batch.rows()
     assert groups == [(0,), (1,)]
     for i, x in enumerate(xs):
-        _assert_row(sums[i], float(maxes[i, 0]), _moments_reference(x, THRESHOLDS))
-    assert torch.isnan(maxes[:, 1:]).all()  # signed extremes are not computed
+        ref = _moments_reference(x, THRESHOLDS)
+        _assert_row(sums[i], float(maxes[i, MAX_ABS]), ref, batch.layout.moments)
+    assert torch.isnan(maxes[:, MAXES.indices("max", "neg_min")]).all()  # not computed
     assert kernels.disabled_reason() is None
 
 
@@ -90,8 +101,9 @@ def test_moments_of_an_all_nonfinite_tensor() -> None:
     batch = kernels.MomentsBatch([0.0])
     batch.add(torch.tensor([math.nan, math.inf, -math.inf, math.nan]), [0])
     sums, maxes, _ = batch.rows()
-    assert sums.tolist() == [[0.0, 0.0, 0.0, 0.0, 4.0, 0.0]]
-    assert maxes[0, 0] == -math.inf
+    want = {"count": 0.0, "sum": 0.0, "sum_sq": 0.0, "sum_abs": 0.0, "nonfinite": 4.0, LE: [0.0]}
+    assert _named(sums[0], batch.layout.moments) == want
+    assert maxes[0, MAX_ABS] == -math.inf
 
 
 def test_tensors_larger_than_a_slice_give_one_row_per_slice() -> None:
@@ -104,9 +116,10 @@ def test_tensors_larger_than_a_slice_give_one_row_per_slice() -> None:
             assert sliced.add(x, [0, 2])
         (s1, m1, _), (s2, m2, g2) = whole.rows(), sliced.rows()
     assert g2 == [(0, 2)] * 3
-    assert s2.shape[0] == 3 and s2[:, 0].tolist() == [3334 - 3, 3334, 3332]  # equal slices
+    count = whole.layout.moments["count"]
+    assert s2.shape[0] == 3 and s2[:, count].tolist() == [3334 - 3, 3334, 3332]  # equal slices
     torch.testing.assert_close(s2.sum(0), s1[0], rtol=1e-13, atol=0)
-    assert m2[:, 0].max() == m1[0, 0]
+    assert m2[:, MAX_ABS].max() == m1[0, MAX_ABS]
 
 
 def test_small_or_accelerator_tensors_are_refused() -> None:
@@ -120,7 +133,8 @@ def test_small_or_accelerator_tensors_are_refused() -> None:
     assert not adam.add(ones, ones, torch.ones(100, device="meta"), ones, 1.0, 0.0, [0])
     assert not adam.add(ones, ones, ones, ones, torch.tensor(1.0), 0.0, [0])  # device scalar
     sums, maxes, groups = batch.rows()
-    assert sums.shape == (0, 6) and maxes.shape == (0, 3) and groups == []
+    assert sums.shape == (0, len(batch.layout.moments)) == (0, 6)
+    assert maxes.shape == (0, len(MAXES)) and groups == []
 
 
 @pytest.mark.usefixtures("_pool_flush_2500")
@@ -138,7 +152,8 @@ def test_small_tensors_are_pooled_per_groups_and_dtype() -> None:
     order = sorted(members, key=lambda r: min(members[r]))
     for row, r in enumerate(order):
         x = torch.cat([xs[i].float() for i in members[r]])
-        _assert_row(sums[row], float(maxes[row, 0]), _moments_reference(x, THRESHOLDS))
+        ref = _moments_reference(x, THRESHOLDS)
+        _assert_row(sums[row], float(maxes[row, MAX_ABS]), ref, batch.layout.moments)
 
 
 def _adam_inputs(n: int, nonfinite: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -188,12 +203,14 @@ def test_adam_rows_match_float64_reference(nonfinite) -> None:
     sums, maxes, extras, groups = batch.rows()
     assert groups == [(3,)]
     ref = _adam_reference(*inputs, scale, shift, t32)
-    got = sums[0].tolist()
-    assert got[0] == ref["count"] and got[4] == ref["nonfinite"] and got[5:] == ref["le"]
-    assert math.isnan(got[1]) and torch.isnan(maxes).all()  # not computed
-    assert got[2] == pytest.approx(ref["sum_sq"], rel=1e-12)
-    assert got[3] == pytest.approx(ref["sum_abs"], rel=1e-12)
-    sign_sum, pairs, w_sq, lr_u_sq = extras[0].tolist()
+    got = _named(sums[0], batch.layout.moments)
+    assert got["count"] == ref["count"] and got["nonfinite"] == ref["nonfinite"]
+    assert got[LE] == ref["le"]
+    assert math.isnan(got["sum"]) and torch.isnan(maxes).all()  # not computed
+    assert got["sum_sq"] == pytest.approx(ref["sum_sq"], rel=1e-12)
+    assert got["sum_abs"] == pytest.approx(ref["sum_abs"], rel=1e-12)
+    assert list(extras) == list(kernels.AdamBatch.EXTRAS)
+    sign_sum, pairs, w_sq, lr_u_sq = (float(extras[k][0]) for k in kernels.AdamBatch.EXTRAS)
     assert (sign_sum, pairs) == (-ref["sign_sum"], ref["pairs"])
     assert w_sq == pytest.approx(ref["w_sq"], rel=1e-12)
     assert lr_u_sq == pytest.approx(1e-4 * ref["sum_sq"], rel=1e-12)
@@ -214,7 +231,7 @@ def test_joint_rows_equal_separate_rows(nonfinite) -> None:
         if isinstance(a, list):
             assert a == b
         else:
-            torch.testing.assert_close(a, b, rtol=1e-13, atol=0, equal_nan=True)
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0, equal_nan=True)  # dicts too
     # small tensors are pooled by each batch instead
     assert kernels.joint_rows(joint_a, joint_g, *(t[:1000] for t in (m, v, g, w)), 0.7, 0) is None
 
@@ -287,7 +304,7 @@ def test_a_failing_compiled_call_turns_the_kernels_off(fresh_kernels, monkeypatc
     assert kernels.disabled_reason() == "RuntimeError: recompile limit"
     assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1
     sums, _, groups = batch.rows()  # the row taken before the failure is still there
-    assert groups == [(0,)] and sums[0, 0] == 100_000
+    assert groups == [(0,)] and sums[0, batch.layout.moments["count"]] == 100_000
 
 
 def test_infinite_threshold_counts_only_finite_entries() -> None:
@@ -335,21 +352,21 @@ def test_change_rows_match_float64_reference(dtype, nonfinite) -> None:
     sums, maxes, extras, groups = batch.rows()
     d = new.float() - old.float()  # exact in float32 for these dtypes
     ref = _moments_reference(d, thresholds)
-    _assert_row(sums[0], float(maxes[0, 0]), ref)
+    _assert_row(sums[0], float(maxes[0, MAX_ABS]), ref, batch.layout.moments)
     fin = torch.isfinite(d)
-    assert maxes[0, 1] == d[fin].max() and maxes[0, 2] == -d[fin].min()
+    assert maxes[0, MAXES["max"]] == d[fin].max() and maxes[0, MAXES["neg_min"]] == -d[fin].min()
     o, n = old.double().numpy(), new.double().numpy()
     bits = lambda t: t.to(torch.bfloat16).view(torch.int16).numpy()  # noqa: E731
     bf16_same = float((bits(new) == bits(old)).sum())
     exact = ref["le"][0]
-    want = [
-        float((o * o).sum()),
-        exact,
-        exact if dtype == torch.bfloat16 else bf16_same,
-        float((((n > 0) & (o < 0)) | ((n < 0) & (o > 0))).sum()),
-    ]
-    assert extras[0, 0] == pytest.approx(want[0], rel=1e-12)
-    assert extras[0, 1:].tolist() == want[1:]
+    assert list(extras) == list(kernels.ChangeBatch.EXTRAS)
+    assert float(extras["old_sum_sq"][0]) == pytest.approx(float((o * o).sum()), rel=1e-12)
+    assert float(extras["exact_unchanged"][0]) == exact
+    assert float(extras["bf16_unchanged"][0]) == (
+        exact if dtype == torch.bfloat16 else bf16_same
+    )
+    flips = float((((n > 0) & (o < 0)) | ((n < 0) & (o > 0))).sum())
+    assert float(extras["sign_flips"][0]) == flips
     assert groups == [(0,)]
 
 
