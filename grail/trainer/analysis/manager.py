@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .anchor import BaseAnchor, BaseSource
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
 from .core.distributed import ShardInfo, all_reduce_, is_distributed, reshard, unsupported_engine
 from .core.snapshot import ParameterSnapshot
@@ -99,6 +100,8 @@ class ModelAnalysisManager:
         self.last_histograms: dict[str, Any] = {}
         self._reported: set[tuple[str, str]] = set()
         self._skip_logged: set[tuple[str, str]] = set()
+        self._anchor = BaseAnchor(self.config.snapshot_device, self.config.trainable_only)
+        self._snapshot_step: int | None = None  # step whose weights old_snapshot holds
 
     @classmethod
     def create(
@@ -162,6 +165,8 @@ class ModelAnalysisManager:
             self.step_count = int(step)
         else:
             self.step_count += 1
+        if self._anchor.pending or (self._anchor.snapshot is None and self._wants_base()):
+            self.ensure_base(model)
         if not self.is_measurement_step():
             return {}
         try:
@@ -193,6 +198,7 @@ class ModelAnalysisManager:
             self.old_snapshot = self._new_snapshot(model)
             return {}
         live = ParameterSnapshot.live(model, trainable_only=cfg.trainable_only)
+        self._check_base(model, live)
         changed = _spec_changes(self.old_snapshot.spec(), live.spec())
         if changed:
             logger.warning(
@@ -210,6 +216,8 @@ class ModelAnalysisManager:
             optimizer=optimizer,
             step=self.step_count,
             metadata=dict(metadata),
+            base=self._agreed_base(),
+            snapshot_step=self._snapshot_step,
         )
         metrics: dict[str, float] = {}
         histograms: dict[str, Any] = {}
@@ -224,6 +232,7 @@ class ModelAnalysisManager:
                     histograms.update(hist)
         try:
             self.old_snapshot.capture_(model)
+            self._snapshot_step = self.step_count
         except BaseException:
             self.old_snapshot = None  # a half-refilled baseline would give wrong numbers later
             raise
@@ -299,6 +308,7 @@ class ModelAnalysisManager:
 
     def _new_snapshot(self, model: nn.Module) -> ParameterSnapshot:
         cfg = self.config
+        self._snapshot_step = self.step_count
         return ParameterSnapshot(
             model,
             device=cfg.snapshot_device,
@@ -311,6 +321,8 @@ class ModelAnalysisManager:
         """Forget the step count, the snapshot and every computer's carried state."""
         self.step_count = 0
         self.old_snapshot = None
+        self._snapshot_step = None
+        self._anchor.clear()  # a base given with set_base stays: it is where the run started
         self.last_metrics = {}
         self.last_histograms = {}
         for computer in self.computers:
@@ -323,8 +335,9 @@ class ModelAnalysisManager:
         has one (:meth:`MetricComputer.state_dict`), keyed ``"<position>:<name>"`` - always
         included, because it is small by contract (``mask_overlap`` keeps one bit per entry)
         and a resumed run needs it to match an uninterrupted one; ``"snapshot"`` (and
-        ``"snapshot_param_dtypes"``) only with ``include_snapshot=True``, because the snapshot
-        is as large as the model. Tensors are returned as they are (no copies): save them with
+        ``"snapshot_param_dtypes"``) and the base of ``drift/*`` (``"base"``,
+        ``"base_param_dtypes"``) only with ``include_snapshot=True``, because each is as large
+        as the model. Tensors are returned as they are (no copies): save them with
         ``torch.save`` before training goes on.
         """
         state: dict[str, Any] = {"step_count": self.step_count, "config": self.config.to_dict()}
@@ -338,6 +351,8 @@ class ModelAnalysisManager:
             state["snapshot_param_dtypes"] = {
                 n: str(d).removeprefix("torch.") for n, d in self.old_snapshot.param_dtypes.items()
             }
+        if include_snapshot:
+            state.update(self._anchor.state())  # "base", "base_param_dtypes"
         return state
 
     def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:
@@ -380,6 +395,9 @@ class ModelAnalysisManager:
             raise
         self.step_count = step
         self.old_snapshot = None
+        self._snapshot_step = None
+        if "base" in state:
+            self._anchor.load(state)
         self.last_metrics = {}
         self.last_histograms = {}
         if "snapshot" in state:
@@ -414,6 +432,85 @@ class ModelAnalysisManager:
                 "config, then the same add_metric calls) to resume it"
             )
         return dict(states)
+
+
+    # --- the base of drift/* -----------------------------------------------------------------
+    @property
+    def base_snapshot(self) -> ParameterSnapshot | None:
+        """The base that ``drift/*`` measures from (see :meth:`set_base`); ``None`` until set or
+        taken. Lossless, on ``snapshot_device``, sharded like :attr:`old_snapshot`."""
+        return self._anchor.snapshot
+
+    def set_base(self, source: BaseSource, model: nn.Module | None = None) -> None:
+        """Measure ``drift/*`` from ``source``: a model, a state dict, or a checkpoint path
+        (safetensors or ``.pt`` file, or a Hugging Face model directory).
+
+        Without this call the base is the weights at the first :meth:`on_optimizer_step` call,
+        i.e. after the first optimizer step (the HF callback takes it at train begin instead,
+        before any step). ``model`` is the model being trained: the base is checked against its
+        parameters (names, shapes) and sharded like it now; without it the check happens
+        against the interval snapshot if there is one, else at the next
+        :meth:`on_optimizer_step` (a mismatch found then is a warning, and the base is taken
+        from the live weights). See :mod:`~grail.trainer.analysis.anchor`.
+
+        Raises:
+            ValueError: names or shapes do not match the model.
+            TypeError: ``source`` is none of the accepted kinds.
+        """
+        layout = None if model is not None else self.old_snapshot
+        self._anchor.set(source, model=model, layout=layout)
+        if not self._wants_base():
+            logger.info("set_base: no computer reads the base (drift_enabled=False?)")
+
+    def ensure_base(self, model: nn.Module) -> None:
+        """Hold a base now: check a pending one against ``model``, or, when a computer needs a
+        base and none is set, take it from ``model``'s weights. Never raises (problems are
+        logged); the HF callback calls this at train begin."""
+        try:
+            if unsupported_engine(model) is not None:
+                return
+            reshard(model)  # FSDP2: local shards, as the interval snapshot holds them
+            if self._anchor.pending:
+                self._anchor.resolve(model, self.step_count)
+            elif self._anchor.snapshot is None and self._wants_base():
+                self._anchor.take(model, self.step_count)
+                if self.step_count > 1:
+                    logger.warning(
+                        "the base of drift/* is taken at step %d (a resumed run?): drift is "
+                        "measured from here, not from the start of training; call "
+                        "set_base(<starting checkpoint>) before training to measure the whole "
+                        "fine-tune",
+                        self.step_count,
+                    )
+        except Exception as err:  # the training loop must survive anything the analysis does
+            self._report("base", err)
+
+    def _wants_base(self) -> bool:
+        return any(c.requires_base() for c in self.computers)
+
+    def _check_base(self, model: nn.Module, live: ParameterSnapshot) -> None:
+        """Re-take a base whose parameters no longer match the model's (one warning)."""
+        base = self._anchor.snapshot
+        if base is None or self._anchor.pending:
+            return
+        changed = _spec_changes(base.spec(), live.spec())
+        if changed:
+            logger.warning(
+                "model parameters changed since the base was taken (%s); drift/* is measured "
+                "from the weights at step %d from now on",
+                changed,
+                self.step_count,
+            )
+            self._anchor.take(model, self.step_count)
+
+    def _agreed_base(self) -> ParameterSnapshot | None:
+        """The base if every rank holds one (one tiny all-reduce when computers need it)."""
+        base = None if self._anchor.pending else self._anchor.snapshot
+        if is_distributed() and self._wants_base():
+            flag = torch.tensor([0.0 if base is None else 1.0], dtype=torch.float64)
+            if not all_reduce_(flag, "min").item():
+                return None
+        return base
 
 
 def _computer_key(position: int, computer: MetricComputer) -> str:
