@@ -65,7 +65,10 @@ context (:func:`~.parameter_change.update_norm_key`) and :math:`\lVert b\rVert^2
 measurement's :math:`\lVert\Delta_{tot}\rVert^2` when the interval snapshot holds those weights
 losslessly. Otherwise (the first measurement, a lossy ``snapshot_dtype``, ``param_change`` off, a
 restored state) the missing norm is one streamed pass; every rank agrees on which (one tiny
-reduction). Outputs: the base logits are computed once and give both KLs (KL(P_base || P_now) in
+reduction). Accuracy: the three sums carry the statistics' rounding (float64 in the compiled
+kernels; float32 chunk sums on the eager path, ~1e-7 relative), so the cosine's absolute error is
+about that times :math:`\lVert a\rVert/\lVert b\rVert + \lVert b\rVert/\lVert a\rVert`.
+Outputs: the base logits are computed once and give both KLs (KL(P_base || P_now) in
 row blocks, so only a block of base probabilities is held); then one forward per mask.
 
 Decisions where the design is silent: the random masks draw with
