@@ -94,7 +94,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -106,8 +106,10 @@ from ..core.stats import Summary
 from ..patching.forward import agree_across_ranks, prepare_inputs
 from .base import AnalysisContext, MetricComputer
 from .drift_outputs import drift_outputs, drift_spectra
-from .low_rank import LowRankMetrics
 from .parameter_change import ParameterChangeMetrics, update_norm_key
+
+if TYPE_CHECKING:
+    from .low_rank import LowRankMetrics
 
 __all__ = ["DriftMetrics"]
 
@@ -207,6 +209,8 @@ class DriftMetrics(MetricComputer):
     ) -> DriftMetrics:
         low_rank = None
         if config.low_rank_enabled:
+            from .low_rank import LowRankMetrics
+
             low_rank = LowRankMetrics.from_config(config, output_fn=output_fn)
         return cls(
             thresholds=config.param_change_thresholds,

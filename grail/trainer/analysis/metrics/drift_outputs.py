@@ -55,11 +55,11 @@ from ..ops.spectrum import Spectrum, aggregate_spectra
 from ..patching.forward import PreparedInputs, run_forward
 from ..patching.swaps import ModulePatch, SelectPatch, analysis_mode
 from .base import AnalysisContext
-from .low_rank import LowRankMetrics, low_rank_targets
 from .sparse_quality import SparseQualityMetrics, format_keep_ratio, shared_reference
 
 if TYPE_CHECKING:
     from .drift import DriftMetrics
+    from .low_rank import LowRankMetrics
 
 __all__ = ["drift_outputs", "drift_spectra", "reverse_kl_sums"]
 
@@ -96,6 +96,8 @@ def drift_spectra(
 ) -> tuple[dict[str, Spectrum], dict[str, float]]:
     """Spectra of :math:`\\Delta_{tot}`'s matrices (``low_rank``'s settings and rule for which
     matrices; factors kept when truncations will be run) and ``drift/lowrank/energy_at_r{r}``."""
+    from .low_rank import low_rank_targets  # only with low_rank_enabled
+
     names = low_rank_targets(base_delta, model, low_rank.include_embeddings)
     spectra, _ = low_rank._spectra(base_delta, names, factors, step) if names else ({}, [])
     summary = aggregate_spectra(spectra, low_rank.ranks)
@@ -154,7 +156,7 @@ def drift_outputs(
                     with ModulePatch(model, SparseQualityMetrics._dare(base_delta, p, seed)):
                         comparisons.add(f"{label}_dare", forward())
         for r in c.low_rank.ranks if (c.low_rank is not None and spectra) else []:
-            with ModulePatch(model, LowRankMetrics._truncations(base_delta, spectra, r)):
+            with ModulePatch(model, type(c.low_rank)._truncations(base_delta, spectra, r)):
                 comparisons.add(f"r{r}", forward())
     results = comparisons.results()  # one reduction for every comparison
     backward = means(all_reduce_(torch.tensor(reverse, dtype=torch.float64), "sum").tolist())
