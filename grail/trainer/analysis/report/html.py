@@ -10,8 +10,9 @@ masks and, with the low-rank metrics, LoRA truncation vs a magnitude mask of equ
 (with ``--prompts``); the share of update energy kept by rank r (with the low-rank metrics).
 
 Run report figures: one grid of time series per metric family (keys that differ only by a
-threshold or kept-fraction label share a panel; random/DARE baselines are dashed) and, when the
-log has per-layer keys, a layer x step heatmap of mean |dW|.
+threshold or kept-fraction label share a panel; random/DARE baselines are dashed; ``drift/``,
+``drift/sparse/`` and ``drift/lowrank/`` are three families: the whole fine-tune's curves) and,
+when the log has per-layer keys, a layer x step heatmap of mean |dW|.
 
 Example:
     >>> records = [{"step": s, "time": 0.0, "metrics": {"param_change/norm_l2": 1.0 / s}}
@@ -45,6 +46,8 @@ figure{margin:1.2em 0} figure img{max-width:100%;height:auto}
 figcaption{font-size:.85em;color:#555} code{font-size:.9em} .meta{color:#666;font-size:.85em}
 """
 
+# families one level down, plotted like the top-level ones (drift/sparse/kl_at_keep_0.01, ...)
+_SUBFAMILY = re.compile(r"^drift/(sparse|lowrank)/[^/]+$")
 _LABEL = re.compile(r"^(?P<base>.+?)_at_(?P<label>.+?)(?P<variant>_random|_dare)?$")
 
 
@@ -216,7 +219,7 @@ def _panels(
 ) -> list[tuple[str, Any, bool]]:
     grouped: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for key, points in sorted(series.items()):
-        name = key.split("/", 1)[1]
+        name = key[len(family) + 1 :]
         hit = _LABEL.match(name)
         if hit:
             grouped.setdefault(hit["base"], {})[hit["label"] + (hit["variant"] or "")] = points
@@ -233,10 +236,10 @@ def _panels(
 def render_run_report(records: Sequence[Mapping[str, Any]], source: str) -> str:
     """The HTML report of a training run logged as JSON lines (see module docstring)."""
     series = _series(records)
-    top = {k: v for k, v in series.items() if k.count("/") == 1}
+    top = {k: v for k, v in series.items() if k.count("/") == 1 or _SUBFAMILY.match(k)}
     families: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for key, points in top.items():
-        families.setdefault(key.split("/", 1)[0], {})[key] = points
+        families.setdefault(key.rsplit("/", 1)[0], {})[key] = points
     figures = []
     for family, keys in families.items():
         figures.append(_figure(
