@@ -179,8 +179,9 @@ def drift_rows(m: Metrics) -> list[Row]:
     if kl is not None and back is not None:
         rows.append(("KL to the base", f"{number(back)} (base || now), {number(kl)} (now || base)",
                      f"Output divergence of the whole fine-tune on the probe batch, nats/token; "
-                     f"top-1 agreement with the base {pct(m.get('drift/top1_agree'))}. KL(fine-"
-                     "tuned || base) on the task's data is what predicts forgetting."))
+                     f"top-1 agreement with the base {pct(m.get('drift/top1_agree'))}. The KL "
+                     "between the fine-tuned and the base model on the task's data predicts "
+                     "forgetting better than weight norms do."))
     return rows
 
 
