@@ -199,6 +199,7 @@ class BaseAnchor:
         self.explicit = False  # set by set_base or a state dict: kept by reset()
         self.pending = False  # not yet checked against (and sharded like) the model
         self.step: int | None = None  # the step whose weights it holds, when taken automatically
+        self.failed = False  # taking or checking it raised: not retried until set or cleared
 
     def set(self, source: BaseSource, model: nn.Module | None = None,
             layout: ParameterSnapshot | None = None) -> None:
@@ -215,6 +216,7 @@ class BaseAnchor:
             snap = _as_given(tensors, self.device) if pending else _build(tensors, layout,
                                                                           self.device)
         self.snapshot, self.explicit, self.pending, self.step = snap, True, pending, None
+        self.failed = False
 
     def take(self, model: nn.Module, step: int) -> None:
         """The base from the live weights of ``model`` (at ``step``)."""
@@ -228,6 +230,10 @@ class BaseAnchor:
         take the base from the live weights (training must go on)."""
         assert self.snapshot is not None
         live = ParameterSnapshot.live(model, trainable_only=self.trainable_only)
+        if self.snapshot.spec() == live.spec():  # e.g. set_base(model) of the model itself
+            self.snapshot.shards = dict(live.shards)
+            self.pending = False
+            return
         try:
             snap = _build(self.snapshot.data, live, self.device)
         except ValueError as err:
@@ -237,10 +243,44 @@ class BaseAnchor:
             return
         self.snapshot, self.pending = snap, False
 
+    def ensure(self, model: nn.Module, wanted: bool, step: int) -> None:
+        """Resolve a pending base, or take one from ``model`` when ``wanted`` and none is set
+        (a warning when that happens after step 1: a resumed run measures from there)."""
+        if self.pending:
+            self.resolve(model, step)
+        elif self.snapshot is None and wanted:
+            self.take(model, step)
+            if step > 1:
+                logger.warning(
+                    "the base of drift/* is taken at step %d (a resumed run?): drift is measured "
+                    "from here, not from the start of training; call set_base(<starting "
+                    "checkpoint>) before training to measure the whole fine-tune",
+                    step,
+                )
+
+    def follow(self, model: nn.Module, changed: str, step: int) -> None:
+        """Re-take the base from ``model`` when the parameters ``changed`` (a description, ``""``
+        when they did not), with one warning, as the interval snapshot is re-taken."""
+        if changed:
+            logger.warning(
+                "model parameters changed since the base was taken (%s); drift/* is measured "
+                "from the weights at step %d from now on",
+                changed,
+                step,
+            )
+            self.take(model, step)
+
     def clear(self, keep_explicit: bool = True) -> None:
         """Forget an automatically taken base (and with ``keep_explicit=False`` any base)."""
+        self.failed = False
         if not (keep_explicit and self.explicit):
             self.snapshot, self.explicit, self.pending, self.step = None, False, False, None
+
+    def needs_work(self, wanted: bool) -> bool:
+        """Whether :meth:`resolve` or :meth:`take` is due (O(1): called at every step)."""
+        if self.failed:
+            return False
+        return self.pending or (self.snapshot is None and wanted)
 
     def state(self) -> dict[str, Any]:
         """``{"base", "base_param_dtypes"}`` for ``state_dict(include_snapshot=True)``."""
@@ -263,3 +303,4 @@ class BaseAnchor:
             snap.shards[name] = ShardInfo(tuple(tensor.shape), 0, False, True)
         snap.timestamp = time.time()
         self.snapshot, self.explicit, self.pending, self.step = snap, True, True, None
+        self.failed = False

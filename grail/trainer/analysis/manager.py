@@ -165,7 +165,7 @@ class ModelAnalysisManager:
             self.step_count = int(step)
         else:
             self.step_count += 1
-        if self._anchor.pending or (self._anchor.snapshot is None and self._wants_base()):
+        if self._anchor.needs_work(self._wants_base()):
             self.ensure_base(model)
         if not self.is_measurement_step():
             return {}
@@ -467,23 +467,13 @@ class ModelAnalysisManager:
         base and none is set, take it from ``model``'s weights. Never raises (problems are
         logged); the HF callback calls this at train begin."""
         try:
-            if unsupported_engine(model) is not None:
-                return
-            reshard(model)  # FSDP2: local shards, as the interval snapshot holds them
-            if self._anchor.pending:
-                self._anchor.resolve(model, self.step_count)
-            elif self._anchor.snapshot is None and self._wants_base():
-                self._anchor.take(model, self.step_count)
-                if self.step_count > 1:
-                    logger.warning(
-                        "the base of drift/* is taken at step %d (a resumed run?): drift is "
-                        "measured from here, not from the start of training; call "
-                        "set_base(<starting checkpoint>) before training to measure the whole "
-                        "fine-tune",
-                        self.step_count,
-                    )
+            if unsupported_engine(model) is None:
+                reshard(model)  # FSDP2: local shards, as the interval snapshot holds them
+                self._anchor.ensure(model, self._wants_base(), self.step_count)
         except Exception as err:  # the training loop must survive anything the analysis does
             self._report("base", err)
+            self._anchor.clear(keep_explicit=False)
+            self._anchor.failed = True  # not retried at every step; set_base or reset() retries
 
     def _wants_base(self) -> bool:
         return any(c.requires_base() for c in self.computers)
@@ -491,17 +481,8 @@ class ModelAnalysisManager:
     def _check_base(self, model: nn.Module, live: ParameterSnapshot) -> None:
         """Re-take a base whose parameters no longer match the model's (one warning)."""
         base = self._anchor.snapshot
-        if base is None or self._anchor.pending:
-            return
-        changed = _spec_changes(base.spec(), live.spec())
-        if changed:
-            logger.warning(
-                "model parameters changed since the base was taken (%s); drift/* is measured "
-                "from the weights at step %d from now on",
-                changed,
-                self.step_count,
-            )
-            self._anchor.take(model, self.step_count)
+        if base is not None and not self._anchor.pending:
+            self._anchor.follow(model, _spec_changes(base.spec(), live.spec()), self.step_count)
 
     def _agreed_base(self) -> ParameterSnapshot | None:
         """The base if every rank holds one (one tiny all-reduce when computers need it)."""

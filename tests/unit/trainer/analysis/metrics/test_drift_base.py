@@ -258,3 +258,32 @@ def test_hf_callback_takes_the_base_before_the_first_step(tmp_path):
     assert logged[0]["analysis/drift/norm_l2"] == pytest.approx(
         _norm(_weights(model), start), rel=1e-6)
     assert math.isfinite(logged[0]["analysis/drift/cos_interval"])
+
+
+def test_a_base_that_cannot_be_taken_is_reported_once_and_not_retried_every_step(
+    monkeypatch, caplog
+):
+    from grail.trainer.analysis import anchor
+
+    model = tiny_qwen2()
+    manager = _manager(sparse_quality_enabled=False)
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("out of host memory")
+
+    monkeypatch.setattr(anchor.BaseAnchor, "take", fail)
+    caplog.set_level(logging.WARNING)
+    outs = []
+    for step in range(1, 7):
+        _update(model, step)
+        outs.append(manager.on_optimizer_step(model))
+    assert len(calls) == 1 and manager.base_snapshot is None
+    assert sum("out of host memory" in r.getMessage() for r in caplog.records) == 1
+    assert outs[3] and "param_change/norm_l2" in outs[3]  # the other families go on
+    assert not any(k.startswith("drift/") for k in outs[3])
+    monkeypatch.undo()
+    manager.reset()  # tries again
+    manager.on_optimizer_step(model)
+    assert manager.base_snapshot is not None
