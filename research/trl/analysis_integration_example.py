@@ -15,7 +15,9 @@ moved by more than 1e-6, then the output quality of a sparse update that keeps o
 10% of the entries of that update: ``KL top10%`` (KL divergence from the full update's
 next-token distribution, averaged over tokens), ``KL rand10%`` (the same for a random 10%) and
 ``top1 top10%`` (fraction of tokens whose argmax agrees). Large updates dominate when ``KL
-top10%`` is far below ``KL rand10%``.
+top10%`` is far below ``KL rand10%``. ``KL to base`` is KL(P_base || P_now): how far the whole run
+so far has moved the outputs from the starting model (``drift/kl_base_now``); it keeps growing
+while each interval's update stays small when many small windows add up.
 
 ``--report-to wandb`` also logs to Weights & Biases (offline unless WANDB_MODE says otherwise).
 Metrics of the custom loop are written to ``<output-dir>/analysis.jsonl`` as well.
@@ -54,6 +56,7 @@ COLUMNS = [
     ("KL top10%", f"sparse/kl_at_{KEEP}"),
     ("KL rand10%", f"sparse/kl_at_{KEEP}_random"),
     ("top1 top10%", f"sparse/top1_agree_at_{KEEP}"),
+    ("KL to base", "drift/kl_base_now"),
 ]
 
 
@@ -103,8 +106,13 @@ def build_model(tokenizer: Any, seed: int) -> torch.nn.Module:
 
 def analysis_config(interval: int) -> AnalysisConfig:
     # No threshold masks: a kept fraction (largest 10% of entries) is the readable question.
+    # drift/*: the whole run so far against the starting weights (one extra forward; no masks).
     return AnalysisConfig(
-        interval=interval, sparse_quality_thresholds=[], sparse_quality_keep_ratios=[0.1]
+        interval=interval,
+        sparse_quality_thresholds=[],
+        sparse_quality_keep_ratios=[0.1],
+        drift_enabled=True,
+        drift_keep_ratios=[],
     )
 
 
@@ -194,6 +202,7 @@ def run_custom(steps: int, interval: int, report_to: str, out: str, seed: int) -
     model = build_model(tokenizer, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     analyzer = ModelAnalysisManager.create(analysis_config(interval))
+    analyzer.set_base(model)  # drift/* from the starting weights (default: after step 1)
     # A fixed probe batch makes the numbers comparable from one measurement to the next.
     probe = tokenizer([sort_example(rng) for _ in range(16)], return_tensors="pt", padding=True)
     sinks: list[Any] = [JsonlSink(os.path.join(out, "analysis.jsonl"))]

@@ -25,6 +25,11 @@ Decisions where the design is silent:
   none: the batch given bounds the positions anyway.
 * Gradient, Adam and low-rank metrics default to off: they need the optimizer, gradients that are
   still present, or SVDs. ``comprehensive()`` turns everything on.
+* ``drift_enabled`` defaults to off: the base snapshot doubles the analysis' steady-state memory
+  (two snapshots instead of one). ``drift_keep_ratios`` may be empty (no masked forwards); the
+  drift family reuses ``param_change_thresholds``, ``sparse_quality_include_random``,
+  ``sparse_quality_rescale_random``, ``sparse_quality_seed``, ``sparse_quality_max_tokens`` and
+  the low-rank options instead of duplicating them.
 * ``fused_kernels`` defaults to on: on CPU, parameter change, the gradient and Adam
   statistics and the weight swaps of sparse quality are several times cheaper compiled
   (:mod:`~grail.trainer.analysis.kernels`); for models of ~17M parameters and up a few seconds
@@ -221,6 +226,13 @@ class AnalysisConfig:
     low_rank_quality_enabled: bool = True  # forward passes at each rank when inputs are given
     low_rank_track_components: bool = False
 
+    # --- base-anchored drift (drift/*) -------------------------------------------------------
+    # Off by default: it holds a second lossless snapshot (the base), as large as the model.
+    drift_enabled: bool = False
+    # Kept fractions of the whole fine-tune's update (base -> now) whose output KL is reported;
+    # [] = no masked forwards (KL to the base only).
+    drift_keep_ratios: list[float] = field(default_factory=lambda: [0.01, 0.1])
+
     # --- execution ---------------------------------------------------------------------------
     # Parameter change, gradient and Adam statistics and sparse quality's weight swaps on CPU
     # in one compiled loop per tensor (torch.compile; a few seconds of compiling at the first
@@ -260,6 +272,7 @@ class AnalysisConfig:
         self.sparse_quality_keep_ratios = _check_ratios(
             "sparse_quality_keep_ratios", self.sparse_quality_keep_ratios
         )
+        self.drift_keep_ratios = _check_ratios("drift_keep_ratios", self.drift_keep_ratios)
         if self.sparse_quality_enabled and not (
             self.sparse_quality_thresholds or self.sparse_quality_keep_ratios
         ):
@@ -326,6 +339,7 @@ class AnalysisConfig:
             "histogram_samples": 10_000,
             "low_rank_enabled": True,
             "low_rank_track_components": True,
+            "drift_enabled": True,
         }
         return cls(**{**base, **overrides})
 

@@ -85,6 +85,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .anchor import BaseAnchor, BaseSource
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
 from .core.distributed import (
     ShardInfo,
@@ -149,6 +150,8 @@ class ModelAnalysisManager:
         self._reported: set[tuple[str, str]] = set()
         self._skip_logged: set[tuple[str, str]] = set()
         self._warned: set[tuple[str, ...]] = set()
+        self._anchor = BaseAnchor(self.config.snapshot_device, self.config.trainable_only)
+        self._snapshot_step: int | None = None  # step whose weights old_snapshot holds
 
     @classmethod
     def create(
@@ -210,7 +213,11 @@ class ModelAnalysisManager:
         Never raises because of the analysis: problems are logged and ``{}`` is returned.
         """
         try:
-            if not self._advance(step) or not self.is_measurement_step():
+            if not self._advance(step):
+                return {}
+            if self._anchor.needs_work(self._wants_base()):
+                self.ensure_base(model)
+            if not self.is_measurement_step():
                 return {}
             return self._measure(model, inputs, optimizer, metadata)
         except Exception as err:  # the training loop must survive anything the analysis does
@@ -337,6 +344,9 @@ class ModelAnalysisManager:
             self.old_snapshot = self._new_snapshot(model)
             return {}
         assert live is not None and self.old_snapshot is not None
+        self._check_base(model, live)
+        context.base = self._agreed_base()
+        context.snapshot_step = self._snapshot_step
         delta = self.old_snapshot.compute_delta(live)
         replicated = [n for n in live.data if not live.shards[n].sharded] if distributed else []
         results: list[dict[str, float] | None] = []
@@ -358,6 +368,7 @@ class ModelAnalysisManager:
             self._add(metrics, origin, REPLICAS_KEY, float(diverged), "manager")
         try:
             self.old_snapshot.capture_(model)
+            self._snapshot_step = self.step_count
         except BaseException:
             self.old_snapshot = None  # a half-refilled baseline would give wrong numbers later
             raise
@@ -534,6 +545,7 @@ class ModelAnalysisManager:
 
     def _new_snapshot(self, model: nn.Module) -> ParameterSnapshot:
         cfg = self.config
+        self._snapshot_step = self.step_count
         return ParameterSnapshot(
             model,
             device=cfg.snapshot_device,
@@ -546,6 +558,8 @@ class ModelAnalysisManager:
         """Forget the step count, the snapshot and every computer's carried state."""
         self.step_count = 0
         self.old_snapshot = None
+        self._snapshot_step = None
+        self._anchor.clear()  # a base given with set_base stays: it is where the run started
         self.last_metrics = {}
         self.last_histograms = {}
         for computer in self.computers:
@@ -558,8 +572,9 @@ class ModelAnalysisManager:
         has one (:meth:`MetricComputer.state_dict`), keyed ``"<position>:<name>"`` - always
         included, because it is small by contract (``mask_overlap`` keeps one bit per entry)
         and a resumed run needs it to match an uninterrupted one; ``"snapshot"`` (and
-        ``"snapshot_param_dtypes"``) only with ``include_snapshot=True``, because the snapshot
-        is as large as the model. Tensors are returned as they are (no copies): save them with
+        ``"snapshot_param_dtypes"``) and the base of ``drift/*`` (``"base"``,
+        ``"base_param_dtypes"``) only with ``include_snapshot=True``, because each is as large
+        as the model. Tensors are returned as they are (no copies): save them with
         ``torch.save`` before training goes on.
         """
         state: dict[str, Any] = {"step_count": self.step_count, "config": self.config.to_dict()}
@@ -573,6 +588,8 @@ class ModelAnalysisManager:
             state["snapshot_param_dtypes"] = {
                 n: str(d).removeprefix("torch.") for n, d in self.old_snapshot.param_dtypes.items()
             }
+        if include_snapshot:
+            state.update(self._anchor.state())  # "base", "base_param_dtypes"
         return state
 
     def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:
@@ -615,6 +632,9 @@ class ModelAnalysisManager:
             raise
         self.step_count = step
         self.old_snapshot = None
+        self._snapshot_step = None
+        if "base" in state:
+            self._anchor.load(state)
         self.last_metrics = {}
         self.last_histograms = {}
         if "snapshot" in state:
@@ -649,6 +669,66 @@ class ModelAnalysisManager:
                 "config, then the same add_metric calls) to resume it"
             )
         return dict(states)
+
+
+    # --- the base of drift/* -----------------------------------------------------------------
+    @property
+    def base_snapshot(self) -> ParameterSnapshot | None:
+        """The base that ``drift/*`` measures from (see :meth:`set_base`); ``None`` until set or
+        taken. Lossless, on ``snapshot_device``, sharded like :attr:`old_snapshot`."""
+        return self._anchor.snapshot
+
+    def set_base(self, source: BaseSource, model: nn.Module | None = None) -> None:
+        """Measure ``drift/*`` from ``source``: a model, a state dict, or a checkpoint path
+        (safetensors or ``.pt`` file, or a Hugging Face model directory).
+
+        Without this call the base is the weights at the first :meth:`on_optimizer_step` call,
+        i.e. after the first optimizer step (the HF callback takes it at train begin instead,
+        before any step). ``model`` is the model being trained: the base is checked against its
+        parameters (names, shapes) and sharded like it now; without it the check happens
+        against the interval snapshot if there is one, else at the next
+        :meth:`on_optimizer_step` (a mismatch found then is a warning, and the base is taken
+        from the live weights). See :mod:`~grail.trainer.analysis.anchor`.
+
+        Raises:
+            ValueError: names or shapes do not match the model.
+            TypeError: ``source`` is none of the accepted kinds.
+        """
+        layout = None if model is not None else self.old_snapshot
+        self._anchor.set(source, model=model, layout=layout)
+        if not self._wants_base():
+            logger.info("set_base: no computer reads the base (drift_enabled=False?)")
+
+    def ensure_base(self, model: nn.Module) -> None:
+        """Hold a base now: check a pending one against ``model``, or, when a computer needs a
+        base and none is set, take it from ``model``'s weights. Never raises (problems are
+        logged); the HF callback calls this at train begin."""
+        try:
+            if unsupported_engine(model) is None:
+                reshard(model)  # FSDP2: local shards, as the interval snapshot holds them
+                self._anchor.ensure(model, self._wants_base(), self.step_count)
+        except Exception as err:  # the training loop must survive anything the analysis does
+            self._report("base", err)
+            self._anchor.clear(keep_explicit=False)
+            self._anchor.failed = True  # not retried at every step; set_base or reset() retries
+
+    def _wants_base(self) -> bool:
+        return any(c.requires_base() for c in self.computers)
+
+    def _check_base(self, model: nn.Module, live: ParameterSnapshot) -> None:
+        """Re-take a base whose parameters no longer match the model's (one warning)."""
+        base = self._anchor.snapshot
+        if base is not None and not self._anchor.pending:
+            self._anchor.follow(model, _spec_changes(base.spec(), live.spec()), self.step_count)
+
+    def _agreed_base(self) -> ParameterSnapshot | None:
+        """The base if every rank holds one (one tiny all-reduce when computers need it)."""
+        base = None if self._anchor.pending else self._anchor.snapshot
+        if is_distributed() and self._wants_base():
+            _, low = agree([0 if base is None else 1])
+            if not low[0]:
+                return None
+        return base
 
 
 def _computer_key(position: int, computer: MetricComputer) -> str:

@@ -48,6 +48,12 @@ Decisions where the design is silent:
   carried state such as ``mask_overlap``'s previous changed set; not the snapshot) to
   ``grail_analysis_state_rank<r>.pt`` in the checkpoint folder, one file per rank
   (:mod:`.checkpoint`).
+* The base of ``drift/*`` is taken in ``on_train_begin``, before any step (the manager alone
+  would take it after the first optimizer step), unless ``analyzer.set_base(...)`` set one; a
+  base set without ``model=`` is checked against the model there. It is not saved with the
+  checkpoints (it is as large as the model): a resumed run measures drift from the resumed
+  weights, with a warning, unless ``set_base`` is called before ``train()`` (a base given that
+  way survives the resume).
 * Resume: when training starts at a ``global_step`` the manager has not reached, the manager is
   reset to that step and its saved state is looked up in the checkpoint being resumed (the
   trainer's ``resume_from_checkpoint``, else ``args.resume_from_checkpoint``, else
@@ -187,6 +193,8 @@ class ModelAnalysisCallback(TrainerCallback):
         if isinstance(output_dir, str):
             folders.append(os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
         self._sync_step(model, state.global_step, state_files(folders))
+        # drift/*: the base is the weights before the first step (unless set_base gave one)
+        self.analyzer.ensure_base(model)
 
     def on_optimizer_step(
         self,

@@ -40,8 +40,12 @@ class AnalysisContext:
 
     ``inputs`` is whatever the caller passed (dict, ``BatchEncoding``, tensor, tuple or None);
     ``attention_mask`` is extracted from it when present; ``metadata`` holds the extra keyword
-    arguments of ``on_optimizer_step``. A context lives for one measurement; :meth:`shared` lets
-    computers reuse each other's work within it.
+    arguments of ``on_optimizer_step``. ``base`` is the base snapshot (the run's starting
+    weights, see :meth:`~grail.trainer.analysis.ModelAnalysisManager.set_base`) when one is held
+    on every rank, for computers that declare :meth:`MetricComputer.requires_base`;
+    ``snapshot_step`` is the step at which the interval snapshot (``old_snapshot``) was captured
+    (``None`` when unknown, e.g. restored from a state dict). A context lives for one measurement;
+    :meth:`shared` lets computers reuse each other's work within it.
     """
 
     model: nn.Module | None = None
@@ -50,6 +54,8 @@ class AnalysisContext:
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    base: ParameterSnapshot | None = None
+    snapshot_step: int | None = None
     _shared: dict[Hashable, Any] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -132,6 +138,11 @@ class MetricComputer(ABC):
 
     def requires_optimizer(self) -> bool:
         """True if the computer reads the optimizer (or gradients) at the measurement step."""
+        return False
+
+    def requires_base(self) -> bool:
+        """True if the computer reads :attr:`AnalysisContext.base`: the manager then holds a base
+        snapshot (taken at the first ``on_optimizer_step`` unless ``set_base`` gave one)."""
         return False
 
     def reset(self) -> None:  # noqa: B027 - an optional hook, not an abstract method

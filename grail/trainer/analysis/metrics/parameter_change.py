@@ -67,9 +67,16 @@ from ..core.snapshot import DeltaChunk, ParameterDelta
 from ..core.stats import StreamingStats, Summary, chunk_numel, count_zeros
 from .base import MetricComputer
 
-__all__ = ["ParameterChangeMetrics"]
+__all__ = ["ParameterChangeMetrics", "update_norm_key"]
 
 _EXTRAS = ("old_sum_sq", "exact_unchanged", "bf16_unchanged", "sign_flips")
+
+
+def update_norm_key(delta: ParameterDelta) -> tuple[str, ParameterDelta]:
+    """Key under which :class:`ParameterChangeMetrics` shares the squared L2 norm of ``delta``
+    (summed over ranks) in the measurement's context, when every entry is finite:
+    ``drift/cos_interval`` reads it instead of passing over the update again."""
+    return ("param_change/sum_sq", delta)
 
 
 class ParameterChangeMetrics(MetricComputer):
@@ -139,7 +146,11 @@ class ParameterChangeMetrics(MetricComputer):
         for chunk in delta.stream(eager):
             self._update(stats, chunk, rows[chunk.name], delta)
         stats.all_reduce()
-        return self._finalize(stats.results(), groups)
+        results = stats.results()
+        context = kwargs.get("context")
+        if context is not None and results[0].nonfinite == 0:
+            context.share(update_norm_key(delta), results[0].sum_sq)
+        return self._finalize(results, groups)
 
     @staticmethod
     def _take(

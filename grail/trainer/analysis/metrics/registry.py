@@ -60,4 +60,8 @@ def build_computers(
         from .low_rank import LowRankMetrics
 
         out.append(LowRankMetrics.from_config(config, output_fn=output_fn))
+    if config.drift_enabled:  # last: its output metrics reuse the others' reference logits
+        from .drift import DriftMetrics
+
+        out.append(DriftMetrics.from_config(config, output_fn=output_fn))
     return out

@@ -18,6 +18,12 @@ Decisions:
 * Sparse quality uses the ``--thresholds`` above 0 (threshold 0 keeps the whole update: the tuned
   model itself) and ``--keep-ratios``; parameter change uses every threshold.
 * Sign flips are always tracked offline; per-layer and per-component keys follow ``--per-layer``.
+* With prompts, ``drift/*`` runs on the loaded model with BASE as its base: the KL between the
+  base and the tuned model in both directions (``drift/kl_base_now``, ``drift/kl_now_base``),
+  top-1 agreement and the drift statistics, the numbers an online run reports at the step TUNED
+  was saved (``drift/cos_interval`` is NaN: there is no interval). ``drift_keep_ratios`` is
+  empty: ``sparse/*_at_keep_*`` already answers that question for the pair, and its low-rank part
+  is off (``lowrank/*`` is the same pair's).
 * Non-finite values are written to ``metrics.json`` as ``null`` (strict JSON).
 
 Example:
@@ -50,6 +56,7 @@ import torch
 
 from ..config import AnalysisConfig
 from ..core.naming import ParameterNaming
+from ..metrics.drift import DriftMetrics
 from ..metrics.registry import build_computers
 from .checkpoint import Checkpoint, CheckpointError
 from .pair import CheckpointPair, open_pair
@@ -111,6 +118,10 @@ def build_config(opts: DiffOptions, low_rank: bool | None = None) -> AnalysisCon
         low_rank_ranks=list(opts.ranks),
         low_rank_quality_enabled=with_prompts,
         low_rank_track_components=opts.per_layer,
+        # With prompts: drift/* with BASE as the base, for KL(P_base || P_tuned) and back; its
+        # masked updates would repeat sparse/*_at_keep_* (top-k instead of a threshold).
+        drift_enabled=with_prompts,
+        drift_keep_ratios=[],
         # A one-off diff does not amortise seconds of compiling, and the compiler alone holds
         # hundreds of MB of host memory, against a budget of a few tensors.
         fused_kernels=False,
@@ -197,12 +208,16 @@ def run_diff(opts: DiffOptions) -> dict[str, Any]:
     stream_config = dataclasses.replace(
         config,
         sparse_quality_enabled=False,
+        drift_enabled=False,
         low_rank_enabled=config.low_rank_enabled and not with_model,
     )
     stream_phase = build_computers(stream_config)
     model_phase = []
     if with_model:
         model_phase = build_computers(dataclasses.replace(config, param_change_enabled=False))
+        for computer in model_phase:
+            if isinstance(computer, DriftMetrics):
+                computer.low_rank = None  # drift/lowrank/* would repeat lowrank/* for the pair
     files = [*pair.base.files, *pair.tuned.files]
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashing: Future[list[str]] | None = None

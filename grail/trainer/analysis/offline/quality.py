@@ -248,7 +248,7 @@ def run_model_metrics(
     live = ParameterSnapshot.live(model)
     delta = old.compute_delta(live)
     context = AnalysisContext(
-        model=model, inputs=batch, attention_mask=batch["attention_mask"], step=0
+        model=model, inputs=batch, attention_mask=batch["attention_mask"], step=0, base=old
     )
     out: dict[str, float] = {}
     for computer in computers:

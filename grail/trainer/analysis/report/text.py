@@ -191,6 +191,25 @@ def metric_rows(m: Metrics, dtype: str | None) -> list[Row]:
         rows.append((f"LoRA rank {r}", f"KL {number(kl)} (sparse {number(sparse)})",
                      quality_sentence(kl, sparse, m.get(parts.with_(name="top1_agree").key),
                                       "a magnitude mask of the same parameter budget")))
+    return rows + drift_rows(m)
+
+
+def drift_rows(m: Metrics) -> list[Row]:
+    """Rows for ``drift/*``: how far the weights and the outputs are from the base."""
+    rows: list[Row] = []
+    rel, kl, back = m.get("drift/relative_norm"), m.get("drift/kl_now_base"), m.get(
+        "drift/kl_base_now")
+    if rel is not None:
+        rows.append(("Distance from the base", f"{pct(rel)} relative L2",
+                     f"||W_now - W_base||_2 = {number(m.get('drift/norm_l2'))}; "
+                     f"{pct(m.get('drift/exact_unchanged_ratio'))} of entries are still exactly "
+                     "the base's."))
+    if kl is not None and back is not None:
+        rows.append(("KL to the base", f"{number(back)} (base || now), {number(kl)} (now || base)",
+                     f"Output divergence of the whole fine-tune on the probe batch, nats/token; "
+                     f"top-1 agreement with the base {pct(m.get('drift/top1_agree'))}. The KL "
+                     "between the fine-tuned and the base model on the task's data predicts "
+                     "forgetting better than weight norms do."))
     return rows
 
 
@@ -236,6 +255,12 @@ def run_summary(records: Sequence[Mapping[str, Any]]) -> list[Row]:
         rows.append(("Update size trend", f"{pct(a)} -> {pct(b)}",
                      f"Relative update per interval at step {first['step']} and at step "
                      f"{last['step']} ({'shrinking' if b < a else 'growing'})."))
+    a, b = first["metrics"].get("drift/kl_base_now"), last["metrics"].get("drift/kl_base_now")
+    if a is not None and b is not None and len(records) > 1:
+        rows.append(("KL to the base trend", f"{number(a)} -> {number(b)}",
+                     "KL(P_base || P_now) at the first and the last measurement: growing while "
+                     "the per-interval sparse/* KLs stay small means many small windows adding "
+                     "up."))
     rows += [(f"{q} (last)", v, s) for q, v, s in metric_rows(last["metrics"], None)]
     return rows
 

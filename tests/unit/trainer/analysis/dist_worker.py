@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 
 
-def config_dict(low_rank: bool) -> dict:
+def config_dict(low_rank: bool, drift: bool = False) -> dict:
     return {
+        "drift_enabled": drift,  # with --drift: the base is the full weights before training
+        "drift_keep_ratios": [0.1, 0.5],
         "interval": 2,
         "param_change_per_layer": True,
         "param_change_track_components": True,
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--low-rank", action="store_true")
     parser.add_argument("--budget-ties", action="store_true")
+    parser.add_argument("--drift", action="store_true")
     parser.add_argument(
         "--own-batches",
         action="store_true",
@@ -142,6 +145,7 @@ def main() -> None:
             dist.destroy_process_group()
         return
     model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}  # full tensors
     train_model = model
     if args.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -154,7 +158,11 @@ def main() -> None:
 
         train_model = DistributedDataParallel(model)
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-2, foreach=False)
-    manager = ModelAnalysisManager.create(AnalysisConfig.from_dict(config_dict(args.low_rank)))
+    manager = ModelAnalysisManager.create(
+        AnalysisConfig.from_dict(config_dict(args.low_rank, args.drift))
+    )
+    if args.drift:  # checked and sliced to this rank's shards at the first step
+        manager.set_base(start)
     records = {}
     snapshot_bytes = 0
     for step in range(1, args.steps + 1):
@@ -181,6 +189,8 @@ def main() -> None:
         if manager.old_snapshot is not None:
             snapshot_bytes = manager.old_snapshot.nbytes()
     result = {"metrics": records, "snapshot_bytes": snapshot_bytes}
+    if manager.base_snapshot is not None:
+        result["base_bytes"] = manager.base_snapshot.nbytes()
     if args.low_rank:  # inputs on rank 0 only: every rank must skip the forwards, none may hang
         from grail.trainer.analysis.core.snapshot import ParameterSnapshot
         from grail.trainer.analysis.metrics.base import AnalysisContext
