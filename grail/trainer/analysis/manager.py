@@ -338,13 +338,14 @@ class ModelAnalysisManager:
                 engine or "a sharding engine on another rank",
             )
             return {}
+        if live is not None:
+            self._check_base(model, live)  # a base of another architecture is re-taken too
         if high[2] or high[3] != low[3]:
             self._explain_rebaseline(changed, high[3] != low[3])
             self.old_snapshot = None  # free the old buffers before allocating new ones
             self.old_snapshot = self._new_snapshot(model)
             return {}
         assert live is not None and self.old_snapshot is not None
-        self._check_base(model, live)
         context.base = self._agreed_base()
         context.snapshot_step = self._snapshot_step
         delta = self.old_snapshot.compute_delta(live)
