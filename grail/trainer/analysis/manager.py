@@ -97,8 +97,9 @@ from .core.distributed import (
     stable_hash,
     unsupported_engine,
 )
+from .core.logonce import LogOnce
 from .core.snapshot import ParameterSnapshot
-from .metrics.base import AnalysisContext, MetricComputer
+from .metrics.base import AnalysisContext, MetricComputer, MetricResult
 
 __all__ = ["ModelAnalysisManager", "measurement_steps"]
 
@@ -146,9 +147,8 @@ class ModelAnalysisManager:
         self.old_snapshot: ParameterSnapshot | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_histograms: dict[str, Any] = {}
-        self._reported: set[tuple[str, str]] = set()
-        self._skip_logged: set[tuple[str, str]] = set()
-        self._warned: set[tuple[str, ...]] = set()
+        # one of each message, repeats at debug level (fail-safety must not flood the log)
+        self._once = LogOnce(logger, repeat_level=logging.DEBUG)
 
     @classmethod
     def create(
@@ -320,8 +320,8 @@ class ModelAnalysisManager:
         high, low = agree([broken, engine is not None, rebase, spec_hash, *flags])
         if high[0]:
             if not broken:
-                self._log_once("manager", "peer-broken", "the analysis failed on another rank; "
-                               "every rank skips this measurement")
+                self._once.info(("skip", "manager", "peer-broken"), "manager: the analysis failed "
+                                "on another rank; every rank skips this measurement")
             return {}
         if high[1]:
             self._warn_once(
@@ -346,12 +346,12 @@ class ModelAnalysisManager:
             if anywhere:
                 reason = local or "another rank has no inputs, model or optimizer for it"
                 where = " on every rank" if distributed else ""
-                self._log_once(computer.name, reason, f"{reason}; skipping{where}")
+                self._once.info(("skip", computer.name, reason), "%s: %s; skipping%s",
+                                computer.name, reason, where)
             else:
                 result = self._run(computer, delta, live, context, model)
-            results.append(result)
-            hist = getattr(computer, "last_histograms", None) if result is not None else None
-            histograms.append(dict(hist) if hist else {})
+            results.append(None if result is None else result.metrics)
+            histograms.append({} if result is None else dict(result.histograms))
         diverged = self._agree_results(results, [bool(f) for f in high[4:]], live, replicated)
         metrics, origin = self._merge(results, histograms)
         if diverged is not None:
@@ -467,20 +467,23 @@ class ModelAnalysisManager:
         live: ParameterSnapshot,
         context: AnalysisContext,
         model: nn.Module,
-    ) -> dict[str, float] | None:
-        """One computer's keys, or None when it raised (logged)."""
+    ) -> MetricResult | None:
+        """One computer's keys (as floats) and histograms, or None when it raised (logged)."""
         modes = [(m, m.training) for m in model.modules()]
-        result: dict[str, float] | None = None
+        result: MetricResult | None = None
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                raw = computer.compute(
-                    delta=delta,
-                    old_snapshot=self.old_snapshot,
-                    current_snapshot=live,
-                    context=context,
+                raw = MetricResult.of(
+                    computer.compute(
+                        delta=delta,
+                        old_snapshot=self.old_snapshot,
+                        current_snapshot=live,
+                        context=context,
+                    )
                 )
-            result = {str(k): float(v) for k, v in (raw or {}).items()}
+            metrics = {str(k): float(v) for k, v in raw.metrics.items()}
+            result = MetricResult(metrics, dict(raw.histograms))
         except Exception as err:
             self._report(computer.name, err)
         finally:
@@ -507,30 +510,21 @@ class ModelAnalysisManager:
                         "so does this one")
 
     def _report(self, name: str, err: BaseException) -> None:
-        key = (name, type(err).__name__)
-        if key not in self._reported:
-            self._reported.add(key)
-            logger.warning(
-                "analysis computer %r failed with %s: %s (skipped; further %s errors from it "
-                "are not logged)",
-                name,
-                type(err).__name__,
-                err,
-                type(err).__name__,
-            )
+        """A computer (or the manager itself) raised: one warning per name and error type."""
+        kind = type(err).__name__
+        self._once.warning(
+            ("failed", name, kind),
+            "analysis computer %r failed with %s: %s (skipped; further %s errors from it are "
+            "not logged)",
+            name,
+            kind,
+            err,
+            kind,
+        )
         logger.debug("traceback of %r", name, exc_info=err)
 
-    def _log_once(self, name: str, reason: str, message: str) -> None:
-        if (name, reason) not in self._skip_logged:
-            self._skip_logged.add((name, reason))
-            logger.info("%s: %s", name, message)
-
     def _warn_once(self, key: tuple[str, ...], message: str, *args: Any) -> None:
-        if key in self._warned:
-            logger.debug(message, *args)
-            return
-        self._warned.add(key)
-        logger.warning(message, *args)
+        self._once.warning(("warn", *key), message, *args)
 
     def _new_snapshot(self, model: nn.Module) -> ParameterSnapshot:
         cfg = self.config

@@ -1,12 +1,13 @@
 """Built-in metric computers and the base class for your own."""
 
-from .base import AnalysisContext, MetricComputer
+from .base import AnalysisContext, MetricComputer, MetricResult
 from .parameter_change import ParameterChangeMetrics
 from .sparse_quality import SparseQualityMetrics
 
 __all__ = [
     "AnalysisContext",
     "MetricComputer",
+    "MetricResult",
     "ParameterChangeMetrics",
     "SparseQualityMetrics",
 ]
