@@ -13,24 +13,10 @@ nothing propagates into the training loop. When parameters are added, removed or
 between measurements, one warning names them and the snapshot is re-baselined.
 
 Agreement across ranks. In a process group no rank may take a branch that issues a collective
-alone, so every such decision is put to a vote (:func:`~.distributed.agree`, one small integer
-all-reduce each):
-
-* every call: the step (ranks that pass different ``step=`` values follow rank 0, with one
-  warning) and a hash of the config and the computers (ranks that differ measure nothing, with
-  one warning); on calls that are not measurement steps this is the only work done;
-* before a measurement: whether the analysis failed locally, whether the parameters are
-  readable, whether any rank must re-baseline (no snapshot yet, parameters changed, or the ranks
-  hold different parameter names, global shapes or dtypes: then every rank re-baselines) and,
-  per computer, whether it can run (inputs, model, optimizer) - a computer runs on every rank or
-  on none;
-* after the computers: per computer, whether it failed anywhere (then its keys are dropped on
-  every rank) and a hash of its key set; on a mismatch the key sets are exchanged and only the
-  keys every rank has are kept, with one warning. The same vote carries one bit checksum per
-  replicated parameter (see :func:`~.distributed.bit_checksums`), from which
-  ``param_change/replicas_diverged`` is reported.
-
-In one process every vote is the local value and nothing extra is computed.
+alone, so every such decision is put to a vote, one small integer all-reduce each: the step and
+the layout on every call, whether and what to measure before the computers, and which results to
+keep after them (:mod:`.manager_votes` describes each vote). In one process every vote is the
+local value and nothing extra is computed.
 
 Decisions where the design is silent:
 
@@ -86,19 +72,10 @@ import torch
 from torch import nn
 
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
-from .core.distributed import (
-    ShardInfo,
-    agree,
-    all_gather_objects,
-    bit_checksums,
-    from_rank0,
-    is_distributed,
-    reshard,
-    stable_hash,
-    unsupported_engine,
-)
+from .core.distributed import ShardInfo, agree, is_distributed, reshard, unsupported_engine
 from .core.logonce import LogOnce
 from .core.snapshot import ParameterSnapshot
+from .manager_votes import layout_hash, spec_hash, vote_results, vote_step
 from .metrics.base import AnalysisContext, MetricComputer, MetricResult
 
 __all__ = ["ModelAnalysisManager", "measurement_steps"]
@@ -235,26 +212,8 @@ class ModelAnalysisManager:
                 wanted = given
         same_layout = True
         if is_distributed():
-            layout = self._layout_hash()
-            high, low = agree([wanted, from_rank0(wanted), layout])
-            if high[0] != low[0]:
-                self._warn_once(
-                    ("step-disagree",),
-                    "ranks passed different steps to on_optimizer_step (from %d to %d; this rank "
-                    "%d); every rank follows rank 0's step %d",
-                    low[0],
-                    high[0],
-                    wanted,
-                    high[1],
-                )
-            wanted = high[1]
-            if high[2] != low[2]:
-                same_layout = False
-                self._warn_once(
-                    ("layout",),
-                    "ranks run the analysis with different configs or computers; nothing is "
-                    "measured until every rank passes the same AnalysisConfig and add_metric calls",
-                )
+            layout = layout_hash(self.config, self.computers)
+            wanted, same_layout = vote_step(wanted, layout, self._once)
         previous, self.step_count = self.step_count, wanted
         if wanted < previous:
             self._warn_once(
@@ -269,13 +228,6 @@ class ModelAnalysisManager:
                 computer.reset()
         return same_layout
 
-    def _layout_hash(self) -> int:
-        """What every rank must share for the measurements' collectives to line up: the config
-        (but the snapshot device, which may be each rank's own GPU) and the computers."""
-        config = {k: v for k, v in self.config.to_dict().items() if k != "snapshot_device"}
-        kinds = [(type(c).__module__, type(c).__qualname__, c.name) for c in self.computers]
-        return stable_hash([config, kinds])
-
     def _measure(
         self,
         model: nn.Module,
@@ -289,7 +241,7 @@ class ModelAnalysisManager:
         broken = False
         engine: str | None = None
         live: ParameterSnapshot | None = None
-        changed, spec_hash = "", 0
+        changed, spec_key = "", 0
         context = AnalysisContext()
         waiting: list[str | None] = [None] * len(self.computers)  # why a computer cannot run
         try:
@@ -300,7 +252,7 @@ class ModelAnalysisManager:
                 if self.old_snapshot is not None:
                     changed = _spec_changes(self.old_snapshot.spec(), live.spec())
                 if distributed:
-                    spec_hash = stable_hash(_global_spec(live))
+                    spec_key = spec_hash(live)
             context = AnalysisContext(
                 model=model,
                 inputs=inputs,
@@ -317,7 +269,7 @@ class ModelAnalysisManager:
             broken = True
         rebase = self.old_snapshot is None or bool(changed)
         flags = [w is not None for w in waiting]
-        high, low = agree([broken, engine is not None, rebase, spec_hash, *flags])
+        high, low = agree([broken, engine is not None, rebase, spec_key, *flags])
         if high[0]:
             if not broken:
                 self._once.info(("skip", "manager", "peer-broken"), "manager: the analysis failed "
@@ -352,7 +304,9 @@ class ModelAnalysisManager:
                 result = self._run(computer, delta, live, context, model)
             results.append(None if result is None else result.metrics)
             histograms.append({} if result is None else dict(result.histograms))
-        diverged = self._agree_results(results, [bool(f) for f in high[4:]], live, replicated)
+        names = [c.name for c in self.computers]
+        skipped = [bool(f) for f in high[4:]]
+        diverged = vote_results(results, skipped, names, live, replicated, self._once)
         metrics, origin = self._merge(results, histograms)
         if diverged is not None:
             self._add(metrics, origin, REPLICAS_KEY, float(diverged), "manager")
@@ -377,47 +331,6 @@ class ModelAnalysisManager:
             self._report(computer.name, err)
             return "it failed to say what it requires"
         return None
-
-    def _agree_results(
-        self,
-        results: list[dict[str, float] | None],
-        skipped: list[bool],
-        live: ParameterSnapshot,
-        replicated: list[str],
-    ) -> int | None:
-        """Drop, on every rank, the results of computers that failed on any rank and the keys
-        that not every rank returned; the number of replicated tensors whose bits differ between
-        ranks (None when there are none to compare)."""
-        if not is_distributed():
-            return None
-        n = len(results)
-        failed = [r is None and not s for r, s in zip(results, skipped, strict=True)]
-        keys = [stable_hash(sorted(r)) if r is not None else 0 for r in results]
-        sums = bit_checksums([live.data[name] for name in replicated])
-        high, low = agree([*failed, *keys, *sums])
-        for i in range(n):
-            if high[i]:
-                results[i] = None
-        mismatched = [i for i in range(n) if results[i] is not None and high[n + i] != low[n + i]]
-        if mismatched:
-            local = {i: sorted(results[i] or {}) for i in mismatched}
-            every = all_gather_objects(local)
-            for i in mismatched:
-                common = set.intersection(*(set(keysets[i]) for keysets in every))
-                dropped = sorted(set().union(*(keysets[i] for keysets in every)) - common)
-                name = self.computers[i].name
-                self._warn_once(
-                    ("keys", name),
-                    "computer %r returns different keys on different ranks; %d keys that not "
-                    "every rank has are dropped (e.g. %s)",
-                    name,
-                    len(dropped),
-                    ", ".join(dropped[:3]),
-                )
-                results[i] = {k: v for k, v in (results[i] or {}).items() if k in common}
-        if not replicated:
-            return None
-        return sum(h != lo for h, lo in zip(high[2 * n :], low[2 * n :], strict=True))
 
     def _merge(
         self, results: list[dict[str, float] | None], histograms: list[dict[str, Any]]
@@ -658,15 +571,6 @@ def _spec_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             parts.append(f"{label}: {', '.join(names[:5])}{more}")
     return "; ".join(parts)
-
-
-def _global_spec(snapshot: ParameterSnapshot) -> list[tuple[str, list[int], str, bool]]:
-    """What every rank's parameters must share: names, global shapes, dtypes and whether each
-    is sharded (local shapes and offsets differ between ranks by design)."""
-    return [
-        (name, list(info.global_shape), str(snapshot.param_dtypes[name]), info.sharded)
-        for name, info in snapshot.shards.items()
-    ]
 
 
 def _integer_step(step: Any) -> int | None:

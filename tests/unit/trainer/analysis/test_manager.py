@@ -387,11 +387,14 @@ def test_one_process_does_no_agreement_work(monkeypatch):
     """Without a process group the votes are the local values: no hashes, checksums or
     exchanges are computed, and no replica key is reported."""
     import grail.trainer.analysis.manager as manager_module
+    import grail.trainer.analysis.manager_votes as votes
 
     def forbidden(*args, **kwargs):
         raise AssertionError("agreement work in a single process")
 
     for name in ("stable_hash", "bit_checksums", "all_gather_objects", "from_rank0"):
+        monkeypatch.setattr(votes, name, forbidden)
+    for name in ("layout_hash", "spec_hash", "vote_step"):
         monkeypatch.setattr(manager_module, name, forbidden)
     model = tiny_qwen2()
     manager = ModelAnalysisManager.create(AnalysisConfig(interval=1)).add_metric(Count())
