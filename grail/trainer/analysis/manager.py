@@ -30,6 +30,9 @@ Decisions where the design is silent:
 * Computers run under ``torch.no_grad()``; the manager restores ``model.training`` of every
   module after each computer, whatever the computer did.
 * Two computers returning the same key: the first value stands, and one warning names both.
+* Histograms come only from what ``compute`` returns (a ``MetricResult``); attributes of a
+  computer are never read. Every message is said once (:class:`~.core.logonce.LogOnce`), its
+  repeats at debug level.
 * ``param_change/replicas_diverged`` is the number of replicated parameter tensors (plain tensors
   in a process group, as under DDP) whose bits are not the same on every rank. It is reported at
   every measurement under a process group with at least one replicated parameter, and never
@@ -106,6 +109,13 @@ class ModelAnalysisManager:
 
     Args:
         config: all options; ``None`` means ``AnalysisConfig()``.
+
+    Attributes:
+        last_metrics: the metrics of the last measurement.
+        last_histograms: the histograms of the last measurement, ``name -> sampled values``:
+            those of the computers that returned a
+            :class:`~grail.trainer.analysis.metrics.base.MetricResult` (and whose keys were
+            kept); for sinks, ``sink.log(metrics, step, histograms=manager.last_histograms)``.
 
     Raises:
         ValueError: ``config.snapshot_device`` does not exist on this machine.
