@@ -27,6 +27,7 @@ from _common import best_of, paired, peak_rss, qwen2, table
 from grail.trainer.analysis.metrics.adam_sign import AdamSignDescentMetrics
 from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
+from grail.trainer.analysis.metrics.optimizer_pass import OptimizerPass
 
 
 def setup(device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -59,12 +60,15 @@ def main() -> None:
             t.sum()
 
     def computers(fused: bool, full: bool = False, link: bool = True) -> tuple:
-        """The two computers as the manager builds them (linked: one pass when fused)."""
+        """The two computers as the manager builds them (sharing one pass when fused)."""
         extra = {"track_components": True, "histogram_samples": 10_000} if full else {}
-        gradient = GradientSparsityMetrics(per_layer=full, fused=fused, **extra)
-        adam = AdamSignDescentMetrics(fused=fused, **extra)
-        if fused and link:
-            gradient.share_pass_with(adam)
+        shared = None
+        if fused and link:  # what OptimizerPass.from_config gives both when both are on
+            shared = OptimizerPass.build([0.0, 1e-8, 1e-6], tolerance=0.1, trainable_only=False)
+        gradient = GradientSparsityMetrics(
+            per_layer=full, fused=fused, optimizer_pass=shared, **extra
+        )
+        adam = AdamSignDescentMetrics(fused=fused, optimizer_pass=shared, **extra)
         return gradient, adam
 
     def run(computers: tuple, which: str = "both") -> None:

@@ -15,6 +15,7 @@ from .manager import ModelAnalysisManager, measurement_steps
 from .metrics import (
     AnalysisContext,
     MetricComputer,
+    MetricResult,
     ParameterChangeMetrics,
     SparseQualityMetrics,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "AnalysisConfig",
     "AnalysisContext",
     "MetricComputer",
+    "MetricResult",
     "ModelAnalysisManager",
     "ParameterChangeMetrics",
     "ParameterDelta",

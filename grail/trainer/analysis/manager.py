@@ -13,24 +13,10 @@ nothing propagates into the training loop. When parameters are added, removed or
 between measurements, one warning names them and the snapshot is re-baselined.
 
 Agreement across ranks. In a process group no rank may take a branch that issues a collective
-alone, so every such decision is put to a vote (:func:`~.distributed.agree`, one small integer
-all-reduce each):
-
-* every call: the step (ranks that pass different ``step=`` values follow rank 0, with one
-  warning) and a hash of the config and the computers (ranks that differ measure nothing, with
-  one warning); on calls that are not measurement steps this is the only work done;
-* before a measurement: whether the analysis failed locally, whether the parameters are
-  readable, whether any rank must re-baseline (no snapshot yet, parameters changed, or the ranks
-  hold different parameter names, global shapes or dtypes: then every rank re-baselines) and,
-  per computer, whether it can run (inputs, model, optimizer) - a computer runs on every rank or
-  on none;
-* after the computers: per computer, whether it failed anywhere (then its keys are dropped on
-  every rank) and a hash of its key set; on a mismatch the key sets are exchanged and only the
-  keys every rank has are kept, with one warning. The same vote carries one bit checksum per
-  replicated parameter (see :func:`~.distributed.bit_checksums`), from which
-  ``param_change/replicas_diverged`` is reported.
-
-In one process every vote is the local value and nothing extra is computed.
+alone, so every such decision is put to a vote, one small integer all-reduce each: the step and
+the layout on every call, whether and what to measure before the computers, and which results to
+keep after them (:mod:`.manager_votes` describes each vote). In one process every vote is the
+local value and nothing extra is computed.
 
 Decisions where the design is silent:
 
@@ -44,6 +30,9 @@ Decisions where the design is silent:
 * Computers run under ``torch.no_grad()``; the manager restores ``model.training`` of every
   module after each computer, whatever the computer did.
 * Two computers returning the same key: the first value stands, and one warning names both.
+* Histograms come only from what ``compute`` returns (a ``MetricResult``); attributes of a
+  computer are never read. Every message is said once (:class:`~.core.logonce.LogOnce`), its
+  repeats at debug level.
 * ``param_change/replicas_diverged`` is the number of replicated parameter tensors (plain tensors
   in a process group, as under DDP) whose bits are not the same on every rank. It is reported at
   every measurement under a process group with at least one replicated parameter, and never
@@ -87,19 +76,11 @@ from torch import nn
 
 from .anchor import BaseAnchor, BaseSource
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
-from .core.distributed import (
-    ShardInfo,
-    agree,
-    all_gather_objects,
-    bit_checksums,
-    from_rank0,
-    is_distributed,
-    reshard,
-    stable_hash,
-    unsupported_engine,
-)
+from .core.distributed import ShardInfo, agree, is_distributed, reshard, unsupported_engine
+from .core.logonce import LogOnce
 from .core.snapshot import ParameterSnapshot
-from .metrics.base import AnalysisContext, MetricComputer
+from .manager_votes import layout_hash, spec_hash, vote_results, vote_step
+from .metrics.base import AnalysisContext, MetricComputer, MetricResult
 
 __all__ = ["ModelAnalysisManager", "measurement_steps"]
 
@@ -130,6 +111,13 @@ class ModelAnalysisManager:
     Args:
         config: all options; ``None`` means ``AnalysisConfig()``.
 
+    Attributes:
+        last_metrics: the metrics of the last measurement.
+        last_histograms: the histograms of the last measurement, ``name -> sampled values``:
+            those of the computers that returned a
+            :class:`~grail.trainer.analysis.metrics.base.MetricResult` (and whose keys were
+            kept); for sinks, ``sink.log(metrics, step, histograms=manager.last_histograms)``.
+
     Raises:
         ValueError: ``config.snapshot_device`` does not exist on this machine.
     """
@@ -147,9 +135,8 @@ class ModelAnalysisManager:
         self.old_snapshot: ParameterSnapshot | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_histograms: dict[str, Any] = {}
-        self._reported: set[tuple[str, str]] = set()
-        self._skip_logged: set[tuple[str, str]] = set()
-        self._warned: set[tuple[str, ...]] = set()
+        # one of each message, repeats at debug level (fail-safety must not flood the log)
+        self._once = LogOnce(logger, repeat_level=logging.DEBUG)
         self._anchor = BaseAnchor(self.config.snapshot_device, self.config.trainable_only)
         self._snapshot_step: int | None = None  # step whose weights old_snapshot holds
 
@@ -242,26 +229,8 @@ class ModelAnalysisManager:
                 wanted = given
         same_layout = True
         if is_distributed():
-            layout = self._layout_hash()
-            high, low = agree([wanted, from_rank0(wanted), layout])
-            if high[0] != low[0]:
-                self._warn_once(
-                    ("step-disagree",),
-                    "ranks passed different steps to on_optimizer_step (from %d to %d; this rank "
-                    "%d); every rank follows rank 0's step %d",
-                    low[0],
-                    high[0],
-                    wanted,
-                    high[1],
-                )
-            wanted = high[1]
-            if high[2] != low[2]:
-                same_layout = False
-                self._warn_once(
-                    ("layout",),
-                    "ranks run the analysis with different configs or computers; nothing is "
-                    "measured until every rank passes the same AnalysisConfig and add_metric calls",
-                )
+            layout = layout_hash(self.config, self.computers)
+            wanted, same_layout = vote_step(wanted, layout, self._once)
         previous, self.step_count = self.step_count, wanted
         if wanted < previous:
             self._warn_once(
@@ -276,13 +245,6 @@ class ModelAnalysisManager:
                 computer.reset()
         return same_layout
 
-    def _layout_hash(self) -> int:
-        """What every rank must share for the measurements' collectives to line up: the config
-        (but the snapshot device, which may be each rank's own GPU) and the computers."""
-        config = {k: v for k, v in self.config.to_dict().items() if k != "snapshot_device"}
-        kinds = [(type(c).__module__, type(c).__qualname__, c.name) for c in self.computers]
-        return stable_hash([config, kinds])
-
     def _measure(
         self,
         model: nn.Module,
@@ -296,7 +258,7 @@ class ModelAnalysisManager:
         broken = False
         engine: str | None = None
         live: ParameterSnapshot | None = None
-        changed, spec_hash = "", 0
+        changed, spec_key = "", 0
         context = AnalysisContext()
         waiting: list[str | None] = [None] * len(self.computers)  # why a computer cannot run
         try:
@@ -307,7 +269,7 @@ class ModelAnalysisManager:
                 if self.old_snapshot is not None:
                     changed = _spec_changes(self.old_snapshot.spec(), live.spec())
                 if distributed:
-                    spec_hash = stable_hash(_global_spec(live))
+                    spec_key = spec_hash(live)
             context = AnalysisContext(
                 model=model,
                 inputs=inputs,
@@ -324,11 +286,11 @@ class ModelAnalysisManager:
             broken = True
         rebase = self.old_snapshot is None or bool(changed)
         flags = [w is not None for w in waiting]
-        high, low = agree([broken, engine is not None, rebase, spec_hash, *flags])
+        high, low = agree([broken, engine is not None, rebase, spec_key, *flags])
         if high[0]:
             if not broken:
-                self._log_once("manager", "peer-broken", "the analysis failed on another rank; "
-                               "every rank skips this measurement")
+                self._once.info(("skip", "manager", "peer-broken"), "manager: the analysis failed "
+                                "on another rank; every rank skips this measurement")
             return {}
         if high[1]:
             self._warn_once(
@@ -357,13 +319,15 @@ class ModelAnalysisManager:
             if anywhere:
                 reason = local or "another rank has no inputs, model or optimizer for it"
                 where = " on every rank" if distributed else ""
-                self._log_once(computer.name, reason, f"{reason}; skipping{where}")
+                self._once.info(("skip", computer.name, reason), "%s: %s; skipping%s",
+                                computer.name, reason, where)
             else:
                 result = self._run(computer, delta, live, context, model)
-            results.append(result)
-            hist = getattr(computer, "last_histograms", None) if result is not None else None
-            histograms.append(dict(hist) if hist else {})
-        diverged = self._agree_results(results, [bool(f) for f in high[4:]], live, replicated)
+            results.append(None if result is None else result.metrics)
+            histograms.append({} if result is None else dict(result.histograms))
+        names = [c.name for c in self.computers]
+        skipped = [bool(f) for f in high[4:]]
+        diverged = vote_results(results, skipped, names, live, replicated, self._once)
         metrics, origin = self._merge(results, histograms)
         if diverged is not None:
             self._add(metrics, origin, REPLICAS_KEY, float(diverged), "manager")
@@ -389,47 +353,6 @@ class ModelAnalysisManager:
             self._report(computer.name, err)
             return "it failed to say what it requires"
         return None
-
-    def _agree_results(
-        self,
-        results: list[dict[str, float] | None],
-        skipped: list[bool],
-        live: ParameterSnapshot,
-        replicated: list[str],
-    ) -> int | None:
-        """Drop, on every rank, the results of computers that failed on any rank and the keys
-        that not every rank returned; the number of replicated tensors whose bits differ between
-        ranks (None when there are none to compare)."""
-        if not is_distributed():
-            return None
-        n = len(results)
-        failed = [r is None and not s for r, s in zip(results, skipped, strict=True)]
-        keys = [stable_hash(sorted(r)) if r is not None else 0 for r in results]
-        sums = bit_checksums([live.data[name] for name in replicated])
-        high, low = agree([*failed, *keys, *sums])
-        for i in range(n):
-            if high[i]:
-                results[i] = None
-        mismatched = [i for i in range(n) if results[i] is not None and high[n + i] != low[n + i]]
-        if mismatched:
-            local = {i: sorted(results[i] or {}) for i in mismatched}
-            every = all_gather_objects(local)
-            for i in mismatched:
-                common = set.intersection(*(set(keysets[i]) for keysets in every))
-                dropped = sorted(set().union(*(keysets[i] for keysets in every)) - common)
-                name = self.computers[i].name
-                self._warn_once(
-                    ("keys", name),
-                    "computer %r returns different keys on different ranks; %d keys that not "
-                    "every rank has are dropped (e.g. %s)",
-                    name,
-                    len(dropped),
-                    ", ".join(dropped[:3]),
-                )
-                results[i] = {k: v for k, v in (results[i] or {}).items() if k in common}
-        if not replicated:
-            return None
-        return sum(h != lo for h, lo in zip(high[2 * n :], low[2 * n :], strict=True))
 
     def _merge(
         self, results: list[dict[str, float] | None], histograms: list[dict[str, Any]]
@@ -479,20 +402,23 @@ class ModelAnalysisManager:
         live: ParameterSnapshot,
         context: AnalysisContext,
         model: nn.Module,
-    ) -> dict[str, float] | None:
-        """One computer's keys, or None when it raised (logged)."""
+    ) -> MetricResult | None:
+        """One computer's keys (as floats) and histograms, or None when it raised (logged)."""
         modes = [(m, m.training) for m in model.modules()]
-        result: dict[str, float] | None = None
+        result: MetricResult | None = None
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                raw = computer.compute(
-                    delta=delta,
-                    old_snapshot=self.old_snapshot,
-                    current_snapshot=live,
-                    context=context,
+                raw = MetricResult.of(
+                    computer.compute(
+                        delta=delta,
+                        old_snapshot=self.old_snapshot,
+                        current_snapshot=live,
+                        context=context,
+                    )
                 )
-            result = {str(k): float(v) for k, v in (raw or {}).items()}
+            metrics = {str(k): float(v) for k, v in raw.metrics.items()}
+            result = MetricResult(metrics, dict(raw.histograms))
         except Exception as err:
             self._report(computer.name, err)
         finally:
@@ -519,30 +445,21 @@ class ModelAnalysisManager:
                         "so does this one")
 
     def _report(self, name: str, err: BaseException) -> None:
-        key = (name, type(err).__name__)
-        if key not in self._reported:
-            self._reported.add(key)
-            logger.warning(
-                "analysis computer %r failed with %s: %s (skipped; further %s errors from it "
-                "are not logged)",
-                name,
-                type(err).__name__,
-                err,
-                type(err).__name__,
-            )
+        """A computer (or the manager itself) raised: one warning per name and error type."""
+        kind = type(err).__name__
+        self._once.warning(
+            ("failed", name, kind),
+            "analysis computer %r failed with %s: %s (skipped; further %s errors from it are "
+            "not logged)",
+            name,
+            kind,
+            err,
+            kind,
+        )
         logger.debug("traceback of %r", name, exc_info=err)
 
-    def _log_once(self, name: str, reason: str, message: str) -> None:
-        if (name, reason) not in self._skip_logged:
-            self._skip_logged.add((name, reason))
-            logger.info("%s: %s", name, message)
-
     def _warn_once(self, key: tuple[str, ...], message: str, *args: Any) -> None:
-        if key in self._warned:
-            logger.debug(message, *args)
-            return
-        self._warned.add(key)
-        logger.warning(message, *args)
+        self._once.warning(("warn", *key), message, *args)
 
     def _new_snapshot(self, model: nn.Module) -> ParameterSnapshot:
         cfg = self.config
@@ -745,15 +662,6 @@ def _spec_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             parts.append(f"{label}: {', '.join(names[:5])}{more}")
     return "; ".join(parts)
-
-
-def _global_spec(snapshot: ParameterSnapshot) -> list[tuple[str, list[int], str, bool]]:
-    """What every rank's parameters must share: names, global shapes, dtypes and whether each
-    is sharded (local shapes and offsets differ between ranks by design)."""
-    return [
-        (name, list(info.global_shape), str(snapshot.param_dtypes[name]), info.sharded)
-        for name, info in snapshot.shards.items()
-    ]
 
 
 def _integer_step(step: Any) -> int | None:

@@ -8,6 +8,7 @@
 * :mod:`.scratch` is the one cache of reused temporary buffers (per device, dtype and slot).
 * :mod:`.naming` derives layer and component groups from parameter names.
 * :mod:`.distributed` is the only module that issues collectives (DDP, FSDP2).
+* :mod:`.logonce` is the one "log only the first time" helper (:class:`~.logonce.LogOnce`).
 
 Knows no metric. Imports nothing from the rest of the package except ``ops.masks`` (the hashed
 masks of ``ParameterDelta.apply_sparse_mask``), imported where it is used.

@@ -218,6 +218,12 @@ class ParameterSnapshot:
     def data(self, value: dict[str, torch.Tensor]) -> None:
         self._data = value
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether :attr:`data` holds its tensors (a plain dict), rather than a mapping that
+        loads each tensor when it is accessed (an offline checkpoint)."""
+        return type(self._data) is dict
+
     # --- introspection ---------------------------------------------------------------------
     @property
     def device(self) -> str:
@@ -303,12 +309,32 @@ class DeltaChunk:
 class ParameterDelta:
     """``new - old`` for every parameter present in both snapshots (see module docstring)."""
 
+    #: False in a subclass that overrides :meth:`stream` (see :attr:`kernel_streamable`).
+    _plain_stream: bool = True
+
     def __init__(self, old: ParameterSnapshot, new: ParameterSnapshot) -> None:
         self.old = old
         self.new = new
         self.names = [n for n in new.data if n in old.data]
         self._deltas: dict[str, torch.Tensor] | None = None
         self._scratch = ScratchBuffers(chunk_numel)  # the float32 delta chunk
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "stream" in cls.__dict__:
+            cls._plain_stream = False
+
+    @property
+    def kernel_streamable(self) -> bool:
+        """Whether compiled kernels may read each parameter's two tensors whole from the
+        snapshots instead of going through :meth:`stream`.
+
+        True for a delta of two in-memory snapshots. False when the snapshots load tensors
+        on access (the kernels would hold every tensor until the end of the pass), and for a
+        subclass that overrides :meth:`stream` (it wants to see every chunk, e.g. to observe
+        them), unless the subclass overrides this property too.
+        """
+        return self._plain_stream and self.old.in_memory and self.new.in_memory
 
     def __len__(self) -> int:
         return len(self.names)

@@ -48,23 +48,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from .sinks import finite_values, wandb_histograms
+from ..core.logonce import LogOnce
+from .sinks import FAILURE_SUFFIX, finite_values, wandb_histograms
 
 __all__ = ["AccelerateSink"]
 
 logger = logging.getLogger(__name__)
-
-
-class _WarnOnce:
-    """Log a warning the first time each kind of failure happens in one sink."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-
-    def __call__(self, kind: str, message: str, *args: Any) -> None:
-        if kind not in self._seen:
-            self._seen.add(kind)
-            logger.warning(message + " (further such failures are not logged)", *args)
 
 
 class AccelerateSink:
@@ -84,8 +73,8 @@ class AccelerateSink:
             )
         self.accelerator = accelerator
         self.prefix = prefix
-        self._warn = _WarnOnce()
-        self._told: set[str] = set()
+        self._warn = LogOnce(logger, suffix=FAILURE_SUFFIX)
+        self._told = LogOnce(logger)  # which trackers get no histograms (info)
 
     def log(
         self,
@@ -105,10 +94,11 @@ class AccelerateSink:
             try:
                 payload[f"{self.prefix}{key}"] = float(value)
             except (TypeError, ValueError):
-                self._warn("value", "metric %r is not a number (%r); not logged", key, value)
+                self._warn.warning("value", "metric %r is not a number (%r); not logged", key,
+                                   value)
         trackers = list(getattr(self.accelerator, "trackers", None) or ())
         if not trackers:
-            self._warn(
+            self._warn.warning(
                 "no-trackers",
                 "AccelerateSink: the accelerator has no trackers, metrics are dropped: create it "
                 "with Accelerator(log_with=...) and call accelerator.init_trackers(...) first",
@@ -118,8 +108,8 @@ class AccelerateSink:
             try:
                 self.accelerator.log(payload, step=int(step))
             except Exception as err:  # a tracker must never stop training
-                self._warn("log", "AccelerateSink: accelerator.log failed at step %s: %r", step,
-                           err)
+                self._warn.warning("log", "AccelerateSink: accelerator.log failed at step %s: %r",
+                                   step, err)
         if histograms and getattr(self.accelerator, "is_main_process", True):
             for tracker in trackers:
                 self._log_histograms(tracker, histograms, int(step))
@@ -143,13 +133,12 @@ class AccelerateSink:
                 payload = wandb_histograms(wandb, histograms, self.prefix, self._warn)
                 if payload:
                     tracker.tracker.log(payload, step=step)
-            elif name not in self._told:
-                self._told.add(name)
-                logger.info("AccelerateSink sends no histograms to the %r tracker (scalars only)",
-                            name)
+            else:
+                self._told.info(name, "AccelerateSink sends no histograms to the %r tracker "
+                                "(scalars only)", name)
         except Exception as err:  # a tracker must never stop training
-            self._warn(f"histogram-{name}", "AccelerateSink: histograms to %r failed at step "
-                       "%s: %r", name, step, err)
+            self._warn.warning(f"histogram-{name}", "AccelerateSink: histograms to %r failed at "
+                               "step %s: %r", name, step, err)
 
     def close(self) -> None:
         """Nothing to release: end the trackers with ``accelerator.end_training()``."""

@@ -82,6 +82,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.logonce import LogOnce
 from ..manager import ModelAnalysisManager
 from .batch import DROPPED_KEYS
 from .checkpoint import rank_and_world
@@ -186,7 +187,7 @@ class LightningAnalysisCallback(*_callback_bases()):  # type: ignore[misc]
         self._probe: Any = None
         self._last_step: int | None = None
         self._saved_state: dict[str, Any] | None = None
-        self._failures: set[str] = set()
+        self._failures = LogOnce(logger, suffix=" (training goes on; not logged again)")
 
     @property
     def state_key(self) -> str:
@@ -236,9 +237,7 @@ class LightningAnalysisCallback(*_callback_bases()):  # type: ignore[misc]
 
     # --- helpers ---------------------------------------------------------------------------
     def _fail_once(self, kind: str, message: str, *args: Any) -> None:
-        if kind not in self._failures:
-            self._failures.add(kind)
-            logger.warning(message + " (training goes on; not logged again)", *args)
+        self._failures.warning(kind, message, *args)
 
     def _needs_inputs(self) -> bool:
         return any(c.requires_inputs() for c in self.analyzer.computers)
@@ -309,7 +308,7 @@ class LightningAnalysisCallback(*_callback_bases()):  # type: ignore[misc]
         if any(c.__name__ == "WandbLogger" for c in type(lg).__mro__):
             import wandb
 
-            payload = wandb_histograms(wandb, histograms, self.prefix, self._fail_once)
+            payload = wandb_histograms(wandb, histograms, self.prefix, self._failures)
             if payload:
                 lg.experiment.log({**payload, "trainer/global_step": step})
             return

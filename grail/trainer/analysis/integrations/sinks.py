@@ -1,11 +1,12 @@
 """Where metrics go in a custom training loop: a tiny protocol and two adapters.
 
-A sink is anything with ``log(metrics, step)`` and ``close()`` (:class:`MetricSink`). The
-manager returns plain dicts; a sink only writes them somewhere::
+A sink is anything with ``log(metrics, step, histograms=None)`` and ``close()``
+(:class:`MetricSink`). The manager returns plain dicts (and keeps the histograms of the last
+measurement in ``manager.last_histograms``); a sink only writes them somewhere::
 
     sink = JsonlSink("runs/analysis.jsonl")
     metrics = analyzer.on_optimizer_step(model, inputs=batch)
-    sink.log(metrics, step)          # empty dicts (non-measurement steps) are skipped
+    sink.log(metrics, step, histograms=analyzer.last_histograms)  # {} steps are skipped
 
 :class:`JsonlSink` writes one JSON object per measurement,
 ``{"step": int, "time": unix seconds, "metrics": {key: float}}``, appends to an existing run
@@ -30,10 +31,10 @@ Decisions where the design is silent:
   construction and left byte-identical. If the file does not end in a newline (a crash cut
   its last line), a newline is written before the next record: the partial line stays where
   it is, and :func:`read_jsonl` skips it.
-* Histograms (``manager.last_histograms``) are passed as an optional ``histograms=`` keyword;
-  :class:`WandbSink` logs them as ``wandb.Histogram``, :class:`JsonlSink` ignores them (a JSON
-  line holds scalars). Only finite values reach the backend (:func:`finite_values`); a
-  histogram with none left is skipped.
+* Histograms (``manager.last_histograms``) are the protocol's optional third argument,
+  ``name -> sampled values``; :class:`WandbSink` logs them as ``wandb.Histogram``,
+  :class:`JsonlSink` ignores them (a JSON line holds scalars). Only finite values reach the
+  backend (:func:`finite_values`); a histogram with none left is skipped.
 * Sinks write on whichever process calls them; in a multi-process loop call them on rank 0.
 
 Example:
@@ -58,6 +59,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..core.logonce import LogOnce
+
 __all__ = ["JsonlSink", "MetricSink", "WandbSink", "finite_values", "read_jsonl"]
 
 logger = logging.getLogger(__name__)
@@ -68,12 +71,26 @@ _RECORD_START = '{"step"'
 _MAX_FIRST_LINE = 64 * 2**20
 
 
+#: What every sink appends to its failure warnings (each is said once per sink and kind).
+FAILURE_SUFFIX = " (further such failures are not logged)"
+
+
 @runtime_checkable
 class MetricSink(Protocol):
-    """Anything that accepts a metrics dict at a step; implement both methods to add your own."""
+    """Anything that accepts a metrics dict at a step; implement both methods to add your own.
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """Record ``metrics`` measured at optimizer step ``step``."""
+    Every sink of this package, the framework callbacks' output included, follows it.
+    """
+
+    def log(
+        self,
+        metrics: Mapping[str, float],
+        step: int,
+        histograms: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record ``metrics`` measured at optimizer step ``step``, and ``histograms`` (name ->
+        sampled values, e.g. ``manager.last_histograms``) where the backend can show them. An
+        empty ``metrics`` (a step without a measurement) records nothing."""
 
     def close(self) -> None:
         """Flush and release resources; calling it twice is harmless."""
@@ -107,23 +124,11 @@ def finite_values(values: Any) -> np.ndarray | None:
     return arr if arr.size else None
 
 
-class _WarnOnce:
-    """Log a warning the first time each kind of failure happens in one sink."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-
-    def __call__(self, kind: str, message: str, *args: Any) -> None:
-        if kind not in self._seen:
-            self._seen.add(kind)
-            logger.warning(message + " (further such failures are not logged)", *args)
-
-
-def _json_value(value: Any, warn: _WarnOnce, key: str) -> float | None:
+def _json_value(value: Any, warn: LogOnce, key: str) -> float | None:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        warn("value", "metric %r is not a number (%r); written as null", key, value)
+        warn.warning("value", "metric %r is not a number (%r); written as null", key, value)
         return None
     return v if math.isfinite(v) else None
 
@@ -143,7 +148,7 @@ class JsonlSink:
     def __init__(self, path: str | os.PathLike[str], fsync: bool = False) -> None:
         self.path = os.fspath(path)
         self.fsync = fsync
-        self._warn = _WarnOnce()
+        self._warn = LogOnce(logger, suffix=FAILURE_SUFFIX)
         parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, exist_ok=True)
@@ -180,7 +185,7 @@ class JsonlSink:
         except (OSError, ValueError) as err:
             # Part of the line may be on disk: start the next record on a fresh line.
             self._needs_newline = True
-            self._warn("write", "JsonlSink could not write to %s: %s", self.path, err)
+            self._warn.warning("write", "JsonlSink could not write to %s: %s", self.path, err)
         else:
             self._needs_newline = False
 
@@ -189,7 +194,7 @@ class JsonlSink:
             try:
                 self._file.close()
             except OSError as err:
-                self._warn("close", "JsonlSink could not close %s: %s", self.path, err)
+                self._warn.warning("close", "JsonlSink could not close %s: %s", self.path, err)
             self._file = None
 
     def __enter__(self) -> JsonlSink:
@@ -292,7 +297,7 @@ class WandbSink:
         self.run = run
         self.prefix = prefix
         self._wandb = _import_wandb()
-        self._warn = _WarnOnce()
+        self._warn = LogOnce(logger, suffix=FAILURE_SUFFIX)
 
     def log(
         self,
@@ -306,13 +311,13 @@ class WandbSink:
             try:
                 payload[f"{self.prefix}{k}"] = float(v)
             except (TypeError, ValueError):
-                self._warn("value", "metric %r is not a number (%r); not logged", k, v)
+                self._warn.warning("value", "metric %r is not a number (%r); not logged", k, v)
         payload.update(wandb_histograms(self._wandb, histograms, self.prefix, self._warn))
         if not payload:
             return
         run = self.run if self.run is not None else self._wandb.run
         if run is None:
-            self._warn(
+            self._warn.warning(
                 "no-run",
                 "WandbSink has no run, metrics are dropped: call wandb.init() first or pass "
                 "WandbSink(run=...)",
@@ -321,7 +326,7 @@ class WandbSink:
         try:
             run.log(payload, step=int(step))
         except Exception as err:  # a logging backend must never stop training
-            self._warn("log", "WandbSink: wandb failed to log step %s: %r", step, err)
+            self._warn.warning("log", "WandbSink: wandb failed to log step %s: %r", step, err)
 
     def close(self) -> None:
         """Nothing to release: the run belongs to the caller (call ``run.finish()``)."""
@@ -331,12 +336,12 @@ class WandbSink:
 
 
 def wandb_histograms(
-    wandb: Any, histograms: Mapping[str, Any] | None, prefix: str, warn: Any
+    wandb: Any, histograms: Mapping[str, Any] | None, prefix: str, warn: LogOnce
 ) -> dict[str, Any]:
     """``{prefix + name: wandb.Histogram}`` of the finite values; empty ones are left out.
 
-    ``warn(kind, message, *args)`` is told (once per kind) about a histogram that could not
-    be built.
+    ``warn`` (the caller's :class:`~grail.trainer.analysis.core.logonce.LogOnce`) is told about
+    a histogram that could not be built.
     """
     out: dict[str, Any] = {}
     for name, values in (histograms or {}).items():
@@ -346,7 +351,7 @@ def wandb_histograms(
         try:
             out[f"{prefix}{name}"] = wandb.Histogram(finite)
         except Exception as err:  # whatever wandb rejects, the metrics still go out
-            warn("histogram", "histogram %r could not be built: %r; skipped", name, err)
+            warn.warning("histogram", "histogram %r could not be built: %r; skipped", name, err)
     return out
 
 

@@ -34,7 +34,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .sinks import finite_values
+from ..core.logonce import LogOnce
+from .sinks import FAILURE_SUFFIX, finite_values
 
 __all__ = ["TensorBoardSink"]
 
@@ -50,18 +51,6 @@ def _summary_writer_class() -> Any:
             "'grail-analysis[tensorboard]'"
         ) from err
     return SummaryWriter
-
-
-class _WarnOnce:
-    """Log a warning the first time each kind of failure happens in one sink."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-
-    def __call__(self, kind: str, message: str, *args: Any) -> None:
-        if kind not in self._seen:
-            self._seen.add(kind)
-            logger.warning(message + " (further such failures are not logged)", *args)
 
 
 class TensorBoardSink:
@@ -86,7 +75,7 @@ class TensorBoardSink:
             None if log_dir is None else os.fspath(log_dir), **writer_kwargs
         )
         self.log_dir: str = self.writer.get_logdir()
-        self._warn = _WarnOnce()
+        self._warn = LogOnce(logger, suffix=FAILURE_SUFFIX)
 
     def log(
         self,
@@ -109,7 +98,8 @@ class TensorBoardSink:
                 try:
                     number = float(value)
                 except (TypeError, ValueError):
-                    self._warn("value", "metric %r is not a number (%r); not logged", key, value)
+                    self._warn.warning("value", "metric %r is not a number (%r); not logged",
+                                       key, value)
                     continue
                 self.writer.add_scalar(f"{self.prefix}{key}", number, int(step))
                 wrote = True
@@ -122,8 +112,8 @@ class TensorBoardSink:
             if wrote:
                 self.writer.flush()
         except Exception as err:  # a logging backend must never stop training
-            self._warn("write", "TensorBoardSink could not write step %s to %s: %r", step,
-                       self.log_dir, err)
+            self._warn.warning("write", "TensorBoardSink could not write step %s to %s: %r",
+                               step, self.log_dir, err)
 
     def close(self) -> None:
         """Flush and close the event file; calling it twice is harmless."""
@@ -131,7 +121,8 @@ class TensorBoardSink:
             try:
                 self.writer.close()
             except Exception as err:  # closing must not raise at the end of training either
-                self._warn("close", "TensorBoardSink could not close %s: %r", self.log_dir, err)
+                self._warn.warning("close", "TensorBoardSink could not close %s: %r",
+                                   self.log_dir, err)
             self.writer = None
 
     def __enter__(self) -> TensorBoardSink:

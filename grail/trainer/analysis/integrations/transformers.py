@@ -1,10 +1,14 @@
 """``ModelAnalysisCallback``: the analysis inside a Hugging Face ``Trainer`` or a TRL trainer.
 
-Usage::
+Usage (the trainer is passed in, as TRL's own callbacks take it)::
 
     analyzer = ModelAnalysisManager.create(AnalysisConfig(interval=100))
-    trainer = GRPOTrainer(..., callbacks=[ModelAnalysisCallback(analyzer)])
+    trainer = GRPOTrainer(...)
+    trainer.add_callback(ModelAnalysisCallback(analyzer, trainer=trainer))
     trainer.train()   # keys "analysis/param_change/...", "analysis/sparse/..." in every report_to
+
+``GRPOTrainer(..., callbacks=[ModelAnalysisCallback(analyzer)])`` works too: the trainer is then
+looked up when training starts (:func:`find_training_loop`).
 
 Why a callback reading ``kwargs["inputs"]`` gets no batch: the Trainer passes every callback
 event only ``model, processing_class, optimizer, lr_scheduler, train_dataloader,
@@ -28,17 +32,19 @@ keeps its schedule. The metrics are logged in ``on_step_end`` of the same step, 
 
 Decisions where the design is silent:
 
-* The trainer is found on the call stack at train begin (the callback API does not pass it):
-  the frame whose ``self`` is a ``Trainer`` holding this callback. Set ``callback.trainer =
-  trainer`` yourself if a wrapper hides it. Without a trainer the
-  metrics are appended to ``state.log_history`` only, with a warning.
+* The trainer: the callback API passes events neither the trainer nor the checkpoint a run
+  resumes from. ``trainer=`` gives the trainer; without it, :func:`find_training_loop` (the one
+  place that looks) finds it on the call stack at train begin. Without a trainer the metrics
+  are appended to ``state.log_history`` only, with a warning.
 * The base ``transformers.Trainer.log`` is called, not an override: TRL's ``log`` drains its
   buffered reward/KL averages into whatever it logs, which would move them off the trainer's
   own log entry. ``control.should_log`` is saved and restored around the call because the
   trainer's ``on_log`` resets it, which would drop the trainer's own loss log of that step.
 * Multi-process: every rank runs the analysis (it may issue collectives); only the world main
   process logs.
-* Histograms (``analyzer.last_histograms``) go straight to the active wandb run when
+* The metrics and histograms of a step go out through one
+  :class:`~.sinks.MetricSink` (``log(metrics, step, histograms)``) onto the trainer's log.
+  Histograms (``analyzer.last_histograms``) go straight to the active wandb run when
   ``report_to`` includes wandb, as ``wandb.Histogram`` under ``train/<prefix><name>`` beside
   the scalars (``log_history`` must stay JSON-serialisable). Only their finite values are sent;
   a histogram with none is skipped.
@@ -58,10 +64,12 @@ Decisions where the design is silent:
   reset to that step and its saved state is looked up in the checkpoint being resumed (the
   trainer's ``resume_from_checkpoint``, else ``args.resume_from_checkpoint``, else
   ``output_dir/checkpoint-<step>``; a file saved at another step or by another world size is
-  ignored). If the step is a measurement step the baseline snapshot is taken from the loaded
-  weights, which are exactly the weights the uninterrupted run snapshotted, and the computers'
-  states continue from it, so every value matches the uninterrupted run; otherwise the manager
-  re-baselines at its next measurement step and the carried states start over.
+  ignored; the checkpoint the running ``train()`` call resumes from is found by
+  :func:`find_training_loop`). If the step is a measurement step the baseline snapshot is taken
+  from the loaded weights, which are exactly the weights the uninterrupted run snapshotted,
+  and the computers' states continue from it, so every value matches the uninterrupted run;
+  otherwise the manager re-baselines at its next measurement step and the carried states start
+  over.
 
 Example:
     >>> from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
@@ -82,6 +90,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.logonce import LogOnce
 from ..manager import ModelAnalysisManager
 from .batch import BatchCapture, tokenize_probe
 from .checkpoint import restore_state, save_state, state_files
@@ -101,9 +110,50 @@ except ImportError as err:  # pragma: no cover - exercised only without the hf e
         "ModelAnalysisCallback needs transformers: pip install 'grail-analysis[hf]'"
     ) from err
 
-__all__ = ["ModelAnalysisCallback"]
+__all__ = ["ModelAnalysisCallback", "find_training_loop"]
 
 logger = logging.getLogger(__name__)
+
+#: The keyword arguments ``CallbackHandler.call_event`` passes every event (a test fails when
+#: transformers changes them: a ``trainer`` among them would make :func:`find_training_loop`
+#: unnecessary).
+EVENT_KWARGS = frozenset(
+    {"model", "processing_class", "optimizer", "lr_scheduler", "train_dataloader",
+     "eval_dataloader"}
+)
+#: How many interpreter frames :func:`find_training_loop` looks through.
+MAX_FRAMES = 32
+
+
+def find_training_loop(callback: TrainerCallback) -> tuple[Trainer | None, Any]:
+    """The ``Trainer`` whose callbacks include ``callback``, and the ``resume_from_checkpoint``
+    of its running training loop, from the interpreter stack (``(None, None)`` where not found).
+
+    The one place where the callback looks for what the callback API does not pass it
+    (:data:`EVENT_KWARGS`): called from an event, it walks up at most :data:`MAX_FRAMES` frames
+    to the first whose ``self`` is a ``Trainer`` holding ``callback`` - the training loop that
+    emitted the event - and reads that frame's local ``resume_from_checkpoint`` (the checkpoint
+    ``train()`` resumes from, ``True`` already resolved to a path). Pass ``trainer=`` to
+    :class:`ModelAnalysisCallback` where a wrapper hides the trainer; the checkpoint has no
+    other source (``args.resume_from_checkpoint`` and ``output_dir/checkpoint-<step>`` are the
+    callback's fallbacks).
+    """
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        for _ in range(MAX_FRAMES):
+            if f is None:
+                break
+            obj = f.f_locals.get("self")
+            handler = getattr(obj, "callback_handler", None)
+            if isinstance(obj, Trainer) and any(
+                cb is callback for cb in getattr(handler, "callbacks", ())
+            ):
+                return obj, f.f_locals.get("resume_from_checkpoint")
+            f = f.f_back
+    finally:
+        del frame
+    return None, None
 
 
 def _is_strings(value: Any) -> bool:
@@ -137,6 +187,9 @@ class ModelAnalysisCallback(TrainerCallback):
         probe_inputs: fixed batch for forward-pass metrics: a dict of tensors, a tensor, or a
             list of strings; ``None`` uses the captured training batch.
         prefix: prepended to every metric key.
+        trainer: the trainer to log through (TRL style:
+            ``trainer.add_callback(ModelAnalysisCallback(analyzer, trainer=trainer))``);
+            ``None`` finds it when training starts (:func:`find_training_loop`).
     """
 
     def __init__(
@@ -144,10 +197,16 @@ class ModelAnalysisCallback(TrainerCallback):
         analyzer: ModelAnalysisManager,
         probe_inputs: Mapping[str, torch.Tensor] | torch.Tensor | Sequence[str] | None = None,
         prefix: str = "analysis/",
+        trainer: Trainer | None = None,
     ) -> None:
         if not isinstance(analyzer, ModelAnalysisManager):
             raise TypeError(
                 f"analyzer must be a ModelAnalysisManager, got {type(analyzer).__name__}"
+            )
+        if trainer is not None and not isinstance(trainer, Trainer):
+            raise TypeError(
+                "trainer must be a transformers.Trainer (TRL's trainers are), got "
+                f"{type(trainer).__name__}; pass the trainer the callback is added to, or None"
             )
         if not (
             probe_inputs is None
@@ -161,12 +220,12 @@ class ModelAnalysisCallback(TrainerCallback):
         self.analyzer = analyzer
         self.probe_inputs = probe_inputs
         self.prefix = prefix
-        self.trainer: Trainer | None = None
+        self.trainer: Trainer | None = trainer
         self.capture = BatchCapture()
         self._probe: Any = None
         self._pending: tuple[dict[str, float], dict[str, Any]] | None = None
-        self._warned = False
-        self._failures: set[str] = set()
+        self._once = LogOnce(logger)
+        self._failures = LogOnce(logger, suffix=" (training goes on; not logged again)")
 
     # --- events ----------------------------------------------------------------------------
     def on_train_begin(
@@ -178,8 +237,8 @@ class ModelAnalysisCallback(TrainerCallback):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
-        trainer, resume_dir = self._find_trainer()
-        self.trainer = trainer or self.trainer
+        trainer, resume_dir = find_training_loop(self)
+        self.trainer = self.trainer or trainer
         if model is None:
             return
         if self.probe_inputs is not None:
@@ -230,12 +289,7 @@ class ModelAnalysisCallback(TrainerCallback):
         if pending is None or not state.is_world_process_zero:
             return
         metrics, histograms = pending
-        self._log(args, state, control, {f"{self.prefix}{k}": v for k, v in metrics.items()})
-        if histograms:
-            try:
-                self._log_histograms(args, state, histograms)
-            except Exception as err:  # a reporting backend must never stop training
-                self._fail_once("histograms", "logging the analysis histograms failed: %r", err)
+        _TrainerLog(self, args, state, control).log(metrics, state.global_step, histograms)
 
     def on_save(
         self,
@@ -270,9 +324,7 @@ class ModelAnalysisCallback(TrainerCallback):
 
     # --- helpers ---------------------------------------------------------------------------
     def _fail_once(self, kind: str, message: str, *args: Any) -> None:
-        if kind not in self._failures:
-            self._failures.add(kind)
-            logger.warning(message + " (training goes on; not logged again)", *args)
+        self._failures.warning(kind, message, *args)
 
     def _sync_step(self, model: nn.Module, step: int, state_files: Sequence[str] = ()) -> None:
         """Align the manager with the trainer's step when training starts (see module docs)."""
@@ -291,56 +343,66 @@ class ModelAnalysisCallback(TrainerCallback):
         elif step > 0:
             logger.info("analysis resumed at step %d; re-baselines at the next measurement", step)
 
-    def _find_trainer(self) -> tuple[Trainer | None, Any]:
-        """The trainer holding this callback, and the ``resume_from_checkpoint`` of the
-        training loop that called us (``None`` where not found)."""
-        frame = inspect.currentframe()
-        try:
-            f = frame.f_back if frame is not None else None
-            for _ in range(32):
-                if f is None:
-                    break
-                obj = f.f_locals.get("self")
-                handler = getattr(obj, "callback_handler", None)
-                if isinstance(obj, Trainer) and any(
-                    cb is self for cb in getattr(handler, "callbacks", ())
-                ):
-                    return obj, f.f_locals.get("resume_from_checkpoint")
-                f = f.f_back
-        finally:
-            del frame
-        return None, None
 
-    def _log(
+class _TrainerLog:
+    """A :class:`~.sinks.MetricSink` onto the trainer's own log for one event: scalars through
+    ``Trainer.log`` (``state.log_history`` without a trainer), histograms to the active wandb
+    run when ``report_to`` includes wandb (see module docstring). Failures are logged once per
+    kind by the callback; nothing raises."""
+
+    def __init__(
         self,
+        callback: ModelAnalysisCallback,
         args: TrainingArguments,
         state: TrainerState,
         control: TrainerControl,
-        logs: dict[str, float],
     ) -> None:
-        trainer = self.trainer
-        if trainer is None:
-            if not self._warned:
-                self._warned = True
-                logger.warning(
-                    "ModelAnalysisCallback could not find its trainer; metrics go to "
-                    "state.log_history only. Set callback.trainer = trainer to fix this."
+        self.callback, self.args, self.state, self.control = callback, args, state, control
+
+    def log(
+        self,
+        metrics: Mapping[str, float],
+        step: int,
+        histograms: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not metrics:
+            return
+        prefix = self.callback.prefix
+        self._scalars({f"{prefix}{k}": v for k, v in metrics.items()}, step)
+        if histograms:
+            try:
+                self._histograms(histograms, step)
+            except Exception as err:  # a reporting backend must never stop training
+                self.callback._fail_once(
+                    "histograms", "logging the analysis histograms failed: %r", err
                 )
-            state.log_history.append({**logs, "step": state.global_step})
+
+    def close(self) -> None:
+        """Nothing to release: the trainer owns its reporting backends."""
+
+    def _scalars(self, logs: dict[str, float], step: int) -> None:
+        trainer, control = self.callback.trainer, self.control
+        if trainer is None:
+            self.callback._once.warning(
+                "no-trainer",
+                "ModelAnalysisCallback could not find its trainer; metrics go to "
+                "state.log_history only. Pass ModelAnalysisCallback(..., trainer=trainer) to fix "
+                "this.",
+            )
+            self.state.log_history.append({**logs, "step": step})
             return
         should_log = control.should_log
         try:
             Trainer.log(trainer, logs)
         except Exception as err:  # a reporting backend must never stop training
-            self._fail_once("log", "logging the analysis metrics failed: %r", err)
+            self.callback._fail_once("log", "logging the analysis metrics failed: %r", err)
         finally:
             control.should_log = should_log
             trainer.control.should_log = should_log
 
-    def _log_histograms(
-        self, args: TrainingArguments, state: TrainerState, histograms: dict[str, Any]
-    ) -> None:
-        report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
+    def _histograms(self, histograms: Mapping[str, Any], step: int) -> None:
+        report_to = self.args.report_to
+        report_to = report_to if isinstance(report_to, list) else [report_to]
         if "wandb" not in report_to and "all" not in report_to:
             return
         try:
@@ -349,7 +411,8 @@ class ModelAnalysisCallback(TrainerCallback):
             return
         if wandb.run is None:
             return
-        payload = wandb_histograms(wandb, histograms, f"train/{self.prefix}", self._fail_once)
+        prefix = f"train/{self.callback.prefix}"
+        payload = wandb_histograms(wandb, histograms, prefix, self.callback._failures)
         if payload:
-            payload["train/global_step"] = state.global_step
+            payload["train/global_step"] = step
             wandb.log(payload)

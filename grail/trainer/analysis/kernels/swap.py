@@ -107,7 +107,8 @@ def select_swap(
     offset: int,
     count_changed: bool = False,
 ) -> torch.Tensor | None:
-    """Move parameter ``p`` (flat, local) from the mask ``before`` to ``after`` by exchanging
+    """Move parameter ``p`` (flat, local) from the mask ``before`` to ``after`` (the specs the
+    masks declare, :attr:`~grail.trainer.analysis.ops.masks.Mask.spec`) by exchanging
     entries with its snapshot ``s`` where the two masks differ, in one compiled pass:
     :class:`~grail.trainer.analysis.patching.swaps.SelectPatch`'s XOR swap, masks included
     (``|delta|`` is symmetric in ``p`` and ``s``, so the same call with the specs exchanged

@@ -59,13 +59,15 @@ Not supported: ``ZeroRedundancyOptimizer`` (state on one rank per parameter) and
 optimizers (quantised state under other names, so they are skipped like SGD).
 The arithmetic runs in float32 on the stored state, whatever its dtype. On CPU, with
 ``fused=True`` (the default), every statistic of a tensor comes from one compiled loop
-(:mod:`~grail.trainer.analysis.kernels`); a :class:`~.gradient.GradientSparsityMetrics` linked
-through :meth:`~.gradient.GradientSparsityMetrics.share_pass_with` computes both families in the
-same loop, reading each gradient once.
+(:mod:`~grail.trainer.analysis.kernels`); when this computer and a
+:class:`~.gradient.GradientSparsityMetrics` hold the same
+:class:`~.optimizer_pass.OptimizerPass` (both built from one config), both families are computed
+in the same loop, reading each gradient once, by whichever of them runs first.
 
-With ``histogram_samples > 0``, :attr:`last_histograms` is ``{"adam_sign/u": u at up to
-histogram_samples positions}`` (see :class:`~.gradient.HistogramSample`; finite values only,
-positions without Adam state left out), else ``{}``.
+With ``histogram_samples > 0`` the computer returns a :class:`~.base.MetricResult` whose
+``histograms`` are ``{"adam_sign/u": u at up to histogram_samples positions}`` (see
+:class:`~.gradient.HistogramSample`; finite values only, positions without Adam state left
+out), else a plain ``dict``.
 
 Decisions: under a process group a rank without Adam state still takes part in the reduction of
 the statistics; the family is skipped (``{}`` on every rank) when no entry with state is counted
@@ -91,10 +93,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from .. import kernels
@@ -103,63 +104,24 @@ from ..core.distributed import local_tensor, shard_info
 from ..core.naming import ParameterNaming, group_prefix, group_rows
 from ..core.scratch import ScratchBuffers
 from ..core.snapshot import collect_parameters
-from ..core.stats import StreamingStats, Summary, chunk_numel, f32_floor
-from .base import AnalysisContext, MetricComputer
-from .gradient import HistogramSample, real_view
+from ..core.stats import StreamingStats, Summary, chunk_numel
+from .base import AnalysisContext, MetricComputer, MetricResult
+from .gradient import HistogramSample
+from .optimizer_pass import (
+    OptimizerPass,
+    adam_entries,
+    adam_inputs,
+    bias_corrections,
+    real_view,
+    u_bounds,
+    u_constants,
+)
 
 __all__ = ["AdamSignDescentMetrics", "adam_entries", "bias_corrections", "u_constants"]
 
 logger = logging.getLogger(__name__)
 
 _EXTRAS = ("sign_sum", "sign_nonzero", "w_sq", "lr_u_sq")
-_SMALL = 0.1
-Scalar = float | torch.Tensor
-
-
-def bias_corrections(step: Any, beta1: float, beta2: float) -> tuple[Scalar, Scalar]:
-    """``(1 - beta1^t, sqrt(1 - beta2^t))`` as torch computes them.
-
-    A step held on an accelerator (``capturable``/``fused``) stays there: no host sync.
-
-    >>> bc1, bc2s = bias_corrections(torch.tensor(2.0), 0.9, 0.99)
-    >>> round(bc1, 6), round(bc2s ** 2, 6)
-    (0.19, 0.0199)
-    """
-    if isinstance(step, torch.Tensor) and step.device.type != "cpu":
-        t = step.float()
-        return 1 - torch.pow(beta1, t), (1 - torch.pow(beta2, t)).sqrt()
-    t = float(step)
-    return 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
-
-
-def u_constants(bc1: Scalar, bc2s: Scalar, eps: float) -> tuple[Scalar, Scalar]:
-    """``(scale, shift)`` of :func:`~grail.trainer.analysis.kernels.adam_u` from the bias
-    corrections of :func:`bias_corrections` and ``eps``.
-
-    >>> u_constants(0.5, 0.25, 1e-8)
-    (0.5, 2.5e-09)
-    """
-    return bc2s / bc1, eps * bc2s
-
-
-def adam_entries(
-    optimizer: Any, params: Sequence[tuple[str, torch.Tensor]]
-) -> list[tuple[str, torch.Tensor, dict[str, Any], dict[str, Any]]]:
-    """``(name, parameter, state, param_group)`` of the parameters that have Adam state."""
-    groups = {id(p): g for g in getattr(optimizer, "param_groups", []) for p in g["params"]}
-    state = getattr(optimizer, "state", {})
-    out = []
-    for name, p in params:
-        group = groups.get(id(p))
-        st = state.get(p) if group is not None else None
-        if not st or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")):
-            continue
-        if "betas" not in group or "eps" not in group or "lr" not in group:
-            continue
-        if group.get("amsgrad") and "max_exp_avg_sq" not in st:
-            continue
-        out.append((name, p, st, group))
-    return out
 
 
 class AdamSignDescentMetrics(MetricComputer):
@@ -176,6 +138,7 @@ class AdamSignDescentMetrics(MetricComputer):
         trainable_only: bool = False,
         histogram_seed: int = 0,
         fused: bool = True,
+        optimizer_pass: OptimizerPass | None = None,
     ) -> None:
         self.tolerance = float(tolerance)
         self.fused = fused
@@ -184,16 +147,17 @@ class AdamSignDescentMetrics(MetricComputer):
         self.histogram_samples = histogram_samples
         self.trainable_only = trainable_only
         self.histogram_seed = histogram_seed
+        #: the pass shared with the gradient family (see module docstring), or None
+        self.optimizer_pass = optimizer_pass
         # |u| < 1 - tol and |u| < 0.1 as exact counts of |u| <= t: the largest double below.
-        self._lo = math.nextafter(1.0 - self.tolerance, 0.0)
-        self._hi = 1.0 + self.tolerance
-        self._small = math.nextafter(_SMALL, 0.0)
-        self.last_histograms: dict[str, np.ndarray] = {}
+        self._small, self._lo, self._hi = u_bounds(self.tolerance)
         self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
         self._scratch = ScratchBuffers(chunk_numel)
 
     @classmethod
-    def from_config(cls, config: AnalysisConfig) -> AdamSignDescentMetrics:
+    def from_config(
+        cls, config: AnalysisConfig, output_fn: Callable[[Any], torch.Tensor] | None = None
+    ) -> AdamSignDescentMetrics:
         return cls(
             tolerance=config.adam_sign_tolerance,
             track_components=config.adam_sign_track_components,
@@ -201,6 +165,7 @@ class AdamSignDescentMetrics(MetricComputer):
             histogram_samples=config.histogram_samples,
             trainable_only=config.trainable_only,
             fused=config.fused_kernels,
+            optimizer_pass=OptimizerPass.from_config(config),
         )
 
     def requires_model(self) -> bool:
@@ -211,7 +176,7 @@ class AdamSignDescentMetrics(MetricComputer):
 
     def compute(
         self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
-    ) -> dict[str, float]:
+    ) -> dict[str, float] | MetricResult:
         # Scratch buffers live for one measurement only: between measurements the analysis
         # holds nothing but the snapshot (GPU memory belongs to training).
         try:
@@ -221,8 +186,7 @@ class AdamSignDescentMetrics(MetricComputer):
 
     def _compute(
         self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
-    ) -> dict[str, float]:
-        self.last_histograms = {}
+    ) -> dict[str, float] | MetricResult:
         model = context.model if context is not None else None
         optimizer = context.optimizer if context is not None else None
         if model is None:
@@ -243,12 +207,11 @@ class AdamSignDescentMetrics(MetricComputer):
         stats = StreamingStats(self._thresholds(), groups, extra_sums=_EXTRAS, device=device)
         fused = self.fused and kernels.worth_it(sum(p.numel() for _, p, _, _ in entries))
         batch = kernels.AdamBatch(stats.thresholds_f32) if fused else None
-        # rows a linked gradient computer already computed in its pass, with their inputs
-        # (see joint_inputs)
-        precomputed = context.take(self.rows_key()) or {}
+        # rows the pass shared with the gradient family computed, with their inputs
+        shared = self._shared_rows(context, stats) if batch is not None else {}
         for name, p, st, group in entries:
             if shard_info(p).owner:
-                self._update(stats, p, st, group, rows[name], batch, precomputed.get(name))
+                self._update(stats, p, st, group, rows[name], batch, shared.pop(name, None))
         if batch is not None:
             sums, maxes, extras, batch_groups = batch.rows()
             stats.accumulate_rows(sums, maxes, batch_groups, extras)
@@ -266,56 +229,26 @@ class AdamSignDescentMetrics(MetricComputer):
         out = self._finalize(results, groups)
         if self.histogram_samples > 0:
             sample = self._histogram(params, entries)
-            self.last_histograms = {"adam_sign/u": sample.result()}
+            histograms = {"adam_sign/u": sample.result()}
             out["adam_sign/histogram_nonfinite"] = float(sample.nonfinite)
+            return MetricResult(out, histograms)
         return out
 
     def _thresholds(self) -> list[float]:
         return [self._small, self._lo, self._hi]
 
-    def kernel_thresholds(self) -> list[float]:
-        """The thresholds of the ``|u|`` counts as the kernels compare them (float32)."""
-        return [f32_floor(t) for t in sorted(self._thresholds())]
-
-    def rows_key(self) -> tuple[str, int]:
-        """The :class:`AnalysisContext` key under which a linked gradient computer leaves this
-        computer's kernel rows for the current measurement: ``{parameter name: (row, m, v, g,
-        w, scale, shift)}``."""
-        return ("adam_sign/rows", id(self))
-
-    def joint_inputs(
-        self, context: AnalysisContext, names: set[str]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Scalar, Scalar]]:
-        """``{name: (m, v, w, scale, shift)}`` for the parameters among ``names`` that this
-        computer would read, held locally, for a gradient computer computing both families in
-        one pass (``{}`` when this computer does not use the kernels or has no state)."""
-        model, optimizer = context.model, context.optimizer
-        if not self.fused or model is None or optimizer is None:
+    def _shared_rows(
+        self, context: AnalysisContext | None, stats: StreamingStats
+    ) -> dict[str, tuple[Any, ...]]:
+        """This family's rows of the pass shared with the gradient family (``{}`` without
+        one): ``{name: (row, m, v, g, w, scale, shift)}``."""
+        shared = self.optimizer_pass
+        if shared is None or context is None:
             return {}
-        entries = adam_entries(optimizer, collect_parameters(model, self.trainable_only))
-        if not kernels.worth_it(sum(p.numel() for _, p, _, _ in entries)):
-            return {}  # this computer stays eager: nothing to share
-        out = {}
-        for name, p, st, group in entries:
-            contiguous = local_tensor(p).is_contiguous() and all(
-                local_tensor(st[k]).is_contiguous() for k in ("exp_avg", "exp_avg_sq")
-            )  # otherwise the flat views below would be copies, held for the whole pass
-            if name in names and contiguous and shard_info(p).owner:
-                m, v, bc1, bc2s, eps = self._state(p, st, group)
-                scale, shift = u_constants(bc1, bc2s, eps)
-                out[name] = (m, v, real_view(local_tensor(p)).reshape(-1), scale, shift)
-        return out
-
-    def _state(
-        self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, Scalar, Scalar, float]:
-        """Flat ``m``, flat denominator state, the two bias corrections and ``eps``."""
-        beta1, beta2 = (float(b) for b in group["betas"])
-        bc1, bc2s = bias_corrections(st["step"], beta1, beta2)
-        v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
-        m = real_view(local_tensor(st["exp_avg"])).reshape(-1)
-        v = real_view(local_tensor(v)).reshape(-1)
-        return m, v, bc1, bc2s, float(group["eps"])
+        mine = (tuple(stats.thresholds_f32), self.trainable_only)
+        if (shared.u_thresholds, shared.trainable_only) != mine:
+            return {}  # declared for another configuration: its rows are not this computer's
+        return shared.rows(context).adam
 
     def _update(
         self,
@@ -328,14 +261,14 @@ class AdamSignDescentMetrics(MetricComputer):
         handoff: tuple[Any, ...] | None = None,
     ) -> None:
         """Feed one parameter to ``stats``, or to ``batch`` when its kernels take it.
-        ``handoff`` is ``(row, m, v, g, w, scale, shift)`` from a linked gradient computer's
-        pass."""
+        ``handoff`` is ``(row, m, v, g, w, scale, shift)`` from the pass shared with the
+        gradient family."""
         sign = -1.0 if group.get("maximize") else 1.0
         if batch is not None and handoff is not None:
             raw, *inputs = handoff
             if batch.add(*inputs, rows, sign, float(group["lr"]), raw):
                 return
-        m, v, bc1, bc2s, eps = self._state(p, st, group)
+        m, v, bc1, bc2s, eps = adam_inputs(st, group)
         lr_sq = float(group["lr"]) ** 2
         w = real_view(local_tensor(p)).reshape(-1)
         grad = local_tensor(p.grad) if p.grad is not None else None
@@ -396,12 +329,12 @@ class AdamSignDescentMetrics(MetricComputer):
             self.histogram_samples, [i.global_numel for i in infos], self.histogram_seed
         )
         index = {name: i for i, (name, _) in enumerate(params)}
-        for name, p, st, group in entries:
+        for name, _, st, group in entries:
             i = index[name]
             info = infos[i]
             if not info.owner:
                 continue
-            m, v, bc1, bc2s, eps = self._state(p, st, group)
+            m, v, bc1, bc2s, eps = adam_inputs(st, group)
             scale, shift = u_constants(bc1, bc2s, eps)
 
             def u_at(pos: torch.Tensor, m=m, v=v, scale=scale, shift=shift) -> torch.Tensor:

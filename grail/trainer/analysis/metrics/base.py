@@ -13,25 +13,78 @@ every rank. ``compute`` is always called with keyword arguments, so the minimal 
 A computer that runs forward passes declares it with ``requires_model()``/``requires_inputs()``;
 one that reads gradients or optimizer state with ``requires_optimizer()``. The manager never
 tests for a concrete class.
+
+``compute`` returns the keys as a plain ``dict`` or, when it also has sampled distributions for
+histogram loggers, as a :class:`MetricResult` (a read-only mapping of the keys that carries
+``histograms`` beside them); the manager collects both into ``on_optimizer_step``'s return
+value and ``manager.last_histograms``. Two computers that share work do it through the
+measurement's :class:`AnalysisContext` (:meth:`AnalysisContext.shared`), never through
+references to each other.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..core.logonce import LogOnce
+
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
+    from ..config import AnalysisConfig
     from ..core.snapshot import ParameterDelta, ParameterSnapshot
 
-__all__ = ["AnalysisContext", "MetricComputer"]
+__all__ = ["AnalysisContext", "MetricComputer", "MetricResult"]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, eq=False)
+class MetricResult(Mapping[str, float]):
+    """What a computer returns when it has histograms besides its keys.
+
+    ``metrics`` are the keys (``{"family/name": value}``); ``histograms`` map a name such as
+    ``"gradient/abs_grad"`` to sampled values (a 1-D numpy array) for histogram loggers. The
+    result reads as the mapping of its ``metrics``, so code that indexes or iterates a computer's
+    return value works whichever of the two forms it gets; equality with a mapping compares the
+    metrics.
+
+    >>> import numpy as np
+    >>> r = MetricResult({"demo/norm": 1.5}, {"demo/values": np.array([0.5, 2.0])})
+    >>> r["demo/norm"], list(r), r == {"demo/norm": 1.5}
+    (1.5, ['demo/norm'], True)
+    >>> MetricResult.of({"demo/norm": 1.5}).histograms, MetricResult.of(None).metrics
+    ({}, {})
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: Mapping[str, float] | None) -> MetricResult:
+        """``value`` itself if it is a :class:`MetricResult`, else its keys without histograms
+        (``None`` counts as no keys)."""
+        if isinstance(value, MetricResult):
+            return value
+        return cls(dict(value or {}))
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+    def __repr__(self) -> str:
+        return f"MetricResult({self.metrics!r}, histograms={sorted(self.histograms)!r})"
 
 
 @dataclass
@@ -125,8 +178,27 @@ class MetricComputer(ABC):
         current_snapshot: ParameterSnapshot | None = None,
         context: AnalysisContext | None = None,
         **kwargs: Any,
-    ) -> dict[str, float]:
-        """Return ``{"family/name": value}`` for one measurement."""
+    ) -> dict[str, float] | MetricResult:
+        """Return ``{"family/name": value}`` for one measurement (or a :class:`MetricResult`
+        that also carries histograms)."""
+
+    @classmethod
+    def from_config(
+        cls,
+        config: AnalysisConfig,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> MetricComputer:
+        """The computer an :class:`~grail.trainer.analysis.config.AnalysisConfig` describes.
+
+        Every built-in family implements it (``ModelAnalysisManager.create`` builds each
+        enabled family this way); ``output_fn`` maps a model output to logits for the families
+        that run forward passes and is ignored by the others. A custom computer need not
+        implement it: construct it and pass it to ``add_metric``.
+        """
+        raise NotImplementedError(
+            f"{cls.__name__} is not built from an AnalysisConfig; construct it and pass it to "
+            "ModelAnalysisManager.add_metric()"
+        )
 
     def requires_model(self) -> bool:
         """True if :attr:`AnalysisContext.model` must be set."""
@@ -148,12 +220,21 @@ class MetricComputer(ABC):
     def reset(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Forget state carried across measurements (called by ``manager.reset()``)."""
 
+    def _once(self) -> LogOnce:
+        """This computer's :class:`~grail.trainer.analysis.core.logonce.LogOnce` (its module's
+        logger), made on first use: subclasses need not call ``super().__init__()``."""
+        once = self.__dict__.get("_log_once")
+        if once is None:
+            once = self.__dict__["_log_once"] = LogOnce(logging.getLogger(type(self).__module__))
+        return once
+
     def log_once(self, message: str) -> None:
         """Log ``message`` at INFO level the first time this computer says it."""
-        seen = self.__dict__.setdefault("_said", set())
-        if message not in seen:
-            seen.add(message)
-            logging.getLogger(type(self).__module__).info("%s: %s", self.name, message)
+        self._once().info(("info", message), "%s: %s", self.name, message)
+
+    def warn_once(self, key: Hashable, message: str, *args: Any) -> None:
+        """Log ``message % args`` as a warning the first time this computer meets ``key``."""
+        self._once().warning(("warning", key), message, *args)
 
     def skip(self, reason: str) -> dict[str, float]:
         """Return ``{}`` for this measurement, logging ``reason`` once per computer (INFO).

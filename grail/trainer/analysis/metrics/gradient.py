@@ -29,11 +29,18 @@ Sparse gradients (``nn.Embedding(sparse=True)``) are coalesced (duplicate indice
 optimizer sees them) and their implicit zeros count as entries equal to zero. Complex gradients
 are read as pairs of reals.
 
-With ``histogram_samples > 0`` the computer also sets :attr:`last_histograms` to
+With ``histogram_samples > 0`` the computer returns a
+:class:`~grail.trainer.analysis.metrics.base.MetricResult` whose ``histograms`` are
 ``{"gradient/abs_grad": |g| at up to histogram_samples positions}`` (see
 :class:`HistogramSample`: positions are drawn over every trainable entry, those without a gradient
 and non-finite values are left out) and reports ``histogram_nonfinite``, the number of sampled
-values left out because they were NaN/Inf; otherwise :attr:`last_histograms` is ``{}``.
+values left out because they were NaN/Inf; otherwise it returns a plain ``dict``.
+
+With the compiled kernels, a computer holding an
+:class:`~grail.trainer.analysis.metrics.optimizer_pass.OptimizerPass` (as
+``ModelAnalysisManager.create`` builds it when the Adam family is on too) reads each gradient
+once for both families: whichever of the two runs first computes the joint rows, and this
+computer takes the gradient's half from the measurement's context.
 
 Decisions: when no parameter has a gradient (called after ``zero_grad(set_to_none=True)``) the
 computer returns ``{}`` and logs one info message, rather than reporting zero norms.
@@ -64,16 +71,12 @@ from ..core.layout import LE
 from ..core.naming import ParameterNaming, group_prefix, group_rows
 from ..core.snapshot import collect_parameters
 from ..core.stats import StreamingStats, Summary
-from .base import AnalysisContext, MetricComputer
+from .base import AnalysisContext, MetricComputer, MetricResult
+from .optimizer_pass import OptimizerPass, real_view
 
 __all__ = ["GradientSparsityMetrics", "HistogramSample", "real_view"]
 
 logger = logging.getLogger(__name__)
-
-
-def real_view(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself, or a complex ``t`` viewed as real pairs (as torch's optimizers read it)."""
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 class HistogramSample:
@@ -157,6 +160,7 @@ class GradientSparsityMetrics(MetricComputer):
         histogram_samples: int = 0,
         histogram_seed: int = 0,
         fused: bool = True,
+        optimizer_pass: OptimizerPass | None = None,
     ) -> None:
         self.thresholds = sorted(float(t) for t in thresholds)
         self.fused = fused
@@ -165,20 +169,14 @@ class GradientSparsityMetrics(MetricComputer):
         self.component_map = dict(component_map or {})
         self.histogram_samples = histogram_samples
         self.histogram_seed = histogram_seed
-        self.last_histograms: dict[str, np.ndarray] = {}
+        #: the pass shared with the Adam family (see module docstring), or None
+        self.optimizer_pass = optimizer_pass
         self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
-        self._partner: Any = None
-
-    def share_pass_with(self, adam: Any) -> None:
-        """Compute ``adam``'s (an :class:`~.adam_sign.AdamSignDescentMetrics` that runs after
-        this computer in the same measurements) kernel rows in this computer's pass: one
-        compiled loop per parameter reads the gradient once for both families and leaves
-        ``adam``'s rows in the context, which it takes instead of reading the gradient again.
-        Results are the same as without the link."""
-        self._partner = adam
 
     @classmethod
-    def from_config(cls, config: AnalysisConfig) -> GradientSparsityMetrics:
+    def from_config(
+        cls, config: AnalysisConfig, output_fn: Callable[[Any], torch.Tensor] | None = None
+    ) -> GradientSparsityMetrics:
         return cls(
             thresholds=config.gradient_thresholds,
             per_layer=config.gradient_track_per_layer,
@@ -186,6 +184,7 @@ class GradientSparsityMetrics(MetricComputer):
             component_map=config.component_map,
             histogram_samples=config.histogram_samples,
             fused=config.fused_kernels,
+            optimizer_pass=OptimizerPass.from_config(config),
         )
 
     def requires_model(self) -> bool:
@@ -199,8 +198,7 @@ class GradientSparsityMetrics(MetricComputer):
 
     def compute(
         self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
-    ) -> dict[str, float]:
-        self.last_histograms = {}
+    ) -> dict[str, float] | MetricResult:
         model = context.model if context is not None else None
         if model is None:
             return self.skip("no model passed")
@@ -214,11 +212,7 @@ class GradientSparsityMetrics(MetricComputer):
         numel = sum(p.numel() for _, p in with_grad)
         fused = self.fused and kernels.worth_it(numel)
         batch = kernels.MomentsBatch(stats.thresholds_f32) if fused else None
-        joint: dict[str, Any] = {}
-        if batch is not None and self._partner is not None and context is not None:
-            joint = self._partner.joint_inputs(context, {n for n, _ in params})
-            adam_batch = kernels.AdamBatch(self._partner.kernel_thresholds())
-        adam_rows: dict[str, tuple[Any, ...]] = {}
+        shared = self._shared_rows(context, stats) if batch is not None else {}
         for name, p in params:
             if not shard_info(p).owner:
                 continue
@@ -230,20 +224,12 @@ class GradientSparsityMetrics(MetricComputer):
                 self._update_sparse(stats, grad, rows[name])
                 continue
             flat = real_view(grad).reshape(-1)
-            raw = None
-            if name in joint:
-                m, v, w, scale, shift = joint[name]
-                pair = kernels.joint_rows(adam_batch, batch, m, v, flat, w, scale, shift)
-                if pair is not None:
-                    adam_rows[name] = (pair[0], m, v, flat, w, scale, shift)
-                    raw = pair[1]
+            raw = shared.pop(name, None)  # this parameter's row from the shared pass
             if batch is None or not batch.add(flat, rows[name], raw):
                 stats.update(flat, rows[name])
         if batch is not None:
             sums, maxes, batch_groups = batch.rows()
             stats.accumulate_rows(sums, maxes, batch_groups)
-        if adam_rows:
-            context.share(self._partner.rows_key(), adam_rows)
         stats.all_reduce()
         results = stats.results()
         if results[0].count + results[0].nonfinite == 0:
@@ -254,9 +240,21 @@ class GradientSparsityMetrics(MetricComputer):
         out = self._finalize(results, groups)
         if self.histogram_samples > 0:
             sample = self._histogram(params)
-            self.last_histograms = {"gradient/abs_grad": sample.result()}
+            histograms = {"gradient/abs_grad": sample.result()}
             out["gradient/histogram_nonfinite"] = float(sample.nonfinite)
+            return MetricResult(out, histograms)
         return out
+
+    def _shared_rows(
+        self, context: AnalysisContext | None, stats: StreamingStats
+    ) -> dict[str, torch.Tensor]:
+        """The gradient rows of the pass shared with the Adam family (``{}`` without one)."""
+        shared = self.optimizer_pass
+        if shared is None or context is None:
+            return {}
+        if shared.moment_thresholds != tuple(stats.thresholds_f32):
+            return {}  # declared for other thresholds: its rows are not this computer's
+        return shared.rows(context).moments
 
     def _update_sparse(self, stats: StreamingStats, grad: torch.Tensor, rows: list[int]) -> None:
         grad = grad.to_sparse_coo().coalesce()

@@ -280,10 +280,9 @@ class LowRankMetrics(MetricComputer):
             )
 
         spectra, nonfinite = sharded_spectra(delta, names, compute, layout)
-        if nonfinite and not self.__dict__.get("_warned_nonfinite"):
-            self._warned_nonfinite = True
-            logger.warning("low-rank analysis leaves out matrices with non-finite updates (now "
-                           "%d, first %s); counted in lowrank/nonfinite_matrices",
+        if nonfinite:
+            self.warn_once("nonfinite", "low-rank analysis leaves out matrices with non-finite "
+                           "updates (now %d, first %s); counted in lowrank/nonfinite_matrices",
                            len(nonfinite), nonfinite[0])
         return spectra, nonfinite
 

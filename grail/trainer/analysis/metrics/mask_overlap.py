@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from ..config import AnalysisConfig
 from ..core.snapshot import ParameterDelta
 from ..core.stats import StreamingStats
 from .base import MetricComputer
@@ -114,6 +115,12 @@ class MaskOverlapMetrics(MetricComputer):
     def __init__(self) -> None:
         self._previous: dict[str, torch.Tensor] = {}
         self._names: tuple[str, ...] = ()  # non-empty once a changed set has been recorded
+
+    @classmethod
+    def from_config(
+        cls, config: AnalysisConfig, output_fn: Callable[[Any], torch.Tensor] | None = None
+    ) -> MaskOverlapMetrics:
+        return cls()  # nothing to configure: param_change_track_mask_overlap turns it on
 
     def reset(self) -> None:
         self._previous = {}

@@ -37,7 +37,10 @@ apparent sparsity is rounding, not a sparse update.
 
 On CPU, with ``fused=True`` (the default) and a lossless snapshot, each parameter is computed in
 one compiled loop (:class:`~grail.trainer.analysis.kernels.ChangeBatch`, float64 sums); other
-snapshots, devices and layouts take the chunked eager path. Both give the same numbers (tested).
+snapshots, devices and layouts take the chunked eager path, and so does a delta whose
+:attr:`~grail.trainer.analysis.core.snapshot.ParameterDelta.kernel_streamable` is False (one
+that observes its stream, or reads its tensors lazily from a checkpoint). Both paths give the
+same numbers (tested).
 
 Example:
     >>> import torch
@@ -54,13 +57,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .. import kernels
-from ..config import format_threshold
+from ..config import AnalysisConfig, format_threshold
 from ..core.naming import ParameterNaming, group_prefix, group_rows
 from ..core.scratch import ScratchBuffers
 from ..core.snapshot import DeltaChunk, ParameterDelta
@@ -102,6 +105,19 @@ class ParameterChangeMetrics(MetricComputer):
         self._naming: tuple[tuple[str, ...], ParameterNaming] | None = None
         self._scratch = ScratchBuffers(chunk_numel)
 
+    @classmethod
+    def from_config(
+        cls, config: AnalysisConfig, output_fn: Callable[[Any], torch.Tensor] | None = None
+    ) -> ParameterChangeMetrics:
+        return cls(
+            thresholds=config.param_change_thresholds,
+            per_layer=config.param_change_per_layer,
+            track_components=config.param_change_track_components,
+            track_sign_flips=config.param_change_track_sign_flips,
+            component_map=config.component_map,
+            fused=config.fused_kernels,
+        )
+
     # --- grouping --------------------------------------------------------------------------
     def _groups(self, names: list[str]) -> tuple[list[str], dict[str, list[int]]]:
         key = tuple(names)
@@ -127,16 +143,11 @@ class ParameterChangeMetrics(MetricComputer):
             sorted({0.0, *self.thresholds}), groups=groups, extra_sums=_EXTRAS, device=device
         )
         eager = delta.names
-        # A delta that customises stream() (observed), or whose snapshots load tensors lazily
-        # (offline checkpoints: the kernels would hold every tensor until the end), streams.
-        plain = (
-            type(delta).stream is ParameterDelta.stream
-            and "stream" not in vars(delta)
-            and type(delta.new.data) is dict
-            and type(delta.old.data) is dict
-        )
-        numel = sum(delta.new.shards[n].global_numel for n in delta.names) if plain else 0
-        if self.fused and plain and kernels.worth_it(numel):
+        # The kernels read whole tensors from the snapshots instead of streaming them: only a
+        # delta that says so (not an observed or lazily loaded one) goes to them.
+        whole = delta.kernel_streamable
+        numel = sum(delta.new.shards[n].global_numel for n in delta.names) if whole else 0
+        if self.fused and whole and kernels.worth_it(numel):
             batch = kernels.ChangeBatch(stats.thresholds_f32)
             eager = [n for n in delta.names if not self._take(batch, delta, n, rows[n])]
             sums, maxes, extras, batch_groups = batch.rows()

@@ -1,7 +1,9 @@
 """Which built-in computers a config enables, in the order they run.
 
 Cheap streaming statistics run first, forward-pass metrics last, so that a slow or failing
-forward pass never delays the numbers that cost nothing.
+forward pass never delays the numbers that cost nothing. Each family is built by its own
+``from_config``; families that share work (the gradient and Adam families' one read of each
+gradient) find each other through the measurement's context, so the registry wires nothing.
 """
 
 from __future__ import annotations
@@ -12,56 +14,39 @@ from typing import Any
 import torch
 
 from ..config import AnalysisConfig
+from .adam_sign import AdamSignDescentMetrics
 from .base import MetricComputer
+from .drift import DriftMetrics
+from .gradient import GradientSparsityMetrics
+from .low_rank import LowRankMetrics
+from .mask_overlap import MaskOverlapMetrics
+from .parameter_change import ParameterChangeMetrics
+from .sparse_quality import SparseQualityMetrics
 
-__all__ = ["build_computers"]
+__all__ = ["FAMILIES", "build_computers"]
+
+#: ``(config switch, computer class)`` of every built-in family, in run order.
+FAMILIES: tuple[tuple[str, type[MetricComputer]], ...] = (
+    ("param_change_enabled", ParameterChangeMetrics),
+    ("param_change_track_mask_overlap", MaskOverlapMetrics),
+    ("gradient_enabled", GradientSparsityMetrics),
+    ("adam_sign_enabled", AdamSignDescentMetrics),
+    ("sparse_quality_enabled", SparseQualityMetrics),
+    ("low_rank_enabled", LowRankMetrics),
+    ("drift_enabled", DriftMetrics),  # last: its output metrics reuse the others' reference logits
+)
 
 
 def build_computers(
     config: AnalysisConfig, output_fn: Callable[[Any], torch.Tensor] | None = None
 ) -> list[MetricComputer]:
-    """Instantiate every built-in computer that ``config`` turns on."""
-    out: list[MetricComputer] = []
-    if config.param_change_enabled:
-        from .parameter_change import ParameterChangeMetrics
+    """Instantiate every built-in computer that ``config`` turns on.
 
-        out.append(
-            ParameterChangeMetrics(
-                thresholds=config.param_change_thresholds,
-                per_layer=config.param_change_per_layer,
-                track_components=config.param_change_track_components,
-                track_sign_flips=config.param_change_track_sign_flips,
-                component_map=config.component_map,
-                fused=config.fused_kernels,
-            )
-        )
-    if config.param_change_track_mask_overlap:
-        from .mask_overlap import MaskOverlapMetrics
-
-        out.append(MaskOverlapMetrics())
-    gradient = adam = None
-    if config.gradient_enabled:
-        from .gradient import GradientSparsityMetrics
-
-        gradient = GradientSparsityMetrics.from_config(config)
-        out.append(gradient)
-    if config.adam_sign_enabled:
-        from .adam_sign import AdamSignDescentMetrics
-
-        adam = AdamSignDescentMetrics.from_config(config)
-        out.append(adam)
-    if gradient is not None and adam is not None and config.fused_kernels:
-        gradient.share_pass_with(adam)  # one read of each gradient for both families
-    if config.sparse_quality_enabled:
-        from .sparse_quality import SparseQualityMetrics
-
-        out.append(SparseQualityMetrics.from_config(config, output_fn=output_fn))
-    if config.low_rank_enabled:
-        from .low_rank import LowRankMetrics
-
-        out.append(LowRankMetrics.from_config(config, output_fn=output_fn))
-    if config.drift_enabled:  # last: its output metrics reuse the others' reference logits
-        from .drift import DriftMetrics
-
-        out.append(DriftMetrics.from_config(config, output_fn=output_fn))
-    return out
+    >>> [c.name for c in build_computers(AnalysisConfig(gradient_enabled=True))]
+    ['param_change', 'gradient', 'sparse']
+    """
+    return [
+        family.from_config(config, output_fn=output_fn)
+        for switch, family in FAMILIES
+        if getattr(config, switch)
+    ]

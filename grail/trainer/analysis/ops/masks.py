@@ -12,6 +12,14 @@
   then one of the low 16 bits inside the selected bin. Memory is two histograms, not a
   concatenation or sort of all deltas.
 
+A mask as the patching applies it is a :class:`Mask`: a small frozen object, callable as a
+:data:`DropFn`, that declares what it is - its :class:`DropSpec` (which the compiled swap
+evaluates itself; ``None`` for a mask known only by its function) and whether it reads
+``|delta|`` at all. :class:`MagnitudeDrop` (:func:`magnitude_drop`) and :class:`RandomDrop`
+(:func:`random_drop`) carry a spec; :func:`as_mask` turns any other drop function into a
+:class:`FunctionMask` without one, so a wrapper that changes what a mask drops is evaluated by
+calling it, never replaced by the spec of what it wraps.
+
 Example:
     >>> import torch
     >>> d = torch.tensor([0.0, 1e-7, 1e-5, -1e-3])
@@ -27,8 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -40,21 +50,23 @@ __all__ = [
     "NO_DROP",
     "DropFn",
     "DropSpec",
+    "FunctionMask",
+    "MagnitudeDrop",
+    "Mask",
+    "RandomDrop",
+    "as_mask",
     "keep_ratio_thresholds",
     "keep_threshold_bits",
     "magnitude_drop",
     "magnitude_keep_mask",
     "mix_seed",
     "pack_mask",
-    "position_only",
     "random_bits",
     "random_drop",
     "random_keep_mask",
     "random_key",
     "random_uniforms",
-    "spec_of",
     "unpack_mask",
-    "uses_delta",
 ]
 
 _MASK63 = (1 << 63) - 1
@@ -159,29 +171,18 @@ def keep_threshold_bits(keep: float) -> int:
 #: ``drop(name, global_offset, abs_bits, out) -> out``: int32 ``-1`` where an entry reverts to
 #: ``W_old``, ``0`` where it keeps ``W_new``. ``abs_bits`` is the int32 bit pattern of ``|delta|``
 #: of the chunk starting at ``global_offset``; ``out`` is an int32 buffer of the same size. A
-#: drop that depends on the position alone is marked by :func:`position_only` and gets ``None``
-#: for ``abs_bits``, sparing the caller the delta.
+#: :class:`Mask` whose ``uses_delta`` is False gets ``None`` for ``abs_bits``, sparing the caller
+#: the delta.
 DropFn = Callable[[str, int, "torch.Tensor | None", torch.Tensor], torch.Tensor]
-
-
-def position_only(drop: DropFn) -> DropFn:
-    """Mark ``drop`` as independent of ``|delta|`` (see :func:`uses_delta`)."""
-    drop.uses_delta = False  # type: ignore[attr-defined]
-    return drop
-
-
-def uses_delta(drop: DropFn) -> bool:
-    """Whether ``drop`` reads ``abs_bits`` (every drop not marked :func:`position_only`)."""
-    return getattr(drop, "uses_delta", True)
 
 
 @dataclass(frozen=True)
 class DropSpec:
-    """What a drop function computes, in a form the compiled swap of
+    """What a mask computes, in a form the compiled swap of
     :mod:`~grail.trainer.analysis.kernels` evaluates itself: an entry is dropped where
     ``float32 |delta| <= threshold`` (``-inf``: never) or where its :func:`random_bits` drawn
-    with ``seed`` are ``>= keep_limit`` (``2**24``: never). :func:`magnitude_drop` and
-    :func:`random_drop` carry one (:func:`spec_of`); other drops are evaluated eagerly.
+    with ``seed`` are ``>= keep_limit`` (``2**24``: never). :class:`MagnitudeDrop` and
+    :class:`RandomDrop` carry one (:attr:`Mask.spec`); other masks are evaluated by calling them.
     """
 
     threshold: float = -math.inf
@@ -197,13 +198,50 @@ class DropSpec:
 NO_DROP = DropSpec()
 
 
-def spec_of(drop: DropFn) -> DropSpec | None:
-    """The :class:`DropSpec` of ``drop``, or ``None`` for a drop only known as a function.
+class Mask(ABC):
+    """Which entries of an update revert to ``W_old``: callable as a :data:`DropFn`, and
+    declaring what it is (see module docstring).
 
-    It is a function attribute, which ``functools.wraps`` copies: a wrapper that changes what
-    the mask drops must set its own ``spec = None``, or the compiled swap would ignore it.
+    A subclass implements ``__call__``; it overrides :attr:`spec` when the compiled swap can
+    evaluate it, and sets ``uses_delta = False`` when it depends on the position alone.
     """
-    return getattr(drop, "spec", None)
+
+    #: Whether the call reads ``abs_bits``; ``False``: it is passed ``None``.
+    uses_delta: ClassVar[bool] = True
+
+    @property
+    def spec(self) -> DropSpec | None:
+        """What the mask computes, for the compiled swap; ``None``: call it."""
+        return None
+
+    @abstractmethod
+    def __call__(
+        self, name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        """The int32 ``-1/0`` drop mask of a chunk, written into ``out`` (see :data:`DropFn`)."""
+
+
+@dataclass(frozen=True)
+class FunctionMask(Mask):
+    """A mask known only by its function: no spec, and it is given ``|delta|``.
+
+    >>> m = as_mask(lambda name, offset, bits, out: out.fill_(-1))
+    >>> m.spec is None, m.uses_delta
+    (True, True)
+    """
+
+    fn: DropFn
+
+    def __call__(
+        self, name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        return self.fn(name, offset, abs_bits, out)
+
+
+def as_mask(drop: Mask | DropFn) -> Mask:
+    """``drop`` itself if it is a :class:`Mask`, else a :class:`FunctionMask` calling it (a
+    function never inherits a spec, whatever attributes it carries)."""
+    return drop if isinstance(drop, Mask) else FunctionMask(drop)
 
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -253,40 +291,84 @@ def _f32_bits(t: float) -> int:
     return int(np.float32(t).view(np.int32))
 
 
-def magnitude_drop(threshold: float) -> DropFn:
-    """Drop entries with ``|delta| <= threshold`` (NaN deltas are kept)."""
+@dataclass(frozen=True)
+class MagnitudeDrop(Mask):
+    """Drop entries with ``|delta| <= threshold`` (NaN deltas are kept).
+
+    >>> bits = torch.tensor([0.0, 1e-7, 1e-5]).view(torch.int32)
+    >>> MagnitudeDrop(1e-6)("w", 0, bits, torch.empty_like(bits)).tolist()
+    [-1, -1, 0]
+    >>> MagnitudeDrop(1e-6).spec.threshold == f32_floor(1e-6)
+    True
+    """
+
+    threshold: float
     # A negative or NaN threshold drops nothing (limit 0); its bit pattern would wrap around.
     # -0.0 counts as +0.0 (its bit pattern is the sign bit: the limit would wrap around too)
-    t32 = f32_floor(threshold) + 0.0 if threshold >= 0 else -math.inf
-    limit = _f32_bits(t32) + 1 if threshold >= 0 else 0
+    _t32: float = field(init=False, repr=False, compare=False)
+    _limit: int = field(init=False, repr=False, compare=False)
 
-    def drop(
-        name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
+    def __post_init__(self) -> None:
+        ok = self.threshold >= 0
+        object.__setattr__(self, "_t32", f32_floor(self.threshold) + 0.0 if ok else -math.inf)
+        object.__setattr__(self, "_limit", _f32_bits(self._t32) + 1 if ok else 0)
+
+    @property
+    def spec(self) -> DropSpec:
+        return DropSpec(threshold=self._t32)
+
+    def __call__(
+        self, name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
     ) -> torch.Tensor:
         assert abs_bits is not None
-        return torch.sub(abs_bits, limit, out=out).bitwise_right_shift_(31)
-
-    drop.spec = DropSpec(threshold=t32)  # type: ignore[attr-defined]
-    return drop
+        return torch.sub(abs_bits, self._limit, out=out).bitwise_right_shift_(31)
 
 
-def random_drop(keep: float, seed: int) -> DropFn:
-    """Drop each entry with probability ``1 - keep`` (:func:`random_bits` decides)."""
-    limit = keep_threshold_bits(keep)
-    scratch = ScratchBuffers()
+@dataclass(frozen=True)
+class RandomDrop(Mask):
+    """Drop each entry with probability ``1 - keep`` (:func:`random_bits` with ``seed``
+    decides, by global position: no ``|delta|`` needed).
 
-    @position_only
-    def drop(
-        name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
+    >>> out = torch.empty(6, dtype=torch.int32)
+    >>> RandomDrop(0.0, seed=1)("w", 0, None, out).tolist(), RandomDrop(0.5, 1).uses_delta
+    ([-1, -1, -1, -1, -1, -1], False)
+    """
+
+    keep: float
+    seed: int
+    uses_delta: ClassVar[bool] = False
+    _limit: int = field(init=False, repr=False, compare=False)
+    _scratch: ScratchBuffers = field(
+        default_factory=ScratchBuffers, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_limit", keep_threshold_bits(self.keep))
+
+    @property
+    def spec(self) -> DropSpec:
+        return DropSpec(keep_limit=self._limit, seed=self.seed)
+
+    def __call__(
+        self, name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor
     ) -> torch.Tensor:
         n = out.numel()
-        tmp = scratch.get(out.device, n, out.dtype)
-        bits = random_bits(n, seed, name, offset, out.device, out=out, tmp=tmp)
+        tmp = self._scratch.get(out.device, n, out.dtype)
+        bits = random_bits(n, self.seed, name, offset, out.device, out=out, tmp=tmp)
         # kept iff bits < limit  <=>  (limit - 1 - bits) >= 0; drop = sign bit of that
-        return bits.neg_().add_(limit - 1).bitwise_right_shift_(31)
+        return bits.neg_().add_(self._limit - 1).bitwise_right_shift_(31)
 
-    drop.spec = DropSpec(keep_limit=limit, seed=seed)  # type: ignore[attr-defined]
-    return drop
+
+def magnitude_drop(threshold: float) -> MagnitudeDrop:
+    """Drop entries with ``|delta| <= threshold`` (NaN deltas are kept):
+    :class:`MagnitudeDrop`."""
+    return MagnitudeDrop(threshold)
+
+
+def random_drop(keep: float, seed: int) -> RandomDrop:
+    """Drop each entry with probability ``1 - keep`` (:func:`random_bits` decides):
+    :class:`RandomDrop`."""
+    return RandomDrop(keep, seed)
 
 
 def random_keep_mask(

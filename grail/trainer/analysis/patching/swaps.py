@@ -58,7 +58,7 @@ from ..core.distributed import fsdp_units, local_tensor, shard_info, unwrap_mode
 from ..core.scratch import ScratchBuffers
 from ..core.snapshot import ParameterDelta, collect_parameters, float32_delta_
 from ..core.stats import chunk_numel
-from ..ops.masks import NO_DROP, DropFn, DropSpec, pack_mask, spec_of, unpack_mask, uses_delta
+from ..ops.masks import NO_DROP, DropFn, DropSpec, Mask, as_mask, pack_mask, unpack_mask
 
 __all__ = ["ModulePatch", "SelectPatch", "analysis_mode"]
 
@@ -92,7 +92,7 @@ class _Patched:
     index: torch.Tensor | None = None  # fallback path: positions written ...
     saved: torch.Tensor | None = None  # ... and their original values
     packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the swap mask, 1 bit an entry
-    drop: DropFn | None = None  # the mask in place (recomputed to undo where not packed)
+    drop: Mask | None = None  # the mask in place (recomputed to undo where not packed)
     fused: bool = False  # the whole tensor, swapped by the compiled kernel (masks recomputed)
 
 
@@ -106,7 +106,9 @@ def _pack_on(device: torch.device) -> bool:
 
 class SelectPatch:
     """Within the context, each parameter equals ``W_new`` where ``drop`` is 0 and ``W_old``
-    where it is -1 (see module docstring and :data:`~grail.trainer.analysis.ops.masks.DropFn`).
+    where it is -1 (see module docstring). ``drop`` is a
+    :class:`~grail.trainer.analysis.ops.masks.Mask` or any function with the
+    :data:`~grail.trainer.analysis.ops.masks.DropFn` signature (taken as a mask without a spec).
 
     When parameter and snapshot share a dtype, dropped entries are exchanged between them with
     an XOR swap of their bit patterns (``x = (p ^ s) & m; p ^= x; s ^= x``): three integer ops,
@@ -117,8 +119,9 @@ class SelectPatch:
     Otherwise (snapshot dtype differs) the dropped changed values are saved and written back.
 
     ``fused`` lets :func:`~grail.trainer.analysis.kernels.select_swap` move whole CPU tensors
-    in one compiled pass when the mask carries a :class:`~grail.trainer.analysis.ops.masks.DropSpec`
-    (such records keep no packed mask: undoing recomputes it in the same pass). A tensor the
+    in one compiled pass when the mask declares a spec
+    (:attr:`~grail.trainer.analysis.ops.masks.Mask.spec`; such records keep no packed mask:
+    undoing recomputes it in the same pass). A tensor the
     kernel declines, at any step, continues on the eager path from the state it is in.
 
     ``count_dropped`` / ``count_changed`` turn off the counts behind :meth:`dropped_count` and
@@ -130,14 +133,14 @@ class SelectPatch:
     def __init__(
         self,
         delta: ParameterDelta,
-        drop: DropFn,
+        drop: Mask | DropFn,
         *,
         count_dropped: bool = True,
         count_changed: bool = True,
         fused: bool = False,
     ) -> None:
         self.delta = delta
-        self.drop = drop
+        self.drop = as_mask(drop)
         self.count_dropped = count_dropped
         self.count_changed = count_changed
         self.fused = fused
@@ -201,7 +204,7 @@ class SelectPatch:
         start: int,
         pc: torch.Tensor,
         sd: torch.Tensor,
-        drop: DropFn,
+        drop: Mask,
         out: torch.Tensor,
         count: bool = False,
     ) -> torch.Tensor:
@@ -210,7 +213,7 @@ class SelectPatch:
         info = self.delta.shard(name)
         counting = count and info.owner
         abs_bits = None
-        if uses_delta(drop) or (counting and self.count_changed):
+        if drop.uses_delta or (counting and self.count_changed):
             float32_delta_(d, pc, sd)
             abs_bits = d.abs_().view(torch.int32)
         m = drop(name, info.offset + start, abs_bits, out)
@@ -254,7 +257,7 @@ class SelectPatch:
 
     def _patch_tensor(self, name: str) -> None:
         p, s = self._views(name)
-        if self.fused and self._fused_swap(name, NO_DROP, spec_of(self.drop), count=True):
+        if self.fused and self._fused_swap(name, NO_DROP, self.drop.spec, count=True):
             self._done.append(_Patched(name, 0, p.numel(), drop=self.drop, fused=True))
             return
         step = chunk_numel(p.device)
@@ -291,7 +294,7 @@ class SelectPatch:
         return self._mask(rec.name, rec.start, pc, sd, rec.drop, out)
 
     def switch(
-        self, drop: DropFn, *, count_dropped: bool = False, count_changed: bool = False
+        self, drop: Mask | DropFn, *, count_dropped: bool = False, count_changed: bool = False
     ) -> None:
         """Within the context, move from the current mask to ``drop``'s: the same state as
         leaving and entering again with ``drop``, but each chunk is visited once and swapped
@@ -313,6 +316,7 @@ class SelectPatch:
         >>> torch.equal(model.weight, w_new)
         True
         """
+        drop = as_mask(drop)
         self.drop, self.count_dropped, self.count_changed = drop, count_dropped, count_changed
         self._dropped, self._changed = [], []
         data_new, data_old = self.delta.new.data, self.delta.old.data
@@ -327,7 +331,7 @@ class SelectPatch:
             for rec in self._done:
                 if not rec.fused:
                     records.append(rec)
-                elif self._fused_swap(rec.name, spec_of(rec.drop), spec_of(drop), count=True):
+                elif self._fused_swap(rec.name, _spec(rec), drop.spec, count=True):
                     rec.drop = drop
                     moved.append(rec)
                 else:
@@ -372,7 +376,7 @@ class SelectPatch:
         while self._done:
             rec = self._done.pop()
             if rec.fused:
-                if not self._fused_swap(rec.name, spec_of(rec.drop), NO_DROP, count=False):
+                if not self._fused_swap(rec.name, _spec(rec), NO_DROP, count=False):
                     self._done += self._chunk_records(rec)
                 continue
             p, s = self._views(rec.name)
@@ -385,6 +389,11 @@ class SelectPatch:
             self._xor_swap(pc, sd, self._current_mask(rec, pc, sd, m), raw)
             if sd is not sc:
                 sc.copy_(sd, non_blocking=sc.is_pinned())
+
+
+def _spec(rec: _Patched) -> DropSpec | None:
+    """The spec of the mask a record is in (``None``: none, or no mask recorded)."""
+    return rec.drop.spec if rec.drop is not None else None
 
 
 def _local_attr(module: nn.Module, attr: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from transformers import BatchEncoding
@@ -11,6 +12,7 @@ from transformers import BatchEncoding
 from grail.trainer.analysis import (
     AnalysisConfig,
     MetricComputer,
+    MetricResult,
     ModelAnalysisManager,
     measurement_steps,
 )
@@ -367,8 +369,6 @@ def test_a_step_going_back_rebaselines_with_one_warning(caplog):
 
 
 def test_non_integer_steps_are_ignored_with_one_warning(caplog):
-    import numpy as np
-
     manager = ModelAnalysisManager(AnalysisConfig(interval=100)).add_metric(Count())
     model = torch.nn.Linear(2, 2)
     caplog.set_level(logging.WARNING, logger="grail.trainer.analysis.manager")
@@ -387,11 +387,14 @@ def test_one_process_does_no_agreement_work(monkeypatch):
     """Without a process group the votes are the local values: no hashes, checksums or
     exchanges are computed, and no replica key is reported."""
     import grail.trainer.analysis.manager as manager_module
+    import grail.trainer.analysis.manager_votes as votes
 
     def forbidden(*args, **kwargs):
         raise AssertionError("agreement work in a single process")
 
     for name in ("stable_hash", "bit_checksums", "all_gather_objects", "from_rank0"):
+        monkeypatch.setattr(votes, name, forbidden)
+    for name in ("layout_hash", "spec_hash", "vote_step"):
         monkeypatch.setattr(manager_module, name, forbidden)
     model = tiny_qwen2()
     manager = ModelAnalysisManager.create(AnalysisConfig(interval=1)).add_metric(Count())
@@ -400,3 +403,56 @@ def test_one_process_does_no_agreement_work(monkeypatch):
     m = manager.on_optimizer_step(model, inputs=ids, step=2)
     assert "sparse/kl_at_1e-06" in m and "count/tensors" in m
     assert "param_change/replicas_diverged" not in m
+
+
+class Sampled(MetricComputer):
+    """Returns its keys with a histogram, as the gradient and Adam families do."""
+
+    name = "sampled"
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def compute(self, delta=None, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("sampling failed")
+        values = np.arange(self.calls, self.calls + 3, dtype=np.float32)
+        return MetricResult({"sampled/calls": self.calls}, {"sampled/values": values})
+
+
+def test_histograms_are_part_of_the_result_and_collected_by_the_manager():
+    """A computer returns a MetricResult (keys + histograms) or a plain dict; the manager
+    returns the keys (as floats) and keeps the histograms of the same measurement in
+    last_histograms; a computer that raises contributes neither."""
+    model = tiny_qwen2()
+    sampled = Sampled(fail_at=3)
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(sampled)
+    manager.add_metric(Count())
+    assert manager.on_optimizer_step(model) == {} and manager.last_histograms == {}
+    m = manager.on_optimizer_step(model)
+    assert m == {"sampled/calls": 1.0, "count/tensors": float(len(list(model.parameters())))}
+    assert all(type(v) is float for v in m.values())
+    assert list(manager.last_histograms) == ["sampled/values"]
+    np.testing.assert_array_equal(manager.last_histograms["sampled/values"], [1.0, 2.0, 3.0])
+    m = manager.on_optimizer_step(model)
+    assert m["sampled/calls"] == 2.0
+    np.testing.assert_array_equal(manager.last_histograms["sampled/values"], [2.0, 3.0, 4.0])
+    m = manager.on_optimizer_step(model)  # the third call raises: no keys, no histograms
+    assert "sampled/calls" not in m and "count/tensors" in m
+    assert manager.last_histograms == {}
+    manager.reset()
+    assert manager.last_histograms == {}
+
+
+def test_the_log_once_helper_speaks_once_per_key_and_repeats_at_debug(caplog):
+    """The manager's warnings (here: a step that is not an integer) are said once at WARNING;
+    repeats go to DEBUG only."""
+    model = torch.nn.Linear(2, 2)
+    manager = ModelAnalysisManager(AnalysisConfig(interval=10))
+    with caplog.at_level(logging.DEBUG, logger="grail.trainer.analysis.manager"):
+        for _ in range(3):
+            manager.on_optimizer_step(model, step="7")
+    levels = [r.levelno for r in caplog.records if "not an integer" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]

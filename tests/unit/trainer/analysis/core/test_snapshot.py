@@ -726,3 +726,45 @@ def test_cuda_delta_statistics_match_float64_reference(dtype):
     assert all(torch.equal(a.deltas[n].cpu(), b.deltas[n]) for n in b.deltas)
     masked = [b.deltas[n].double().numpy().reshape(-1) for n in b.deltas]
     _assert_stats(a.statistics(), _ref_stats(masked))
+
+
+def test_kernel_streamable_is_declared_by_the_delta():
+    """In-memory snapshots: yes; a subclass overriding stream(): no, unless it also says so;
+    a snapshot whose mapping loads tensors on access: no."""
+    from collections.abc import Mapping
+
+    model = torch.nn.Linear(3, 2)
+    old, new = ParameterSnapshot(model), ParameterSnapshot.live(model)
+    assert old.in_memory and new.in_memory
+    assert ParameterDelta(old, new).kernel_streamable
+
+    class Observed(ParameterDelta):
+        def stream(self, names=None, owned_only=True):
+            yield from super().stream(names, owned_only)
+
+    class ObservedButWhole(Observed):
+        @property
+        def kernel_streamable(self) -> bool:
+            return True
+
+    assert not Observed(old, new).kernel_streamable
+    assert ObservedButWhole(old, new).kernel_streamable
+
+    class Loading(Mapping):  # stands in for a checkpoint read on access
+        def __init__(self, data):
+            self._data = data
+
+        def __getitem__(self, key):
+            return self._data[key].clone()
+
+        def __iter__(self):
+            return iter(self._data)
+
+        def __len__(self):
+            return len(self._data)
+
+    lazy = ParameterSnapshot(model)
+    lazy.data = Loading(dict(lazy.data))
+    assert not lazy.in_memory
+    assert not ParameterDelta(lazy, new).kernel_streamable
+    assert not ParameterDelta(old, lazy).kernel_streamable

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from grail.trainer.analysis import MetricComputer
+from grail.trainer.analysis import MetricComputer, MetricResult
 from tests.conftest import tiny_qwen2
 
 CORPUS = [f"{i} plus {i + 3} makes {2 * i + 3}" for i in range(64)]
@@ -76,9 +76,8 @@ class Recorder(MetricComputer):
     def __init__(self, histograms: bool = False) -> None:
         self.calls: list[dict[str, Any]] = []
         self.histograms = histograms
-        self.last_histograms: dict[str, Any] = {}
 
-    def compute(self, delta=None, context=None, **kwargs: Any) -> dict[str, float]:
+    def compute(self, delta=None, context=None, **kwargs: Any) -> dict[str, float] | MetricResult:
         model = context.model
         self.calls.append(
             {
@@ -89,9 +88,10 @@ class Recorder(MetricComputer):
                 "grad_enabled": torch.is_grad_enabled(),
             }
         )
+        metrics = {"rec/calls": float(len(self.calls))}
         if self.histograms:
-            self.last_histograms = {"rec/hist": torch.arange(8.0).numpy()}
-        return {"rec/calls": float(len(self.calls))}
+            return MetricResult(metrics, {"rec/hist": torch.arange(8.0).numpy()})
+        return metrics
 
 
 def weight_recorder() -> Any:

@@ -214,3 +214,74 @@ def test_a_failing_log_backend_never_reaches_training(tmp_path, caplog):
             cb.on_step_end(trainer.args, state, control)
     assert caplog.text.count("backend down") == 1
     assert control.should_log is True  # the trainer's own log of the step is kept
+
+
+# --- the trainer: passed explicitly, or found by the one documented lookup ------------------
+def test_callback_events_pass_no_trainer_so_the_lookup_is_still_needed():
+    """What CallbackHandler.call_event hands every event. If transformers starts passing the
+    trainer (or anything else), this fails: then use it instead of find_training_loop."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import CallbackHandler
+
+    from grail.trainer.analysis.integrations.transformers import EVENT_KWARGS
+
+    seen: dict[str, set[str]] = {}
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["on_train_begin"] = set(kwargs)
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            seen["on_optimizer_step"] = set(kwargs)
+
+    handler = CallbackHandler([Spy()], tiny_qwen2(), None, None, None)
+    handler.on_train_begin(None, TrainerState(), TrainerControl())
+    handler.on_optimizer_step(None, TrainerState(), TrainerControl())
+    assert seen == {"on_train_begin": set(EVENT_KWARGS), "on_optimizer_step": set(EVENT_KWARGS)}
+    assert "trainer" not in EVENT_KWARGS
+
+
+def test_an_explicit_trainer_is_used_and_a_wrong_one_is_refused(tmp_path, caplog):
+    """trainer= (as TRL's callbacks take it) is logged through even where no trainer is on the
+    call stack; anything that is not a Trainer fails at construction."""
+    from transformers import Trainer
+
+    with pytest.raises(TypeError, match="trainer must be a transformers"):
+        ModelAnalysisCallback(_manager(), trainer=object())
+    model = tiny_qwen2()
+    trainer = Trainer(model=model, args=training_args(str(tmp_path)))
+    cb = ModelAnalysisCallback(_manager(interval=1, sparse_quality_enabled=False), trainer=trainer)
+    assert cb.trainer is trainer
+    trainer.add_callback(cb)
+    with caplog.at_level(logging.WARNING):
+        state = _measure_once(cb, model, is_main=True)
+    assert cb.trainer is trainer  # the failed stack lookup does not replace it
+    assert "could not find its trainer" not in caplog.text
+    assert state.log_history == []  # went through trainer.log, not the fallback
+    logged = [e for e in trainer.state.log_history if "analysis/param_change/norm_l2" in e]
+    assert len(logged) == 1
+
+
+def test_find_training_loop_finds_the_trainer_and_its_resume_checkpoint(tmp_path):
+    """Called from an event inside Trainer.train, the lookup returns the trainer holding the
+    callback and the checkpoint train() resumes from (True resolved to a path)."""
+    from transformers import Trainer, TrainerCallback
+
+    from grail.trainer.analysis.integrations.transformers import find_training_loop
+
+    from ._hf import lm_dataset
+
+    found = []
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            found.append(find_training_loop(self))
+
+    assert find_training_loop(Probe()) == (None, None)  # no training loop here
+    probe = Probe()
+    args = training_args(str(tmp_path), max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=tiny_qwen2(), args=args, train_dataset=lm_dataset(), callbacks=[probe])
+    trainer.train()
+    trainer.train(resume_from_checkpoint=True)
+    assert found[0] == (trainer, None)
+    assert found[1][0] is trainer and found[1][1] == str(tmp_path / "checkpoint-2")

@@ -7,6 +7,7 @@ import logging
 import math
 import subprocess
 import sys
+from importlib import util as importlib_util
 
 import numpy as np
 import pytest
@@ -290,3 +291,27 @@ def test_importing_the_packages_loads_no_heavy_library():
         "assert 'ModelAnalysisCallback' in dir(i)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_sink_declares_the_protocols_log_signature():
+    """log(metrics, step, histograms=None) and close(): the protocol declares histograms, and
+    every sink of the package - the HF callback's trainer log included - takes them so."""
+    import inspect
+
+    from grail.trainer.analysis.integrations.accelerate import AccelerateSink
+    from grail.trainer.analysis.integrations.tensorboard import TensorBoardSink
+
+    def shape(fn):
+        params = list(inspect.signature(fn).parameters.values())[1:]  # without self
+        return [(p.name, p.default) for p in params]
+
+    want = [("metrics", inspect.Parameter.empty), ("step", inspect.Parameter.empty),
+            ("histograms", None)]
+    sinks = [MetricSink, JsonlSink, WandbSink, AccelerateSink, TensorBoardSink]
+    if importlib_util.find_spec("transformers") is not None:
+        from grail.trainer.analysis.integrations.transformers import _TrainerLog
+
+        sinks.append(_TrainerLog)
+    for cls in sinks:
+        assert shape(cls.log) == want, cls.__name__
+        assert callable(getattr(cls, "close", None)), cls.__name__

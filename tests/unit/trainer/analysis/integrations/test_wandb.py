@@ -15,6 +15,7 @@ from transformers import Trainer  # noqa: E402
 from grail.trainer.analysis import (  # noqa: E402
     AnalysisConfig,
     MetricComputer,
+    MetricResult,
     ModelAnalysisManager,
 )
 from grail.trainer.analysis.integrations import ModelAnalysisCallback  # noqa: E402
@@ -81,7 +82,7 @@ class _NonFinite(MetricComputer):
     def __init__(self) -> None:
         big = np.random.default_rng(0).standard_normal(10**6)
         big[:10] = np.inf
-        self.last_histograms = {
+        self.histograms = {
             "odd/h_nan": np.array([0.5, np.nan, 1.5]),
             "odd/h_inf": np.array([np.inf, -np.inf, 1.0, 2.0]),
             "odd/h_all_nan": np.full(4, np.nan),
@@ -90,7 +91,8 @@ class _NonFinite(MetricComputer):
         }
 
     def compute(self, delta=None, **kwargs):
-        return {"odd/nan": math.nan, "odd/inf": math.inf, "odd/neg_inf": -math.inf}
+        metrics = {"odd/nan": math.nan, "odd/inf": math.inf, "odd/neg_inf": -math.inf}
+        return MetricResult(metrics, self.histograms)
 
 
 def test_non_finite_values_reach_wandb_without_stopping_training(tmp_path, monkeypatch):

@@ -421,7 +421,7 @@ def _eager_drop(drop, name: str, new: torch.Tensor, old: torch.Tensor) -> torch.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threshold", [0.0, -0.0, 1e-45, 1e-3, -1.0, math.inf, math.nan])
 def test_select_swap_moves_exactly_the_eager_masks_entries(dtype, threshold) -> None:
-    from grail.trainer.analysis.ops.masks import NO_DROP, magnitude_drop, random_drop, spec_of
+    from grail.trainer.analysis.ops.masks import NO_DROP, magnitude_drop, random_drop
 
     new, old = _swap_pair(10_007, dtype)
     d = (new.float() - old.float()).abs()
@@ -433,39 +433,39 @@ def test_select_swap_moves_exactly_the_eager_masks_entries(dtype, threshold) -> 
     steps = [magnitude_drop(threshold), random_drop(0.3, seed=5), random_drop(0.8, seed=5)]
     state = NO_DROP
     for drop in steps:
-        counts = kernels.select_swap(p, s, state, spec_of(drop), "w", 0, count_changed=True)
+        counts = kernels.select_swap(p, s, state, drop.spec, "w", 0, count_changed=True)
         assert counts is not None
         dropped = _eager_drop(drop, "w", new, old)
         assert torch.equal(p.view(torch.uint8), torch.where(dropped, old, new).view(torch.uint8))
         assert torch.equal(s.view(torch.uint8), torch.where(dropped, new, old).view(torch.uint8))
         changed = ~((new.float() - old.float()).abs() == 0)
         assert counts.tolist() == [int(dropped.sum()), int(changed.sum())]
-        state = spec_of(drop)
+        state = drop.spec
     assert kernels.select_swap(p, s, state, NO_DROP, "w", 0) is not None
     assert torch.equal(p.view(torch.uint8), new.view(torch.uint8))
     assert torch.equal(s.view(torch.uint8), old.view(torch.uint8))
 
 
 def test_select_swap_random_bits_follow_name_and_offset() -> None:
-    from grail.trainer.analysis.ops.masks import NO_DROP, random_drop, random_keep_mask, spec_of
+    from grail.trainer.analysis.ops.masks import NO_DROP, random_drop, random_keep_mask
 
     new, old = _swap_pair(5_000, torch.float32)
     p, s = new.clone(), old.clone()
     offset = (1 << 32) - 1000  # the last block of counters before a new one: fits
-    assert kernels.select_swap(p, s, NO_DROP, spec_of(random_drop(0.5, 3)), "b", 123) is not None
+    assert kernels.select_swap(p, s, NO_DROP, random_drop(0.5, 3).spec, "b", 123) is not None
     keep = random_keep_mask(5_000, 0.5, 3, "b", 123, "cpu")
     assert torch.equal(p, torch.where(keep, new, old))
-    kernels.select_swap(p, s, spec_of(random_drop(0.5, 3)), NO_DROP, "b", 123)
-    assert kernels.select_swap(p, s, NO_DROP, spec_of(random_drop(0.5, 3)), "b", offset) is None
+    kernels.select_swap(p, s, random_drop(0.5, 3).spec, NO_DROP, "b", 123)
+    assert kernels.select_swap(p, s, NO_DROP, random_drop(0.5, 3).spec, "b", offset) is None
     assert torch.equal(p, new)
 
 
 def test_select_swap_declines_what_it_cannot_do_exactly() -> None:
-    from grail.trainer.analysis.ops.masks import NO_DROP, magnitude_drop, random_drop, spec_of
+    from grail.trainer.analysis.ops.masks import NO_DROP, magnitude_drop, random_drop
 
     new, old = _swap_pair(1_000, torch.bfloat16)
-    mag = spec_of(magnitude_drop(1e-3))
-    two_seeds = (spec_of(random_drop(0.5, 1)), spec_of(random_drop(0.5, 2)))
+    mag = magnitude_drop(1e-3).spec
+    two_seeds = (random_drop(0.5, 1).spec, random_drop(0.5, 2).spec)
     nan_new = new.clone()
     nan_new[3] = math.nan  # a NaN's payload would not survive a bfloat16 round trip
     for p, s, before, after in [

@@ -12,7 +12,7 @@ import torch
 from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
 from grail.trainer.analysis.core.naming import ParameterNaming
 from grail.trainer.analysis.metrics.adam_sign import AdamSignDescentMetrics
-from grail.trainer.analysis.metrics.base import AnalysisContext
+from grail.trainer.analysis.metrics.base import AnalysisContext, MetricComputer
 from tests.conftest import tiny_qwen2
 
 from ..reference import assert_same_state, state
@@ -178,7 +178,7 @@ def test_u_is_the_step_adam_took(cls, kwargs) -> None:
     # every u against the step, within float32 rounding of the weights
     u_step = np.concatenate([s / lr for _, s, lr, _ in steps])
     atol = np.concatenate([8 * 2**-24 * (w + 1e-3) / lr for _, _, lr, w in steps])
-    u_hist = computer.last_histograms["adam_sign/u"].astype(np.float64)
+    u_hist = metrics.histograms["adam_sign/u"].astype(np.float64)
     assert u_hist.shape == u_step.shape
     assert np.all(np.abs(u_hist - u_step) <= atol + 1e-6 * np.abs(u_step))
 
@@ -253,7 +253,7 @@ def test_nonfinite_u_are_left_out_of_the_histogram_and_counted() -> None:
     computer = AdamSignDescentMetrics(histogram_samples=n_total)
     metrics = _compute(computer, model, opt)
     u = np.concatenate([d["u"] for d in _per_param(model, opt).values()])
-    hist = computer.last_histograms["adam_sign/u"]
+    hist = metrics.histograms["adam_sign/u"]
     assert metrics["adam_sign/histogram_nonfinite"] == 3.0 == float((~np.isfinite(u)).sum())
     assert np.isfinite(hist).all() and hist.size == n_total - 3
     np.testing.assert_allclose(np.sort(hist), np.sort(u[np.isfinite(u)]), rtol=1e-5, atol=1e-7)
@@ -332,7 +332,7 @@ def test_without_adam_state_returns_empty_and_logs_once(make_opt, caplog) -> Non
         assert _compute(computer, model, opt) == {}
     assert len([r for r in caplog.records if r.name == LOGGER]) == 1
     assert caplog.records[0].levelno == logging.INFO
-    assert computer.last_histograms == {}
+    assert type(_compute(computer, model, opt)) is dict  # skipped: no histograms either
 
 
 def test_compute_changes_nothing_and_keeps_global_rng() -> None:
@@ -342,28 +342,30 @@ def test_compute_changes_nothing_and_keeps_global_rng() -> None:
     opt_state = {f"{i}:{k}": v.clone() for i, st in enumerate(opt.state.values())
                  for k, v in st.items()}
     before, rng = state(model), torch.get_rng_state()
-    a = AdamSignDescentMetrics(track_components=True, histogram_samples=300)
-    _compute(a, model, opt)
+    a = _compute(AdamSignDescentMetrics(track_components=True, histogram_samples=300), model, opt)
     assert_same_state(before, state(model))
     after = {f"{i}:{k}": v for i, st in enumerate(opt.state.values()) for k, v in st.items()}
     assert_same_state(opt_state, after)
     assert torch.equal(rng, torch.get_rng_state())
     torch.manual_seed(5)
-    b = AdamSignDescentMetrics(histogram_samples=300)
-    _compute(b, model, opt)
-    assert a.last_histograms["adam_sign/u"].shape == (300,)
-    assert np.array_equal(a.last_histograms["adam_sign/u"], b.last_histograms["adam_sign/u"])
+    b = _compute(AdamSignDescentMetrics(histogram_samples=300), model, opt)
+    assert a.histograms["adam_sign/u"].shape == (300,)
+    assert np.array_equal(a.histograms["adam_sign/u"], b.histograms["adam_sign/u"])
 
 
 @pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("adam_first", [False, True], ids=["gradient-first", "adam-first"])
 def test_gradient_pass_shared_with_adam_gives_the_same_numbers(
-    kernel_path, maximize, monkeypatch
+    kernel_path, maximize, adam_first, monkeypatch
 ) -> None:
-    """A linked gradient computer computes Adam's rows in its own pass (fused path only): the
-    numbers equal those of the two computers run apart, the Adam computer uses the rows handed
-    over (its own kernel runs only for what was not), and the hand-off is used once."""
+    """Two computers holding one OptimizerPass read each gradient once (fused path only): the
+    numbers equal those of the two computers run apart, the Adam computer uses the joint rows
+    (its own kernel runs only for what the pass did not cover), whichever computer runs first,
+    and each row is used once. Neither computer refers to the other: the rows travel through
+    the measurement's context."""
     from grail.trainer.analysis import kernels
     from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
+    from grail.trainer.analysis.metrics.optimizer_pass import OptimizerPass
 
     model = tiny_qwen2()
     opt = torch.optim.AdamW(_groups(model), lr=1e-2, maximize=maximize)
@@ -388,22 +390,44 @@ def test_gradient_pass_shared_with_adam_gives_the_same_numbers(
                      AdamSignDescentMetrics(track_components=True)):
         apart.update(_compute(computer, model, opt))
     calls_apart, calls["adam"] = calls["adam"], 0
-    gradient = GradientSparsityMetrics(per_layer=True)
-    adam = AdamSignDescentMetrics(track_components=True)
-    gradient.share_pass_with(adam)
+    shared = OptimizerPass.build([0.0, 1e-8, 1e-6], tolerance=0.1, trainable_only=False)
+    gradient = GradientSparsityMetrics(per_layer=True, optimizer_pass=shared)
+    adam = AdamSignDescentMetrics(track_components=True, optimizer_pass=shared)
+    for computer in (gradient, adam):
+        assert not any(isinstance(v, MetricComputer) for v in vars(computer).values())
     ctx = AnalysisContext(model=model, optimizer=opt, step=1)
+    joint = {}
     with torch.no_grad():
-        joint = gradient.compute(context=ctx)
-        handed_over = len(ctx.shared(adam.rows_key(), dict))
-        joint.update(adam.compute(context=ctx))
+        for computer in (adam, gradient) if adam_first else (gradient, adam):
+            if computer is adam:
+                handed_over = len(shared.rows(ctx).adam)  # computed by whoever ran first
+            joint.update(computer.compute(context=ctx))
     if kernel_path == "fused":
         assert handed_over > 0 and calls["adam"] < calls_apart
     else:
         assert handed_over == 0 and calls["adam"] == calls_apart == 0
-    assert ctx.take(adam.rows_key()) is None  # taken by the Adam computer
+    rows = shared.rows(ctx)  # the same object for the whole measurement ...
+    assert rows.adam == {} and rows.moments == {}  # ... and every row was taken once
     assert joint.keys() == apart.keys()
     for k, v in apart.items():
         assert joint[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
+
+
+def test_the_shared_pass_is_declared_by_the_config() -> None:
+    """create() gives both families equal OptimizerPass declarations when both and the kernels
+    are on, and none otherwise."""
+    from grail.trainer.analysis.metrics.optimizer_pass import OptimizerPass
+
+    both = AnalysisConfig(gradient_enabled=True, adam_sign_enabled=True,
+                          gradient_thresholds=[1e-5], adam_sign_tolerance=0.2)
+    gradient, adam = ModelAnalysisManager.create(both).computers[1:3]
+    assert gradient.optimizer_pass == adam.optimizer_pass == OptimizerPass.build(
+        [1e-5], tolerance=0.2, trainable_only=False)
+    for cfg in (AnalysisConfig(gradient_enabled=True, adam_sign_enabled=True,
+                               fused_kernels=False),
+                AnalysisConfig(gradient_enabled=True)):
+        assert all(getattr(c, "optimizer_pass", None) is None
+                   for c in ModelAnalysisManager.create(cfg).computers)
 
 
 def test_manager_runs_both_families_and_skips_adam_for_sgd(caplog) -> None:
@@ -470,8 +494,9 @@ def _dist_worker(mode: str, rank: int, world: int, port: int, out: str) -> None:
     for computer in (GradientSparsityMetrics(per_layer=True, track_components=True,
                                              histogram_samples=64),
                      AdamSignDescentMetrics(track_components=True, histogram_samples=64)):
-        metrics.update(_compute(computer, train, opt))
-        hists.update({k: v.tolist() for k, v in computer.last_histograms.items()})
+        result = _compute(computer, train, opt)
+        metrics.update(result)
+        hists.update({k: v.tolist() for k, v in result.histograms.items()})
     with open(out, "w") as f:
         json.dump({"metrics": metrics, "hists": hists}, f)
     if world > 1:

@@ -12,7 +12,7 @@ import torch
 from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
 from grail.trainer.analysis.config import format_threshold
 from grail.trainer.analysis.core.naming import ParameterNaming
-from grail.trainer.analysis.metrics.base import AnalysisContext
+from grail.trainer.analysis.metrics.base import AnalysisContext, MetricResult
 from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics, HistogramSample
 from tests.conftest import tiny_gpt2, tiny_qwen2
 
@@ -166,7 +166,8 @@ def test_sparse_embedding_gradient_equals_dense_statistics() -> None:
         model(ids).square().sum().backward()
         assert model[0].weight.grad.is_sparse == sparse
         computer = GradientSparsityMetrics(THRESHOLDS, track_components=True, histogram_samples=400)
-        results[sparse] = (_compute(computer, model), computer.last_histograms)
+        result = _compute(computer, model)
+        results[sparse] = (result, result.histograms)
         if sparse:
             dense_grads = {n: p.grad.to_dense().double().numpy().reshape(-1)
                            for n, p in model.named_parameters()}
@@ -210,19 +211,16 @@ def test_histogram_is_reproducible_sized_and_drawn_from_the_gradients() -> None:
     _backward(model)
     a, b = (GradientSparsityMetrics(histogram_samples=500) for _ in range(2))
     torch.manual_seed(123)
-    _compute(a, model)
+    ha = _compute(a, model).histograms["gradient/abs_grad"]
     torch.manual_seed(456)  # the global RNG plays no part
-    _compute(b, model)
-    ha, hb = a.last_histograms["gradient/abs_grad"], b.last_histograms["gradient/abs_grad"]
+    hb = _compute(b, model).histograms["gradient/abs_grad"]
     assert ha.shape == (500,) and np.array_equal(ha, hb)
     all_abs = np.abs(np.concatenate([g for g in _grads(model).values()])).astype(np.float32)
     assert np.isin(ha, all_abs).all()
     c = GradientSparsityMetrics(histogram_samples=500, histogram_seed=1)
-    _compute(c, model)
-    assert not np.array_equal(c.last_histograms["gradient/abs_grad"], ha)
-    off = GradientSparsityMetrics()
-    _compute(off, model)
-    assert off.last_histograms == {}
+    assert not np.array_equal(_compute(c, model).histograms["gradient/abs_grad"], ha)
+    off = _compute(GradientSparsityMetrics(), model)  # no histograms: a plain dict
+    assert type(off) is dict and MetricResult.of(off).histograms == {}
 
 
 def test_nonfinite_gradients_are_left_out_of_the_histogram_and_counted() -> None:
@@ -235,7 +233,7 @@ def test_nonfinite_gradients_are_left_out_of_the_histogram_and_counted() -> None
     grads = np.concatenate([g for g in _grads(model).values()])
     computer = GradientSparsityMetrics(histogram_samples=grads.size)
     metrics = _compute(computer, model)
-    hist = computer.last_histograms["gradient/abs_grad"]
+    hist = metrics.histograms["gradient/abs_grad"]
     assert metrics["gradient/histogram_nonfinite"] == 3.0 == float((~np.isfinite(grads)).sum())
     assert np.isfinite(hist).all()
     np.testing.assert_array_equal(np.sort(hist),
@@ -248,11 +246,9 @@ def test_histogram_positions_do_not_depend_on_which_gradients_exist() -> None:
     gradients it holds); those without a gradient are left out of the sample."""
     model = tiny_qwen2()
     _backward(model)
-    full = GradientSparsityMetrics(histogram_samples=300)
-    _compute(full, model)
+    full = _compute(GradientSparsityMetrics(histogram_samples=300), model)
     model.lm_head.weight.grad = None
-    part = GradientSparsityMetrics(histogram_samples=300)
-    _compute(part, model)
+    part = _compute(GradientSparsityMetrics(histogram_samples=300), model)
     names = [n for n, _ in model.named_parameters()]
     numels = [p.numel() for p in model.parameters()]
     head = names.index("lm_head.weight")
@@ -261,8 +257,8 @@ def test_histogram_positions_do_not_depend_on_which_gradients_exist() -> None:
     pos = torch.randint(sum(numels), (300,), generator=torch.Generator().manual_seed(0)).sort()[0]
     in_head = ((pos >= start) & (pos < start + numels[head])).numpy()
     assert 0 < in_head.sum() < 300
-    np.testing.assert_array_equal(part.last_histograms["gradient/abs_grad"],
-                                  full.last_histograms["gradient/abs_grad"][~in_head])
+    np.testing.assert_array_equal(part.histograms["gradient/abs_grad"],
+                                  full.histograms["gradient/abs_grad"][~in_head])
 
 
 def test_histogram_sample_takes_everything_when_small() -> None:

@@ -257,3 +257,32 @@ def test_lossy_snapshot_counts_in_snapshot_precision():
     assert m["param_change/bf16_unchanged_ratio"] == 1.0
     # ... while the float32 delta against rounded values is mostly non-zero (why "auto" is default)
     assert m["param_change/sparsity_at_0e+00"] < 0.1
+
+
+def test_a_delta_that_is_not_kernel_streamable_is_streamed_chunk_by_chunk(kernel_path):
+    """The computer asks the delta whether the kernels may read it whole: a subclass that
+    overrides stream() (to observe every chunk) says no and sees every parameter streamed,
+    with the same numbers (up to the eager path's float32 chunk sums)."""
+    from grail.trainer.analysis.core.snapshot import ParameterDelta
+
+    class Observed(ParameterDelta):
+        def stream(self, names=None, owned_only=True):
+            for chunk in super().stream(names, owned_only):
+                seen.add(chunk.name)
+                yield chunk
+
+    seen: set[str] = set()
+    model = tiny_qwen2()
+    old = ParameterSnapshot(model)
+    _perturb(model)
+    new = ParameterSnapshot.live(model)
+    plain, observed = ParameterDelta(old, new), Observed(old, new)
+    assert plain.kernel_streamable and not observed.kernel_streamable
+    computer = ParameterChangeMetrics(THRESHOLDS, per_layer=True, track_sign_flips=True)
+    want = computer.compute(plain)
+    seen.clear()
+    got = computer.compute(observed)
+    assert seen == set(observed.names)  # every parameter went through stream()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-15, nan_ok=True), k

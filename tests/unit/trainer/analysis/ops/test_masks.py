@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from grail.trainer.analysis.core.stats import f32_floor
 from grail.trainer.analysis.ops.masks import (
     keep_ratio_thresholds,
     keep_threshold_bits,
@@ -481,3 +482,39 @@ def test_magnitude_drop_and_keep_ratio_thresholds_on_cuda():
     t = torch.from_numpy(data)
     on_gpu = keep_ratio_thresholds(lambda: iter(t.cuda().split(30_000)), RATIOS)
     assert on_gpu == keep_ratio_thresholds(lambda: iter([t]), RATIOS)
+
+
+def test_masks_are_frozen_values_that_declare_their_spec():
+    """MagnitudeDrop / RandomDrop carry their spec and say whether they read |delta|; equal
+    arguments give equal (hashable) masks; a plain function becomes a mask without a spec."""
+    import dataclasses
+    import functools
+
+    from grail.trainer.analysis.ops.masks import (
+        DropSpec,
+        FunctionMask,
+        MagnitudeDrop,
+        Mask,
+        RandomDrop,
+        as_mask,
+    )
+
+    mag, rnd = MagnitudeDrop(1e-6), RandomDrop(0.25, seed=3)
+    assert magnitude_drop(1e-6) == mag and random_drop(0.25, 3) == rnd
+    assert len({mag, MagnitudeDrop(1e-6), rnd, RandomDrop(0.25, 3)}) == 2
+    assert mag.spec == DropSpec(threshold=f32_floor(1e-6)) and mag.uses_delta
+    assert rnd.spec == DropSpec(keep_limit=keep_threshold_bits(0.25), seed=3)
+    assert not rnd.uses_delta
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mag.threshold = 1.0  # type: ignore[misc]
+    assert as_mask(mag) is mag and isinstance(mag, Mask)
+
+    def plain(name, offset, bits, out):
+        return out.zero_()
+
+    wrapped = functools.wraps(mag)(lambda name, offset, bits, out: out.fill_(-1))
+    for fn in (plain, wrapped):
+        m = as_mask(fn)
+        assert isinstance(m, FunctionMask) and m.spec is None and m.uses_delta
+    bits = torch.zeros(4, dtype=torch.int32)
+    assert as_mask(wrapped)("w", 0, bits, torch.empty_like(bits)).tolist() == [-1] * 4

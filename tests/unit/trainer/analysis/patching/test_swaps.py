@@ -336,3 +336,31 @@ def test_tensors_the_kernel_gives_up_on_continue_eagerly_and_restore(monkeypatch
     assert kinds == {True, False}
     for n, p in model.named_parameters():
         assert torch.equal(p, new[n]) and torch.equal(snap.data[n], old[n]), n
+
+
+def test_a_wrapper_that_changes_the_mask_is_applied_not_the_spec_of_what_it_wraps(fused):
+    """A function wrapping a mask (functools.wraps copies its attributes) is a mask without a
+    spec: the compiled swap never replaces it by the spec of the mask it wraps, so the patched
+    weights follow the wrapper (here: the complement of a magnitude mask)."""
+    import functools
+
+    model = _model()
+    snap = ParameterSnapshot(model)
+    _update(model, scale=1e-2)
+    delta = snap.compute_delta(ParameterSnapshot.live(model))
+    old = {n: t.clone() for n, t in snap.data.items()}
+    new = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inner = magnitude_drop(2e-3)
+
+    @functools.wraps(inner)
+    def complement(name, offset, bits, out):
+        return inner(name, offset, bits, out).bitwise_not_()  # -1 <-> 0
+
+    dropped_by_inner = {n: (new[n] - old[n]).abs() <= f32_floor(2e-3) for n in new}
+    expect = _expected(old, new, dropped_by_inner)  # keep what the inner mask drops
+    with SelectPatch(delta, complement, fused=fused) as patch:
+        assert patch.drop.spec is None and not any(rec.fused for rec in patch._done)
+        for n, p in model.named_parameters():
+            assert torch.equal(p, expect[n]), n
+    for n, p in model.named_parameters():
+        assert torch.equal(p, new[n]), n
