@@ -165,7 +165,7 @@ class AdamSignDescentMetrics(MetricComputer):
         histogram_samples: int = 0,
         trainable_only: bool = False,
         histogram_seed: int = 0,
-        fused: bool = True,
+        fused: bool | str = "auto",
     ) -> None:
         self.tolerance = float(tolerance)
         self.fused = fused
@@ -217,6 +217,7 @@ class AdamSignDescentMetrics(MetricComputer):
         finally:
             self._buffers.clear()
 
+    @kernels.timed()  # the work the kernels replace, for the "auto" policy
     def _compute(
         self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
     ) -> dict[str, float]:
@@ -238,7 +239,8 @@ class AdamSignDescentMetrics(MetricComputer):
         groups, rows = group_rows(self._naming[1], names, False, self.track_components)
         device = local_tensor(entries[0][2]["exp_avg"]).device
         stats = StreamingStats(self._thresholds(), groups, extra_sums=_EXTRAS, device=device)
-        fused = self.fused and kernels.worth_it(sum(p.numel() for _, p, _, _ in entries))
+        numel = sum(p.numel() for _, p, _, _ in entries)
+        fused = kernels.use("adam", numel, self.fused, context.step)
         batch = kernels.AdamBatch(stats.thresholds_f32) if fused else None
         # rows a linked gradient computer already computed in its pass, with their inputs
         # (see joint_inputs)
@@ -277,7 +279,8 @@ class AdamSignDescentMetrics(MetricComputer):
         if not self.fused or model is None or optimizer is None:
             return {}
         entries = adam_entries(optimizer, collect_parameters(model, self.trainable_only))
-        if not kernels.worth_it(sum(p.numel() for _, p, _, _ in entries)):
+        numel = sum(p.numel() for _, p, _, _ in entries)
+        if not kernels.use("adam", numel, self.fused, context.step):
             return {}  # this computer stays eager: nothing to share
         out = {}
         for name, p, st, group in entries:

@@ -103,6 +103,18 @@ def _pack_on(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Time a patch operation as the work of its kernel decision (``fused``), for the "auto"
+    compile policy (:func:`~grail.trainer.analysis.kernels.timed`)."""
+
+    @functools.wraps(method)
+    def run(self: SelectPatch, *args: Any, **kwargs: Any) -> Any:
+        with kernels.timed(self.fused):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class SelectPatch:
     """Within the context, each parameter equals ``W_new`` where ``drop`` is 0 and ``W_old``
     where it is -1 (see module docstring and :data:`~grail.trainer.analysis.ops.masks.DropFn`).
@@ -133,7 +145,7 @@ class SelectPatch:
         *,
         count_dropped: bool = True,
         count_changed: bool = True,
-        fused: bool = False,
+        fused: bool | kernels.Use = False,
     ) -> None:
         self.delta = delta
         self.drop = drop
@@ -163,6 +175,7 @@ class SelectPatch:
             return 0
         return int(torch.stack([t.cpu() for t in self._dropped]).sum(dtype=torch.int64))
 
+    @_timed
     def __enter__(self) -> SelectPatch:
         self.delta.old.synchronize()
         try:
@@ -292,6 +305,7 @@ class SelectPatch:
         assert rec.drop is not None
         return self._mask(rec.name, rec.start, pc, sd, rec.drop, out)
 
+    @_timed
     def switch(
         self, drop: DropFn, *, count_dropped: bool = False, count_changed: bool = False
     ) -> None:
@@ -361,6 +375,7 @@ class SelectPatch:
         pi.bitwise_xor_(x)
         si.bitwise_xor_(x)
 
+    @_timed
     def _restore(self) -> None:
         devices = {torch.device(t.device) for t in self.delta.new.data.values()}
         try:
