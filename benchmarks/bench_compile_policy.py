@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         options = {"param_change_enabled": False, "sparse_quality_enabled": False,
                    "gradient_enabled": True, "adam_sign_enabled": True}  # fmt: skip
     free = {"startup_seconds": 0.0, "kernel_seconds": 0.0}
-    times, families = [], []
+    times, cpu, families = [], [], []
     with kernels.settings.override(**(free if spec["mode"] == "auto, switched" else {})):
         config = AnalysisConfig(interval=1, fused_kernels=MODES[spec["mode"]], **options)
         manager = ModelAnalysisManager.create(config)
@@ -76,9 +77,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         for i in range(spec["measurements"]):
             simulate_update(model, seed=i + 1)
             before = kernels.report()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), _cpu_seconds()
             metrics = manager.on_optimizer_step(model, inputs=inputs, optimizer=optimizer)
             times.append(time.perf_counter() - start)
+            cpu.append(_cpu_seconds() - start_cpu)
             assert metrics, "a measurement returned nothing"
             families.append(_family_deltas(before, kernels.report()))
         report = kernels.report()
@@ -86,12 +88,35 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         **spec,
         "times": times,
+        "cpu": cpu,
         "families": families,
         "compiles": compiles,
         "report": report,
         "threads": torch.get_num_threads(),
         "disabled": kernels.disabled_reason(),
     }
+
+
+def policy_overhead(calls: int = 20000) -> float:
+    """Seconds of one decision of "auto" (the rule evaluated) plus one timed block: the
+    bookkeeping a measurement adds over the compiled path (a few of each per measurement)."""
+    from grail.trainer.analysis import kernels
+
+    with kernels.settings.override():
+        start = time.perf_counter()
+        for step in range(calls):
+            with kernels.timed(kernels.use("change", 1 << 40, "auto", step=step)):
+                pass
+        return (time.perf_counter() - start) / calls
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (every thread) and of its finished children (the C++
+    compiler): the cost measure other jobs on a shared machine disturb least."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _family_deltas(before: dict, after: dict) -> dict[str, dict[str, float]]:
@@ -180,70 +205,74 @@ def _range(values: list[float]) -> str:
 def summarize(runs: list[dict[str, Any]], n: int) -> str:
     lines = []
     for dtype in sorted({r["dtype"] for r in runs}):
-        by = {}
+        by: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in runs:
             if r["dtype"] == dtype:
                 by.setdefault((r["mode"], r["cache"]), []).append(r)
-        cols = [("eager", "-"), ("compiled", "cold"), ("auto", "cold"), ("compiled", "warm"),
-                ("auto", "warm"), ("auto, switched", "warm")]  # fmt: skip
-        cols = [c for c in cols if c in by]
-        lines += [f"\n### {dtype}: seconds per measurement (median over rounds)\n"]
-        lines.append("| # | " + " | ".join(f"{m} ({c})" for m, c in cols) + " |")
-        lines.append("|---|" + "---|" * len(cols))
-        for i in range(n):
-            cells = [f"{_med([r['times'][i] for r in by[c]]):.2f}" for c in cols]
-            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
-        cells = [f"{_med([sum(r['times']) for r in by[c]]):.2f}" for c in cols]
-        lines.append("| total | " + " | ".join(cells) + " |")
-        lines += _ratios(dtype, by, n)
+        for key, what in (("times", "wall-clock seconds"), ("cpu", "CPU seconds")):
+            lines += _table(dtype, by, n, key, what)
+            lines += _ratios(dtype, by, n, key, what)
+        lines += _costs(dtype, by)
     return "\n".join(lines)
 
 
-def _steady(r: dict[str, Any]) -> float:
-    return _med(r["times"][3:])
+def _table(dtype: str, by: dict, n: int, key: str, what: str) -> list[str]:
+    cols = [("eager", "-"), ("compiled", "cold"), ("auto", "cold"), ("compiled", "warm"),
+            ("auto", "warm"), ("auto, switched", "warm")]  # fmt: skip
+    cols = [c for c in cols if c in by]
+    lines = [f"\n### {dtype}: {what} per measurement (median over rounds)\n"]
+    lines.append("| # | " + " | ".join(f"{m} ({c})" for m, c in cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    for i in range(n):
+        cells = [f"{_med([r[key][i] for r in by[c]]):.2f}" for c in cols]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    cells = [f"{_med([sum(r[key]) for r in by[c]]):.2f}" for c in cols]
+    lines.append("| total | " + " | ".join(cells) + " |")
+    return lines
 
 
-def _total(r: dict[str, Any]) -> float:
-    return sum(r["times"])
+def _steady(values: list[float]) -> float:
+    return _med(values[3:])
 
 
-def _compile_cost(r: dict[str, Any]) -> float:
-    return r["times"][0] - _steady(r)
-
-
-def _ratios(dtype: str, by: dict[tuple[str, str], list[dict[str, Any]]], n: int) -> list[str]:
-    """The ratios the goal names (each from the runs of one round, side by side), the compile
-    costs, the switch "auto" predicts and the saving per kernel family."""
+def _ratios(dtype: str, by: dict, n: int, key: str, what: str) -> list[str]:
+    """The ratios the goal names, each from the runs of one round (side by side)."""
     sw, eager = ("auto, switched", "warm"), ("eager", "-")
+    lines = [f"\n{dtype}, {what}: ratios, median [range] over rounds\n"]
 
-    def per_round(key: tuple[str, str], fn: Any) -> list[float]:
-        return [fn(r) for r in by.get(key, [])]
-
-    def paired(a: tuple[str, str], b: tuple[str, str], fn: Any) -> list[float]:
-        return [fn(x, y) for x, y in zip(by.get(a, []), by.get(b, []), strict=False)]
-
-    def add(label: str, values: list[float], goal: str = "") -> None:
+    def paired(a: tuple[str, str], b: tuple[str, str], fn: Any, label: str, goal: str = ""):
+        values = [fn(x[key], y[key]) for x, y in zip(by.get(a, []), by.get(b, []), strict=False)]
         if values:
             lines.append(f"- {label}: {_range(values)}{goal}")
 
-    lines = [f"\n{dtype}: ratios, median [range] over rounds\n"]
     for cache in ("cold", "warm"):
         for mode, goal in (("auto", " (goal <= 1)"), ("compiled", "")):
-            ratio = paired((mode, cache), eager, lambda a, e: _total(a) / _total(e))
-            add(f"total of {n}, {mode} / eager, {cache} cache", ratio, goal)
+            paired((mode, cache), eager, lambda a, e: sum(a) / sum(e),
+                   f"total of {n}, {mode} / eager, {cache} cache", goal)  # fmt: skip
     for cache in ("cold", "warm"):
-        ratio = paired(("auto", cache), sw, lambda a, s: a["times"][0] / _steady(s))
-        add(f"first auto ({cache}) / steady auto after its switch", ratio, " (goal <= 1.5)")
-    ratio = paired(sw, ("compiled", "warm"), lambda s, c: _steady(s) / _steady(c))
-    add("steady auto after its switch / steady compiled", ratio, " (goal <= 1.05)")
-    first_cold = paired(("compiled", "cold"), ("compiled", "warm"), lambda c, w: c["times"][0])
-    ratio = [f / _steady(w) for f, w in zip(first_cold, by.get(("compiled", "warm"), []))]
-    add("old default: first (cold) / steady", ratio)
+        label = f"first auto ({cache}) / steady auto after its switch"
+        paired(("auto", cache), sw, lambda a, s: a[0] / _steady(s), label, " (goal <= 1.5)")
+    paired(sw, ("compiled", "warm"), lambda s, c: _steady(s) / _steady(c),
+           "steady auto after its switch / steady compiled", " (goal <= 1.05)")  # fmt: skip
+    paired(("compiled", "cold"), ("compiled", "warm"), lambda c, w: c[0] / _steady(w),
+           "old default: first (cold) / steady")  # fmt: skip
+    return lines
+
+
+def _costs(dtype: str, by: dict) -> list[str]:
+    """Compile costs, the switch "auto" predicts from its measured eager costs, and the saving
+    per kernel family (wall-clock)."""
+    lines = [f"\n{dtype}: compile costs and the policy's inputs (wall-clock)\n"]
     for cache in ("cold", "warm"):
-        key = ("compiled", cache)
-        add(f"{cache}: compile cost (first - steady) s", per_round(key, _compile_cost))
-        add(f"{cache}: first compile s", per_round(key, lambda r: sum(r["compiles"][:1])))
-        add(f"{cache}: each later kernel s", per_round(key, lambda r: _med(r["compiles"][1:])))
+        rs = by.get(("compiled", cache), [])
+        if rs:
+            cost = [r["times"][0] - _steady(r["times"]) for r in rs]
+            first = [sum(r["compiles"][:1]) for r in rs]
+            later = [_med(r["compiles"][1:]) for r in rs]
+            lines.append(
+                f"- {cache} cache: first measurement - steady {_range(cost)} s; first compile "
+                f"{_range(first)} s; each later kernel {_range(later)} s"
+            )
     autos = by.get(("auto", "cold"), []) + by.get(("auto", "warm"), [])
     switches = [predicted_switch(r["report"]) for r in autos]
     lines.append(f"- auto switches at measurement (its measured eager costs kept): {switches}")
@@ -281,22 +310,24 @@ def main() -> None:
     hidden, layers = SIZES[size]
     base = {"hidden": hidden, "layers": layers, "measurements": args.measurements}
     base["config"] = args.config
+    name = f"compile_policy_{size}_{args.config}_{datetime.date.today()}"
+    out = HERE / "results" / name
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="compile-policy-") as tmp:
         for rnd in range(args.rounds):
             for dtype in args.dtypes.split(","):
                 runs += one_round(base, dtype, Path(tmp), rnd)
-    head = (
-        f"## Compile policy, ~{size} Qwen2 (hidden {hidden}, {layers} layers), {args.config} "
-        f"config, batch 4x128, {runs[0]['threads']} threads, {args.rounds} rounds, "
-        f"{datetime.date.today()}"
-    )
-    text = head + "\n" + summarize(runs, args.measurements)
+            head = (
+                f"## Compile policy, ~{size} Qwen2 (hidden {hidden}, {layers} layers), "
+                f"{args.config} config, batch 4x128, {runs[0]['threads']} threads, "
+                f"{rnd + 1} rounds, {datetime.date.today()}\n\n"
+                f"Policy bookkeeping: {policy_overhead() * 1e6:.1f} us per decision and timed "
+                f"block; load average at the end {os.getloadavg()[0]:.1f}"
+            )
+            text = head + "\n" + summarize(runs, args.measurements)
+            out.with_suffix(".md").write_text(text + "\n")  # after every round: partial results
+            out.with_suffix(".json").write_text(json.dumps(runs, indent=1) + "\n")
     print(text)
-    name = f"compile_policy_{size}_{args.config}_{datetime.date.today()}"
-    out = HERE / "results" / name
-    out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(runs, indent=1) + "\n")
     print(f"\nwritten: {out.with_suffix('.md')} and .json")
 
 

@@ -7,12 +7,14 @@ default) starts eager and compiles a kernel family once compiling has paid for i
 
 The break-even rule of ``"auto"``. Computers ask :func:`use` per measurement and family
 (``change``, ``moments``, ``adam``, ``swap``, ``rows``: one file each) and time the work its
-kernels would replace with :func:`~.ledger.timed`. Compiling family ``f`` costs its ``n_f``
-kernels ``n_f * kernel_seconds``, plus ``startup_seconds`` once per process (the first compile
-imports Inductor and checks the C++ toolchain): cold-cache estimates; the mean of the compiles
-measured in the process replaces ``kernel_seconds`` when lower (a warm cache). Eager, the family
-would save ``s_f = phi_f e_f`` per measurement, with ``e_f`` its cheapest eager measurement so
-far and ``phi_f`` the fraction the kernels save (a prior measured by
+kernels would replace with :func:`~.ledger.timed`, in CPU seconds per intra-op thread (about
+its time on an idle machine, also when the machine is shared: see
+:func:`~.ledger.work_seconds`). Compiling family ``f`` costs its ``n_f`` kernels
+``n_f * kernel_seconds``, plus ``startup_seconds`` once per process (the first compile imports
+Inductor and checks the C++ toolchain): cold-cache, idle-machine estimates; the mean of the
+compiles measured in the process replaces ``kernel_seconds`` when lower (a warm cache). Eager,
+the family would save ``s_f = phi_f e_f`` per measurement, with ``e_f`` its cheapest eager
+measurement so far and ``phi_f`` the fraction the kernels save (a prior measured by
 ``benchmarks/bench_compile_policy.py``, as are the costs); ``s_f = 0`` until two eager
 measurements are known. At the ``m``-th measurement of a family, with ``H = settings.horizon``:
 
@@ -311,7 +313,7 @@ class Kernel:
             return False
         if not ledger.current().compiles:
             logger.info("grail-analysis: compiling the analysis kernels (once per process)")
-        start = time.perf_counter()
+        start, start_work = time.perf_counter(), ledger.work_seconds()
         try:
             if self._compiled is None:
                 self._compiled = torch.compile(self._fn, dynamic=True, fullgraph=True)
@@ -331,7 +333,8 @@ class Kernel:
             fail(exc)
             return False
         finally:
-            ledger.current().compiled(time.perf_counter() - start)
+            work = ledger.work_seconds() - start_work
+            ledger.current().compiled(time.perf_counter() - start, work)
         self._signatures.add(key)
         return True
 

@@ -50,7 +50,12 @@ _BLOCK_ELEMENTS = 1 << 18  # logits per row block (1 MiB of float32)
 
 
 class LogitsReference:
-    """Logits of the full update, with what every comparison reuses computed once."""
+    """Logits of the full update, with what every comparison reuses computed once.
+
+    ``fused`` (a flag, or a :class:`~grail.trainer.analysis.kernels.Use`, whose work is then
+    timed for the ``"auto"`` compile policy) computes through the compiled row kernels where
+    they apply.
+    """
 
     def __init__(self, logits: torch.Tensor, fused: bool | kernels.Use = False) -> None:
         # the softmax and row sums the kernels replace, timed for the "auto" policy

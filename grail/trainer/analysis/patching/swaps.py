@@ -130,7 +130,9 @@ class SelectPatch:
     ``fused`` lets :func:`~grail.trainer.analysis.kernels.select_swap` move whole CPU tensors
     in one compiled pass when the mask carries a :class:`~grail.trainer.analysis.ops.masks.DropSpec`
     (such records keep no packed mask: undoing recomputes it in the same pass). A tensor the
-    kernel declines, at any step, continues on the eager path from the state it is in.
+    kernel declines, at any step, continues on the eager path from the state it is in. A
+    :class:`~grail.trainer.analysis.kernels.Use` as ``fused`` also times the patch's work for
+    the ``"auto"`` compile policy.
 
     ``count_dropped`` / ``count_changed`` turn off the counts behind :meth:`dropped_count` and
     :meth:`changed_count` when they are not needed: a position-only mask (such as

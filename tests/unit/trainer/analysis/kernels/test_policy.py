@@ -3,7 +3,7 @@ reference, the timing it decides from, and computers switching to the kernels mi
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import time
 
 import numpy as np
 import pytest
@@ -245,10 +245,23 @@ def test_window_promise_and_ski_rental_bound(phi, eager, startup, per_kernel, ho
 
 @pytest.fixture
 def clock(monkeypatch):
-    """A clock that moves only when told to."""
+    """A work clock that moves only when told to."""
     now = [0.0]
-    monkeypatch.setattr(ledger, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(ledger, "work_seconds", lambda: now[0])
     return now
+
+
+def test_work_is_cpu_time_per_thread() -> None:
+    """Sleeping (waiting, as on a busy machine) is not work; computing is, per thread."""
+    start = ledger.work_seconds()
+    time.sleep(0.2)
+    assert ledger.work_seconds() - start < 0.1
+    cpu = time.process_time()
+    x = torch.ones(1 << 16)
+    while time.process_time() - cpu < 0.05:
+        x.mul_(1.0)
+    spent = ledger.work_seconds() - start
+    assert spent * torch.get_num_threads() == pytest.approx(time.process_time() - cpu, abs=0.02)
 
 
 def test_timed_records_work_apart_from_compiling(clock) -> None:
