@@ -30,11 +30,15 @@ Decisions where the design is silent:
   drift family reuses ``param_change_thresholds``, ``sparse_quality_include_random``,
   ``sparse_quality_rescale_random``, ``sparse_quality_seed``, ``sparse_quality_max_tokens`` and
   the low-rank options instead of duplicating them.
-* ``fused_kernels`` defaults to on: on CPU, parameter change, the gradient and Adam
-  statistics and the weight swaps of sparse quality are several times cheaper compiled
-  (:mod:`~grail.trainer.analysis.kernels`); for models of ~17M parameters and up a few seconds
-  of compiling at the first measurement buys that (smaller ones stay eager), and a machine
-  without a compiler falls back by itself.
+* ``fused_kernels`` defaults to ``"auto"``: on CPU, parameter change, the gradient and Adam
+  statistics and the weight swaps and comparisons of the forward-pass metrics are several times
+  cheaper compiled (:mod:`~grail.trainer.analysis.kernels`), but compiling costs seconds (more
+  with a cold cache) once per process. ``"auto"`` starts eager and compiles a family once its
+  measured eager cost says compiling has paid for itself (:mod:`~.kernels.policy`: never more
+  than the eager path over a run's first 10 measurements); ``True`` compiles at the first
+  measurement (long runs that know they will repay it); ``False`` never compiles. Models under
+  ~17M parameters always stay eager, and a machine without a compiler falls back by itself.
+  Only ``True``, ``False`` and ``"auto"`` are accepted (not ``1`` or ``"true"``).
 
 Example:
     >>> cfg = AnalysisConfig(interval=10, sparse_quality_thresholds=[1e-6, 1e-4])
@@ -234,10 +238,10 @@ class AnalysisConfig:
     drift_keep_ratios: list[float] = field(default_factory=lambda: [0.01, 0.1])
 
     # --- execution ---------------------------------------------------------------------------
-    # Parameter change, gradient and Adam statistics and sparse quality's weight swaps on CPU
-    # in one compiled loop per tensor (torch.compile; a few seconds of compiling at the first
-    # measurement). False = eager ops only.
-    fused_kernels: bool = True
+    # Parameter change, gradient and Adam statistics and the forward-pass metrics' swaps and
+    # comparisons on CPU in one compiled loop per tensor (torch.compile). "auto": compile once
+    # the measured eager cost repays compiling; True: at the first measurement; False: never.
+    fused_kernels: bool | str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, 1)
@@ -262,6 +266,9 @@ class AnalysisConfig:
         for f in dataclasses.fields(self):
             if f.type in ("bool", bool):
                 _check_bool(f.name, getattr(self, f.name))
+        fused = self.fused_kernels
+        if not (isinstance(fused, bool) or (isinstance(fused, str) and fused == "auto")):
+            _fail("fused_kernels", self.fused_kernels, 'expected True, False or "auto"')
 
         self.param_change_thresholds = _check_thresholds(
             "param_change_thresholds", self.param_change_thresholds

@@ -41,15 +41,18 @@ Inputs of any floating dtype are upcast to float32 in registers, as the eager pa
 Threshold counts compare float32 values with the float32 thresholds the caller passes (see
 :func:`~grail.trainer.analysis.core.stats.f32_floor`).
 
-When the kernels are used: for CPU tensors of at least ``settings.min_numel`` entries, in
-measurements of at least ``settings.min_total_numel`` entries (models of ~17M parameters and up; a
-smaller model's statistics take milliseconds eagerly), while ``torch.compile`` works in this
-process. The first call of each input signature (dtypes, number
-of thresholds, thread count) compiles for a few seconds; shapes are dynamic, so every tensor size
-reuses it (a compiled call costs tens of microseconds, less than the eager path for any size). If
-compiling fails (no C++ compiler, an unsupported platform) a warning is logged once and the
-callers use the eager path from then on. Accelerators keep the eager path, where each op is
-already one bandwidth-bound kernel.
+When the kernels are used (:mod:`.policy`): for CPU tensors of at least ``settings.min_numel``
+entries, in measurements of at least ``settings.min_total_numel`` entries (models of ~17M
+parameters and up; a smaller model's statistics take milliseconds eagerly), while
+``torch.compile`` works in this process, and - in the default mode ``"auto"`` - once a family's
+measured eager cost says compiling pays for itself (``True`` compiles at the first measurement,
+``False`` never). Computers ask :func:`use` per measurement and time the replaced work with
+:func:`timed`. The first call of each input signature (dtypes, number of thresholds, thread
+count) compiles for a few seconds; shapes are dynamic, so every tensor size reuses it (a
+compiled call costs tens of microseconds, less than the eager path for any size). If compiling
+fails (no C++ compiler, an unsupported platform) a warning is logged once and the callers use
+the eager path from then on. Accelerators keep the eager path, where each op is already one
+bandwidth-bound kernel.
 
 Example:
     >>> import torch
@@ -66,21 +69,36 @@ from __future__ import annotations
 from .adam import AdamBatch, adam_u, joint_rows
 from .change import ChangeBatch
 from .moments import MomentsBatch
-from .policy import KernelSettings, disabled_reason, settings, worth_it
+from .policy import (
+    MODES,
+    KernelSettings,
+    Use,
+    disabled_reason,
+    report,
+    settings,
+    timed,
+    use,
+    worth_it,
+)
 from .rows import compare_rows, reference_rows
 from .swap import select_swap
 
 __all__ = [
+    "MODES",
     "AdamBatch",
     "ChangeBatch",
     "KernelSettings",
     "MomentsBatch",
+    "Use",
     "adam_u",
     "compare_rows",
     "disabled_reason",
     "joint_rows",
     "reference_rows",
+    "report",
     "select_swap",
     "settings",
+    "timed",
+    "use",
     "worth_it",
 ]

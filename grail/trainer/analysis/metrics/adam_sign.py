@@ -137,7 +137,7 @@ class AdamSignDescentMetrics(MetricComputer):
         histogram_samples: int = 0,
         trainable_only: bool = False,
         histogram_seed: int = 0,
-        fused: bool = True,
+        fused: bool | str = "auto",
         optimizer_pass: OptimizerPass | None = None,
     ) -> None:
         self.tolerance = float(tolerance)
@@ -184,6 +184,7 @@ class AdamSignDescentMetrics(MetricComputer):
         finally:
             self._scratch.clear()
 
+    @kernels.timed()  # the work the kernels replace, for the "auto" policy
     def _compute(
         self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
     ) -> dict[str, float] | MetricResult:
@@ -205,7 +206,8 @@ class AdamSignDescentMetrics(MetricComputer):
         else:
             device = local_tensor(params[0][1]).device if params else torch.device("cpu")
         stats = StreamingStats(self._thresholds(), groups, extra_sums=_EXTRAS, device=device)
-        fused = self.fused and kernels.worth_it(sum(p.numel() for _, p, _, _ in entries))
+        numel = sum(p.numel() for _, p, _, _ in entries)
+        fused = kernels.use("adam", numel, self.fused, context.step)
         batch = kernels.AdamBatch(stats.thresholds_f32) if fused else None
         # rows the pass shared with the gradient family computed, with their inputs
         shared = self._shared_rows(context, stats) if batch is not None else {}

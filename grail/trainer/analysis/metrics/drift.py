@@ -182,7 +182,7 @@ class DriftMetrics(MetricComputer):
         max_tokens: int = 4096,
         low_rank: LowRankMetrics | None = None,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
-        fused: bool = True,
+        fused: bool | str = "auto",
     ) -> None:
         self.statistics = _Statistics(
             thresholds,

@@ -125,7 +125,7 @@ def drift_outputs(
     budgets = [max(1, min(total, round(r * total))) for r in c.keep_ratios]
     drops = exact_budget_drops(base_delta, budgets) if budgets else []  # collectives
     seed = mix_seed(c.seed, context.step, "drift")
-    fused = c.fused and kernels.worth_it(base_delta.numel())
+    fused = kernels.use("swap", base_delta.numel(), c.fused, context.step)
 
     def forward() -> torch.Tensor:
         return run_forward(model, prepared, c.output_fn)

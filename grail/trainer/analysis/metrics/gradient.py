@@ -159,7 +159,7 @@ class GradientSparsityMetrics(MetricComputer):
         component_map: Mapping[str, str] | None = None,
         histogram_samples: int = 0,
         histogram_seed: int = 0,
-        fused: bool = True,
+        fused: bool | str = "auto",
         optimizer_pass: OptimizerPass | None = None,
     ) -> None:
         self.thresholds = sorted(float(t) for t in thresholds)
@@ -196,6 +196,7 @@ class GradientSparsityMetrics(MetricComputer):
             self._naming = (key, ParameterNaming(names, self.component_map))
         return group_rows(self._naming[1], names, self.per_layer, self.track_components)
 
+    @kernels.timed()  # the work the kernels replace, for the "auto" policy
     def compute(
         self, delta: Any = None, context: AnalysisContext | None = None, **kwargs: Any
     ) -> dict[str, float] | MetricResult:
@@ -210,7 +211,7 @@ class GradientSparsityMetrics(MetricComputer):
         device = local_tensor(with_grad[0][1].grad).device if with_grad else torch.device("cpu")
         stats = StreamingStats(self.thresholds, groups, extra_sums=("missing",), device=device)
         numel = sum(p.numel() for _, p in with_grad)
-        fused = self.fused and kernels.worth_it(numel)
+        fused = kernels.use("moments", numel, self.fused, getattr(context, "step", None))
         batch = kernels.MomentsBatch(stats.thresholds_f32) if fused else None
         shared = self._shared_rows(context, stats) if batch is not None else {}
         for name, p in params:

@@ -170,7 +170,7 @@ class LowRankMetrics(MetricComputer):
         max_tokens: int = 4096,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         method: str = "gram",
-        fused: bool = True,
+        fused: bool | str = "auto",
     ) -> None:
         self.ranks = sorted(int(r) for r in ranks)
         if not self.ranks or self.ranks[0] < 1:
@@ -300,8 +300,8 @@ class LowRankMetrics(MetricComputer):
         budgets = [min(size, sum(r * sum(s.shape) for s in spectra.values())) for r in self.ranks]
         drops = exact_budget_drops(view, budgets)
         with analysis_mode(model):
-            # compiled comparisons for models large enough to repay compiling them
-            fused = self.fused and kernels.worth_it(delta.numel())
+            # compiled comparisons once they repay compiling them (see kernels.policy)
+            fused = kernels.use("rows", delta.numel(), self.fused, getattr(context, "step", None))
             reference = shared_reference(
                 context, delta, self.max_tokens, self.output_fn,
                 lambda: self._forward(model, prepared), fused=fused,

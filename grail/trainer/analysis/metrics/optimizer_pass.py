@@ -174,18 +174,24 @@ class OptimizerPass:
     moment_thresholds: tuple[float, ...]
     u_thresholds: tuple[float, ...]
     trainable_only: bool
+    mode: bool | str = True  # fused_kernels: True, or "auto" (compile once it pays for itself)
 
     @classmethod
     def build(
-        cls, gradient_thresholds: Sequence[float], tolerance: float, trainable_only: bool
+        cls,
+        gradient_thresholds: Sequence[float],
+        tolerance: float,
+        trainable_only: bool,
+        mode: bool | str = True,
     ) -> OptimizerPass:
         """The declaration for the gradient family's ``thresholds`` and the Adam family's
-        ``tolerance`` and ``trainable_only``."""
+        ``tolerance`` and ``trainable_only``, under the kernels' compile ``mode``."""
         moments = sorted(float(t) for t in gradient_thresholds)
         return cls(
             moment_thresholds=tuple(f32_floor(t) for t in moments),
             u_thresholds=tuple(f32_floor(t) for t in sorted(u_bounds(tolerance))),
             trainable_only=bool(trainable_only),
+            mode=mode,
         )
 
     @classmethod
@@ -195,7 +201,10 @@ class OptimizerPass:
         if not (config.gradient_enabled and config.adam_sign_enabled and config.fused_kernels):
             return None
         return cls.build(
-            config.gradient_thresholds, config.adam_sign_tolerance, config.trainable_only
+            config.gradient_thresholds,
+            config.adam_sign_tolerance,
+            config.trainable_only,
+            config.fused_kernels,
         )
 
     def rows(self, context: AnalysisContext) -> JointRows:
@@ -208,10 +217,12 @@ class OptimizerPass:
         if model is None or optimizer is None:
             return out
         params = collect_parameters(model, trainable_only=True)  # the gradient family's
-        if not kernels.worth_it(sum(p.numel() for _, p in params if p.grad is not None)):
+        numel = sum(p.numel() for _, p in params if p.grad is not None)
+        if not kernels.use("moments", numel, self.mode, context.step):
             return out  # the gradient family stays eager
         entries = adam_entries(optimizer, collect_parameters(model, self.trainable_only))
-        if not kernels.worth_it(sum(p.numel() for _, p, _, _ in entries)):
+        numel = sum(p.numel() for _, p, _, _ in entries)
+        if not kernels.use("adam", numel, self.mode, context.step):
             return out  # the Adam family stays eager
         inputs = {}
         for name, p, st, group in entries:

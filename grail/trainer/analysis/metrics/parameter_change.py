@@ -35,9 +35,10 @@ Reading it: a bf16 model trained with a small learning rate shows a high
 ``bf16_unchanged_ratio`` of an fp32 run is high but ``exact_unchanged_ratio`` is near 0, the
 apparent sparsity is rounding, not a sparse update.
 
-On CPU, with ``fused=True`` (the default) and a lossless snapshot, each parameter is computed in
-one compiled loop (:class:`~grail.trainer.analysis.kernels.ChangeBatch`, float64 sums); other
-snapshots, devices and layouts take the chunked eager path, and so does a delta whose
+On CPU, when the kernels run (``fused``, see :mod:`~grail.trainer.analysis.kernels.policy`) and
+the snapshot is lossless, each parameter is computed in one compiled loop
+(:class:`~grail.trainer.analysis.kernels.ChangeBatch`, float64 sums); other snapshots, devices
+and layouts take the chunked eager path, and so does a delta whose
 :attr:`~grail.trainer.analysis.core.snapshot.ParameterDelta.kernel_streamable` is False (one
 that observes its stream, or reads its tensors lazily from a checkpoint). Both paths give the
 same numbers (tested).
@@ -94,7 +95,7 @@ class ParameterChangeMetrics(MetricComputer):
         track_components: bool = False,
         track_sign_flips: bool = False,
         component_map: Mapping[str, str] | None = None,
-        fused: bool = True,
+        fused: bool | str = "auto",
     ) -> None:
         self.thresholds = sorted(float(t) for t in thresholds)
         self.fused = fused
@@ -134,6 +135,7 @@ class ParameterChangeMetrics(MetricComputer):
         finally:
             self._scratch.clear()
 
+    @kernels.timed()  # the work the kernels replace, for the "auto" policy
     def _compute(self, delta: ParameterDelta | None = None, **kwargs: Any) -> dict[str, float]:
         if delta is None or len(delta) == 0:
             return {}
@@ -147,7 +149,8 @@ class ParameterChangeMetrics(MetricComputer):
         # delta that says so (not an observed or lazily loaded one) goes to them.
         whole = delta.kernel_streamable
         numel = sum(delta.new.shards[n].global_numel for n in delta.names) if whole else 0
-        if self.fused and whole and kernels.worth_it(numel):
+        step = getattr(kwargs.get("context"), "step", None)
+        if kernels.use("change", numel, self.fused if whole else False, step):
             batch = kernels.ChangeBatch(stats.thresholds_f32)
             eager = [n for n in delta.names if not self._take(batch, delta, n, rows[n])]
             sums, maxes, extras, batch_groups = batch.rows()

@@ -102,7 +102,7 @@ class SparseQualityMetrics(MetricComputer):
         keep_ratios: Sequence[float] = (),
         max_tokens: int = 4096,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
-        fused: bool = True,
+        fused: bool | str = "auto",
     ) -> None:
         self.thresholds = sorted(float(t) for t in thresholds)
         self.include_random = include_random
@@ -190,12 +190,13 @@ class SparseQualityMetrics(MetricComputer):
         targets = self._targets(delta)
         total = self._global_count(delta)
         seed = mix_seed(self.seed, context.step)
-        # compiled swaps and comparisons (kernels.select_swap, kernels.compare_rows) for models
-        # large enough to repay compiling them
-        fused = self.fused and kernels.worth_it(delta.numel())
+        # compiled swaps and comparisons (kernels.select_swap, kernels.compare_rows) once they
+        # repay compiling them (SelectPatch and LogitsReference time their work for the policy)
+        fused = kernels.use("swap", delta.numel(), self.fused, context.step)
+        rows = kernels.use("rows", delta.numel(), self.fused, context.step)
         out: dict[str, float] = {}
         with analysis_mode(model):
-            comparisons = Comparisons(self._reference(context, model, prepared, delta, fused))
+            comparisons = Comparisons(self._reference(context, model, prepared, delta, rows))
             changed: int | None = None  # the same for every threshold: counted once
             for label, threshold in targets:
                 counting = changed is None
@@ -245,7 +246,7 @@ class SparseQualityMetrics(MetricComputer):
         model: torch.nn.Module,
         prepared: PreparedInputs,
         delta: ParameterDelta,
-        fused: bool = False,
+        fused: bool | kernels.Use = False,
     ) -> LogitsReference:
         """The full update's logits, shared with the other computers of this measurement that
         prepare the same batch (see :func:`shared_reference`)."""
@@ -265,7 +266,7 @@ def shared_reference(
     max_tokens: int,
     output_fn: Callable[[Any], torch.Tensor] | None,
     forward: Callable[[], torch.Tensor],
-    fused: bool = False,
+    fused: bool | kernels.Use = False,
 ) -> LogitsReference:
     """:class:`LogitsReference` of ``forward()`` (the unpatched model on the prepared batch),
     computed once per measurement: the sparse and low-rank computers share it instead of running

@@ -51,9 +51,19 @@ _BLOCK_ELEMENTS = 1 << 18  # logits per row block (1 MiB of float32)
 
 
 class LogitsReference:
-    """Logits of the full update, with what every comparison reuses computed once."""
+    """Logits of the full update, with what every comparison reuses computed once.
 
-    def __init__(self, logits: torch.Tensor, fused: bool = False) -> None:
+    ``fused`` (a flag, or a :class:`~grail.trainer.analysis.kernels.Use`, whose work is then
+    timed for the ``"auto"`` compile policy) computes through the compiled row kernels where
+    they apply.
+    """
+
+    def __init__(self, logits: torch.Tensor, fused: bool | kernels.Use = False) -> None:
+        # the softmax and row sums the kernels replace, timed for the "auto" policy
+        with kernels.timed(fused):
+            self._prepare(logits, fused)
+
+    def _prepare(self, logits: torch.Tensor, fused: bool | kernels.Use) -> None:
         self.logits = _rows(logits)
         self.fused = fused  # compiled (kernels.reference_rows, compare_rows) where they apply
         self.top1 = first_argmax(self.logits)
@@ -75,6 +85,10 @@ class LogitsReference:
         Sums, not means, so that comparisons over several batches (ranks) combine exactly;
         :func:`means` turns them into :meth:`compare`'s numbers.
         """
+        with kernels.timed(self.fused):  # the work the kernels replace, for the "auto" policy
+            return self._compare_sums(other)
+
+    def _compare_sums(self, other: torch.Tensor) -> list[float]:
         other = _rows(other.to(self.logits.device))
         if other.shape != self.logits.shape:
             raise ValueError(

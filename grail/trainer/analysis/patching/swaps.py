@@ -104,6 +104,18 @@ def _pack_on(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Time a patch operation as the work of its kernel decision (``fused``), for the "auto"
+    compile policy (:func:`~grail.trainer.analysis.kernels.timed`)."""
+
+    @functools.wraps(method)
+    def run(self: SelectPatch, *args: Any, **kwargs: Any) -> Any:
+        with kernels.timed(self.fused):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class SelectPatch:
     """Within the context, each parameter equals ``W_new`` where ``drop`` is 0 and ``W_old``
     where it is -1 (see module docstring). ``drop`` is a
@@ -121,8 +133,10 @@ class SelectPatch:
     ``fused`` lets :func:`~grail.trainer.analysis.kernels.select_swap` move whole CPU tensors
     in one compiled pass when the mask declares a spec
     (:attr:`~grail.trainer.analysis.ops.masks.Mask.spec`; such records keep no packed mask:
-    undoing recomputes it in the same pass). A tensor the
-    kernel declines, at any step, continues on the eager path from the state it is in.
+    undoing recomputes it in the same pass). A tensor the kernel declines, at any step,
+    continues on the eager path from the state it is in. A
+    :class:`~grail.trainer.analysis.kernels.Use` as ``fused`` also times the patch's work for
+    the ``"auto"`` compile policy.
 
     ``count_dropped`` / ``count_changed`` turn off the counts behind :meth:`dropped_count` and
     :meth:`changed_count` when they are not needed: a position-only mask (such as
@@ -137,7 +151,7 @@ class SelectPatch:
         *,
         count_dropped: bool = True,
         count_changed: bool = True,
-        fused: bool = False,
+        fused: bool | kernels.Use = False,
     ) -> None:
         self.delta = delta
         self.drop = as_mask(drop)
@@ -167,6 +181,7 @@ class SelectPatch:
             return 0
         return int(torch.stack([t.cpu() for t in self._dropped]).sum(dtype=torch.int64))
 
+    @_timed
     def __enter__(self) -> SelectPatch:
         self.delta.old.synchronize()
         try:
@@ -293,6 +308,7 @@ class SelectPatch:
         assert rec.drop is not None
         return self._mask(rec.name, rec.start, pc, sd, rec.drop, out)
 
+    @_timed
     def switch(
         self, drop: Mask | DropFn, *, count_dropped: bool = False, count_changed: bool = False
     ) -> None:
@@ -363,6 +379,7 @@ class SelectPatch:
         pi.bitwise_xor_(x)
         si.bitwise_xor_(x)
 
+    @_timed
     def _restore(self) -> None:
         devices = {torch.device(t.device) for t in self.delta.new.data.values()}
         try:

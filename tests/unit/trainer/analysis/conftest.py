@@ -29,8 +29,13 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         if not compiler_works():
             pytest.skip(f"torch.compile does not work here: {kernels.disabled_reason()}")
         # tiny test models: kernels at any model size, biases and norms pooled, matrices one
-        # call each
-        overrides = {"min_total_numel": 0, "pool_numel": 64}
+        # call each; compiling estimated free, so that "auto" (the default) compiles at once
+        overrides = {
+            "min_total_numel": 0,
+            "pool_numel": 64,
+            "startup_seconds": 0.0,
+            "kernel_seconds": 0.0,
+        }
     with kernels.settings.override(**overrides):
         yield request.param
     assert kernels.disabled_reason() is None

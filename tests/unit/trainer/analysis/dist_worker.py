@@ -9,6 +9,7 @@ single-process analysis.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -125,6 +126,11 @@ def main() -> None:
         action="store_true",
         help="each rank analyses a different batch; one process analyses their concatenation",
     )
+    parser.add_argument(
+        "--mixed-kernels",
+        action="store_true",
+        help="rank 0 runs the compiled kernels from the first measurement, the others eager",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -163,6 +169,12 @@ def main() -> None:
     )
     if args.drift:  # checked and sliced to this rank's shards at the first step
         manager.set_base(start)
+    settings = contextlib.ExitStack()
+    if args.mixed_kernels and args.rank == 0:  # "auto" compiles at once at any size here
+        from grail.trainer.analysis import kernels
+
+        free = {"min_total_numel": 0, "pool_numel": 64, "startup_seconds": 0.0}
+        settings.enter_context(kernels.settings.override(**free, kernel_seconds=0.0))
     records = {}
     snapshot_bytes = 0
     for step in range(1, args.steps + 1):
@@ -191,6 +203,11 @@ def main() -> None:
     result = {"metrics": records, "snapshot_bytes": snapshot_bytes}
     if manager.base_snapshot is not None:
         result["base_bytes"] = manager.base_snapshot.nbytes()
+    if args.mixed_kernels:
+        from grail.trainer.analysis import kernels
+
+        result["kernels"] = {k: v["compiled_measurements"] for k, v in kernels.report().items()}
+    settings.close()
     if args.low_rank:  # inputs on rank 0 only: every rank must skip the forwards, none may hang
         from grail.trainer.analysis.core.snapshot import ParameterSnapshot
         from grail.trainer.analysis.metrics.base import AnalysisContext

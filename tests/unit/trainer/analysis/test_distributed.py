@@ -85,6 +85,18 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(mode, single, tmp_
     _assert_close(ranks[0]["metrics"], single["metrics"], mode)
 
 
+def test_ranks_on_different_kernel_paths_agree(single, tmp_path):
+    """The "auto" compile policy decides per process from its own timings, so ranks may run
+    different paths at a measurement: neither path issues a collective of its own, and the
+    all-reduced metrics stay the same on every rank (and equal to one process)."""
+    ranks = _run("fsdp", 2, tmp_path, False, "--mixed-kernels")
+    used = ranks[0]["kernels"]
+    assert {"change", "swap", "rows", "moments", "adam"} <= set(used)
+    assert all(n > 0 for n in used.values()) and ranks[1]["kernels"] == {}
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    _assert_close(ranks[0]["metrics"], single["metrics"], "fsdp, mixed kernel paths")
+
+
 def test_fsdp_snapshot_holds_only_local_shards(single, tmp_path):
     ranks = _run("fsdp", 2, tmp_path)
     total = single["snapshot_bytes"]
