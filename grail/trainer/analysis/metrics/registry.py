@@ -60,4 +60,8 @@ def build_computers(
         from .low_rank import LowRankMetrics
 
         out.append(LowRankMetrics.from_config(config, output_fn=output_fn))
+    if config.attribution_enabled:
+        from .attribution import AttributionMetrics
+
+        out.append(AttributionMetrics.from_config(config, output_fn=output_fn))
     return out
