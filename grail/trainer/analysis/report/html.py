@@ -7,7 +7,8 @@ needs the ``plot`` extra). Each report opens with a table that says in words wha
 Diff report figures: changed ratio vs threshold; per-layer x component heatmaps of mean |dW| and of
 the changed ratio (with ``--per-layer``); output KL vs kept fraction for the magnitude and random
 masks and, with the low-rank metrics, LoRA truncation vs a magnitude mask of equal parameter budget
-(with ``--prompts``); the share of update energy kept by rank r (with the low-rank metrics).
+(with ``--prompts``); the share of update energy kept by rank r (with the low-rank metrics). With
+``--prompts`` an output-attribution section follows (:mod:`.attribution`).
 
 Run report figures: one grid of time series per metric family (keys that differ only by a
 threshold or kept-fraction label share a panel; random/DARE baselines are dashed) and, when the
@@ -30,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import plots
+from .attribution import attribution_section
 from .text import diff_summary, number, run_summary
 
 __all__ = ["render_diff_report", "render_run_report"]
@@ -197,6 +199,7 @@ def render_diff_report(result: Mapping[str, Any]) -> str:
     meta.append(_e(", ".join(f"{k} {val}" for k, val in v.items() if val)))
     summary = _table(["quantity", "value", "what it means"], diff_summary(result))
     sections = [f"<h2>Summary</h2>{summary}", "<h2>Figures</h2>", *figures,
+                attribution_section(result),
                 _notes(result.get("notes", [])), f"<h2>Metrics</h2>{_all_metrics(m)}"]
     return _page("Checkpoint diff", meta, sections)
 
