@@ -207,6 +207,7 @@ def run_diff(opts: DiffOptions) -> dict[str, Any]:
     stream_config = dataclasses.replace(
         config,
         sparse_quality_enabled=False,
+        attribution_enabled=False,
         low_rank_enabled=config.low_rank_enabled and not with_model,
     )
     stream_phase = build_computers(stream_config)
