@@ -78,6 +78,12 @@ def _add_diff(sub: Any) -> None:
     p.add_argument("--low-rank", action=argparse.BooleanOptionalAction, default=True,
                    help="singular spectra of the weight-matrix updates (default: on; the "
                    "slowest part on CPU)")
+    p.add_argument("--attribution", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --prompts: output attribution per component (and per layer with "
+                   "--per-layer): KL with one group's update alone or dropped (default: on)")
+    p.add_argument("--attribution-max-groups", type=int, default=16, metavar="N",
+                   help="groups measured by attribution, the largest updates first; two "
+                   "forwards each (default: 16)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N",
                    help="token positions compared in forward passes (default: 4096)")
@@ -142,7 +148,8 @@ def _diff(args: argparse.Namespace) -> int:
         thresholds=args.thresholds, ranks=args.ranks, keep_ratios=args.keep_ratios,
         per_layer=args.per_layer, device=args.device, max_tokens=args.max_tokens,
         seed=args.seed, low_rank=args.low_rank, hash_files=args.hash_files,
-        tokenizer=args.tokenizer,
+        tokenizer=args.tokenizer, attribution=args.attribution,
+        attribution_max_groups=args.attribution_max_groups,
     )  # fmt: skip
     out = _out_dir(args.out)
     result = run_diff(opts)

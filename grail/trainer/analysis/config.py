@@ -19,12 +19,16 @@ Decisions where the design is silent:
   the offending entry is always named.
 * Upper bounds exist where a typo would stall training rather than fail:
   ``low_rank_power_iterations <= 32``, ``low_rank_oversampling <= 256`` and
-  ``histogram_samples <= 10_000_000`` (the comments at the checks say why).
+  ``histogram_samples <= 10_000_000`` and ``attribution_max_groups <= 256`` (the comments at
+  the checks say why).
   ``low_rank_exact_max_dim`` has none: any value above the largest weight dimension already
   means "always exact", so a bound would not catch a typo. ``sparse_quality_max_tokens`` has
   none: the batch given bounds the positions anyway.
-* Gradient, Adam and low-rank metrics default to off: they need the optimizer, gradients that are
-  still present, or SVDs. ``comprehensive()`` turns everything on.
+* Gradient, Adam, low-rank and attribution metrics default to off: they need the optimizer,
+  gradients that are still present, SVDs, or two forwards per group. ``comprehensive()`` turns
+  everything on (attribution with component groups).
+* ``attribution_groups`` is stored in one order (``component`` before ``layer``); a single string
+  is accepted as a one-element list.
 * ``drift_enabled`` defaults to off: the base snapshot doubles the analysis' steady-state memory
   (two snapshots instead of one). ``drift_keep_ratios`` may be empty (no masked forwards); the
   drift family reuses ``param_change_thresholds``, ``sparse_quality_include_random``,
@@ -77,6 +81,8 @@ _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 MAX_POWER_ITERATIONS = 32
 MAX_OVERSAMPLING = 256
 MAX_HISTOGRAM_SAMPLES = 10_000_000
+MAX_ATTRIBUTION_GROUPS = 256
+ATTRIBUTION_GROUP_KINDS = ("component", "layer")
 
 _SHOWN = 10  # entries of a list or mapping shown in an error message
 
@@ -162,6 +168,20 @@ def _check_ratios(name: str, values: Any) -> list[float]:
     return sorted(out)
 
 
+def _check_group_kinds(name: str, values: Any) -> list[str]:
+    if isinstance(values, str):
+        values = [values]
+    allowed = list(ATTRIBUTION_GROUP_KINDS)
+    if not isinstance(values, (list, tuple)) or not values:
+        _fail(name, values, f"expected a non-empty list of group kinds from {allowed}")
+    for v in values:
+        if v not in ATTRIBUTION_GROUP_KINDS:
+            _fail(name, values, f"every group kind must be one of {allowed} (got {v!r})")
+    if len(set(values)) != len(values):
+        _fail(name, values, "group kinds must be unique")
+    return [k for k in ATTRIBUTION_GROUP_KINDS if k in values]  # one order: configs compare equal
+
+
 def _check_ranks(name: str, values: Any) -> list[int]:
     if not isinstance(values, (list, tuple)) or not values:
         _fail(name, values, "expected a non-empty list of integers >= 1")
@@ -236,6 +256,10 @@ class AnalysisConfig:
     # Kept fractions of the whole fine-tune's update (base -> now) whose output KL is reported;
     # [] = no masked forwards (KL to the base only).
     drift_keep_ratios: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    # --- output attribution per group (attrib/*) --------------------------------------------
+    attribution_enabled: bool = False  # two forwards per group: opt-in
+    attribution_groups: list[str] = field(default_factory=lambda: ["component"])  # or "layer"
+    attribution_max_groups: int = 16  # bounds the forwards: the largest updates are measured
 
     # --- execution ---------------------------------------------------------------------------
     # Parameter change, gradient and Adam statistics and the forward-pass metrics' swaps and
@@ -316,6 +340,16 @@ class AnalysisConfig:
             "low_rank_power_iterations", self.low_rank_power_iterations, 0, MAX_POWER_ITERATIONS
         )
 
+        self.attribution_groups = _check_group_kinds(
+            "attribution_groups", self.attribution_groups
+        )
+        # Each group costs two forward passes; past a few hundred a measurement takes longer
+        # than the training it watches (a layer group per block of an 80-layer model and a
+        # dozen components fit well below the bound).
+        _check_int(
+            "attribution_max_groups", self.attribution_max_groups, 1, MAX_ATTRIBUTION_GROUPS
+        )
+
     # --- presets ---------------------------------------------------------------------------
     @classmethod
     def minimal(cls, **overrides: Any) -> AnalysisConfig:
@@ -347,6 +381,7 @@ class AnalysisConfig:
             "low_rank_enabled": True,
             "low_rank_track_components": True,
             "drift_enabled": True,
+            "attribution_enabled": True,
         }
         return cls(**{**base, **overrides})
 

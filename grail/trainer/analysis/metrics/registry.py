@@ -15,6 +15,7 @@ import torch
 
 from ..config import AnalysisConfig
 from .adam_sign import AdamSignDescentMetrics
+from .attribution import AttributionMetrics
 from .base import MetricComputer
 from .drift import DriftMetrics
 from .gradient import GradientSparsityMetrics
@@ -33,6 +34,7 @@ FAMILIES: tuple[tuple[str, type[MetricComputer]], ...] = (
     ("adam_sign_enabled", AdamSignDescentMetrics),
     ("sparse_quality_enabled", SparseQualityMetrics),
     ("low_rank_enabled", LowRankMetrics),
+    ("attribution_enabled", AttributionMetrics),
     ("drift_enabled", DriftMetrics),  # last: its output metrics reuse the others' reference logits
 )
 

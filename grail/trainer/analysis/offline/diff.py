@@ -25,6 +25,10 @@ Decisions:
   empty: ``sparse/*_at_keep_*`` already answers that question for the pair, and its low-rank part
   is off (``lowrank/*`` is the same pair's).
 * Non-finite values are written to ``metrics.json`` as ``null`` (strict JSON).
+* With prompts, output attribution (``attrib/*``) runs per component, and per layer too unless
+  ``--no-per-layer``, measuring at most ``--attribution-max-groups`` groups (default 16, as
+  online: two forwards each); ``metrics.json`` also gets its table under ``"attribution"``
+  (one row per group: ``kl_only``, ``kl_without``, ``update_share``, ``param_share``).
 
 Example:
     >>> import os, tempfile, torch
@@ -56,6 +60,7 @@ import torch
 
 from ..config import AnalysisConfig
 from ..core.naming import ParameterNaming
+from ..metrics.attribution import attribution_table
 from ..metrics.drift import DriftMetrics
 from ..metrics.registry import build_computers
 from .checkpoint import Checkpoint, CheckpointError
@@ -89,6 +94,8 @@ class DiffOptions:
     hash_files: bool = True
     progress: bool | None = None  # None: a bar when stderr is a terminal
     tokenizer: str | None = None  # directory of the tokenizer for the prompts (None: TUNED's)
+    attribution: bool = True  # attrib/* with prompts: per component, and per layer with per_layer
+    attribution_max_groups: int = 16
 
 
 def low_rank_available() -> bool:
@@ -122,6 +129,9 @@ def build_config(opts: DiffOptions, low_rank: bool | None = None) -> AnalysisCon
         # masked updates would repeat sparse/*_at_keep_* (top-k instead of a threshold).
         drift_enabled=with_prompts,
         drift_keep_ratios=[],
+        attribution_enabled=with_prompts and opts.attribution,
+        attribution_groups=["component", "layer"] if opts.per_layer else ["component"],
+        attribution_max_groups=opts.attribution_max_groups,
         # A one-off diff does not amortise seconds of compiling, and the compiler alone holds
         # hundreds of MB of host memory, against a budget of a few tensors.
         fused_kernels=False,
@@ -209,6 +219,7 @@ def run_diff(opts: DiffOptions) -> dict[str, Any]:
         config,
         sparse_quality_enabled=False,
         drift_enabled=False,
+        attribution_enabled=False,
         low_rank_enabled=config.low_rank_enabled and not with_model,
     )
     stream_phase = build_computers(stream_config)
@@ -244,6 +255,10 @@ def run_diff(opts: DiffOptions) -> dict[str, Any]:
     if opts.low_rank and not low_rank_available():
         notes.append("low-rank metrics are not available in this installation; skipped")
     grid = cells.result()
+    extra: dict[str, Any] = {}
+    table = attribution_table(metrics)
+    if table is not None:
+        extra["attribution"] = _finite_table(table)
     return {
         "kind": "grail-analysis diff",
         "metrics": {k: _finite(v) for k, v in sorted(metrics.items())},
@@ -269,4 +284,16 @@ def run_diff(opts: DiffOptions) -> dict[str, Any]:
             "total_seconds": time.perf_counter() - start,
         },
         "prompts": len(prompts) if prompts is not None else 0,
+        **extra,
+    }
+
+
+def _finite_table(table: dict[str, Any]) -> dict[str, Any]:
+    """The attribution table with non-finite numbers as ``None`` (strict JSON)."""
+    def clean(v: Any) -> Any:
+        return _finite(v) if isinstance(v, float) else v
+
+    return {
+        **{k: clean(v) for k, v in table.items() if k != "groups"},
+        "groups": [{k: clean(v) for k, v in row.items()} for row in table["groups"]],
     }

@@ -12,7 +12,8 @@ Figures: changed ratio vs threshold and per-layer x component heatmaps of mean |
 changed ratio (``--per-layer``) under ``param_change``; output KL vs kept fraction for the
 magnitude and random masks and, with the low-rank metrics, LoRA truncation vs a magnitude mask of
 equal parameter budget under ``sparse`` (with ``--prompts``); the share of update energy kept by
-rank r under ``lowrank``.
+rank r under ``lowrank``. With
+``--prompts`` an output-attribution section follows (:mod:`.attribution`).
 
 Example:
     >>> records = [{"step": s, "time": 0.0, "metrics": {"param_change/norm_l2": 1.0 / s}}
@@ -29,6 +30,7 @@ from typing import Any
 
 from ..keys import format_budget, parse_key
 from . import headline, plots
+from .attribution import attribution_section
 from .page import cards, details, e, figure, page, section, table
 from .runs import render_run_report, render_runs_report
 from .series import root_family
@@ -188,5 +190,6 @@ def render_diff_report(result: Mapping[str, Any]) -> str:
             rows = [(k, number(m[k])) for k in keys]
             body.append(details(f"{len(keys)} {name} metrics", table(["key", "value"], rows)))
         sections.append(section(f"family-{name}", family_title(name), family_reading(name), body))
+    sections.append(attribution_section(result))
     sections.append(_notes(list(result.get("notes", []))))
     return page("Checkpoint diff", _meta(result), sections)

@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "Line",
     "Panel",
+    "attribution_bars",
     "energy_curves",
     "heatmap",
     "kl_vs_kept",
@@ -226,4 +227,39 @@ def line_panels(panels: Sequence[Panel], ncols: int = 3) -> str:
         ax.grid(alpha=0.3)
         if len(panel.lines) + len(panel.absent) > 1 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
+    return _uri(fig)
+
+
+def attribution_bars(
+    labels: Sequence[str],
+    kl_without: Sequence[float | None],
+    update_share: Sequence[float | None],
+    kl_total: float | None = None,
+) -> str:
+    """Per group, side by side on one group axis: the KL lost without the group's update
+    (dashed: the KL of the whole update; "not measured" where it is missing) and the group's
+    share of the squared update."""
+    fig = _figure(9, min(1.4 + 0.26 * len(labels), 22))
+    left, right = fig.subplots(1, 2, sharey=True)
+    rows = list(range(len(labels)))
+
+    def values(xs: Sequence[float | None]) -> list[float]:
+        return [x if x is not None and math.isfinite(x) else 0.0 for x in xs]
+
+    left.barh(rows, values(kl_without), color="C0")
+    for row, kl in zip(rows, kl_without, strict=True):
+        if kl is None or not math.isfinite(kl):  # beyond attribution_max_groups
+            left.text(0, row, " not measured", va="center", fontsize=7, color="0.45")
+    if kl_total is not None and math.isfinite(kl_total):
+        left.axvline(kl_total, color="0.3", ls="--", lw=1, label="whole update")
+        left.legend(fontsize=7, loc="lower right")
+    left.set_xlabel("KL(tuned || without the group), nats/token", fontsize=8)
+    right.barh(rows, values(update_share), color="C1")
+    right.set_xlim(0, 1)
+    right.set_xlabel("share of ||dW||^2", fontsize=8)
+    left.set_yticks(rows, labels=list(labels), fontsize=7)
+    left.invert_yaxis()
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="x")
+        ax.tick_params(labelsize=7)
     return _uri(fig)

@@ -40,6 +40,18 @@ def config_dict(low_rank: bool, drift: bool = False) -> dict:
     }
 
 
+def attribution_config_dict() -> dict:
+    """Attribution per component and per layer next to sparse quality (the reference forward
+    is shared); every group measured, so that one process and N agree group by group."""
+    return {
+        "interval": 2,
+        "sparse_quality_thresholds": [1e-3],
+        "attribution_enabled": True,
+        "attribution_groups": ["component", "layer"],
+        "attribution_max_groups": 16,
+    }
+
+
 def budget_ties(mode: str) -> dict:
     """Exact budget masks over sharded and replicated tensors whose updates tie a lot.
 
@@ -121,6 +133,7 @@ def main() -> None:
     parser.add_argument("--low-rank", action="store_true")
     parser.add_argument("--budget-ties", action="store_true")
     parser.add_argument("--drift", action="store_true")
+    parser.add_argument("--attribution", action="store_true")
     parser.add_argument(
         "--own-batches",
         action="store_true",
@@ -164,9 +177,9 @@ def main() -> None:
 
         train_model = DistributedDataParallel(model)
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-2, foreach=False)
-    manager = ModelAnalysisManager.create(
-        AnalysisConfig.from_dict(config_dict(args.low_rank, args.drift))
-    )
+    config = (attribution_config_dict() if args.attribution
+              else config_dict(args.low_rank, args.drift))
+    manager = ModelAnalysisManager.create(AnalysisConfig.from_dict(config))
     if args.drift:  # checked and sliced to this rank's shards at the first step
         manager.set_base(start)
     settings = contextlib.ExitStack()
@@ -219,6 +232,19 @@ def main() -> None:
             delta, context=AnalysisContext(model=train_model, inputs=inputs, step=7)
         )
         result["one_sided_keys"] = sorted(one_sided)
+    if args.attribution:  # fewer groups than exist: every rank measures the same ones
+        from grail.trainer.analysis.core.distributed import reshard
+        from grail.trainer.analysis.core.snapshot import ParameterSnapshot
+        from grail.trainer.analysis.metrics.attribution import AttributionMetrics
+        from grail.trainer.analysis.metrics.base import AnalysisContext
+
+        train_model(input_ids=ids, labels=ids).loss.backward()  # an update since the snapshot
+        opt.step()
+        reshard(train_model)
+        delta = manager.old_snapshot.compute_delta(ParameterSnapshot.live(train_model))
+        result["truncated"] = AttributionMetrics(["component", "layer"], max_groups=3).compute(
+            delta, context=AnalysisContext(model=train_model, inputs={"input_ids": ids}, step=7)
+        )
     Path(args.out).write_text(json.dumps(result))
     if args.world > 1:
         dist.barrier()
