@@ -23,8 +23,8 @@ Decisions where the design is silent:
   ``low_rank_exact_max_dim`` has none: any value above the largest weight dimension already
   means "always exact", so a bound would not catch a typo. ``sparse_quality_max_tokens`` has
   none: the batch given bounds the positions anyway.
-* Gradient, Adam and low-rank metrics default to off: they need the optimizer, gradients that are
-  still present, or SVDs. ``comprehensive()`` turns everything on.
+* Gradient, Adam, low-rank and principal metrics default to off: they need the optimizer,
+  gradients that are still present, or SVDs. ``comprehensive()`` turns everything on.
 * ``fused_kernels`` defaults to on: on CPU, parameter change, the gradient and Adam
   statistics and the weight swaps of sparse quality are several times cheaper compiled
   (:mod:`~grail.trainer.analysis.kernels`); for models of ~17M parameters and up a few seconds
@@ -231,6 +231,14 @@ class AnalysisConfig:
     low_rank_quality_enabled: bool = True  # forward passes at each rank when inputs are given
     low_rank_track_components: bool = False
 
+    # --- principal directions of the weights (principal/*) ---------------------------------
+    # Spectral geometry of each 2-D update against the top-k singular directions of the
+    # weights (same matrices and spectrum settings as low_rank_*); off by default: it needs
+    # the weights' SVDs.
+    principal_enabled: bool = False
+    principal_ranks: list[int] = field(default_factory=lambda: [1, 8, 64])
+    principal_track_components: bool = False
+
     # --- execution ---------------------------------------------------------------------------
     # Parameter change, gradient and Adam statistics and sparse quality's weight swaps on CPU
     # in one compiled loop per tensor (torch.compile; a few seconds of compiling at the first
@@ -306,6 +314,8 @@ class AnalysisConfig:
             "low_rank_power_iterations", self.low_rank_power_iterations, 0, MAX_POWER_ITERATIONS
         )
 
+        self.principal_ranks = _check_ranks("principal_ranks", self.principal_ranks)
+
     # --- presets ---------------------------------------------------------------------------
     @classmethod
     def minimal(cls, **overrides: Any) -> AnalysisConfig:
@@ -336,6 +346,8 @@ class AnalysisConfig:
             "histogram_samples": 10_000,
             "low_rank_enabled": True,
             "low_rank_track_components": True,
+            "principal_enabled": True,
+            "principal_track_components": True,
         }
         return cls(**{**base, **overrides})
 

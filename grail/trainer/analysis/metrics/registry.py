@@ -60,4 +60,8 @@ def build_computers(
         from .low_rank import LowRankMetrics
 
         out.append(LowRankMetrics.from_config(config, output_fn=output_fn))
+    if config.principal_enabled:
+        from .principal import PrincipalMetrics
+
+        out.append(PrincipalMetrics.from_config(config))
     return out
