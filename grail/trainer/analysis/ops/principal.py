@@ -30,8 +30,10 @@ means, so a matrix that did not move weighs nothing and all-zero updates give Na
 
 Top factors come from :func:`~grail.trainer.analysis.ops.spectrum.matrix_spectrum` (exact up to
 ``exact_max_dim``, the seeded randomized range finder above it); :func:`top_factors` turns its
-truncation factors into orthonormal :math:`U_k`, :math:`V_k` by normalising columns (the exact
-Gram path puts :math:`\Sigma` on whichever side is tall). A direction whose singular value is 0
+truncation factors into orthonormal :math:`U_k`, :math:`V_k` by a QR of the columns in order (the
+exact Gram path puts :math:`\Sigma` on whichever side is tall, and its vectors of small singular
+values are only nearly orthogonal; QR keeps the span of every leading set of columns) and
+recomputes the singular values in float64 from the vectors. A direction whose singular value is 0
 has no defined vector and is left as a zero column (a zero matrix has no principal directions:
 callers skip it).
 
@@ -135,10 +137,19 @@ def top_factors(
     )
     assert spec.left is not None and spec.right is not None
     left, right = spec.left, spec.right  # [m, r], [r, n] with left @ right = U_r S_r V_r^T
-    u = left / _safe(torch.linalg.vector_norm(left, dim=0))
-    v = (right / _safe(torch.linalg.vector_norm(right, dim=1)).unsqueeze(1)).T
-    u, v = u.contiguous(), v.contiguous()
+    u, v = _orthonormal(left), _orthonormal(right.T)
     return Factors(u, _rayleigh_values(w.float(), u, v), v, spec.exact)
+
+
+def _orthonormal(a: torch.Tensor) -> torch.Tensor:
+    """The columns of ``a`` made orthonormal in order (QR, signs kept): the span of the first
+    ``j`` columns is unchanged for every ``j``. Vectors of small singular values that the Gram
+    path derives as :math:`Xv/\\sigma` are only orthogonal to about :math:`\\epsilon\\sigma_1
+    /\\sigma`; a zero column (a zero singular value) stays zero."""
+    nonzero = torch.linalg.vector_norm(a, dim=0) > 0
+    q, r = torch.linalg.qr(a)
+    sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+    return (q * (sign * nonzero.to(q.dtype))).contiguous()
 
 
 def _rayleigh_values(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -156,11 +167,6 @@ def _rayleigh_values(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch
     for start in range(0, x.shape[0], rows):
         out += (x[start : start + rows].double() @ vec64).square().sum(0)
     return out.sqrt().cpu()
-
-
-def _safe(norms: torch.Tensor) -> torch.Tensor:
-    """Norms with zeros replaced by 1: a zero column stays zero instead of becoming NaN."""
-    return torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 @dataclass
