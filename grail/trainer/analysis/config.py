@@ -238,6 +238,10 @@ class AnalysisConfig:
     principal_enabled: bool = False
     principal_ranks: list[int] = field(default_factory=lambda: [1, 8, 64])
     principal_track_components: bool = False
+    # Keep W_new's top factors until the next measurement, where they are the reference's: one
+    # decomposition per matrix instead of two, for sum k(m+n) floats per matrix on
+    # snapshot_device. A one-off comparison (grail-analysis diff) has no next measurement.
+    principal_cache_factors: bool = True
 
     # --- execution ---------------------------------------------------------------------------
     # Parameter change, gradient and Adam statistics and sparse quality's weight swaps on CPU

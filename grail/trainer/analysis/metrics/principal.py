@@ -42,7 +42,8 @@ name, ``k`` and :func:`~grail.trainer.analysis.ops.principal.fingerprint` of the
 so a re-baselined, reset or lossy (``snapshot_dtype`` narrower than the weights) snapshot is
 simply decomposed again. The range finder's seed mixes ``seed`` and the parameter name only - not
 the step - so :math:`W` and :math:`W + \Delta` share their sketch and the cached factors equal a
-recomputation.
+recomputation. ``cache_factors=False`` (``principal_cache_factors``) keeps nothing and
+decomposes both matrices every time: for one-off comparisons.
 
 **A fixed reference** (the whole fine-tune: the base-drift view) is the same computation with a
 delta whose ``old`` side is the base snapshot and a cache that ``tracks="reference"``:
@@ -106,6 +107,7 @@ class PrincipalMetrics(MetricComputer):
         seed: int = 0,
         cache_device: str | torch.device = "cpu",
         method: str = "gram",
+        cache_factors: bool = True,
     ) -> None:
         self.ranks = sorted({int(r) for r in ranks})
         if not self.ranks or self.ranks[0] < 1:
@@ -120,7 +122,7 @@ class PrincipalMetrics(MetricComputer):
         self.component_map = dict(component_map or {})
         self.seed = seed
         self.method = method
-        self.cache = FactorCache(cache_device, tracks="next")
+        self.cache = FactorCache(cache_device, tracks="next") if cache_factors else None
 
     @classmethod
     def from_config(cls, config: AnalysisConfig) -> PrincipalMetrics:
@@ -134,6 +136,7 @@ class PrincipalMetrics(MetricComputer):
             component_map=config.component_map,
             seed=config.sparse_quality_seed,
             cache_device=config.snapshot_device,
+            cache_factors=config.principal_cache_factors,
         )
 
     def compute(
@@ -196,4 +199,5 @@ class PrincipalMetrics(MetricComputer):
         )
 
     def reset(self) -> None:
-        self.cache.clear()
+        if self.cache is not None:
+            self.cache.clear()

@@ -7,7 +7,9 @@ needs the ``plot`` extra). Each report opens with a table that says in words wha
 Diff report figures: changed ratio vs threshold; per-layer x component heatmaps of mean |dW| and of
 the changed ratio (with ``--per-layer``); output KL vs kept fraction for the magnitude and random
 masks and, with the low-rank metrics, LoRA truncation vs a magnitude mask of equal parameter budget
-(with ``--prompts``); the share of update energy kept by rank r (with the low-rank metrics).
+(with ``--prompts``); the share of update energy kept by rank r (with the low-rank metrics); the
+share of update energy inside the base's top-k principal block against k, update vs random, per
+component (with the principal metrics).
 
 Run report figures: one grid of time series per metric family (keys that differ only by a
 threshold or kept-fraction label share a panel; random/DARE baselines are dashed) and, when the
@@ -134,6 +136,19 @@ def _energy(m: Mapping[str, float | None]) -> dict[str, list[tuple[float, float]
     return ordered
 
 
+def _principal(m: Mapping[str, float | None]) -> dict[str, list[tuple[int, Any, Any]]]:
+    """``group -> [(k, energy_in_top{k}, its random value)]`` from the ``principal/*`` keys."""
+    panels: dict[str, list[tuple[int, Any, Any]]] = {}
+    for key, v in m.items():
+        hit = re.match(r"^principal/(?:component/(?P<c>.+)/)?energy_in_top(?P<r>\d+)$", key)
+        if hit and v is not None:
+            panels.setdefault(hit["c"] or "all matrices", []).append(
+                (int(hit["r"]), v, m.get(f"{key}_random")))
+    ordered = {"all matrices": panels.pop("all matrices")} if "all matrices" in panels else {}
+    ordered.update(sorted(panels.items()))
+    return ordered
+
+
 def render_diff_report(result: Mapping[str, Any]) -> str:
     """The HTML report of a ``metrics.json`` document (see module docstring)."""
     m: dict[str, float | None] = dict(result["metrics"])
@@ -182,6 +197,16 @@ def render_diff_report(result: Mapping[str, Any]) -> str:
             "Share of the update's squared Frobenius norm kept by the top-r singular values of "
             "each weight-matrix update (weighted over matrices), overall and per component. A "
             "curve that reaches 1 at small r means a low-rank update would reproduce it.",
+        ))
+    principal = _principal(m)
+    if principal:
+        figures.append(_figure(
+            plots.principal_energy(principal), "update energy in the principal block",
+            "Share of the update's squared Frobenius norm inside the top-k singular block "
+            "U_k^T dW V_k of each BASE weight matrix (weighted over matrices), against k, overall "
+            "and per component; dashed: the share an isotropic random update of the same size "
+            "would have, k^2/(mn). Above the dashed line the update concentrates on the "
+            "principal directions of the weights; at or below it, it avoids them.",
         ))
     inputs = result.get("inputs", {})
     meta = []

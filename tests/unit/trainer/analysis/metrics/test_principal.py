@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -173,6 +174,13 @@ def test_interval_view_decomposes_each_matrix_once_per_measurement_after_the_fir
     assert len(computer.cache) == len(names) and computer.cache.hits == 2 * len(names)
     manager.reset()
     assert len(computer.cache) == 0
+    # without the cache (a one-off diff): both matrices every time, the same numbers
+    plain = PrincipalMetrics.from_config(dataclasses.replace(cfg, principal_cache_factors=False))
+    assert plain.cache is None
+    start = len(decompositions)
+    plain.compute(old.compute_delta(ParameterSnapshot.live(model)))
+    plain.compute(old.compute_delta(ParameterSnapshot.live(model)))
+    assert len(decompositions) - start == 4 * len(names)
 
 
 def test_a_fixed_reference_is_decomposed_once(decompositions) -> None:
@@ -312,3 +320,27 @@ def test_config_fields_registry_and_presets() -> None:
         PrincipalMetrics(ranks=[])
     with pytest.raises(ValueError, match="method"):
         PrincipalMetrics(method="qr")
+
+
+# --- offline: the whole fine-tune against the base ---------------------------------------------
+def test_offline_diff_reports_the_fine_tune_against_the_base_checkpoint(tmp_path) -> None:
+    pytest.importorskip("safetensors")
+    from grail.trainer.analysis.offline.diff import DiffOptions, run_diff
+
+    from ..checkpoints import save_pair
+
+    base, tuned, bdir, tdir = save_pair(tmp_path, torch.bfloat16, shard=True)
+    opts = DiffOptions(str(bdir), str(tdir), ranks=[1, 4], low_rank=False, hash_files=False,
+                       progress=False)
+    doc = run_diff(opts)
+    got = {k: v for k, v in doc["metrics"].items() if k.startswith("principal/")}
+    assert doc["config"]["principal_enabled"] and not doc["config"]["principal_cache_factors"]
+    online = PrincipalMetrics(ranks=[1, 4], track_components=True).compute(
+        ParameterSnapshot(base).compute_delta(ParameterSnapshot(tuned))
+    )
+    assert got.keys() == online.keys() and "principal/component/q_proj/energy_in_top4" in got
+    for key, value in online.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-15, nan_ok=True), key
+    assert got["principal/num_matrices"] == 14
+    quiet = run_diff(dataclasses.replace(opts, principal=False))
+    assert not any(k.startswith("principal/") for k in quiet["metrics"])
