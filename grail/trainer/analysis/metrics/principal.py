@@ -54,6 +54,17 @@ matrix is handled by rank ``i mod world``, which gathers :math:`W_{old}` and :ma
 a sharded matrix) and broadcasts the per-matrix numbers
 (:mod:`~grail.trainer.analysis.ops.sharded_principal`); its cache entries live on that rank.
 
+Decisions where the specification is silent:
+
+* "Left" and :math:`m` are the stored matrix's rows: output features for ``nn.Linear``, input
+  features for GPT-2's ``Conv1D`` (stored transposed), as in the low-rank family.
+* ``k`` is capped at :math:`\min(m, n)` per matrix, in the measured values and in ``_random``
+  alike, so one list of ranks serves matrices of every size.
+* The per-rank keys are NaN when no analysed matrix changed (no weights), never a reassuring 0
+  or 1; matrices with a non-finite entry or an all-zero reference are counted, not averaged.
+* :math:`\Delta` is ``float32(W_new) - float32(W_old)``: the streamed delta of the other families
+  for float32, bfloat16 and float16 weights (float64 weights are rounded first).
+
 Example:
     >>> import torch
     >>> from grail.trainer.analysis.core.snapshot import ParameterSnapshot
