@@ -309,6 +309,13 @@ def section(res: dict[str, Any], fig: str, caveat: str) -> str:
                    "other k), so the paper's contrast does not show either.")
     drift = {r: [d / c for d, c in zip(s[r]["drift"], s[r]["control_drift"], strict=True)]
              for r in ("sft", "rl")}
+    near = [c for c in COMPONENTS if all(
+        ratio(res[r]["metrics"], 8, f"principal/component/{c}/") < NEAR_RANDOM
+        for r in ("sft", "rl"))]
+    names = ", ".join(f"`{c}`" for c in near)
+    verb = "stays" if len(near) == 1 else "stay"
+    exceptions = (f" Per component, only {names} {verb} within {NEAR_RANDOM:g} times the random "
+                  "share at k = 8 in both regimes." if near else "")
     return f"""## 4. Principal directions: does the update follow the weights' top singular vectors?
 
 "The Path Not Taken" (2025) reports that RL (RLVR) updates of large pre-trained models avoid the
@@ -333,7 +340,7 @@ to each matrix's own ‖ΔW‖_F, measured the same way.
 
 **Does the paper's qualitative claim show on this model? {verdict}.** {first} {second} The
 relative change of the top-k singular values (`spectral_drift`) is {_span(drift['sft'])} times
-the control's for SFT and {_span(drift['rl'])} times for RL.
+the control's for SFT and {_span(drift['rl'])} times for RL.{exceptions}
 
 **Caveat ({caveat}).** The base here was pre-trained from random initialisation for a few hundred
 steps, so its principal directions are plausibly the very directions in which training moved it
