@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from exp_checks import overlap_baselines
@@ -174,8 +175,13 @@ def write(
     precision: dict[str, Any],
     masks: dict[str, Any],
     claims: dict[str, Any],
+    sections: Sequence[Callable[[Callable[[str], str], str], str]] = (),
 ) -> None:
-    """Write the report to ``path``; figures and JSON files are linked relative to it."""
+    """Write the report to ``path``; figures and JSON files are linked relative to it.
+
+    ``sections`` are further experiments' sections, each ``section(link, caveat) -> markdown``
+    (``link(file name)`` is the file's path relative to the report), placed before the checks.
+    """
     rel = os.path.relpath(out, os.path.dirname(os.path.abspath(path)))
 
     def link(name: str) -> str:
@@ -186,15 +192,18 @@ def write(
     p = run["pretrain"]
     sec = run["seconds"]
     files = ", ".join(
-        f"[{n}]({link(n)})" for n in ("precision.json", "masks.json", "checks.json", "run.json")
+        f"[{n}]({link(n)})"
+        for n in ("precision.json", "masks.json", "principal.json", "checks.json", "run.json")
     )
+    extra = "\n".join(make(link, caveat) for make in sections)
     text = f"""# Update sparsity, precision and masks on a tiny model
 
-Three experiments that reproduce, on a model small enough to train on a CPU in minutes, effects
-reported for large-model fine-tuning: apparent update sparsity that is bf16 rounding, the output
-quality of sparse and low-rank versions of an update, and whether the set of changed weights
-stays the same. Everything is measured with the library's public API (`ModelAnalysisManager`,
-`AnalysisConfig`, `ParameterSnapshot`). **These are tiny models (one architecture,
+Four experiments that put effects reported for large-model fine-tuning to the test on a model small
+enough to train on a CPU in minutes: apparent update sparsity that is bf16 rounding, the output
+quality of sparse and low-rank versions of an update, whether the set of changed weights stays the
+same, and whether the update follows the weights' principal singular directions. Everything is
+measured with the library's public API (`ModelAnalysisManager`, `AnalysisConfig`,
+`ParameterSnapshot`). **These are tiny models (one architecture,
 {m['parameters']:,} parameters, one seed): the numbers show mechanisms, not their size at
 scale.**
 
@@ -214,6 +223,7 @@ Numbers: {files}.
 {_precision(precision, link("precision.png"), caveat)}
 {masks_section(masks, link("masks.png"), caveat)}
 {_overlap(precision, link("overlap.png"), caveat)}
+{extra}
 {_checks(claims)}
 
 Versions: Python {run['versions']['python']}, torch {run['versions']['torch']}, transformers

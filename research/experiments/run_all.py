@@ -4,13 +4,14 @@
     python research/experiments/run_all.py            # full mode: the committed figures
 
 Results go to ``--out`` (default ``research/experiments/results/``; quick mode
-``research/experiments/results/quick/``): ``precision.json`` (experiments 1 and 3),
-``masks.json`` (experiment 2), ``checks.json`` (every claim with the numbers it compared),
-``run.json`` (settings, versions, runtime), the figures ``precision.png``, ``masks.png``,
-``overlap.png`` and ``RESULTS.md`` (full mode: ``research/experiments/RESULTS.md``, linking the
-figures). Exits with status 1 when a claim fails. ``--from-results`` re-checks the claims and
-redraws figures and report from the JSON files already in ``--out``, without training. Seeds
-are fixed and torch uses one thread, so a rerun on the same machine reproduces every number.
+``research/experiments/results/quick/``): ``precision.json`` (experiments 1 and 3), ``masks.json``
+(experiment 2), ``principal.json`` (experiment 4), ``checks.json`` (every claim with the numbers it
+compared), ``run.json`` (settings, versions, runtime), the figures ``precision.png``, ``masks.png``,
+``overlap.png``, ``principal.png`` and ``RESULTS.md`` (full mode:
+``research/experiments/RESULTS.md``, linking the figures). Exits with status 1 when a claim fails.
+``--from-results`` re-checks the claims and redraws figures and report from the JSON files already
+in ``--out``, without training. Seeds are fixed and torch uses one thread, so a rerun on the same
+machine reproduces every number.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import exp_common  # noqa: E402
 import exp_figures  # noqa: E402
 import exp_masks  # noqa: E402
 import exp_precision  # noqa: E402
+import exp_principal  # noqa: E402
 import exp_report  # noqa: E402
 
 logger = logging.getLogger("experiments")
@@ -50,6 +52,8 @@ QUICK = {
         lrs=(1e-6, 1e-5, 1e-4, 1e-3), interval=10, intervals=3, overlap_lr=1e-5
     ),
     "masks": exp_masks.MaskSettings(sft_steps=60, sft_lr=3e-4, rl_steps=60, rl_lr=1e-4),
+    "principal": exp_principal.PrincipalSettings(sft_steps=60, sft_lr=3e-4, rl_steps=60,
+                                                 rl_lr=1e-4),
 }
 FULL = {
     "pretrain_steps": 400,
@@ -60,6 +64,8 @@ FULL = {
         overlap_lr=1e-5,
     ),
     "masks": exp_masks.MaskSettings(sft_steps=150, sft_lr=3e-4, rl_steps=150, rl_lr=1e-4),
+    "principal": exp_principal.PrincipalSettings(sft_steps=150, sft_lr=3e-4, rl_steps=150,
+                                                 rl_lr=1e-4),
 }
 
 
@@ -69,8 +75,10 @@ def _dump(obj: Any, path: str) -> None:
         f.write("\n")
 
 
-def experiment(settings: dict[str, Any], seed: int, mode: str) -> tuple[dict, dict, dict]:
-    """Pre-train, run every experiment; ``(precision, masks, run_info)``, JSON-ready."""
+def experiment(
+    settings: dict[str, Any], seed: int, mode: str
+) -> tuple[dict, dict, dict, dict]:
+    """Pre-train, run every experiment; ``(precision, masks, principal, run_info)``, JSON-ready."""
     torch.set_num_threads(1)  # reproducible reductions, and no stalls on a loaded machine
     start = time.perf_counter()
     pre_chain = exp_common.markov_chain(seed)
@@ -84,6 +92,8 @@ def experiment(settings: dict[str, Any], seed: int, mode: str) -> tuple[dict, di
     t1 = time.perf_counter()
     masks = exp_masks.run(base, pre_chain, sft_chain, settings["masks"], seed + 3)
     t2 = time.perf_counter()
+    principal = exp_principal.run(base, pre_chain, sft_chain, settings["principal"], seed + 4)
+    t3 = time.perf_counter()
     run_info = {
         "mode": mode,
         "seed": seed,
@@ -95,32 +105,39 @@ def experiment(settings: dict[str, Any], seed: int, mode: str) -> tuple[dict, di
             "chain_entropy": exp_common.chain_entropy(pre_chain),
         },
         "seconds": {"pretrain": t0 - start, "precision": t1 - t0, "masks": t2 - t1,
-                    "total": t2 - start},
+                    "principal": t3 - t2, "total": t3 - start},
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
         },
     }
-    return precision, masks, run_info
+    return precision, masks, principal, run_info
 
 
-def publish(out: str, report: str, precision: dict, masks: dict, run_info: dict) -> int:
+def publish(
+    out: str, report: str, precision: dict, masks: dict, principal: dict, run_info: dict
+) -> int:
     """Check the claims, write JSON, figures and the report; the number of failed claims."""
     claims = {
         "precision": exp_checks.precision_claims(precision),
         "overlap": exp_checks.overlap_claims(precision),
         "masks": exp_checks.mask_claims(masks),
+        "principal": exp_principal.claims(principal),
     }
     _dump(precision, os.path.join(out, "precision.json"))
     _dump(masks, os.path.join(out, "masks.json"))
+    _dump(principal, os.path.join(out, "principal.json"))
     _dump(run_info, os.path.join(out, "run.json"))
     _dump({k: [c.as_dict() for c in v] for k, v in claims.items()},
           os.path.join(out, "checks.json"))
     exp_figures.precision_figure(precision, os.path.join(out, "precision.png"))
     exp_figures.masks_figure(masks, os.path.join(out, "masks.png"))
     exp_figures.overlap_figure(precision, os.path.join(out, "overlap.png"))
-    exp_report.write(report, out, run_info, precision, masks, claims)
+    exp_principal.figure(principal, os.path.join(out, "principal.png"))
+    exp_report.write(report, out, run_info, precision, masks, claims,
+                     sections=[lambda fig, caveat: exp_principal.section(principal, fig(
+                         "principal.png"), caveat)])
     failed = 0
     print("\nClaims:")
     for group in claims.values():
@@ -143,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("grail").setLevel(logging.WARNING)
-    for name in ("exp_precision", "exp_masks"):
+    for name in ("exp_precision", "exp_masks", "exp_principal"):
         logging.getLogger(name).setLevel(logging.INFO)
 
     out = args.out or os.path.join(HERE, "results", "quick" if args.quick else "")
@@ -153,15 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.from_results:
         loaded = []
-        for name in ("precision", "masks", "run"):
+        for name in ("precision", "masks", "principal", "run"):
             with open(os.path.join(out, f"{name}.json")) as f:
                 loaded.append(json.load(f))
-        precision, masks, run_info = loaded
+        precision, masks, principal, run_info = loaded
     else:
         settings = QUICK if args.quick else FULL
         mode = "quick" if args.quick else "full"
-        precision, masks, run_info = experiment(settings, args.seed, mode)
-    return 1 if publish(out, report, precision, masks, run_info) else 0
+        precision, masks, principal, run_info = experiment(settings, args.seed, mode)
+    return 1 if publish(out, report, precision, masks, principal, run_info) else 0
 
 
 if __name__ == "__main__":

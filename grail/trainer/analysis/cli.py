@@ -69,7 +69,8 @@ def _add_diff(sub: Any) -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 1e-8, 1e-6, 1e-4],
                    metavar="T", help="|dW| thresholds (default: 0 1e-8 1e-6 1e-4)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128],
-                   metavar="R", help="ranks of the low-rank analysis (default: 1 2 4 ... 128)")
+                   metavar="R", help="ranks of the low-rank and principal analyses (default: "
+                   "1 2 4 ... 128)")
     p.add_argument("--keep-ratios", type=float, nargs="+", default=DEFAULT_KEEP_RATIOS,
                    metavar="K", help="kept fractions for sparse quality (default: "
                    + " ".join(f"{k:g}" for k in DEFAULT_KEEP_RATIOS) + ")")
@@ -84,6 +85,9 @@ def _add_diff(sub: Any) -> None:
     p.add_argument("--attribution-max-groups", type=int, default=16, metavar="N",
                    help="groups measured by attribution, the largest updates first; two "
                    "forwards each (default: 16)")
+    p.add_argument("--principal", action=argparse.BooleanOptionalAction, default=True,
+                   help="the update against the top-r singular directions of BASE, at the "
+                   "--ranks (default: on; two decompositions per weight matrix)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N",
                    help="token positions compared in forward passes (default: 4096)")
@@ -147,8 +151,8 @@ def _diff(args: argparse.Namespace) -> int:
         base=args.base, tuned=args.tuned, out=args.out, prompts=args.prompts,
         thresholds=args.thresholds, ranks=args.ranks, keep_ratios=args.keep_ratios,
         per_layer=args.per_layer, device=args.device, max_tokens=args.max_tokens,
-        seed=args.seed, low_rank=args.low_rank, hash_files=args.hash_files,
-        tokenizer=args.tokenizer, attribution=args.attribution,
+        seed=args.seed, low_rank=args.low_rank, principal=args.principal,
+        hash_files=args.hash_files, tokenizer=args.tokenizer, attribution=args.attribution,
         attribution_max_groups=args.attribution_max_groups,
     )  # fmt: skip
     out = _out_dir(args.out)

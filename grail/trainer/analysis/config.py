@@ -24,9 +24,9 @@ Decisions where the design is silent:
   ``low_rank_exact_max_dim`` has none: any value above the largest weight dimension already
   means "always exact", so a bound would not catch a typo. ``sparse_quality_max_tokens`` has
   none: the batch given bounds the positions anyway.
-* Gradient, Adam, low-rank and attribution metrics default to off: they need the optimizer,
-  gradients that are still present, SVDs, or two forwards per group. ``comprehensive()`` turns
-  everything on (attribution with component groups).
+* Gradient, Adam, low-rank, principal and attribution metrics default to off: they need the
+  optimizer, gradients that are still present, SVDs, or two forwards per group.
+  ``comprehensive()`` turns everything on (attribution with component groups).
 * ``attribution_groups`` is stored in one order (``component`` before ``layer``); a single string
   is accepted as a one-element list.
 * ``drift_enabled`` defaults to off: the base snapshot doubles the analysis' steady-state memory
@@ -260,6 +260,17 @@ class AnalysisConfig:
     attribution_enabled: bool = False  # two forwards per group: opt-in
     attribution_groups: list[str] = field(default_factory=lambda: ["component"])  # or "layer"
     attribution_max_groups: int = 16  # bounds the forwards: the largest updates are measured
+    # --- principal directions of the weights (principal/*) ---------------------------------
+    # Spectral geometry of each 2-D update against the top-k singular directions of the
+    # weights (same matrices and spectrum settings as low_rank_*); off by default: it needs
+    # the weights' SVDs.
+    principal_enabled: bool = False
+    principal_ranks: list[int] = field(default_factory=lambda: [1, 8, 64])
+    principal_track_components: bool = False
+    # Keep W_new's top factors until the next measurement, where they are the reference's: one
+    # decomposition per matrix instead of two, for sum k(m+n) floats per matrix on
+    # snapshot_device. A one-off comparison (grail-analysis diff) has no next measurement.
+    principal_cache_factors: bool = True
 
     # --- execution ---------------------------------------------------------------------------
     # Parameter change, gradient and Adam statistics and the forward-pass metrics' swaps and
@@ -349,6 +360,7 @@ class AnalysisConfig:
         _check_int(
             "attribution_max_groups", self.attribution_max_groups, 1, MAX_ATTRIBUTION_GROUPS
         )
+        self.principal_ranks = _check_ranks("principal_ranks", self.principal_ranks)
 
     # --- presets ---------------------------------------------------------------------------
     @classmethod
@@ -382,6 +394,8 @@ class AnalysisConfig:
             "low_rank_track_components": True,
             "drift_enabled": True,
             "attribution_enabled": True,
+            "principal_enabled": True,
+            "principal_track_components": True,
         }
         return cls(**{**base, **overrides})
 

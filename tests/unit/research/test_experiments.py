@@ -122,7 +122,7 @@ def test_quick_mode_passes_its_checks(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failed" in proc.stdout
-    for name in ("precision", "masks", "overlap"):
+    for name in ("precision", "masks", "overlap", "principal"):
         png = tmp_path / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png.stat().st_size < 200_000
@@ -145,6 +145,10 @@ def test_quick_mode_passes_its_checks(tmp_path):
         "rl_magnitude_beats_random",
         "sft_dare_beats_random",
         "rl_dare_beats_random",
+        "principal_random_baseline",
+        "sft_on_principals",
+        "rl_on_principals",
+        "both_rotate_more_than_random",
     ):
         assert names.get(name) is True, name
 
@@ -166,3 +170,14 @@ def test_quick_mode_passes_its_checks(tmp_path):
         for keep in ("0.1", "0.5"):
             kl = metrics[f"sparse/kl_at_keep_{keep}"]
             assert kl < metrics[f"sparse/kl_at_keep_{keep}_random"]
+    principal = json.loads((tmp_path / "principal.json").read_text())
+    for regime in ("sft", "rl"):
+        m, control = principal[regime]["metrics"], principal[regime]["control"]
+        for k in principal["settings"]["ranks"]:
+            share = m[f"principal/energy_in_top{k}"]
+            assert share >= 3 * m[f"principal/energy_in_top{k}_random"], (regime, k)
+            rnd = control[f"principal/energy_in_top{k}"]
+            assert abs(rnd / control[f"principal/energy_in_top{k}_random"] - 1) < 0.5
+            if k <= 8:
+                turned = 1 - m[f"principal/subspace_overlap_top{k}"]
+                assert turned >= 1.5 * (1 - control[f"principal/subspace_overlap_top{k}"])

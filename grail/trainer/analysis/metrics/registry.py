@@ -22,6 +22,7 @@ from .gradient import GradientSparsityMetrics
 from .low_rank import LowRankMetrics
 from .mask_overlap import MaskOverlapMetrics
 from .parameter_change import ParameterChangeMetrics
+from .principal import PrincipalMetrics
 from .sparse_quality import SparseQualityMetrics
 
 __all__ = ["FAMILIES", "build_computers"]
@@ -34,6 +35,7 @@ FAMILIES: tuple[tuple[str, type[MetricComputer]], ...] = (
     ("adam_sign_enabled", AdamSignDescentMetrics),
     ("sparse_quality_enabled", SparseQualityMetrics),
     ("low_rank_enabled", LowRankMetrics),
+    ("principal_enabled", PrincipalMetrics),
     ("attribution_enabled", AttributionMetrics),
     ("drift_enabled", DriftMetrics),  # last: its output metrics reuse the others' reference logits
 )

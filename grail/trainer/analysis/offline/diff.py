@@ -7,8 +7,10 @@ is a few tensors: nothing holds a whole checkpoint. The checkpoint is read once 
 parameter-change metrics, the per-(layer, component) heatmaps and the threshold curve
 (:mod:`.stream`); the input files are hashed in a background thread meanwhile.
 
-Parameter change always runs on the streamed delta. The low-rank spectra run there too when no
-prompts are given (``context=None``: no forward pass). With prompts, sparse quality and low-rank
+Parameter change and the principal geometry (``principal/*``: the whole fine-tune, with the
+BASE checkpoint as the reference W and dW = TUNED - BASE) always run on the streamed
+delta. The low-rank spectra run there too when no prompts are given (``context=None``:
+no forward pass). With prompts, sparse quality and low-rank
 (spectra and quality) run on the loaded TUNED model instead (:mod:`.quality`). Both
 lists of computers come from the registry, from copies of the run's config that switch the
 other families off.
@@ -91,6 +93,7 @@ class DiffOptions:
     max_tokens: int = 4096
     seed: int = 0
     low_rank: bool = True  # when the low-rank computer is installed
+    principal: bool = True  # the update against the base's principal directions
     hash_files: bool = True
     progress: bool | None = None  # None: a bar when stderr is a terminal
     tokenizer: str | None = None  # directory of the tokenizer for the prompts (None: TUNED's)
@@ -132,6 +135,12 @@ def build_config(opts: DiffOptions, low_rank: bool | None = None) -> AnalysisCon
         attribution_enabled=with_prompts and opts.attribution,
         attribution_groups=["component", "layer"] if opts.per_layer else ["component"],
         attribution_max_groups=opts.attribution_max_groups,
+        principal_enabled=opts.principal,
+        principal_ranks=list(opts.ranks),
+        principal_track_components=opts.per_layer,
+        # One comparison: no next measurement would reuse cached factors (they would add
+        # sum k(m+n) floats per matrix to a budget of a few tensors).
+        principal_cache_factors=False,
         # A one-off diff does not amortise seconds of compiling, and the compiler alone holds
         # hundreds of MB of host memory, against a budget of a few tensors.
         fused_kernels=False,
@@ -225,7 +234,9 @@ def run_diff(opts: DiffOptions) -> dict[str, Any]:
     stream_phase = build_computers(stream_config)
     model_phase = []
     if with_model:
-        model_phase = build_computers(dataclasses.replace(config, param_change_enabled=False))
+        model_phase = build_computers(
+            dataclasses.replace(config, param_change_enabled=False, principal_enabled=False)
+        )
         for computer in model_phase:
             if isinstance(computer, DriftMetrics):
                 computer.low_rank = None  # drift/lowrank/* would repeat lowrank/* for the pair

@@ -1,6 +1,8 @@
-"""Pure tensor functions: masks, exact budget selection, divergences of logits, spectra.
+"""Pure tensor functions: masks, exact budget selection, divergences of logits, spectra, and
+the geometry of an update against the principal directions of the weights.
 
 No module here holds state across calls or touches a model; each takes tensors (or a
-``ParameterDelta`` to read) and returns tensors or numbers. May import :mod:`..core` and the
-compiled fast paths of :mod:`..kernels`.
+``ParameterDelta`` to read) and returns tensors or numbers (a container kept across calls, such
+as the principal factor cache, is owned and passed in by its caller). May import :mod:`..core`
+and the compiled fast paths of :mod:`..kernels`.
 """

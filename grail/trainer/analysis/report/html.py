@@ -12,8 +12,10 @@ Figures: changed ratio vs threshold and per-layer x component heatmaps of mean |
 changed ratio (``--per-layer``) under ``param_change``; output KL vs kept fraction for the
 magnitude and random masks and, with the low-rank metrics, LoRA truncation vs a magnitude mask of
 equal parameter budget under ``sparse`` (with ``--prompts``); the share of update energy kept by
-rank r under ``lowrank``. With
-``--prompts`` an output-attribution section follows (:mod:`.attribution`).
+rank r under ``lowrank``.; the share of
+update energy inside the base's top-k principal block against k, update vs random, per component
+under ``principal``. With ``--prompts`` an output-attribution section follows
+(:mod:`.attribution`).
 
 Example:
     >>> records = [{"step": s, "time": 0.0, "metrics": {"param_change/norm_l2": 1.0 / s}}
@@ -96,6 +98,23 @@ def _energy(m: Mapping[str, float | None]) -> dict[str, list[tuple[float, float]
     return ordered
 
 
+def _principal(m: Mapping[str, float | None]) -> dict[str, list[tuple[int, Any, Any]]]:
+    """``group -> [(k, energy_in_top{k}, its random value)]`` from the ``principal/*`` keys."""
+    panels: dict[str, list[tuple[int, Any, Any]]] = {}
+    for key, v in m.items():
+        parts = parse_key(key)
+        if (parts is None or parts.family != "principal" or parts.name != "energy_in"
+                or parts.label_kind != "top" or parts.variant or v is None
+                or parts.scope not in ("global", "component")):
+            continue
+        group = str(parts.group) if parts.scope == "component" else "all matrices"
+        random = m.get(parts.with_(variant="random").key)
+        panels.setdefault(group, []).append((int(parts.label_value or 0), v, random))
+    ordered = {"all matrices": panels.pop("all matrices")} if "all matrices" in panels else {}
+    ordered.update(sorted(panels.items()))
+    return ordered
+
+
 def _param_change_figures(result: Mapping[str, Any], m: Mapping[str, float | None]) -> list[str]:
     figures = []
     curve = result.get("threshold_curve")
@@ -148,6 +167,16 @@ def _figures(result: Mapping[str, Any], m: Mapping[str, float | None]) -> dict[s
             "Share of the update's squared Frobenius norm kept by the top-r singular values of "
             "each weight-matrix update (weighted over matrices), overall and per component. A "
             "curve that reaches 1 at small r means a low-rank update would reproduce it.",
+        )]
+    principal = _principal(m)
+    if principal:
+        out["principal"] = [figure(
+            plots.principal_energy(principal), "update energy in the principal block",
+            "Share of the update's squared Frobenius norm inside the top-k singular block "
+            "U_k^T dW V_k of each BASE weight matrix (weighted over matrices), against k, overall "
+            "and per component; dashed: the share an isotropic random update of the same size "
+            "would have, k^2/(mn). Above the dashed line the update concentrates on the "
+            "principal directions of the weights; at or below it, it avoids them.",
         )]
     return out
 

@@ -27,6 +27,7 @@ __all__ = [
     "heatmap",
     "kl_vs_kept",
     "line_panels",
+    "principal_energy",
     "require_matplotlib",
     "threshold_curve",
 ]
@@ -262,4 +263,32 @@ def attribution_bars(
     for ax in (left, right):
         ax.grid(alpha=0.3, axis="x")
         ax.tick_params(labelsize=7)
+def principal_energy(panels: Mapping[str, Sequence[tuple[float, float, float | None]]]) -> str:
+    """Share of the update's energy in the top-k principal block against k (log-log), update
+    (solid) vs an isotropic random update (dashed): one panel per ``name -> [(k, share,
+    random), ...]``, the first (all matrices) drawn first."""
+    ncols = min(4, max(1, len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _figure(3.3 * ncols, 2.7 * nrows)
+    for i, (name, points) in enumerate(panels.items()):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        pts = sorted((k, e, r) for k, e, r in points if e is not None and math.isfinite(e))
+        update = [(k, e) for k, e, _ in pts if e > 0]
+        rnd = [(k, r) for k, _, r in pts if r is not None and math.isfinite(r) and r > 0]
+        if update:
+            ax.plot(*zip(*update, strict=True), marker="o", ms=3, color="C0", label="update")
+        if rnd:
+            ax.plot(*zip(*rnd, strict=True), "--", marker=".", ms=3, color="0.45",
+                    label="random update")
+        ax.set_xscale("log", base=2)
+        if ax.lines:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9, fontweight="bold" if i == 0 else "normal")
+        ax.set_xlabel("k", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, which="both")
+        if i == 0:
+            ax.set_ylabel("share of ||dW||_F^2 in top-k block", fontsize=8)
+            if ax.lines:
+                ax.legend(fontsize=7)
     return _uri(fig)

@@ -119,9 +119,11 @@ def test_diff_with_prompts_equals_online_forward_metrics(tmp_path, capsys):
     assert rc == 0, err
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]
     low_rank = any(k.startswith("lowrank/kl_at_r") for k in m)
+    principal = any(k.startswith("principal/energy_in_top") for k in m)
     # curve, two heatmaps, KL vs kept fraction, attribution, and the energy curves with the
-    # low-rank metrics
-    assert (tmp_path / "o" / "report.html").read_text().count("<img") == 5 + low_rank
+    # low-rank and the principal metrics
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert html.count("<img") == 5 + low_rank + principal
     lines = [line for line in PROMPTS.splitlines() if line]
     assert m["sparse/tokens"] == sum(len(tokenizer()(line)["input_ids"]) for line in lines)
     from transformers import AutoTokenizer

@@ -31,11 +31,12 @@ IMG = re.compile(r"<img src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    """A real diff without low-rank keys (each test adds what it needs)."""
+    """A real diff without low-rank or principal keys (each test adds what it needs)."""
     root = tmp_path_factory.mktemp("pair")
     _, _, bdir, tdir = save_pair(root, shard=True)
-    doc = run_diff(DiffOptions(str(bdir), str(tdir), low_rank=False, progress=False))
-    assert not any(k.startswith("lowrank/") for k in doc["metrics"])
+    doc = run_diff(DiffOptions(str(bdir), str(tdir), low_rank=False, principal=False,
+                               progress=False))
+    assert not any(k.startswith(("lowrank/", "principal/")) for k in doc["metrics"])
     return doc
 
 
@@ -57,6 +58,13 @@ LOWRANK = {
     "lowrank/stable_rank": 3.2, "lowrank/param_ratio_at_r1": 0.05,
     "lowrank/param_ratio_at_r8": 0.4,
 }
+PRINCIPAL = {
+    "principal/energy_in_top1": 0.02, "principal/energy_in_top1_random": 0.001,
+    "principal/energy_in_top8": 0.1, "principal/energy_in_top8_random": 0.06,
+    "principal/component/q_proj/energy_in_top1": 0.05,
+    "principal/component/q_proj/energy_in_top1_random": 0.001,
+    "principal/subspace_overlap_top8": 0.99,
+}
 LOWRANK_QUALITY = {
     "lowrank/kl_at_r1": 0.05, "lowrank/kl_at_r8": 0.004,
     "sparse/kl_at_budget_r1": 0.01, "sparse/kl_at_budget_r8": 0.001,
@@ -70,7 +78,8 @@ LOWRANK_QUALITY = {
         ({}, False, 1),
         (SPARSE, True, 4),  # + KL vs kept fraction
         (LOWRANK, False, 2),  # + energy curves
-        ({**SPARSE, **LOWRANK, **LOWRANK_QUALITY}, True, 5),
+        (PRINCIPAL, False, 2),  # + principal energy against k
+        ({**SPARSE, **LOWRANK, **LOWRANK_QUALITY, **PRINCIPAL}, True, 6),
     ],
 )
 def test_figures_follow_the_available_metrics(result, extra, per_layer, images):
