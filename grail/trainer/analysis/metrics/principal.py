@@ -80,7 +80,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -136,7 +136,9 @@ class PrincipalMetrics(MetricComputer):
         self.cache = FactorCache(cache_device, tracks="next") if cache_factors else None
 
     @classmethod
-    def from_config(cls, config: AnalysisConfig) -> PrincipalMetrics:
+    def from_config(
+        cls, config: AnalysisConfig, output_fn: Callable[[Any], torch.Tensor] | None = None
+    ) -> PrincipalMetrics:
         return cls(
             ranks=config.principal_ranks,
             include_embeddings=config.low_rank_include_embeddings,
