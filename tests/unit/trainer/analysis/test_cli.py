@@ -380,7 +380,7 @@ MEMORY_SCRIPT = textwrap.dedent(
             return int(f.read().split()[1]) * page
 
     small, big = sys.argv[1:3], sys.argv[3:5]
-    out, flags = sys.argv[5], ["--no-report", "--no-low-rank"]
+    out, flags = sys.argv[5], ["--no-report", "--no-low-rank", "--no-principal"]
     assert main(["diff", *small, "--out", out + "-warm", *flags]) == 0  # imports, allocators
     peak, stop = [rss()], threading.Event()
     base = peak[0]
