@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from .test_distributed import _assert_close, _free_port
+from .ranks import free_port as _free_port
+from .test_distributed import _assert_close
 
 pytestmark = [
     pytest.mark.distributed,
