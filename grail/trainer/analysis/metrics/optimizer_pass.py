@@ -174,7 +174,7 @@ class OptimizerPass:
     moment_thresholds: tuple[float, ...]
     u_thresholds: tuple[float, ...]
     trainable_only: bool
-    mode: bool | str = True  # fused_kernels: True, or "auto" (compile once it pays for itself)
+    mode: bool | str = "auto"  # fused_kernels: True, or "auto" (compile once it pays for itself)
 
     @classmethod
     def build(
@@ -182,7 +182,7 @@ class OptimizerPass:
         gradient_thresholds: Sequence[float],
         tolerance: float,
         trainable_only: bool,
-        mode: bool | str = True,
+        mode: bool | str = "auto",
     ) -> OptimizerPass:
         """The declaration for the gradient family's ``thresholds`` and the Adam family's
         ``tolerance`` and ``trainable_only``, under the kernels' compile ``mode``."""

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from tests.unit.trainer.analysis.ranks import leave_group
+
 
 def config_dict(low_rank: bool, drift: bool = False) -> dict:
     return {
@@ -159,10 +161,7 @@ def main() -> None:
         dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
     if args.budget_ties:
         Path(args.out).write_text(json.dumps(budget_ties(args.mode)))
-        if args.world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
-        return
+        leave_group(args.world)
     model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
     start = {n: p.detach().clone() for n, p in model.named_parameters()}  # full tensors
     train_model = model
@@ -246,9 +245,7 @@ def main() -> None:
             delta, context=AnalysisContext(model=train_model, inputs={"input_ids": ids}, step=7)
         )
     Path(args.out).write_text(json.dumps(result))
-    if args.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_group(args.world)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(mode, single, tmp_
     assert "drift/principal/energy_in_top4" in single["drift"]["6"]
     for view in ("metrics", "drift"):
         assert ranks[0][view] == ranks[1][view]  # bitwise the same on every rank
-        _assert_close(ranks[0][view], single[view], f"{mode} {view}")
+        _assert_close(ranks[0][view], single[view], f"{mode} {view}",
+                      replicated=mode == "ddp" and view == "metrics")
     # each matrix is cached on the rank that computes it (i mod 2), and used there
     assert single["cache"] == {"entries": MATRICES, "hits": MATRICES}
     assert [r["cache"]["entries"] for r in ranks] == [MATRICES // 2] * 2

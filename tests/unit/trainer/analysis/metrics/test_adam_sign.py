@@ -499,9 +499,9 @@ def _dist_worker(mode: str, rank: int, world: int, port: int, out: str) -> None:
         hists.update({k: v.tolist() for k, v in result.histograms.items()})
     with open(out, "w") as f:
         json.dump({"metrics": metrics, "hists": hists}, f)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    from ..ranks import leave_group
+
+    leave_group(world)
 
 
 def _spawn(mode: str, world: int, tmp_path) -> list[dict]:
