@@ -8,6 +8,7 @@ Three lines in a training loop::
 """
 
 from .config import AnalysisConfig
+from .core.mask_file import ChangeCriterion, MaskFileError, SavedMask, load_mask
 from .core.naming import ParameterNaming
 from .core.snapshot import ParameterDelta, ParameterSnapshot
 from .core.stats import StreamingStats
@@ -22,14 +23,18 @@ from .metrics import (
 __all__ = [
     "AnalysisConfig",
     "AnalysisContext",
+    "ChangeCriterion",
+    "MaskFileError",
     "MetricComputer",
     "ModelAnalysisManager",
     "ParameterChangeMetrics",
     "ParameterDelta",
     "ParameterNaming",
     "ParameterSnapshot",
+    "SavedMask",
     "SparseQualityMetrics",
     "StreamingStats",
+    "load_mask",
     "measurement_steps",
 ]
 
