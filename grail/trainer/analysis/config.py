@@ -25,6 +25,11 @@ Decisions where the design is silent:
   none: the batch given bounds the positions anyway.
 * Gradient, Adam and low-rank metrics default to off: they need the optimizer, gradients that are
   still present, or SVDs. ``comprehensive()`` turns everything on.
+* ``drift_reference_masks`` is checked at construction as far as a config can be without a model:
+  each name must read back from a ``drift/overlap/{name}/...`` key, each file must exist and be a
+  mask file of ``grail-analysis mask`` (its header is read, not its bits). Whether its names and
+  shapes fit the model is checked when the base is taken (``set_base`` or the first
+  measurement), with one ``MaskFileError`` naming the parameters that do not fit.
 * ``fused_kernels`` defaults to on: on CPU, parameter change, the gradient and Adam
   statistics and the weight swaps of sparse quality are several times cheaper compiled
   (:mod:`~grail.trainer.analysis.kernels`); for models of ~17M parameters and up a few seconds
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +170,36 @@ def _check_ranks(name: str, values: Any) -> list[int]:
     return sorted(int(v) for v in values)
 
 
+def _check_reference_masks(name: str, value: Any) -> dict[str, str]:
+    """``{reference name: mask file}``: names that read back from ``drift/overlap/{name}/...``
+    keys, files that exist and are mask files (their header is read; shapes are checked against
+    the model when the analysis first meets it)."""
+    from .core.mask_file import load_mask
+    from .keys import metric_key
+
+    if not isinstance(value, dict):
+        _fail(name, value, "expected a dict of reference name -> mask file path")
+    out: dict[str, str] = {}
+    for ref, path in value.items():
+        if not isinstance(ref, str) or not ref:
+            _fail(name, value, f"reference names must be non-empty strings (got {ref!r})")
+        try:
+            metric_key("drift/overlap", "jaccard", reference=ref)
+        except ValueError:
+            _fail(name, value, f"reference name {ref!r} cannot be part of a metric key "
+                  "(no '/' or whitespace, not 'component' or 'layer_<i>'); rename it")
+        if any(c.isspace() for c in ref):
+            _fail(name, value, f"reference name {ref!r} contains whitespace; rename it")
+        if not isinstance(path, (str, os.PathLike)):
+            _fail(name, value, f"the mask of {ref!r} must be a path (got {path!r})")
+        try:
+            load_mask(path)
+        except ValueError as err:  # MaskFileError: missing, not a mask file, damaged
+            _fail(name, value, f"{err}")
+        out[ref] = os.fspath(path)
+    return out
+
+
 @dataclass
 class AnalysisConfig:
     """Options of :class:`~grail.trainer.analysis.ModelAnalysisManager` and its computers.
@@ -220,6 +256,12 @@ class AnalysisConfig:
     low_rank_power_iterations: int = 2  # subspace iterations; 2 is plenty for decaying spectra
     low_rank_quality_enabled: bool = True  # forward passes at each rank when inputs are given
     low_rank_track_components: bool = False
+
+    # --- the whole fine-tune against saved changed sets (drift/overlap/*) ----------------------
+    # {"name": "path/to/mask.safetensors"} (written by `grail-analysis mask`): the live run's
+    # changed set since the base is compared with each saved one at every measurement. Files
+    # are checked here (they exist and are mask files) and read lazily, one bit per entry.
+    drift_reference_masks: dict[str, str] = field(default_factory=dict)
 
     # --- execution ---------------------------------------------------------------------------
     # Parameter change, gradient and Adam statistics and sparse quality's weight swaps on CPU
@@ -294,6 +336,10 @@ class AnalysisConfig:
         # growing while the energy fractions, read to a few digits, do not change.
         _check_int(
             "low_rank_power_iterations", self.low_rank_power_iterations, 0, MAX_POWER_ITERATIONS
+        )
+
+        self.drift_reference_masks = _check_reference_masks(
+            "drift_reference_masks", self.drift_reference_masks
         )
 
     # --- presets ---------------------------------------------------------------------------
