@@ -363,7 +363,12 @@ def test_bad_inputs_print_one_line_and_exit_1(tmp_path, capsys):
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, threading, time
+    import torch
     from grail.trainer.analysis.cli import main
+
+    # Memory does not depend on the thread count; one thread keeps a shared, oversubscribed
+    # CI machine from stalling every small op on thread synchronisation.
+    torch.set_num_threads(1)
 
     page = os.sysconf("SC_PAGE_SIZE")
 
