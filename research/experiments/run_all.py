@@ -7,10 +7,12 @@ Results go to ``--out`` (default ``research/experiments/results/``; quick mode
 ``research/experiments/results/quick/``): ``precision.json`` (experiments 1 and 3),
 ``masks.json`` (experiment 2), ``checks.json`` (every claim with the numbers it compared),
 ``run.json`` (settings, versions, runtime), the figures ``precision.png``, ``masks.png``,
-``overlap.png`` and ``RESULTS.md`` (full mode: ``research/experiments/RESULTS.md``, linking the
-figures). Exits with status 1 when a claim fails. ``--from-results`` re-checks the claims and
-redraws figures and report from the JSON files already in ``--out``, without training. Seeds
-are fixed and torch uses one thread, so a rerun on the same machine reproduces every number.
+``overlap.png``, one JSON file and one figure per experiment of :data:`EXTRA` (experiment 4:
+``overlap_runs.json``, ``overlap_runs.png``) and ``RESULTS.md`` (full mode:
+``research/experiments/RESULTS.md``, linking the figures). Exits with status 1 when a claim
+fails. ``--from-results`` re-checks the claims and redraws figures and report from the JSON files
+already in ``--out``, without training. Seeds are fixed and torch uses one thread, so a rerun on
+the same machine reproduces every number.
 """
 
 from __future__ import annotations
@@ -39,10 +41,15 @@ import exp_checks  # noqa: E402
 import exp_common  # noqa: E402
 import exp_figures  # noqa: E402
 import exp_masks  # noqa: E402
+import exp_overlap  # noqa: E402
 import exp_precision  # noqa: E402
 import exp_report  # noqa: E402
 
 logger = logging.getLogger("experiments")
+
+#: Experiments that bring their own ``NAME``, ``QUICK``/``FULL`` settings, ``run``, ``claims``,
+#: ``figure`` and RESULTS.md ``section``; results in ``{NAME}.json`` and ``{NAME}.png``.
+EXTRA = (exp_overlap,)
 
 QUICK = {
     "pretrain_steps": 200,
@@ -69,8 +76,10 @@ def _dump(obj: Any, path: str) -> None:
         f.write("\n")
 
 
-def experiment(settings: dict[str, Any], seed: int, mode: str) -> tuple[dict, dict, dict]:
-    """Pre-train, run every experiment; ``(precision, masks, run_info)``, JSON-ready."""
+def experiment(
+    settings: dict[str, Any], seed: int, mode: str
+) -> tuple[dict, dict, dict, dict[str, Any]]:
+    """Pre-train, run every experiment; ``(precision, masks, run_info, extras)``, JSON-ready."""
     torch.set_num_threads(1)  # reproducible reductions, and no stalls on a loaded machine
     start = time.perf_counter()
     pre_chain = exp_common.markov_chain(seed)
@@ -84,6 +93,12 @@ def experiment(settings: dict[str, Any], seed: int, mode: str) -> tuple[dict, di
     t1 = time.perf_counter()
     masks = exp_masks.run(base, pre_chain, sft_chain, settings["masks"], seed + 3)
     t2 = time.perf_counter()
+    extras, extra_seconds = {}, {}
+    for k, mod in enumerate(EXTRA):
+        t = time.perf_counter()
+        mod_settings = mod.QUICK if mode == "quick" else mod.FULL
+        extras[mod.NAME] = mod.run(base, pre_chain, sft_chain, mod_settings, seed + 4 + k)
+        extra_seconds[mod.NAME] = time.perf_counter() - t
     run_info = {
         "mode": mode,
         "seed": seed,
@@ -95,23 +110,28 @@ def experiment(settings: dict[str, Any], seed: int, mode: str) -> tuple[dict, di
             "chain_entropy": exp_common.chain_entropy(pre_chain),
         },
         "seconds": {"pretrain": t0 - start, "precision": t1 - t0, "masks": t2 - t1,
-                    "total": t2 - start},
+                    **extra_seconds, "total": time.perf_counter() - start},
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
         },
     }
-    return precision, masks, run_info
+    return precision, masks, run_info, extras
 
 
-def publish(out: str, report: str, precision: dict, masks: dict, run_info: dict) -> int:
+def publish(out: str, report: str, precision: dict, masks: dict, run_info: dict,
+            extras: dict[str, Any]) -> int:
     """Check the claims, write JSON, figures and the report; the number of failed claims."""
     claims = {
         "precision": exp_checks.precision_claims(precision),
         "overlap": exp_checks.overlap_claims(precision),
         "masks": exp_checks.mask_claims(masks),
     }
+    for mod in EXTRA:
+        claims[mod.NAME] = mod.claims(extras[mod.NAME])
+        _dump(extras[mod.NAME], os.path.join(out, f"{mod.NAME}.json"))
+        mod.figure(extras[mod.NAME], os.path.join(out, f"{mod.NAME}.png"))
     _dump(precision, os.path.join(out, "precision.json"))
     _dump(masks, os.path.join(out, "masks.json"))
     _dump(run_info, os.path.join(out, "run.json"))
@@ -120,7 +140,8 @@ def publish(out: str, report: str, precision: dict, masks: dict, run_info: dict)
     exp_figures.precision_figure(precision, os.path.join(out, "precision.png"))
     exp_figures.masks_figure(masks, os.path.join(out, "masks.png"))
     exp_figures.overlap_figure(precision, os.path.join(out, "overlap.png"))
-    exp_report.write(report, out, run_info, precision, masks, claims)
+    exp_report.write(report, out, run_info, precision, masks, claims,
+                     [(mod, extras[mod.NAME]) for mod in EXTRA])
     failed = 0
     print("\nClaims:")
     for group in claims.values():
@@ -143,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("grail").setLevel(logging.WARNING)
-    for name in ("exp_precision", "exp_masks"):
+    for name in ("exp_precision", "exp_masks", *(mod.__name__ for mod in EXTRA)):
         logging.getLogger(name).setLevel(logging.INFO)
 
     out = args.out or os.path.join(HERE, "results", "quick" if args.quick else "")
@@ -157,11 +178,15 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.path.join(out, f"{name}.json")) as f:
                 loaded.append(json.load(f))
         precision, masks, run_info = loaded
+        extras = {}
+        for mod in EXTRA:
+            with open(os.path.join(out, f"{mod.NAME}.json")) as f:
+                extras[mod.NAME] = json.load(f)
     else:
         settings = QUICK if args.quick else FULL
         mode = "quick" if args.quick else "full"
-        precision, masks, run_info = experiment(settings, args.seed, mode)
-    return 1 if publish(out, report, precision, masks, run_info) else 0
+        precision, masks, run_info, extras = experiment(settings, args.seed, mode)
+    return 1 if publish(out, report, precision, masks, run_info, extras) else 0
 
 
 if __name__ == "__main__":

@@ -136,3 +136,20 @@ def test_reference_counts_reject_pieces_outside_the_parameter(saved):
     with pytest.raises(ValueError, match="outside its 101 entries"):
         reference_counts(mask, "v", 100, torch.ones(2, dtype=torch.bool))
     assert math.isnan(reference_overlap([0, 0, 0, 0])["jaccard"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pieces_on_the_gpu_count_like_pieces_on_the_cpu(saved):
+    mask, ref = saved
+    rng = np.random.default_rng(6)
+    now = {n: rng.random(f.shape) < 0.5 for n, f in ref.items()}
+    totals = {}
+    for device in ("cpu", "cuda"):
+        acc = ReferenceOverlap(mask)
+        for n, f in now.items():
+            for lo, k in _pieces(f.size, rng):
+                flags = torch.from_numpy(f.reshape(-1)[lo : lo + k].copy()).to(device)
+                acc.update(n, lo, flags)
+        assert acc.counts.device.type == device
+        totals[device] = acc.counts.tolist()
+    assert totals["cpu"] == totals["cuda"]
