@@ -66,7 +66,12 @@ def lift_sentence(a: str, b: str, m: Mapping[str, Any]) -> str:
     return f"{a} and {b} share {how} ({detail})."
 
 
+def _dense(m: Mapping[str, Any]) -> bool:
+    return min(m.get("density_a") or 0.0, m.get("density_b") or 0.0) > DENSE
+
+
 def _contrast_reading(main: Mapping[str, Any], con: Mapping[str, Any], criterion: str) -> str:
+    """How the lift under the contrasting view compares with the criterion's."""
     lift, clift = main.get("jaccard_lift"), con.get("jaccard_lift")
     kind = con.get("criterion", {}).get("kind")
     view = "the bf16 view" if kind == "bf16_view" else "exact changes"
@@ -78,11 +83,13 @@ def _contrast_reading(main: Mapping[str, Any], con: Mapping[str, Any], criterion
                  and con.get("density_b") == main.get("density_b") and clift == lift)
     if same_sets:
         return head + ": the same sets (the checkpoints hold bf16 values)."
-    dense = min(main.get("density_a") or 0.0, main.get("density_b") or 0.0) > DENSE
-    if kind == "bf16_view" and dense and clift > 1 + SAME:
-        return (head + ": the shared set appears only through rounding. It is made of the "
-                "weights whose updates are large against their bf16 spacing (small weights, large "
-                "updates), which is a matter of precision and magnitude, not a chosen subnetwork.")
+    bf16, exact = (con, main) if kind == "bf16_view" else (main, con)
+    bf16_lift = bf16.get("jaccard_lift")
+    if _dense(exact) and _ok(bf16_lift) and bf16_lift > 1 + SAME:
+        return (head + ". The shared set exists only in the bf16 view: an entry changes there when "
+                "its update is large against its bf16 spacing (small weights, large updates), so "
+                "sets read in bf16 share weights through magnitude and update direction even "
+                "though every weight moved.")
     if _ok(lift) and abs(clift - lift) <= SAME * max(lift, 1.0):
         if abs(lift - 1.0) < SAME and abs(clift - 1.0) < SAME:
             return head + " too: no more sharing than chance in either view."
@@ -100,7 +107,7 @@ def pair_sentences(pair: Doc, criterion: Mapping[str, Any], keeps: Sequence[floa
     """The summary of one pair in words: lift, contrast, signs, largest updates."""
     a, b, g = pair["a"], pair["b"], pair["global"]
     out = [lift_sentence(a, b, g)]
-    if min(g.get("density_a") or 0.0, g.get("density_b") or 0.0) > DENSE:
+    if _dense(g):
         out.append("Nearly every weight changed in both runs, so the changed sets cannot single "
                    "out a subnetwork.")
     con = pair.get("contrast")
