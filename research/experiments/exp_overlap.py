@@ -156,6 +156,11 @@ def run(base: nn.Module, pre_chain: torch.Tensor, sft_chain: torch.Tensor, s: Ov
 
 
 # --- claims, figure, report ------------------------------------------------------------------
+def _pair(key: str) -> str:
+    """``"rl_a|sft"`` -> ``"rl_a vs sft"`` (a bar would split a Markdown table cell)."""
+    return key.replace("|", " vs ")
+
+
 def _rl_sft(res: dict[str, Any]) -> list[str]:
     return [p for p in res["pairs"] if p.endswith("|sft")]
 
@@ -183,24 +188,24 @@ def claims(res: dict[str, Any]) -> list[Claim]:
               f"lift {rl['bf16_view']['jaccard_lift']:.3f} at densities "
               f"{rl['bf16_view']['density_a']:.3f}, {rl['bf16_view']['density_b']:.3f}"),
         Claim("runs_magnitude_rule_lift",
-              f"the magnitude rule (|dW| and |w| only) alone predicts a lift > {RULE_LIFT_MIN} "
-              "for the RL seeds",
+              f"the magnitude rule (update and weight magnitudes only) alone predicts a lift > "
+              f"{RULE_LIFT_MIN} for the RL seeds",
               rl["rules"]["magnitude"]["jaccard_lift"] > RULE_LIFT_MIN,
               f"predicted lift {rl['rules']['magnitude']['jaccard_lift']:.3f}"),
         Claim("runs_magnitude_rule_rl_sft",
               f"RL vs SFT: the magnitude rule predicts the bf16-view lift within {RULE_TOL}",
               max(gaps.values()) <= RULE_TOL,
-              ", ".join(f"{k}: {v:.3f}" for k, v in gaps.items())),
+              ", ".join(f"{_pair(k)}: {v:.3f}" for k, v in gaps.items())),
         Claim("runs_rl_top_updates_shared",
               f"fp32: the RL seeds' largest {KEEP[0]:.0%} of updates overlap more than twice as "
               "much (in lift) as those of RL and SFT",
               rl["fp32"][f"topk_lift_at_keep_{KEEP[0]:g}"] > 2 * max(top.values()),
               f"RL seeds {rl['fp32'][f'topk_lift_at_keep_{KEEP[0]:g}']:.2f}; "
-              + ", ".join(f"{k}: {v:.2f}" for k, v in top.items())),
+              + ", ".join(f"{_pair(k)}: {v:.2f}" for k, v in top.items())),
         Claim("runs_signed_rule",
               f"every pair: the signed rule predicts the bf16-view Jaccard within {SIGNED_TOL}",
               max(signed.values()) <= SIGNED_TOL,
-              ", ".join(f"{k}: {v:.4f}" for k, v in signed.items())),
+              ", ".join(f"{_pair(k)}: {v:.4f}" for k, v in signed.items())),
     ]
 
 
@@ -216,7 +221,7 @@ def figure(res: dict[str, Any], path: str) -> None:
         ("signed rule (+ signs of dW)", "C2", lambda p: p["rules"]["signed"]["jaccard_lift"]),
     ]
     names = list(res["pairs"])
-    ticks = [n.replace("|", " vs ") for n in names]
+    ticks = [_pair(n) for n in names]
     fig = _figure(10, 4.0)
     ax = fig.add_subplot(1, 3, (1, 2))
     width = 0.8 / len(bars)
@@ -247,7 +252,7 @@ def section(res: dict[str, Any], fig: str, caveat: str) -> str:
     for name, p in pairs.items():
         f, v, r = p["fp32"], p["bf16_view"], p["rules"]
         rows.append([
-            name.replace("|", " vs "), f"{f['jaccard_lift']:.3f}",
+            _pair(name), f"{f['jaccard_lift']:.3f}",
             f"{f[f'topk_lift_at_keep_{KEEP[0]:g}']:.2f}",
             f"{v['density_a']:.3f} / {v['density_b']:.3f}",
             f"{v['jaccard']:.3f} ({v['jaccard_random']:.3f})", f"{v['jaccard_lift']:.2f}",
@@ -301,7 +306,7 @@ moves the weight up or down at random); the **signed rule** also knows the signs
   {rl['fp32']['sign_agreement']:.0%} of the weights the same way (RL vs SFT:
   {rs[0]['fp32']['sign_agreement']:.0%}), so they leave the same rounding cells through the same
   side. With the signs, the rule reproduces every pair's bf16-view Jaccard within
-  {signed_gap:.3f}. So the changed set that two RL seeds share in bf16 is explained by precision
+  {signed_gap:.4f}. So the changed set that two RL seeds share in bf16 is explained by precision
   and weight magnitude plus a shared update direction (the same direction that makes their
   largest fp32 updates coincide), as "The Path Not Taken" argues; it is not evidence that RL
   updates only a subnetwork: in fp32 every weight moves.

@@ -35,6 +35,17 @@ chunking or order; :func:`reference_overlap` turns the summed counts into the
 ``drift/overlap/{name}/*`` values (``jaccard``, ``jaccard_random``, ``overlap_now_in_ref``,
 ``overlap_ref_in_now``). :class:`ReferenceOverlap` accumulates the counts of one process.
 
+How the online family uses it (``AnalysisConfig.drift_reference_masks``): open each mask with
+:func:`~grail.trainer.analysis.core.mask_file.load_mask` (header only); when the base is taken,
+call ``mask.check_shapes({name: delta.shard(name).global_shape, ...})`` (a ``MaskFileError``
+names what does not fit); at each measurement, for every chunk ``c`` of the base -> now delta
+(``delta.stream()``, owned pieces only), ``flags = changed_flags(mask.criterion, c.old, c.new,
+c.delta)`` (a ``keep_ratio`` mask: the live run's own exact top-k at that ratio, from
+:func:`~grail.trainer.analysis.ops.budget.exact_budget_drops`) and add
+``reference_counts(mask, c.name, delta.shard(c.name).offset + c.start, flags)``; sum the counts
+of all masks in the measurement's one all-reduce, then ``reference_overlap(counts)`` gives the
+values of ``drift/overlap/{name}/{value}``.
+
 Example:
     >>> import torch
     >>> d = torch.tensor([0.0, 1e-7, -1e-3, float("nan")])
