@@ -287,8 +287,11 @@ def run_overlap(opts: OverlapOptions) -> dict[str, Any]:
     groups = _Groups(layout, naming, opts.per_layer)
     with hash_files([base, *runs], opts.hash_files) as hashes:
         t0 = time.perf_counter()
+        if keeps:
+            logger.info("selecting the exact top-k of %d runs (%d entries each)", len(runs), total)
         drops = _top_k(pairs, names, total, keeps)
         t1 = time.perf_counter()
+        logger.info("comparing %d tensors of BASE and %d runs", len(names), len(runs))
         for name in names:
             counter = TensorCounter(layout, torch.device("cpu"))
             _compare(name, base, runs, criterion, contrast, drops, counter)
@@ -311,7 +314,8 @@ def run_overlap(opts: OverlapOptions) -> dict[str, Any]:
             "components": {k: pair_metrics(layout, groups.components[k], p) for k in cols},
             "cells": _cells(layout, groups, p, rows, cols) if opts.per_layer else None,
         })
-    nonfinite = [lab for i, lab in enumerate(labels) if groups.all.runs[i][2]]
+    col = layout.run_col("nonfinite")
+    nonfinite = [lab for i, lab in enumerate(labels) if groups.all.runs[i][col]]
     if nonfinite:
         notes.append(f"non-finite deltas in {', '.join(nonfinite)}: they count as changed and "
                      "are left out of cosine")
@@ -333,8 +337,8 @@ def run_overlap(opts: OverlapOptions) -> dict[str, Any]:
         "arguments": asdict(opts),
         "versions": versions(),
         "inputs": {"base": describe(base, digests, opts.base),
-                   **{lab: describe(r, digests, p)
-                      for lab, r, p in zip(labels, runs, opts.runs, strict=True)}},
+                   "runs": {lab: describe(r, digests, p)
+                            for lab, r, p in zip(labels, runs, opts.runs, strict=True)}},
         "timing": {"top_k_seconds": t1 - t0, "stream_seconds": t2 - t1,
                    "total_seconds": time.perf_counter() - start},
     }

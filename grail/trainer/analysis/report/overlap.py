@@ -183,11 +183,13 @@ def _metric_rows(pair: Doc) -> list[list[str]]:
 
 def _meta(doc: Doc) -> list[str]:
     inputs = doc.get("inputs", {})
+    sides = [("BASE", inputs.get("base", {})), *inputs.get("runs", {}).items()]
     lines = []
-    for label, info in inputs.items():
+    for name, info in sides:
         files = info.get("files", [])
         digest = ", ".join(f"sha256 {f['sha256'][:12]}" for f in files[:1] if "sha256" in f)
-        name = "BASE" if label == "base" else label
+        if len(files) > 1:
+            digest = f"{len(files)} files (SHA-256 in metrics.json)"
         lines.append(f"{e(name)}: <code>{e(info.get('path', '?'))}</code> "
                      f"({e(info.get('format', '?'))}) {e(digest)}")
     crit = doc.get("criterion", {})

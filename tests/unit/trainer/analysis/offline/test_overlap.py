@@ -294,8 +294,9 @@ def test_dtypes_formats_and_labels(tmp_path):
     cb = np.concatenate([(sd[2][n].float() != sd[0][n]).reshape(-1).numpy() for n in sd[0]])
     g = doc["pairs"][0]["global"]
     assert (g["intersection"], g["union"]) == (int((ca & cb).sum()), int((ca | cb).sum()))
-    assert len(doc["inputs"]["ckpt"]["files"]) > 1
-    assert all(len(f["sha256"]) == 64 for f in doc["inputs"]["ckpt"]["files"])
+    files = doc["inputs"]["runs"]["ckpt"]["files"]
+    assert len(files) > 1 and all(len(f["sha256"]) == 64 for f in files)
+    assert doc["inputs"]["base"]["path"] == str(tmp_path / "base")
 
 
 def test_labels_are_distinct_and_checked():

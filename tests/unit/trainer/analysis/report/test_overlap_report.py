@@ -72,7 +72,8 @@ def test_the_page_is_self_contained_and_escapes_labels():
     doc = {"criterion": EXACT, "keep_ratios": [], "pairs": pairs,
            "runs": {lab: {"density": 0.3, "changed": 3, "num_params": 10, "path": lab}
                     for lab in labels},
-           "inputs": {"base": {"path": "base", "format": "safetensors", "files": []}},
+           "inputs": {"base": {"path": "base", "format": "safetensors", "files": []},
+                      "runs": {"<a>": {"path": "<a>.pt", "format": "torch", "files": []}}},
            "compared": {"num_params": 10}, "notes": ["a <note>"], "versions": {"torch": "x"}}
     page = render_overlap_report(doc)
     assert page.startswith("<!DOCTYPE html>") and page.count("<img") == 1 + len(pairs)
