@@ -53,6 +53,11 @@ class PrincipalSettings:
     rl_lr: float
 
 
+NAME = "principal"  # results in principal.json and principal.png
+QUICK = PrincipalSettings(sft_steps=60, sft_lr=3e-4, rl_steps=60, rl_lr=1e-4)
+FULL = PrincipalSettings(sft_steps=150, sft_lr=3e-4, rl_steps=150, rl_lr=1e-4)
+
+
 def analysis_config(interval: int) -> AnalysisConfig:
     return AnalysisConfig(
         interval=interval,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from exp_checks import overlap_baselines
@@ -175,12 +175,12 @@ def write(
     precision: dict[str, Any],
     masks: dict[str, Any],
     claims: dict[str, Any],
-    sections: Sequence[Callable[[Callable[[str], str], str], str]] = (),
+    extras: Sequence[tuple[Any, dict[str, Any]]] = (),
 ) -> None:
     """Write the report to ``path``; figures and JSON files are linked relative to it.
 
-    ``sections`` are further experiments' sections, each ``section(link, caveat) -> markdown``
-    (``link(file name)`` is the file's path relative to the report), placed before the checks.
+    ``extras`` are ``(module, results)`` of the experiments that write their own section
+    (``module.section(results, figure link, caveat)``), placed before the checked claims.
     """
     rel = os.path.relpath(out, os.path.dirname(os.path.abspath(path)))
 
@@ -191,19 +191,19 @@ def write(
     caveat = f"one {m['parameters'] / 1e6:.1f}M-parameter model, one seed"
     p = run["pretrain"]
     sec = run["seconds"]
-    files = ", ".join(
-        f"[{n}]({link(n)})"
-        for n in ("precision.json", "masks.json", "principal.json", "checks.json", "run.json")
-    )
-    extra = "\n".join(make(link, caveat) for make in sections)
+    names = ["precision.json", "masks.json", *(f"{mod.NAME}.json" for mod, _ in extras),
+             "checks.json", "run.json"]
+    files = ", ".join(f"[{n}]({link(n)})" for n in names)
+    sections = "\n".join(mod.section(res, link(f"{mod.NAME}.png"), caveat) for mod, res in extras)
     text = f"""# Update sparsity, precision and masks on a tiny model
 
-Four experiments that put effects reported for large-model fine-tuning to the test on a model small
-enough to train on a CPU in minutes: apparent update sparsity that is bf16 rounding, the output
-quality of sparse and low-rank versions of an update, whether the set of changed weights stays the
-same, and whether the update follows the weights' principal singular directions. Everything is
-measured with the library's public API (`ModelAnalysisManager`, `AnalysisConfig`,
-`ParameterSnapshot`). **These are tiny models (one architecture,
+Five experiments that put effects reported for large-model fine-tuning to the test on a model
+small enough to train on a CPU in minutes: apparent update sparsity that is bf16 rounding, the
+output quality of sparse and low-rank versions of an update, whether the set of changed weights
+stays the same, whether the update follows the weights' principal singular directions, and
+whether two runs change the same weights. Everything is measured with the library's public API
+(`ModelAnalysisManager`, `AnalysisConfig`, `ParameterSnapshot`, `grail-analysis overlap`).
+**These are tiny models (one architecture,
 {m['parameters']:,} parameters, one seed): the numbers show mechanisms, not their size at
 scale.**
 
@@ -223,7 +223,7 @@ Numbers: {files}.
 {_precision(precision, link("precision.png"), caveat)}
 {masks_section(masks, link("masks.png"), caveat)}
 {_overlap(precision, link("overlap.png"), caveat)}
-{extra}
+{sections}
 {_checks(claims)}
 
 Versions: Python {run['versions']['python']}, torch {run['versions']['torch']}, transformers

@@ -4,14 +4,16 @@
     python research/experiments/run_all.py            # full mode: the committed figures
 
 Results go to ``--out`` (default ``research/experiments/results/``; quick mode
-``research/experiments/results/quick/``): ``precision.json`` (experiments 1 and 3), ``masks.json``
-(experiment 2), ``principal.json`` (experiment 4), ``checks.json`` (every claim with the numbers it
-compared), ``run.json`` (settings, versions, runtime), the figures ``precision.png``, ``masks.png``,
-``overlap.png``, ``principal.png`` and ``RESULTS.md`` (full mode:
-``research/experiments/RESULTS.md``, linking the figures). Exits with status 1 when a claim fails.
-``--from-results`` re-checks the claims and redraws figures and report from the JSON files already
-in ``--out``, without training. Seeds are fixed and torch uses one thread, so a rerun on the same
-machine reproduces every number.
+``research/experiments/results/quick/``): ``precision.json`` (experiments 1 and 3),
+``masks.json`` (experiment 2), ``checks.json`` (every claim with the numbers it compared),
+``run.json`` (settings, versions, runtime), the figures ``precision.png``, ``masks.png``,
+``overlap.png``, one JSON file and one figure per experiment of :data:`EXTRA` (experiment 4:
+``principal.json``, ``principal.png``; experiment 5: ``overlap_runs.json``,
+``overlap_runs.png``) and ``RESULTS.md`` (full mode:
+``research/experiments/RESULTS.md``, linking the figures). Exits with status 1 when a claim
+fails. ``--from-results`` re-checks the claims and redraws figures and report from the JSON files
+already in ``--out``, without training. Seeds are fixed and torch uses one thread, so a rerun on
+the same machine reproduces every number.
 """
 
 from __future__ import annotations
@@ -40,11 +42,16 @@ import exp_checks  # noqa: E402
 import exp_common  # noqa: E402
 import exp_figures  # noqa: E402
 import exp_masks  # noqa: E402
+import exp_overlap  # noqa: E402
 import exp_precision  # noqa: E402
 import exp_principal  # noqa: E402
 import exp_report  # noqa: E402
 
 logger = logging.getLogger("experiments")
+
+#: Experiments that bring their own ``NAME``, ``QUICK``/``FULL`` settings, ``run``, ``claims``,
+#: ``figure`` and RESULTS.md ``section``; results in ``{NAME}.json`` and ``{NAME}.png``.
+EXTRA = (exp_principal, exp_overlap)
 
 QUICK = {
     "pretrain_steps": 200,
@@ -52,8 +59,6 @@ QUICK = {
         lrs=(1e-6, 1e-5, 1e-4, 1e-3), interval=10, intervals=3, overlap_lr=1e-5
     ),
     "masks": exp_masks.MaskSettings(sft_steps=60, sft_lr=3e-4, rl_steps=60, rl_lr=1e-4),
-    "principal": exp_principal.PrincipalSettings(sft_steps=60, sft_lr=3e-4, rl_steps=60,
-                                                 rl_lr=1e-4),
 }
 FULL = {
     "pretrain_steps": 400,
@@ -64,8 +69,6 @@ FULL = {
         overlap_lr=1e-5,
     ),
     "masks": exp_masks.MaskSettings(sft_steps=150, sft_lr=3e-4, rl_steps=150, rl_lr=1e-4),
-    "principal": exp_principal.PrincipalSettings(sft_steps=150, sft_lr=3e-4, rl_steps=150,
-                                                 rl_lr=1e-4),
 }
 
 
@@ -77,8 +80,8 @@ def _dump(obj: Any, path: str) -> None:
 
 def experiment(
     settings: dict[str, Any], seed: int, mode: str
-) -> tuple[dict, dict, dict, dict]:
-    """Pre-train, run every experiment; ``(precision, masks, principal, run_info)``, JSON-ready."""
+) -> tuple[dict, dict, dict, dict[str, Any]]:
+    """Pre-train, run every experiment; ``(precision, masks, run_info, extras)``, JSON-ready."""
     torch.set_num_threads(1)  # reproducible reductions, and no stalls on a loaded machine
     start = time.perf_counter()
     pre_chain = exp_common.markov_chain(seed)
@@ -92,8 +95,12 @@ def experiment(
     t1 = time.perf_counter()
     masks = exp_masks.run(base, pre_chain, sft_chain, settings["masks"], seed + 3)
     t2 = time.perf_counter()
-    principal = exp_principal.run(base, pre_chain, sft_chain, settings["principal"], seed + 4)
-    t3 = time.perf_counter()
+    extras, extra_seconds = {}, {}
+    for mod in EXTRA:  # independent experiments: each draws from seed + 4
+        t = time.perf_counter()
+        mod_settings = mod.QUICK if mode == "quick" else mod.FULL
+        extras[mod.NAME] = mod.run(base, pre_chain, sft_chain, mod_settings, seed + 4)
+        extra_seconds[mod.NAME] = time.perf_counter() - t
     run_info = {
         "mode": mode,
         "seed": seed,
@@ -105,39 +112,38 @@ def experiment(
             "chain_entropy": exp_common.chain_entropy(pre_chain),
         },
         "seconds": {"pretrain": t0 - start, "precision": t1 - t0, "masks": t2 - t1,
-                    "principal": t3 - t2, "total": t3 - start},
+                    **extra_seconds, "total": time.perf_counter() - start},
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
         },
     }
-    return precision, masks, principal, run_info
+    return precision, masks, run_info, extras
 
 
-def publish(
-    out: str, report: str, precision: dict, masks: dict, principal: dict, run_info: dict
-) -> int:
+def publish(out: str, report: str, precision: dict, masks: dict, run_info: dict,
+            extras: dict[str, Any]) -> int:
     """Check the claims, write JSON, figures and the report; the number of failed claims."""
     claims = {
         "precision": exp_checks.precision_claims(precision),
         "overlap": exp_checks.overlap_claims(precision),
         "masks": exp_checks.mask_claims(masks),
-        "principal": exp_principal.claims(principal),
     }
+    for mod in EXTRA:
+        claims[mod.NAME] = mod.claims(extras[mod.NAME])
+        _dump(extras[mod.NAME], os.path.join(out, f"{mod.NAME}.json"))
+        mod.figure(extras[mod.NAME], os.path.join(out, f"{mod.NAME}.png"))
     _dump(precision, os.path.join(out, "precision.json"))
     _dump(masks, os.path.join(out, "masks.json"))
-    _dump(principal, os.path.join(out, "principal.json"))
     _dump(run_info, os.path.join(out, "run.json"))
     _dump({k: [c.as_dict() for c in v] for k, v in claims.items()},
           os.path.join(out, "checks.json"))
     exp_figures.precision_figure(precision, os.path.join(out, "precision.png"))
     exp_figures.masks_figure(masks, os.path.join(out, "masks.png"))
     exp_figures.overlap_figure(precision, os.path.join(out, "overlap.png"))
-    exp_principal.figure(principal, os.path.join(out, "principal.png"))
     exp_report.write(report, out, run_info, precision, masks, claims,
-                     sections=[lambda fig, caveat: exp_principal.section(principal, fig(
-                         "principal.png"), caveat)])
+                     [(mod, extras[mod.NAME]) for mod in EXTRA])
     failed = 0
     print("\nClaims:")
     for group in claims.values():
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("grail").setLevel(logging.WARNING)
-    for name in ("exp_precision", "exp_masks", "exp_principal"):
+    for name in ("exp_precision", "exp_masks", *(mod.__name__ for mod in EXTRA)):
         logging.getLogger(name).setLevel(logging.INFO)
 
     out = args.out or os.path.join(HERE, "results", "quick" if args.quick else "")
@@ -170,15 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.from_results:
         loaded = []
-        for name in ("precision", "masks", "principal", "run"):
+        for name in ("precision", "masks", "run"):
             with open(os.path.join(out, f"{name}.json")) as f:
                 loaded.append(json.load(f))
-        precision, masks, principal, run_info = loaded
+        precision, masks, run_info = loaded
+        extras = {}
+        for mod in EXTRA:
+            with open(os.path.join(out, f"{mod.NAME}.json")) as f:
+                extras[mod.NAME] = json.load(f)
     else:
         settings = QUICK if args.quick else FULL
         mode = "quick" if args.quick else "full"
-        precision, masks, principal, run_info = experiment(settings, args.seed, mode)
-    return 1 if publish(out, report, precision, masks, principal, run_info) else 0
+        precision, masks, run_info, extras = experiment(settings, args.seed, mode)
+    return 1 if publish(out, report, precision, masks, run_info, extras) else 0
 
 
 if __name__ == "__main__":

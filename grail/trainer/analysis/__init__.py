@@ -8,6 +8,7 @@ Three lines in a training loop::
 """
 
 from .config import AnalysisConfig
+from .core.mask_file import ChangeCriterion, MaskFileError, SavedMask, load_mask
 from .core.naming import ParameterNaming
 from .core.snapshot import ParameterDelta, ParameterSnapshot
 from .core.stats import StreamingStats
@@ -23,6 +24,8 @@ from .metrics import (
 __all__ = [
     "AnalysisConfig",
     "AnalysisContext",
+    "ChangeCriterion",
+    "MaskFileError",
     "MetricComputer",
     "MetricResult",
     "ModelAnalysisManager",
@@ -30,8 +33,10 @@ __all__ = [
     "ParameterDelta",
     "ParameterNaming",
     "ParameterSnapshot",
+    "SavedMask",
     "SparseQualityMetrics",
     "StreamingStats",
+    "load_mask",
     "measurement_steps",
 ]
 

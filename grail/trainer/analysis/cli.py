@@ -5,13 +5,19 @@
 ``grail-analysis plot RUN.jsonl [RUN2.jsonl ...] --out DIR [--labels A B ...]`` writes
 ``DIR/report.html`` for training runs logged with ``JsonlSink``, several overlaid on shared axes
 (labels default to the file names, made distinct).
+``grail-analysis overlap BASE RUN_A RUN_B [...] --out DIR`` compares the changed sets of several
+fine-tunes of one base (:mod:`.offline.overlap`) and writes ``DIR/metrics.json`` and
+``DIR/report.html``; ``grail-analysis mask BASE TUNED --out MASK.safetensors (--threshold T |
+--keep-ratio R | --bf16-view)`` saves one changed set as a bit-packed mask file
+(:mod:`.offline.mask`).
 
 Bad input ends with one line on stderr and exit status 1 (2 for a malformed command line), never
 a traceback; ``--debug`` shows the traceback instead. Beyond unreadable inputs this covers an
 empty ``--out`` (it would mean the current directory), a run log without any finite metric value
 (the report would be empty), ``--labels`` that do not name each log once, and, with
 ``--prompts``, a tokenizer that encodes the prompts to nothing or to ids beyond the model's
-embedding (``--tokenizer DIR`` takes it from elsewhere).
+embedding (``--tokenizer DIR`` takes it from elsewhere), ``overlap`` with fewer than two runs or
+runs whose names or shapes differ from BASE, and ``mask`` without exactly one criterion.
 
 Example:
     >>> main(["diff", "no/such/dir", "no/such/other", "--out", "unused"])
@@ -98,6 +104,63 @@ def _add_diff(sub: Any) -> None:
                    help="write metrics.json only (no matplotlib needed)")
 
 
+def _add_overlap(sub: Any) -> None:
+    from .offline.diff import DEFAULT_KEEP_RATIOS
+
+    p = sub.add_parser(
+        "overlap",
+        parents=[_common()],
+        help="do several fine-tunes of one base change the same weights?",
+        description="Compare the changed sets of several fine-tunes of BASE, pair by pair, "
+        "against random sets of the same densities, and write DIR/metrics.json and "
+        "DIR/report.html. Tensors are read one name at a time across all runs.",
+    )
+    p.add_argument("base", metavar="BASE", help="model directory or .safetensors/.pt file")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="two or more fine-tunes of BASE")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL",
+                   help="one label per run (default: the file or directory names)")
+    crit = p.add_mutually_exclusive_group()
+    crit.add_argument("--threshold", type=float, metavar="T",
+                      help="changed means |dW| > T (default: the stored value differs)")
+    crit.add_argument("--bf16-view", action="store_true",
+                      help="changed means the bf16-rounded value differs")
+    p.add_argument("--keep-ratios", type=float, nargs="*", default=DEFAULT_KEEP_RATIOS,
+                   metavar="R", help="fractions of the exact global top-k |dW| masks compared "
+                   "(default: " + " ".join(f"{k:g}" for k in DEFAULT_KEEP_RATIOS)
+                   + "; none: give the option without values)")
+    p.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-layer and per-component metrics and heatmaps (default: on)")
+    p.add_argument("--no-hash", dest="hash_files", action="store_false",
+                   help="do not record SHA-256 hashes of the input files")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="write metrics.json only (no matplotlib needed)")
+
+
+def _add_mask(sub: Any) -> None:
+    p = sub.add_parser(
+        "mask",
+        parents=[_common()],
+        help="save the changed set of a fine-tune as a bit-packed mask file",
+        description="Write the entries that changed from BASE to TUNED as one bit-packed uint8 "
+        "tensor per parameter (safetensors; the metadata records the criterion, the density, "
+        "the shapes and the SHA-256 of the inputs). Read it with "
+        "grail.trainer.analysis.load_mask.",
+    )
+    p.add_argument("base", metavar="BASE", help="model directory or .safetensors/.pt file")
+    p.add_argument("tuned", metavar="TUNED", help="model directory or .safetensors/.pt file")
+    p.add_argument("--out", required=True, metavar="MASK.safetensors", help="file to write")
+    crit = p.add_mutually_exclusive_group()
+    crit.add_argument("--threshold", type=float, metavar="T",
+                      help="changed means |dW| > T (0: the stored value differs)")
+    crit.add_argument("--keep-ratio", type=float, metavar="R",
+                      help="the fraction R of entries with the largest |dW| (exact global top-k)")
+    crit.add_argument("--bf16-view", action="store_true",
+                      help="changed means the bf16-rounded value differs")
+    p.add_argument("--no-hash", dest="hash_files", action="store_false",
+                   help="do not record SHA-256 hashes of the input files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grail-analysis",
@@ -106,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_diff(sub)
+    _add_overlap(sub)
+    _add_mask(sub)
     p = sub.add_parser(
         "plot",
         parents=[_common()],
@@ -170,6 +235,51 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overlap(args: argparse.Namespace) -> int:
+    from .offline.overlap import OverlapOptions, run_overlap
+
+    if args.report:
+        from .report.plots import require_matplotlib
+
+        require_matplotlib()
+    if len(args.runs) < 2:
+        raise _Failure(f"overlap needs BASE and at least two runs; got {len(args.runs)} run")
+    opts = OverlapOptions(
+        base=args.base, runs=list(args.runs), out=args.out, labels=args.labels,
+        threshold=args.threshold, bf16_view=args.bf16_view, keep_ratios=list(args.keep_ratios),
+        per_layer=args.per_layer, hash_files=args.hash_files,
+    )  # fmt: skip
+    out = _out_dir(args.out)
+    result = run_overlap(opts)
+    for note in result["notes"]:
+        sys.stderr.write(f"grail-analysis: note: {note}\n")
+    _write(out / "metrics.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
+    written = [out / "metrics.json"]
+    if args.report:
+        from .report.overlap import render_overlap_report
+
+        _write(out / "report.html", render_overlap_report(result))
+        written.append(out / "report.html")
+    sys.stdout.write("wrote " + " and ".join(str(p) for p in written) + "\n")
+    return 0
+
+
+def _mask(args: argparse.Namespace) -> int:
+    from .offline.mask import MaskOptions, run_mask
+
+    if not args.out:
+        raise _Failure("--out is empty; give the file to write (e.g. --out mask.safetensors)")
+    info = run_mask(MaskOptions(
+        base=args.base, tuned=args.tuned, out=args.out, threshold=args.threshold,
+        keep_ratio=args.keep_ratio, bf16_view=args.bf16_view, hash_files=args.hash_files,
+    ))  # fmt: skip
+    for note in info["notes"]:
+        sys.stderr.write(f"grail-analysis: note: {note}\n")
+    sys.stdout.write(f"wrote {info['path']}: {info['changed']:,} of {info['num_params']:,} "
+                     f"entries changed ({info['density']:.4%}) in {info['tensors']} tensors\n")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from .report.html import render_runs_report
     from .report.plots import require_matplotlib
@@ -214,8 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             level=logging.INFO if args.verbose else logging.WARNING)
     from .offline.checkpoint import CheckpointError
 
+    commands = {"diff": _diff, "overlap": _overlap, "mask": _mask, "plot": _plot}
     try:
-        return _diff(args) if args.command == "diff" else _plot(args)
+        return commands[args.command](args)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except (_Failure, CheckpointError, ImportError, ValueError, OSError) as err:

@@ -43,6 +43,11 @@ Decisions where the design is silent:
   measurement (long runs that know they will repay it); ``False`` never compiles. Models under
   ~17M parameters always stay eager, and a machine without a compiler falls back by itself.
   Only ``True``, ``False`` and ``"auto"`` are accepted (not ``1`` or ``"true"``).
+* ``drift_reference_masks`` is checked at construction as far as a config can be without a model:
+  each name must read back from a ``drift/overlap/{name}/...`` key, each file must exist and be a
+  mask file of ``grail-analysis mask`` (its header is read, not its bits). Whether its names and
+  shapes fit the model is checked when the base is taken (``set_base`` or the first
+  measurement), with one ``MaskFileError`` naming the parameters that do not fit.
 
 Example:
     >>> cfg = AnalysisConfig(interval=10, sparse_quality_thresholds=[1e-6, 1e-4])
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,6 +199,36 @@ def _check_ranks(name: str, values: Any) -> list[int]:
     return sorted(int(v) for v in values)
 
 
+def _check_reference_masks(name: str, value: Any) -> dict[str, str]:
+    """``{reference name: mask file}``: names that read back from ``drift/overlap/{name}/...``
+    keys, files that exist and are mask files (their header is read; shapes are checked against
+    the model when the analysis first meets it)."""
+    from .core.mask_file import load_mask
+    from .keys import metric_key
+
+    if not isinstance(value, dict):
+        _fail(name, value, "expected a dict of reference name -> mask file path")
+    out: dict[str, str] = {}
+    for ref, path in value.items():
+        if not isinstance(ref, str) or not ref:
+            _fail(name, value, f"reference names must be non-empty strings (got {ref!r})")
+        try:
+            metric_key("drift/overlap", "jaccard", reference=ref)
+        except ValueError:
+            _fail(name, value, f"reference name {ref!r} cannot be part of a metric key "
+                  "(no '/' or whitespace, not 'component' or 'layer_<i>'); rename it")
+        if any(c.isspace() for c in ref):
+            _fail(name, value, f"reference name {ref!r} contains whitespace; rename it")
+        if not isinstance(path, (str, os.PathLike)):
+            _fail(name, value, f"the mask of {ref!r} must be a path (got {path!r})")
+        try:
+            load_mask(path)
+        except ValueError as err:  # MaskFileError: missing, not a mask file, damaged
+            _fail(name, value, f"{err}")
+        out[ref] = os.fspath(path)
+    return out
+
+
 @dataclass
 class AnalysisConfig:
     """Options of :class:`~grail.trainer.analysis.ModelAnalysisManager` and its computers.
@@ -271,6 +307,11 @@ class AnalysisConfig:
     # decomposition per matrix instead of two, for sum k(m+n) floats per matrix on
     # snapshot_device. A one-off comparison (grail-analysis diff) has no next measurement.
     principal_cache_factors: bool = True
+    # --- the whole fine-tune against saved changed sets (drift/overlap/*) ----------------------
+    # {"name": "path/to/mask.safetensors"} (written by `grail-analysis mask`): the live run's
+    # changed set since the base is compared with each saved one at every measurement. Files
+    # are checked here (they exist and are mask files) and read lazily, one bit per entry.
+    drift_reference_masks: dict[str, str] = field(default_factory=dict)
 
     # --- execution ---------------------------------------------------------------------------
     # Parameter change, gradient and Adam statistics and the forward-pass metrics' swaps and
@@ -361,6 +402,9 @@ class AnalysisConfig:
             "attribution_max_groups", self.attribution_max_groups, 1, MAX_ATTRIBUTION_GROUPS
         )
         self.principal_ranks = _check_ranks("principal_ranks", self.principal_ranks)
+        self.drift_reference_masks = _check_reference_masks(
+            "drift_reference_masks", self.drift_reference_masks
+        )
 
     # --- presets ---------------------------------------------------------------------------
     @classmethod

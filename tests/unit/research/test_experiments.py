@@ -122,7 +122,7 @@ def test_quick_mode_passes_its_checks(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failed" in proc.stdout
-    for name in ("precision", "masks", "overlap", "principal"):
+    for name in ("precision", "masks", "overlap", "principal", "overlap_runs"):
         png = tmp_path / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png.stat().st_size < 200_000
@@ -149,6 +149,12 @@ def test_quick_mode_passes_its_checks(tmp_path):
         "sft_on_principals",
         "rl_on_principals",
         "both_rotate_more_than_random",
+        "runs_fp32_dense",
+        "runs_rl_bf16_lift",
+        "runs_magnitude_rule_lift",
+        "runs_magnitude_rule_rl_sft",
+        "runs_rl_top_updates_shared",
+        "runs_signed_rule",
     ):
         assert names.get(name) is True, name
 
@@ -181,3 +187,15 @@ def test_quick_mode_passes_its_checks(tmp_path):
             if k <= 8:
                 turned = 1 - m[f"principal/subspace_overlap_top{k}"]
                 assert turned >= 1.5 * (1 - control[f"principal/subspace_overlap_top{k}"])
+    # Two RL seeds through bf16 share more changed weights than random sets; exact (fp32)
+    # changes are dense and share as many as random ones; a rule that knows only |dW| and |w|
+    # predicts a lift above 1 by itself.
+    runs = json.loads((tmp_path / "overlap_runs.json").read_text())["pairs"]
+    rl = runs["rl_a|rl_b"]
+    assert rl["bf16_view"]["jaccard_lift"] > 1.2
+    assert rl["rules"]["magnitude"]["jaccard_lift"] > 1.1
+    for pair in runs.values():
+        assert pair["fp32"]["density_a"] > 0.99 and abs(pair["fp32"]["jaccard_lift"] - 1) < 0.01
+        v = pair["bf16_view"]
+        a, b = v["density_a"], v["density_b"]
+        assert v["jaccard_random"] == pytest.approx(a * b / (a + b - a * b), rel=1e-9)

@@ -9,6 +9,8 @@
 * :mod:`.naming` derives layer and component groups from parameter names.
 * :mod:`.distributed` is the only module that issues collectives (DDP, FSDP2).
 * :mod:`.logonce` is the one "log only the first time" helper (:class:`~.logonce.LogOnce`).
+* :mod:`.bits` stores sets of entries one bit each; :mod:`.mask_file` saves changed sets to disk
+  (the criterion, the format, a streaming writer, a lazy reader).
 
 Knows no metric. Imports nothing from the rest of the package except ``ops.masks`` (the hashed
 masks of ``ParameterDelta.apply_sparse_mask``), imported where it is used.

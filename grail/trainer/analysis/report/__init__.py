@@ -5,7 +5,8 @@
   numbers both reports open with; :mod:`.text` writes the summaries and captions in words;
   :mod:`.plots` draws the figures (matplotlib, imported lazily); :mod:`.page` holds the HTML
   blocks; :mod:`.runs` assembles the report of ``grail-analysis plot`` (one run or several) and
-  :mod:`.html` the one of ``grail-analysis diff``.
+  :mod:`.html` the one of ``grail-analysis diff``, :mod:`.overlap` the one of ``grail-analysis
+  overlap``.
 
 Reads dictionaries of metrics only, and reads their keys only through :mod:`..keys`: imports
 nothing from the computers or the model code (the one exception is the error type of
