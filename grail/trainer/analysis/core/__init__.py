@@ -4,7 +4,9 @@
   (``ParameterDelta``, streamed tensor by tensor).
 * :mod:`.stats` accumulates sums, counts and extremes in float64 and reduces them once.
 * :mod:`.naming` derives layer and component groups from parameter names.
-* :mod:`.distributed` is the only module that issues collectives (DDP, FSDP2).
+* :mod:`.distributed` is the only module that issues collectives (DDP, FSDP2, DeepSpeed).
+* :mod:`.zero` reads DeepSpeed ZeRO's partitions of parameters, gradients and optimizer state
+  from the attributes DeepSpeed sets (no ``deepspeed`` import at module level, no collective).
 
 Knows no metric. Imports nothing from the rest of the package except ``ops.masks`` (the hashed
 masks of ``ParameterDelta.apply_sparse_mask``), imported where it is used.

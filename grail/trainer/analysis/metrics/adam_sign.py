@@ -55,6 +55,10 @@ tensor, ``foreach`` and ``fused``), ``amsgrad``, ``SparseAdam``, and wrappers ex
 and ``param_groups`` (e.g. accelerate's). Adam variants with the same state layout (``NAdam``,
 ``RAdam``) get the Adam-normalised update of their moments, not their own step. Without such
 state (SGD, Adafactor, no optimizer passed) the computer returns ``{}`` and logs one info message.
+DeepSpeed's ZeRO optimizers (stages 1-3, and its bf16 optimizer) are read through the pieces of
+state each rank holds (:func:`~grail.trainer.analysis.core.zero.state_pieces`: the fp32
+``exp_avg``/``exp_avg_sq`` partitions, with the compute weights and gradient entries they belong
+to) and reduced like any other statistic.
 Not supported: ``ZeroRedundancyOptimizer`` (state on one rank per parameter) and 8-bit
 optimizers (quantised state under other names, so they are skipped like SGD).
 The arithmetic runs in float32 on the stored state, whatever its dtype. On CPU, with
@@ -99,7 +103,8 @@ import torch
 
 from .. import kernels
 from ..config import AnalysisConfig
-from ..core.distributed import local_tensor, shard_info
+from ..core import zero
+from ..core.distributed import ShardInfo, local_tensor, shard_info
 from ..core.naming import ParameterNaming, group_prefix, group_rows
 from ..core.snapshot import collect_parameters
 from ..core.stats import StreamingStats, Summary, chunk_numel, f32_floor
@@ -143,14 +148,24 @@ def u_constants(bc1: Scalar, bc2s: Scalar, eps: float) -> tuple[Scalar, Scalar]:
 
 def adam_entries(
     optimizer: Any, params: Sequence[tuple[str, torch.Tensor]]
-) -> list[tuple[str, torch.Tensor, dict[str, Any], dict[str, Any]]]:
-    """``(name, parameter, state, param_group)`` of the parameters that have Adam state."""
-    groups = {id(p): g for g in getattr(optimizer, "param_groups", []) for p in g["params"]}
-    state = getattr(optimizer, "state", {})
+) -> list[tuple[str, Any, dict[str, Any], dict[str, Any]]]:
+    """``(name, parameter, state, param_group)`` of the parameters that have Adam state.
+
+    Under a DeepSpeed ZeRO optimizer the "parameter" is a :class:`~..core.zero.StatePiece`:
+    this rank's piece of the state with the weights and gradient entries it belongs to.
+    """
+    pieces = zero.state_pieces(optimizer, list(params))
+    if pieces is not None:
+        candidates = [(name, piece, piece.state, piece.group) for name, piece in pieces]
+    else:
+        groups = {id(p): g for g in getattr(optimizer, "param_groups", []) for p in g["params"]}
+        state = getattr(optimizer, "state", {})
+        candidates = [
+            (name, p, state.get(p) if id(p) in groups else None, groups.get(id(p)))
+            for name, p in params
+        ]
     out = []
-    for name, p in params:
-        group = groups.get(id(p))
-        st = state.get(p) if group is not None else None
+    for name, p, st, group in candidates:
         if not st or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")):
             continue
         if "betas" not in group or "eps" not in group or "lr" not in group:
@@ -159,6 +174,15 @@ def adam_entries(
             continue
         out.append((name, p, st, group))
     return out
+
+
+def _held(p: Any) -> tuple[torch.Tensor, torch.Tensor | None, ShardInfo]:
+    """``(local weights, local gradient or None, where they sit)`` of an entry's parameter (or
+    DeepSpeed state piece, whose weights and gradient are aligned with its state)."""
+    if isinstance(p, zero.StatePiece):
+        return p.weight, p.grad, p.info
+    grad = local_tensor(p.grad) if p.grad is not None else None
+    return local_tensor(p), grad, shard_info(p)
 
 
 class AdamSignDescentMetrics(MetricComputer):
@@ -254,7 +278,7 @@ class AdamSignDescentMetrics(MetricComputer):
         # (see joint_inputs)
         precomputed = context.take(self.rows_key()) or {}
         for name, p, st, group in entries:
-            if shard_info(p).owner:
+            if _held(p)[2].owner:
                 self._update(stats, p, st, group, rows[name], batch, precomputed.get(name))
         if batch is not None:
             sums, maxes, extras, batch_groups = batch.rows()
@@ -304,13 +328,14 @@ class AdamSignDescentMetrics(MetricComputer):
             return {}  # this computer stays eager: nothing to share
         out = {}
         for name, p, st, group in entries:
-            contiguous = local_tensor(p).is_contiguous() and all(
+            w, _, info = _held(p)
+            contiguous = w.is_contiguous() and all(
                 local_tensor(st[k]).is_contiguous() for k in ("exp_avg", "exp_avg_sq")
             )  # otherwise the flat views below would be copies, held for the whole pass
-            if name in names and contiguous and shard_info(p).owner:
+            if name in names and contiguous and info.owner:
                 m, v, bc1, bc2s, eps = self._state(p, st, group)
                 scale, shift = u_constants(bc1, bc2s, eps)
-                out[name] = (m, v, real_view(local_tensor(p)).reshape(-1), scale, shift)
+                out[name] = (m, v, real_view(w).reshape(-1), scale, shift)
         return out
 
     def _state(
@@ -344,8 +369,8 @@ class AdamSignDescentMetrics(MetricComputer):
                 return
         m, v, bc1, bc2s, eps = self._state(p, st, group)
         lr_sq = float(group["lr"]) ** 2
-        w = real_view(local_tensor(p)).reshape(-1)
-        grad = local_tensor(p.grad) if p.grad is not None else None
+        w, grad, _ = _held(p)
+        w = real_view(w).reshape(-1)
         dense = grad is not None and grad.layout == torch.strided
         g = real_view(grad).reshape(-1) if dense else None
         scale, shift = u_constants(bc1, bc2s, eps)
@@ -404,7 +429,7 @@ class AdamSignDescentMetrics(MetricComputer):
         index = {name: i for i, (name, _) in enumerate(params)}
         for name, p, st, group in entries:
             i = index[name]
-            info = infos[i]
+            info = _held(p)[2]  # a DeepSpeed piece sits elsewhere than the parameter's copy
             if not info.owner:
                 continue
             m, v, bc1, bc2s, eps = self._state(p, st, group)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.distributed import agree, reshard
+from ..core.distributed import agree, reshard, sync_gathered
 
 __all__ = [
     "PreparedInputs",
@@ -224,11 +224,18 @@ def run_forward(
     prepared: PreparedInputs,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One forward pass; logits as float32 ``[positions, classes]`` of the unmasked positions."""
+    """One forward pass; logits as float32 ``[positions, classes]`` of the unmasked positions.
+
+    Under DeepSpeed ZeRO-3 the gathered copies of parameters are brought in line with the
+    partitions before the pass (so it sees patched partitions) and released after it (a
+    collective, like the pass itself: every rank runs the same forwards).
+    """
+    sync_gathered(model)
     try:
         logits = logits_from_output(model(*prepared.args, **prepared.kwargs), output_fn)
     finally:
         reshard(model)  # FSDP2: drop unsharded copies of (possibly patched) parameters
+        sync_gathered(model)  # ZeRO-3: likewise for gathered and prefetched copies
     if logits.dim() == 1:
         logits = logits.unsqueeze(-1)
     mask = prepared.mask
