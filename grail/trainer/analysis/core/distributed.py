@@ -21,10 +21,10 @@ Every local piece is contiguous in the flat order of the global tensor and rank 
 starts at ``j * block`` (:attr:`ShardInfo.block`), so one gather of equally padded pieces
 rebuilds a tensor in either layout.
 
-DeepSpeed ZeRO-3 keeps gathered copies of some parameters between forwards (persistent small
-parameters, prefetched ones): :func:`sync_gathered` makes them agree with the partitions again
-(releases what it can, re-gathers the persistent ones), so a forward sees patched partitions and
-training never sees a patch that was undone.
+DeepSpeed ZeRO-3 keeps whole copies of some parameters between forwards (persistent small
+parameters, prefetched ones): :func:`release_gathered` drops them (locally), so that the next
+forward gathers patched partitions while they are patched and training never sees a patch that
+was undone; :func:`sync_gathered` also gathers the persistent ones again at once (a collective).
 
 Agreement. A rank must never take a branch that issues a collective on its own: every per-rank
 decision that leads to one (measure or not, run a computer or not, re-baseline or not, how long
@@ -72,6 +72,7 @@ __all__ = [
     "is_distributed",
     "local_grad",
     "local_tensor",
+    "release_gathered",
     "reshard",
     "shard_info",
     "stable_hash",
@@ -264,13 +265,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def sync_gathered(model: torch.nn.Module) -> None:
-    """DeepSpeed ZeRO-3: make every gathered copy of a parameter agree with the partitions.
+def release_gathered(model: torch.nn.Module) -> None:
+    """DeepSpeed ZeRO-3: release every whole copy DeepSpeed holds of a parameter.
 
-    Releases every gathered parameter (through DeepSpeed's parameter coordinator when there is
-    one, which also waits for prefetches in flight), then all-gathers the persistent ones again,
-    as DeepSpeed itself does around checkpoints. A collective: every rank calls it at the same
-    point. No-op for other models.
+    Persistent (small) parameters and prefetched ones stay gathered between forwards; after a
+    release the next forward - the analysis' own or training's - gathers each parameter it uses
+    from the partitions again, so it sees patched partitions while they are patched and never a
+    copy of a patch that was undone. Goes through DeepSpeed's parameter coordinator when there
+    is one (it also waits for prefetches in flight), as ``engine.empty_partition_cache()`` does.
+    Local: freeing memory needs no collective. No-op for other models.
     """
     root = unwrap_model(model)
     params = [p for p in root.parameters() if zero.is_partitioned(p)]
@@ -279,11 +282,25 @@ def sync_gathered(model: torch.nn.Module) -> None:
     coordinator = zero.coordinator(params)
     if coordinator is not None:
         coordinator.release_and_reset_all(root)
-    else:
-        gathered = [p for p in params if zero.is_gathered(p)]
-        if gathered:
-            gathered[0].partition(param_list=gathered)
-    persistent = [p for p in params if getattr(p, "ds_persist", False)]
+        return
+    gathered = [p for p in params if zero.is_gathered(p)]
+    if gathered:
+        gathered[0].partition(param_list=gathered)
+
+
+def sync_gathered(model: torch.nn.Module) -> None:
+    """DeepSpeed ZeRO-3: :func:`release_gathered`, then gather the persistent parameters again
+    from the partitions as they are now, in one coalesced all-gather (a collective: every rank
+    calls it at the same point, e.g. before a forward). A forward that starts from here sees the
+    partitions, patched or not, and skips DeepSpeed's gathers of the persistent parameters one
+    module at a time (several times slower over gloo). No-op for other models.
+    """
+    release_gathered(model)
+    persistent = [
+        p
+        for p in unwrap_model(model).parameters()
+        if zero.is_partitioned(p) and getattr(p, "ds_persist", False)
+    ]
     if persistent:
         persistent[0].all_gather(param_list=persistent)
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.distributed import agree, reshard, sync_gathered
+from ..core.distributed import agree, release_gathered, reshard, sync_gathered
 
 __all__ = [
     "PreparedInputs",
@@ -226,16 +226,16 @@ def run_forward(
 ) -> torch.Tensor:
     """One forward pass; logits as float32 ``[positions, classes]`` of the unmasked positions.
 
-    Under DeepSpeed ZeRO-3 the gathered copies of parameters are brought in line with the
-    partitions before the pass (so it sees patched partitions) and released after it (a
-    collective, like the pass itself: every rank runs the same forwards).
+    Under DeepSpeed ZeRO-3 the whole copies DeepSpeed keeps are gathered again from the
+    partitions as they are, patched or not, before the pass (a collective, like the pass itself:
+    every rank runs the same forwards) and released after it (locally, also when it raises).
     """
     sync_gathered(model)
     try:
         logits = logits_from_output(model(*prepared.args, **prepared.kwargs), output_fn)
     finally:
         reshard(model)  # FSDP2: drop unsharded copies of (possibly patched) parameters
-        sync_gathered(model)  # ZeRO-3: likewise for gathered and prefetched copies
+        release_gathered(model)  # ZeRO-3: likewise for gathered and prefetched copies
     if logits.dim() == 1:
         logits = logits.unsqueeze(-1)
     mask = prepared.mask

@@ -4,8 +4,8 @@ Three context managers:
 
 * :func:`analysis_mode` - ``torch.no_grad()``, every module in eval mode (dropout would make
   identical weights look different), and on exit each module's own ``training`` flag and the
-  global CPU and CUDA RNG states exactly as they were (and, under DeepSpeed ZeRO-3, the gathered
-  copies of parameters in line with the restored partitions: a collective).
+  global CPU and CUDA RNG states exactly as they were (under DeepSpeed ZeRO-3 it also releases
+  the whole copies of parameters, so none of a patched partition outlives the analysis).
 * :class:`SelectPatch` - every analysed parameter becomes ``W_new`` or ``W_old`` entry by entry
   (a magnitude or random mask). A masked update is an element-wise *selection* between two values
   that already exist, so the patch swaps the dropped entries between the parameter and the
@@ -62,8 +62,8 @@ from ..core import zero
 from ..core.distributed import (
     fsdp_units,
     local_tensor,
+    release_gathered,
     shard_info,
-    sync_gathered,
     unwrap_model,
 )
 from ..core.snapshot import ParameterDelta, collect_parameters, float32_delta_
@@ -92,7 +92,7 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-        sync_gathered(model)
+        release_gathered(model)
 
 
 @dataclass
