@@ -13,6 +13,9 @@ saves what DeepSpeed's own full-state helpers (``GatheredParameters``, ``safe_ge
 on an unsharded copy and compare. The model is wrapped with a 3-entry ``scale`` parameter: an odd
 size, so the last ZeRO-3 partition is padded.
 
+Run ``trainer``: the HF Trainer itself runs ZeRO-3 (``TrainingArguments(deepspeed=...)``, through
+accelerate) with ``ModelAnalysisCallback``; the callback is called after ``engine.step()``.
+
 ZeRO-3 also checks the invariants (partitions and gathered persistent copies bit-identical after a
 measurement, also when a forward raises on every rank half-way; RNG, modes and gradients
 untouched), that a rank without inputs makes every rank skip the forwards, and the snapshot size.
@@ -283,13 +286,53 @@ def zero3_checks(engine: Any, manager: Any, rank: int) -> dict:
     return out
 
 
+def run_trainer() -> dict:
+    """The HF Trainer under ZeRO-3 with the analysis callback: what every rank measured."""
+    import tempfile
+
+    import torch
+    from transformers import Trainer
+
+    from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+    from grail.trainer.analysis.integrations import ModelAnalysisCallback
+    from tests.conftest import tiny_qwen2
+
+    from .integrations._hf import lm_dataset, training_args
+
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "steps_per_print": 10**9,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": PERSISTENCE},
+          "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}
+    config = AnalysisConfig(interval=2, gradient_enabled=True, adam_sign_enabled=True,
+                            low_rank_enabled=True, low_rank_ranks=[1])
+    manager = ModelAnalysisManager.create(config)
+    gen = torch.Generator().manual_seed(5)
+    probe = {"input_ids": torch.randint(0, 128, (2, 12), generator=gen)}
+    measured: dict[str, dict] = {}
+
+    class Keep(ModelAnalysisCallback):  # what this rank measured, logged or not
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if manager.is_measurement_step() and manager.last_metrics:
+                measured[str(state.global_step)] = dict(manager.last_metrics)
+            return super().on_step_end(args, state, control, **kwargs)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = training_args(out, deepspeed=ds, max_steps=6, per_device_train_batch_size=2)
+        trainer = Trainer(model=tiny_qwen2(vocab=128), args=args, callbacks=[Keep(manager, probe)],
+                          train_dataset=lm_dataset(rows=64, seq=12, vocab=128))
+        trainer.train()
+    logged = [e for e in trainer.state.log_history if any(k.startswith("analysis/") for k in e)]
+    return {"engine": type(trainer.model_wrapped).__name__, "measured": measured,
+            "logged_steps": [e["step"] for e in logged]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", default="1,2,3,3bf16")
+    parser.add_argument("--runs", default="1,2,3,3bf16,trainer")
     args = parser.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(args.rank),
                       LOCAL_RANK=str(args.rank), WORLD_SIZE=str(args.world),
@@ -308,7 +351,7 @@ def main() -> None:
     out_dir = Path(args.out)
     results = {}
     for run in args.runs.split(","):
-        results[run] = run_stage(run, args.rank, out_dir)
+        results[run] = run_trainer() if run == "trainer" else run_stage(run, args.rank, out_dir)
         (out_dir / f"rank{args.rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

@@ -178,3 +178,19 @@ def test_zero3_rank_without_inputs_skips_forwards_everywhere(runs):
         assert "param_change/norm_l2" in keys and "lowrank/energy_at_r1" in keys
         assert not any(k.startswith("sparse/") or "/kl_" in k for k in keys)
     assert ranks[0]["3"]["one_sided_manager_keys"] == ranks[1]["3"]["one_sided_manager_keys"]
+
+
+def test_hf_trainer_runs_zero3_with_the_callback_unchanged(runs):
+    """``TrainingArguments(deepspeed=...)`` with ZeRO-3 on two CPU ranks: the callback measures
+    on every rank (the same numbers), rank 0 logs; the gradients are gone by the time the
+    Trainer's callbacks run (DeepSpeed's step consumes them), so ``gradient/*`` is skipped."""
+    _, ranks = runs
+    got = [r["trainer"] for r in ranks]
+    assert got[0]["engine"] == "DeepSpeedEngine"
+    assert sorted(got[0]["measured"]) == ["4", "6"]
+    assert got[0]["measured"] == got[1]["measured"]
+    families = {k.split("/")[0] for k in got[0]["measured"]["4"]}
+    assert families == {"param_change", "sparse", "adam_sign", "lowrank"}
+    assert got[0]["measured"]["4"]["param_change/norm_l2"] > 0
+    assert got[0]["measured"]["4"]["sparse/tokens"] == 48.0  # 2 ranks x 2 rows x 12 tokens
+    assert got[0]["logged_steps"] == [4, 6] and got[1]["logged_steps"] == []
