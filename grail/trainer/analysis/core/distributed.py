@@ -210,7 +210,7 @@ def unsupported_engine(model: torch.nn.Module) -> str | None:
     """Name of a sharding setup whose parameters cannot be analysed correctly, else None.
 
     DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 are supported; ZeRO-3 with parameters offloaded to NVMe
-    is not (the partitions are not resident: reading them would need a swap-in per tensor).
+    or with ZeRO++ hierarchical partitioning is not (see :func:`.zero.unsupported`).
     """
     for p in unwrap_model(model).parameters():
         if zero.is_partitioned(p):

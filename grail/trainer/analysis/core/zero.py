@@ -24,9 +24,10 @@ the unclipped, possibly loss-scaled buffer behind, which is therefore never read
 :func:`gradient_piece` returns ``None`` as the gradient outside that window, so the gradient
 family reports the entries as missing rather than stale.
 
-Decisions: parameters offloaded to NVMe (partition not resident) are not supported
-(:func:`unsupported`); ZeRO++'s secondary partitions are ignored (the primary partition is
-authoritative: the optimizer writes it and DeepSpeed rebuilds the secondary one from it).
+Decisions: parameters offloaded to NVMe (partition not resident) and ZeRO++ hierarchical
+partitioning (forwards gather from secondary copies of the partitions, which an in-place patch of
+the primary ones would not reach) are refused (:func:`unsupported`: the manager reports nothing,
+with one warning). Parameters offloaded to CPU are read where they are.
 
 Example (no DeepSpeed: nothing is partitioned):
     >>> import torch
@@ -103,6 +104,9 @@ def unsupported(p: torch.Tensor) -> str | None:
     location = getattr(p.ds_tensor, "final_location", None)
     if location is not None and "nvme" in str(location).lower():
         return "DeepSpeed ZeRO-3 with parameters offloaded to NVMe"
+    if getattr(p, "ds_zero_param_process_group", None) is not None:
+        # forwards gather secondary partitions, which would not show a patch of the primary
+        return "DeepSpeed ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1)"
     return None
 
 

@@ -82,7 +82,7 @@ def test_engine_and_optimizer_wrappers_are_unwrapped():
     assert zero.zero_optimizer(torch.optim.SGD(inner.parameters(), lr=0.1)) is None
 
 
-def test_nvme_offloaded_partitions_are_refused():
+def test_nvme_offload_and_hierarchical_partitioning_are_refused():
     class Location:
         def __str__(self) -> str:
             return "OffloadDeviceEnum.nvme"
@@ -92,6 +92,10 @@ def test_nvme_offloaded_partitions_are_refused():
     model = nn.Module()
     model.w = p
     assert "NVMe" in unsupported_engine(model)
+    del p.ds_tensor.final_location
+    assert unsupported_engine(model) is None
+    p.ds_zero_param_process_group = object()  # ZeRO++ hpZ: forwards gather secondary copies
+    assert "hierarchical" in unsupported_engine(model)
 
 
 @pytest.mark.parametrize(("offset", "numel"), [(0, 20), (7, 13), (13, 20), (33, 2), (40, 0)])
