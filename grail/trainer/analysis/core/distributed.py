@@ -3,7 +3,7 @@
 Without an initialised ``torch.distributed`` process group every helper is a no-op (rank 0 of a
 world of 1), so single-process code and N-process code run the same path.
 
-Parameters come in three kinds:
+Parameters come in four kinds:
 
 * plain tensors, identical on every rank (a single process, DDP, or FSDP2 root parameters that
   are unsharded after a no-grad forward): their statistics are counted once, on rank 0 only,
@@ -22,7 +22,7 @@ starts at ``j * block`` (:attr:`ShardInfo.block`), so one gather of equally padd
 rebuilds a tensor in either layout.
 
 DeepSpeed ZeRO-3 keeps whole copies of some parameters between forwards (persistent small
-parameters, prefetched ones): :func:`release_gathered` drops them (locally), so that the next
+parameters, prefetched ones): :func:`.zero.release` drops them (locally), so that the next
 forward gathers patched partitions while they are patched and training never sees a patch that
 was undone; :func:`sync_gathered` also gathers the persistent ones again at once (a collective).
 
@@ -72,7 +72,6 @@ __all__ = [
     "is_distributed",
     "local_grad",
     "local_tensor",
-    "release_gathered",
     "reshard",
     "shard_info",
     "stable_hash",
@@ -265,41 +264,17 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def release_gathered(model: torch.nn.Module) -> None:
-    """DeepSpeed ZeRO-3: release every whole copy DeepSpeed holds of a parameter.
-
-    Persistent (small) parameters and prefetched ones stay gathered between forwards; after a
-    release the next forward - the analysis' own or training's - gathers each parameter it uses
-    from the partitions again, so it sees patched partitions while they are patched and never a
-    copy of a patch that was undone. Goes through DeepSpeed's parameter coordinator when there
-    is one (it also waits for prefetches in flight), as ``engine.empty_partition_cache()`` does.
-    Local: freeing memory needs no collective. No-op for other models.
+def sync_gathered(model: torch.nn.Module) -> None:
+    """DeepSpeed ZeRO-3: :func:`.zero.release` every whole copy, then gather the persistent
+    parameters again from the partitions as they are now, in one coalesced all-gather (a
+    collective: every rank calls it at the same point, e.g. before a forward). A forward that
+    starts from here sees the partitions, patched or not, and skips DeepSpeed's gathers of the
+    persistent parameters one module at a time (slower over gloo). No-op for other models.
     """
     root = unwrap_model(model)
-    params = [p for p in root.parameters() if zero.is_partitioned(p)]
-    if not params:
-        return
-    coordinator = zero.coordinator(params)
-    if coordinator is not None:
-        coordinator.release_and_reset_all(root)
-        return
-    gathered = [p for p in params if zero.is_gathered(p)]
-    if gathered:
-        gathered[0].partition(param_list=gathered)
-
-
-def sync_gathered(model: torch.nn.Module) -> None:
-    """DeepSpeed ZeRO-3: :func:`release_gathered`, then gather the persistent parameters again
-    from the partitions as they are now, in one coalesced all-gather (a collective: every rank
-    calls it at the same point, e.g. before a forward). A forward that starts from here sees the
-    partitions, patched or not, and skips DeepSpeed's gathers of the persistent parameters one
-    module at a time (several times slower over gloo). No-op for other models.
-    """
-    release_gathered(model)
+    zero.release(root)
     persistent = [
-        p
-        for p in unwrap_model(model).parameters()
-        if zero.is_partitioned(p) and getattr(p, "ds_persist", False)
+        p for p in root.parameters() if zero.is_partitioned(p) and getattr(p, "ds_persist", False)
     ]
     if persistent:
         persistent[0].all_gather(param_list=persistent)

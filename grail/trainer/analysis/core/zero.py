@@ -52,6 +52,7 @@ __all__ = [
     "is_partitioned",
     "partition",
     "partition_info",
+    "release",
     "state_pieces",
     "unsupported",
     "zero_optimizer",
@@ -122,6 +123,28 @@ def coordinator(params: list[torch.Tensor]) -> Any | None:
     opt = getattr(params[0], "_z3_optimizer", None) if params else None
     offload = getattr(opt, "parameter_offload", None)
     return offload.get_param_coordinator() if offload is not None else None
+
+
+def release(module: Any) -> None:
+    """Release every whole copy DeepSpeed holds of ``module``'s ZeRO-3 parameters.
+
+    Persistent (small) parameters and prefetched ones stay gathered between forwards; after a
+    release the next forward - the analysis' own or training's - gathers each parameter it uses
+    from the partitions again, so it sees patched partitions while they are patched and never a
+    copy of a patch that was undone. Goes through DeepSpeed's parameter coordinator when there
+    is one (it also waits for prefetches in flight), as ``engine.empty_partition_cache()`` does.
+    Local: freeing memory needs no collective. No-op for other modules.
+    """
+    params = [p for p in module.parameters() if is_partitioned(p)]
+    if not params:
+        return
+    coord = coordinator(params)
+    if coord is not None:
+        coord.release_and_reset_all(module)
+        return
+    gathered = [p for p in params if is_gathered(p)]
+    if gathered:
+        gathered[0].partition(param_list=gathered)
 
 
 # --- optimizers -----------------------------------------------------------------------------

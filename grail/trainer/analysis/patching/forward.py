@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.distributed import agree, release_gathered, reshard, sync_gathered
+from ..core import zero
+from ..core.distributed import agree, reshard, sync_gathered
 
 __all__ = [
     "PreparedInputs",
@@ -235,7 +236,7 @@ def run_forward(
         logits = logits_from_output(model(*prepared.args, **prepared.kwargs), output_fn)
     finally:
         reshard(model)  # FSDP2: drop unsharded copies of (possibly patched) parameters
-        release_gathered(model)  # ZeRO-3: likewise for gathered and prefetched copies
+        zero.release(model)  # ZeRO-3: likewise for gathered and prefetched copies
     if logits.dim() == 1:
         logits = logits.unsqueeze(-1)
     mask = prepared.mask

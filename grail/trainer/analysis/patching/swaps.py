@@ -62,7 +62,6 @@ from ..core import zero
 from ..core.distributed import (
     fsdp_units,
     local_tensor,
-    release_gathered,
     shard_info,
     unwrap_model,
 )
@@ -92,7 +91,7 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-        release_gathered(model)
+        zero.release(model)
 
 
 @dataclass

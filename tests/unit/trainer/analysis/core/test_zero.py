@@ -15,8 +15,8 @@ from grail.trainer.analysis.core.distributed import (
     ShardInfo,
     local_grad,
     local_tensor,
-    release_gathered,
     shard_info,
+    sync_gathered,
     unsupported_engine,
     unwrap_model,
 )
@@ -65,7 +65,8 @@ def test_plain_parameters_are_not_partitioned():
     assert torch.equal(grad, torch.ones(2, 3)) and info.owner and numel == 6
     assert local_grad(model.bias).grad is None
     assert unsupported_engine(model) is None
-    release_gathered(model)  # no-op
+    zero.release(model)  # no-op
+    sync_gathered(model)  # no-op
 
 
 def test_engine_and_optimizer_wrappers_are_unwrapped():
