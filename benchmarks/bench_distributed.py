@@ -1,10 +1,13 @@
-"""Per-rank snapshot memory and measurement time under FSDP2, against one process.
+"""Per-rank snapshot memory and measurement time under FSDP2 and DeepSpeed ZeRO-3, against one
+process.
 
 Two gloo processes on CPU shard a Qwen2-style model with ``fully_shard`` (per decoder layer, then
-the root); one process trains the same model unsharded. Both take one optimizer step on the same
-batch between snapshots, then time one measurement (parameter change with per-layer and
-per-component groups, sparse quality at 1e-6 with the random baseline). Reports the snapshot
-bytes each rank holds and the measurement time per rank, as ratios to the single process.
+the root), then two more with DeepSpeed ZeRO-3 (built under ``zero.Init``, DeepSpeed's default
+persistence threshold, its CPU accelerator); one process trains the same model unsharded. All
+take one optimizer step on the same batch between snapshots, then time one measurement
+(parameter change with per-layer and per-component groups, sparse quality at 1e-6 with the random
+baseline). Reports the snapshot bytes each rank holds and the measurement time per rank, as
+ratios to the single process. The ZeRO-3 rows need ``pip install deepspeed`` (skipped without).
 
 Run: ``python benchmarks/bench_distributed.py [--hidden 256 --layers 4 --vocab 8000]``
 """
@@ -19,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,28 +34,62 @@ from _common import qwen2, table
 from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
 
 
-def measure(rank: int, world: int, args: argparse.Namespace, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = qwen2(args.hidden, args.layers, args.vocab).train()
-    if world > 1:
-        from torch.distributed.fsdp import fully_shard
+def _zero3(args: argparse.Namespace, rank: int, world: int, port: int) -> tuple[Any, Any]:
+    """``(engine, train_step)`` of a ZeRO-3 engine on this rank (gloo, CPU accelerator)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    import deepspeed
+    import deepspeed.comm.torch
+    from transformers import Qwen2ForCausalLM  # noqa: F401  (before zero.Init patches Tensor)
 
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # gloo carries everything
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+           "zero_optimization": {"stage": 3}}
+    with deepspeed.zero.Init(config_dict_or_path=cfg):
+        model = qwen2(args.hidden, args.layers, args.vocab).train()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=cfg)
+
+    def train_step(ids: torch.Tensor) -> None:
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+    return engine, train_step
+
+
+def measure(
+    rank: int, world: int, args: argparse.Namespace, port: int, out: str, engine: str = "fsdp"
+) -> None:
+    torch.set_num_threads(1)
+    if engine == "zero3":
+        model, train_step = _zero3(args, rank, world, port)
+    else:
+        if world > 1:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+        model = qwen2(args.hidden, args.layers, args.vocab).train()
+        if world > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def train_step(ids: torch.Tensor) -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
     config = AnalysisConfig(interval=1, param_change_per_layer=True,
                             param_change_track_components=True)
     manager = ModelAnalysisManager.create(config)
     ids = torch.randint(0, args.vocab, (2, 64), generator=torch.Generator().manual_seed(0))
     times = []
     for step in range(1, args.steps + 1):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(ids)
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
@@ -62,7 +100,21 @@ def measure(rank: int, world: int, args: argparse.Namespace, port: int, out: str
     result = {"snapshot_bytes": manager.old_snapshot.nbytes(), "seconds": min(times)}
     Path(out).write_text(json.dumps(result))
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def _two_ranks(args: argparse.Namespace, engine: str, tmp: str) -> list[dict]:
+    port = _port()
+    outs = [str(Path(tmp, f"{engine}-rank{r}.json")) for r in range(2)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=measure, args=(r, 2, args, port, outs[r], engine))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=900)
+    return [json.loads(Path(o).read_text()) for o in outs]
 
 
 def _port() -> int:
@@ -78,28 +130,29 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
+    engines = {"FSDP2": "fsdp"}
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        print("deepspeed is not installed: no ZeRO-3 rows (pip install grail-analysis[deepspeed])")
+    else:
+        engines["ZeRO-3"] = "zero3"
     with tempfile.TemporaryDirectory() as tmp:
         single = Path(tmp, "single.json")
         measure(0, 1, args, 0, str(single))
-        port = _port()
-        outs = [str(Path(tmp, f"rank{r}.json")) for r in range(2)]
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=measure, args=(r, 2, args, port, outs[r])) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=600)
         one = json.loads(single.read_text())
-        ranks = [json.loads(Path(o).read_text()) for o in outs]
-    rows = [{"process": "single", "snapshot MB": f"{one['snapshot_bytes'] / 2**20:.1f}",
-             "snapshot / single": "1.00", "measurement s": f"{one['seconds']:.3f}",
+        ranks = {label: _two_ranks(args, engine, tmp) for label, engine in engines.items()}
+    rows = [{"process": "single", "snapshot MB": f"{one['snapshot_bytes'] / 2**20:.2f}",
+             "snapshot / single": "1.000", "measurement s": f"{one['seconds']:.3f}",
              "time / single": "1.00"}]
-    for r, res in enumerate(ranks):
-        rows.append({"process": f"FSDP2 rank {r} of 2",
-                     "snapshot MB": f"{res['snapshot_bytes'] / 2**20:.1f}",
-                     "snapshot / single": f"{res['snapshot_bytes'] / one['snapshot_bytes']:.2f}",
-                     "measurement s": f"{res['seconds']:.3f}",
-                     "time / single": f"{res['seconds'] / one['seconds']:.2f}"})
+    for label, results in ranks.items():
+        for r, res in enumerate(results):
+            rows.append({"process": f"{label} rank {r} of 2",
+                         "snapshot MB": f"{res['snapshot_bytes'] / 2**20:.2f}",
+                         "snapshot / single":
+                             f"{res['snapshot_bytes'] / one['snapshot_bytes']:.3f}",
+                         "measurement s": f"{res['seconds']:.3f}",
+                         "time / single": f"{res['seconds'] / one['seconds']:.2f}"})
     print(table(rows))
 
 

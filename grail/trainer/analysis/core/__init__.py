@@ -7,7 +7,9 @@
   only place column indices are known.
 * :mod:`.scratch` is the one cache of reused temporary buffers (per device, dtype and slot).
 * :mod:`.naming` derives layer and component groups from parameter names.
-* :mod:`.distributed` is the only module that issues collectives (DDP, FSDP2).
+* :mod:`.distributed` is the only module that issues collectives (DDP, FSDP2, DeepSpeed).
+* :mod:`.zero` reads DeepSpeed ZeRO's partitions of parameters, gradients and optimizer state
+  from the attributes DeepSpeed sets (no ``deepspeed`` import at module level, no collective).
 * :mod:`.logonce` is the one "log only the first time" helper (:class:`~.logonce.LogOnce`).
 * :mod:`.bits` stores sets of entries one bit each; :mod:`.mask_file` saves changed sets to disk
   (the criterion, the format, a streaming writer, a lazy reader).

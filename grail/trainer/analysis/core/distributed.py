@@ -3,14 +3,28 @@
 Without an initialised ``torch.distributed`` process group every helper is a no-op (rank 0 of a
 world of 1), so single-process code and N-process code run the same path.
 
-Parameters come in three kinds:
+Parameters come in four kinds:
 
 * plain tensors, identical on every rank (a single process, DDP, or FSDP2 root parameters that
   are unsharded after a no-grad forward): their statistics are counted once, on rank 0 only,
   then reduced - never ``world_size`` times;
 * ``DTensor`` parameters sharded on dim 0 (FSDP2): each rank holds and analyses its local shard;
   the shard's place in the global tensor is described by :class:`ShardInfo`;
-* ``DTensor`` parameters that are replicated: treated like plain tensors.
+* ``DTensor`` parameters that are replicated: treated like plain tensors;
+* DeepSpeed ZeRO-3 parameters (placeholders whose data is this rank's flat partition
+  ``ds_tensor``, see :mod:`.zero`): each rank analyses the valid part of its partition, a
+  contiguous flat piece at ``offset = rank * partition size``. ZeRO-1/2 parameters are whole on
+  every rank (replicated); only their gradients and optimizer state are partitioned
+  (:func:`local_grad`, :func:`.zero.state_pieces`).
+
+Every local piece is contiguous in the flat order of the global tensor and rank ``j``'s piece
+starts at ``j * block`` (:attr:`ShardInfo.block`), so one gather of equally padded pieces
+rebuilds a tensor in either layout.
+
+DeepSpeed ZeRO-3 keeps whole copies of some parameters between forwards (persistent small
+parameters, prefetched ones): :func:`.zero.release` drops them (locally), so that the next
+forward gathers patched partitions while they are patched and training never sees a patch that
+was undone; :func:`sync_gathered` also gathers the persistent ones again at once (a collective).
 
 Agreement. A rank must never take a branch that issues a collective on its own: every per-rank
 decision that leads to one (measure or not, run a computer or not, re-baseline or not, how long
@@ -34,13 +48,16 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from . import zero
+
 __all__ = [
     "NO_VOTE",
+    "LocalGrad",
     "ShardInfo",
     "agree",
     "all_gather_objects",
@@ -53,10 +70,12 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_distributed",
+    "local_grad",
     "local_tensor",
     "reshard",
     "shard_info",
     "stable_hash",
+    "sync_gathered",
     "unsupported_engine",
     "unwrap_model",
 ]
@@ -94,14 +113,18 @@ class ShardInfo:
     """Where this rank's local tensor sits in the global (unsharded) parameter.
 
     ``offset`` is the flat element offset of the local tensor in the flattened global tensor
-    (shards are row blocks of dim 0, hence contiguous in the flat order); ``owner`` is False for a
-    replicated copy that another rank (rank 0) counts.
+    (FSDP2 shards are row blocks of dim 0, ZeRO-3 partitions flat pieces: both contiguous in the
+    flat order); ``owner`` is False for a replicated copy that another rank (rank 0) counts.
+    ``block`` is, for a sharded tensor, the number of entries every rank's piece spans in the
+    padded layout (rank ``j``'s piece starts at ``j * block``; the last pieces may be shorter or
+    empty); 0 when unknown or not sharded.
     """
 
     global_shape: tuple[int, ...]
     offset: int
     sharded: bool
     owner: bool
+    block: int = 0
 
     @property
     def global_numel(self) -> int:
@@ -119,11 +142,15 @@ def local_tensor(p: torch.Tensor) -> torch.Tensor:
     """
     if _is_dtensor(p):
         return p.data.to_local() if isinstance(p, torch.nn.Parameter) else p.to_local()
+    if zero.is_partitioned(p):
+        return zero.partition(p)
     return p.data if isinstance(p, torch.nn.Parameter) else p.detach()
 
 
 def shard_info(p: torch.Tensor) -> ShardInfo:
     """Describe the local part of ``p`` (see :class:`ShardInfo`)."""
+    if zero.is_partitioned(p):
+        return zero.partition_info(p)
     if not _is_dtensor(p):
         return ShardInfo(tuple(p.shape), 0, False, get_rank() == 0 or not is_distributed())
     from torch.distributed.tensor import Replicate, Shard
@@ -150,18 +177,43 @@ def shard_info(p: torch.Tensor) -> ShardInfo:
         row_numel = 1
         for s in global_shape[1:]:
             row_numel *= s
-    return ShardInfo(global_shape, row_start * max(row_numel, 1), True, True)
+    row_numel = max(row_numel, 1)
+    return ShardInfo(global_shape, row_start * row_numel, True, True, per_rank * row_numel)
+
+
+class LocalGrad(NamedTuple):
+    """This rank's piece of a parameter's gradient: ``grad`` (None when there is none), where
+    it sits (``info``: offset, ``owner``) and how many entries the piece covers (``numel``,
+    the entries counted as missing when ``grad`` is None)."""
+
+    grad: torch.Tensor | None
+    info: ShardInfo
+    numel: int
+
+
+def local_grad(p: torch.Tensor) -> LocalGrad:
+    """This rank's gradient piece of parameter ``p`` (see :class:`LocalGrad`).
+
+    ``p.grad``'s local tensor and :func:`shard_info` for plain, DDP and FSDP2 parameters; under
+    DeepSpeed the flat partition (ZeRO-3) or fragment (ZeRO-1/2) of the reduced gradient the
+    engine holds between ``backward()`` and ``step()``, with its own offset (see :mod:`.zero`).
+    """
+    piece = zero.gradient_piece(p)
+    if piece is not None:
+        return LocalGrad(*piece)
+    grad = local_tensor(p.grad) if p.grad is not None else None
+    return LocalGrad(grad, shard_info(p), local_tensor(p).numel())
 
 
 def unsupported_engine(model: torch.nn.Module) -> str | None:
-    """Name of a sharding engine whose parameters cannot be analysed correctly, else None.
+    """Name of a sharding setup whose parameters cannot be analysed correctly, else None.
 
-    DeepSpeed ZeRO-3 replaces each parameter's data with an empty placeholder outside its own
-    forward; reading it would report an empty model as unchanged.
+    DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 are supported; ZeRO-3 with parameters offloaded to NVMe
+    or with ZeRO++ hierarchical partitioning is not (see :func:`.zero.unsupported`).
     """
-    for p in model.parameters():
-        if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
-            return "DeepSpeed ZeRO-3"
+    for p in unwrap_model(model).parameters():
+        if zero.is_partitioned(p):
+            return zero.unsupported(p)
         break
     return None
 
@@ -199,15 +251,33 @@ def fsdp_units(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module to run analysis forwards through: DDP's wrapped module, else the model.
+    """The module to run analysis forwards through: the module a DDP wrapper or a DeepSpeed
+    engine wraps, else the model.
 
-    Going through DDP's own forward would arm its gradient-synchronisation hooks.
+    Going through DDP's own forward would arm its gradient-synchronisation hooks, through the
+    engine's its micro-step bookkeeping; DeepSpeed's ZeRO-3 hooks sit on the wrapped module.
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    while isinstance(model, DistributedDataParallel):
+    while isinstance(model, DistributedDataParallel) or zero.is_engine(model):
         model = model.module
     return model
+
+
+def sync_gathered(model: torch.nn.Module) -> None:
+    """DeepSpeed ZeRO-3: :func:`.zero.release` every whole copy, then gather the persistent
+    parameters again from the partitions as they are now, in one coalesced all-gather (a
+    collective: every rank calls it at the same point, e.g. before a forward). A forward that
+    starts from here sees the partitions, patched or not, and skips DeepSpeed's gathers of the
+    persistent parameters one module at a time (slower over gloo). No-op for other models.
+    """
+    root = unwrap_model(model)
+    zero.release(root)
+    persistent = [
+        p for p in root.parameters() if zero.is_partitioned(p) and getattr(p, "ds_persist", False)
+    ]
+    if persistent:
+        persistent[0].all_gather(param_list=persistent)
 
 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}

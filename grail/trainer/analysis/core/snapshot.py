@@ -12,7 +12,9 @@ unless asked to (:attr:`ParameterDelta.deltas`); :meth:`ParameterDelta.stream` y
 chunk in a reused float32 buffer on the device of the newer tensor (the snapshot chunk is copied
 over), which is how every built-in metric reads it.
 
-Under FSDP2 a snapshot holds this rank's local shard of each ``DTensor`` and records where it sits
+Under FSDP2 a snapshot holds this rank's local shard of each ``DTensor``, under DeepSpeed ZeRO-3
+the valid part of this rank's flat partition of each parameter (in the parameter's dtype, padding
+left out), and records where it sits
 (:class:`~grail.trainer.analysis.core.distributed.ShardInfo`); statistics computed from a delta are
 reduced over ranks, counting replicated tensors once.
 

@@ -55,6 +55,10 @@ tensor, ``foreach`` and ``fused``), ``amsgrad``, ``SparseAdam``, and wrappers ex
 and ``param_groups`` (e.g. accelerate's). Adam variants with the same state layout (``NAdam``,
 ``RAdam``) get the Adam-normalised update of their moments, not their own step. Without such
 state (SGD, Adafactor, no optimizer passed) the computer returns ``{}`` and logs one info message.
+DeepSpeed's ZeRO optimizers (stages 1-3, and its bf16 optimizer) are read through the pieces of
+state each rank holds (:func:`~grail.trainer.analysis.core.zero.state_pieces`: the fp32
+``exp_avg``/``exp_avg_sq`` partitions, with the compute weights and gradient entries they belong
+to) and reduced like any other statistic.
 Not supported: ``ZeroRedundancyOptimizer`` (state on one rank per parameter) and 8-bit
 optimizers (quantised state under other names, so they are skipped like SGD).
 The arithmetic runs in float32 on the stored state, whatever its dtype. On CPU, with
@@ -112,6 +116,7 @@ from .optimizer_pass import (
     adam_entries,
     adam_inputs,
     bias_corrections,
+    held,
     real_view,
     u_bounds,
     u_constants,
@@ -212,7 +217,7 @@ class AdamSignDescentMetrics(MetricComputer):
         # rows the pass shared with the gradient family computed, with their inputs
         shared = self._shared_rows(context, stats) if batch is not None else {}
         for name, p, st, group in entries:
-            if shard_info(p).owner:
+            if held(p)[2].owner:
                 self._update(stats, p, st, group, rows[name], batch, shared.pop(name, None))
         if batch is not None:
             sums, maxes, extras, batch_groups = batch.rows()
@@ -272,8 +277,8 @@ class AdamSignDescentMetrics(MetricComputer):
                 return
         m, v, bc1, bc2s, eps = adam_inputs(st, group)
         lr_sq = float(group["lr"]) ** 2
-        w = real_view(local_tensor(p)).reshape(-1)
-        grad = local_tensor(p.grad) if p.grad is not None else None
+        w, grad, _ = held(p)
+        w = real_view(w).reshape(-1)
         dense = grad is not None and grad.layout == torch.strided
         g = real_view(grad).reshape(-1) if dense else None
         scale, shift = u_constants(bc1, bc2s, eps)
@@ -331,9 +336,9 @@ class AdamSignDescentMetrics(MetricComputer):
             self.histogram_samples, [i.global_numel for i in infos], self.histogram_seed
         )
         index = {name: i for i, (name, _) in enumerate(params)}
-        for name, _, st, group in entries:
+        for name, p, st, group in entries:
             i = index[name]
-            info = infos[i]
+            info = held(p)[2]  # a DeepSpeed piece sits elsewhere than the parameter's copy
             if not info.owner:
                 continue
             m, v, bc1, bc2s, eps = adam_inputs(st, group)

@@ -43,7 +43,10 @@ once for both families: whichever of the two runs first computes the joint rows,
 computer takes the gradient's half from the measurement's context.
 
 Decisions: when no parameter has a gradient (called after ``zero_grad(set_to_none=True)``) the
-computer returns ``{}`` and logs one info message, rather than reporting zero norms.
+computer returns ``{}`` and logs one info message, rather than reporting zero norms. Under
+DeepSpeed ZeRO the reduced gradient is read from the engine's partitions (ZeRO-3) or fragments
+(ZeRO-1/2) of it, which exist only between ``engine.backward()`` and ``engine.step()``: called
+after ``engine.step()`` (as the HF Trainer's callbacks are) the family is skipped the same way.
 
 Example:
     >>> import torch
@@ -66,7 +69,7 @@ import torch
 
 from .. import kernels
 from ..config import AnalysisConfig, format_threshold
-from ..core.distributed import all_reduce_, local_tensor, shard_info
+from ..core.distributed import LocalGrad, all_reduce_, local_grad
 from ..core.layout import LE
 from ..core.naming import ParameterNaming, group_prefix, group_rows
 from ..core.snapshot import collect_parameters
@@ -207,20 +210,22 @@ class GradientSparsityMetrics(MetricComputer):
         if not params:
             return self.skip("the model has no trainable parameters")
         groups, rows = self._groups([n for n, _ in params])
-        with_grad = [(n, p) for n, p in params if p.grad is not None]
-        device = local_tensor(with_grad[0][1].grad).device if with_grad else torch.device("cpu")
+        # this rank's pieces: p.grad, or DeepSpeed's partitions/fragments (core.distributed)
+        held = {name: local_grad(p) for name, p in params}
+        with_grad = [h.grad for h in held.values() if h.grad is not None]
+        device = with_grad[0].device if with_grad else torch.device("cpu")
         stats = StreamingStats(self.thresholds, groups, extra_sums=("missing",), device=device)
-        numel = sum(p.numel() for _, p in with_grad)
+        numel = sum(g.numel() for g in with_grad)
         fused = kernels.use("moments", numel, self.fused, getattr(context, "step", None))
         batch = kernels.MomentsBatch(stats.thresholds_f32) if fused else None
         shared = self._shared_rows(context, stats) if batch is not None else {}
-        for name, p in params:
-            if not shard_info(p).owner:
+        for name, _ in params:
+            grad, info, held_numel = held[name]
+            if not info.owner:
                 continue
-            if p.grad is None:
-                stats.add("missing", float(local_tensor(p).numel()), rows[name])
+            if grad is None:
+                stats.add("missing", float(held_numel), rows[name])
                 continue
-            grad = local_tensor(p.grad)
             if grad.layout != torch.strided:
                 self._update_sparse(stats, grad, rows[name])
                 continue
@@ -236,11 +241,12 @@ class GradientSparsityMetrics(MetricComputer):
         if results[0].count + results[0].nonfinite == 0:
             return self.skip(
                 "no parameter has a gradient; call on_optimizer_step after optimizer.step() and "
-                "before zero_grad()"
+                "before zero_grad() (under DeepSpeed: between engine.backward() and "
+                "engine.step(), which consumes the gradients)"
             )
         out = self._finalize(results, groups)
         if self.histogram_samples > 0:
-            sample = self._histogram(params)
+            sample = self._histogram(params, held)
             histograms = {"gradient/abs_grad": sample.result()}
             out["gradient/histogram_nonfinite"] = float(sample.nonfinite)
             return MetricResult(out, histograms)
@@ -270,17 +276,18 @@ class GradientSparsityMetrics(MetricComputer):
             sums[cols.span(LE)] = implicit
             stats.accumulate(sums, stats.layout.new_maxes(fill=0.0), rows)
 
-    def _histogram(self, params: list[tuple[str, torch.Tensor]]) -> HistogramSample:
+    def _histogram(
+        self, params: list[tuple[str, torch.Tensor]], held: dict[str, LocalGrad]
+    ) -> HistogramSample:
         """Positions over every trainable parameter (the same on every rank, whatever each rank's
         gradients); the owner of a position fills it if it holds a gradient there."""
-        infos = [shard_info(p) for _, p in params]
+        pieces = [held[name] for name, _ in params]
         sample = HistogramSample(
-            self.histogram_samples, [i.global_numel for i in infos], self.histogram_seed
+            self.histogram_samples, [h.info.global_numel for h in pieces], self.histogram_seed
         )
-        for i, ((_, p), info) in enumerate(zip(params, infos, strict=True)):
-            if not info.owner or p.grad is None:
+        for i, (grad, info, _) in enumerate(pieces):
+            if not info.owner or grad is None:
                 continue
-            grad = local_tensor(p.grad)
             if grad.layout == torch.strided:
                 flat = grad.abs().reshape(-1) if grad.is_complex() else grad.reshape(-1)
                 sample.fill(i, info.offset, flat.numel(), lambda pos, f=flat: f[pos].abs())

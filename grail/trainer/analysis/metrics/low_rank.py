@@ -50,11 +50,12 @@ mixes ``sparse_quality_seed``, the step and the parameter name, so results do no
 order of matrices; its Gaussian draws come from a generator on the matrix's device, so a CPU and a
 CUDA run agree to the range finder's accuracy, not bit for bit.
 
-**Distributed** (DDP, FSDP2): every rank returns the same numbers, equal to one process analysing
-the unsharded model. Each matrix is decomposed once, on rank ``i mod world`` (a sharded one is
-gathered there first), and its spectrum and factors are broadcast
-(:mod:`~grail.trainer.analysis.ops.sharded_spectrum`). Under FSDP2 each rank patches its own rows,
-:math:`W_{old,local} + \mathrm{left}_{rows,:r}\mathrm{right}_{:r}`. The budget mask is the global
+**Distributed** (DDP, FSDP2, DeepSpeed ZeRO-1/2/3): every rank returns the same numbers, equal
+to one process analysing the unsharded model. Each matrix is decomposed once, on rank
+``i mod world`` (a sharded one is gathered there first), and its spectrum and factors are
+broadcast (:mod:`~grail.trainer.analysis.ops.sharded_spectrum`). Under FSDP2 each rank patches
+its own rows, :math:`W_{old,local} + \mathrm{left}_{rows,:r}\mathrm{right}_{:r}`, under ZeRO-3
+its own flat partition (of the rows it spans). The budget mask is the global
 one, whatever the sharding. KL and top-1 agreement are averaged over the compared tokens of all
 ranks (with the same batch on every rank: that batch's values).
 
@@ -332,19 +333,30 @@ class LowRankMetrics(MetricComputer):
     ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """``name -> (local -> W_old + left[rows, :r] @ right[:r])`` for matrices of rank > r.
 
-        ``rows`` are the global rows this rank holds: all of them for a replicated matrix, the
-        FSDP2 shard's block (from its flat offset) for a sharded one.
+        ``rows`` are the global rows this rank's entries lie in: all of them for a replicated
+        matrix, the FSDP2 shard's block for a sharded one, the rows a ZeRO-3 flat partition
+        starts and ends in (its first and last row may be partial: the rows are computed whole,
+        with the entries outside the partition set to 0, and cut back to the partition).
         """
 
         def make(name: str, s: Spectrum) -> Callable[[torch.Tensor], torch.Tensor]:
             cols = s.shape[1]
-            row0 = delta.shard(name).offset // cols
+            offset = delta.shard(name).offset
+            row0, lead = divmod(offset, cols)
 
             def value(current: torch.Tensor) -> torch.Tensor:
-                rows = current.numel() // cols
-                old = delta.old.data[name].to(current.device).float().view(rows, cols)
+                n = current.numel()
+                if n == 0:  # a rank without entries of this matrix
+                    return current
+                rows = -(-(lead + n) // cols)
+                old = delta.old.data[name].to(current.device).float().reshape(-1)
+                if lead or n != rows * cols:  # a flat piece: pad to whole rows
+                    padded = torch.zeros(rows * cols, dtype=old.dtype, device=old.device)
+                    padded[lead : lead + n] = old
+                    old = padded
                 left = s.left[row0 : row0 + rows, :r]
-                return torch.addmm(old, left, s.right[:r]).view_as(current)
+                full = torch.addmm(old.view(rows, cols), left, s.right[:r])
+                return full.view(-1)[lead : lead + n].view_as(current)
 
             return value
 

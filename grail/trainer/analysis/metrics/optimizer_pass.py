@@ -51,7 +51,8 @@ import torch
 
 from .. import kernels
 from ..config import AnalysisConfig
-from ..core.distributed import local_tensor, shard_info
+from ..core import zero
+from ..core.distributed import ShardInfo, local_tensor, shard_info
 from ..core.snapshot import collect_parameters
 from ..core.stats import f32_floor
 from .base import AnalysisContext
@@ -118,14 +119,24 @@ def u_bounds(tolerance: float) -> tuple[float, float, float]:
 
 def adam_entries(
     optimizer: Any, params: Sequence[tuple[str, torch.Tensor]]
-) -> list[tuple[str, torch.Tensor, dict[str, Any], dict[str, Any]]]:
-    """``(name, parameter, state, param_group)`` of the parameters that have Adam state."""
-    groups = {id(p): g for g in getattr(optimizer, "param_groups", []) for p in g["params"]}
-    state = getattr(optimizer, "state", {})
+) -> list[tuple[str, Any, dict[str, Any], dict[str, Any]]]:
+    """``(name, parameter, state, param_group)`` of the parameters that have Adam state.
+
+    Under a DeepSpeed ZeRO optimizer the "parameter" is a :class:`~..core.zero.StatePiece`:
+    this rank's piece of the state with the weights and gradient entries it belongs to.
+    """
+    pieces = zero.state_pieces(optimizer, list(params))
+    if pieces is not None:
+        candidates = [(name, piece, piece.state, piece.group) for name, piece in pieces]
+    else:
+        groups = {id(p): g for g in getattr(optimizer, "param_groups", []) for p in g["params"]}
+        state = getattr(optimizer, "state", {})
+        candidates = [
+            (name, p, state.get(p) if id(p) in groups else None, groups.get(id(p)))
+            for name, p in params
+        ]
     out = []
-    for name, p in params:
-        group = groups.get(id(p))
-        st = state.get(p) if group is not None else None
+    for name, p, st, group in candidates:
         if not st or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")):
             continue
         if "betas" not in group or "eps" not in group or "lr" not in group:
@@ -134,6 +145,16 @@ def adam_entries(
             continue
         out.append((name, p, st, group))
     return out
+
+
+def held(p: Any) -> tuple[torch.Tensor, torch.Tensor | None, ShardInfo]:
+    """``(local weights, local gradient or None, where they sit)`` of an :func:`adam_entries`
+    parameter (or DeepSpeed state piece, whose weights and gradient are aligned with its
+    state)."""
+    if isinstance(p, zero.StatePiece):
+        return p.weight, p.grad, p.info
+    grad = local_tensor(p.grad) if p.grad is not None else None
+    return local_tensor(p), grad, shard_info(p)
 
 
 def adam_inputs(
@@ -221,6 +242,8 @@ class OptimizerPass:
         if not kernels.use("moments", numel, self.mode, context.step):
             return out  # the gradient family stays eager
         entries = adam_entries(optimizer, collect_parameters(model, self.trainable_only))
+        if any(isinstance(p, zero.StatePiece) for _, p, _, _ in entries):
+            return out  # DeepSpeed: state pieces need not align with gradient pieces
         numel = sum(p.numel() for _, p, _, _ in entries)
         if not kernels.use("adam", numel, self.mode, context.step):
             return out  # the Adam family stays eager

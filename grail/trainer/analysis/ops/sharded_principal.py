@@ -84,11 +84,12 @@ def _assemble(
             return None
         out = torch.empty((m, n), dtype=torch.float32, device=device)
         return out.copy_(local.reshape(m, n))
-    per_rank = -(-m // get_world_size())
-    block = torch.zeros(per_rank * n, dtype=torch.float32, device=device)
-    block[: local.numel()].copy_(local.reshape(-1))  # padding rows: sent, never read
-    stacked = gather_(block.view(per_rank, n), dst)
-    return None if stacked is None else stacked.view(-1, n)[:m]
+    # FSDP2 row blocks or DeepSpeed ZeRO-3 flat pieces: rank j's piece starts at j * block
+    size = info.block or -(-m // get_world_size()) * n
+    block = torch.zeros(size, dtype=torch.float32, device=device)
+    block[: local.numel()].copy_(local.reshape(-1))  # padding: sent, never read
+    stacked = gather_(block, dst)
+    return None if stacked is None else stacked.view(-1)[: m * n].view(m, n)
 
 
 def _compute(

@@ -1,16 +1,18 @@
 r"""Spectra of many update matrices over ranks: gather each once, decompose once, broadcast.
 
-Under FSDP2 every rank holds a block of rows of each matrix (``Shard(0)`` in ``torch.chunk``
-layout: rank ``j`` holds rows :math:`[jc, \min((j+1)c, m))` with :math:`c = \lceil m / W\rceil`,
-see :class:`ShardInfo`); under DDP every rank holds the whole
-matrix. :func:`sharded_spectra` computes the spectrum of every matrix exactly once and gives every
-rank identical numbers:
+Under FSDP2 every rank holds a block of rows of each matrix (``Shard(0)`` in ``torch.chunk`` layout:
+rank ``j`` holds rows :math:`[jc, \min((j+1)c, m))` with :math:`c = \lceil m / W\rceil`, see
+:class:`ShardInfo`); under DeepSpeed ZeRO-3 a flat piece of :math:`P = \lceil mn / W\rceil` entries
+at flat offset :math:`jP`; under DDP and ZeRO-1/2 every rank holds the whole matrix. Both sharded
+layouts are contiguous pieces at ``rank * ShardInfo.block``. :func:`sharded_spectra` computes the
+spectrum of every matrix exactly once and gives every rank identical numbers:
 
 1. matrix ``i`` (in the order of ``names``, the same on every rank) is assigned to rank
    ``i mod W``, so the decompositions are spread over the ranks;
-2. its float32 delta is assembled on that rank: a sharded matrix by one ``gather`` of the row
-   blocks (each padded to :math:`c` rows; a rank without rows sends padding), a replicated one
-   from that rank's own copy (no communication);
+2. its float32 delta is assembled on that rank: a sharded matrix by one ``gather`` of the
+   pieces (each padded to ``block`` entries; a rank without entries sends padding), a replicated
+   one from that rank's own copy (no communication). This is the equivalent of DeepSpeed's
+   ``GatheredParameters`` for a ZeRO-3 update, but to one rank, and of the delta directly;
 3. that rank checks it for non-finite entries, sums :math:`\lVert\Delta\rVert_F^2` in the same
    chunks as one process would (so the sums are bit-identical to a single-process run), and calls
    ``compute`` (:func:`~grail.trainer.analysis.ops.spectrum.matrix_spectrum`);
@@ -89,12 +91,12 @@ def _assemble(
         flat = scratch.get(device, m * n)
         _fill(delta, name, flat)
         return flat.view(m, n)
-    per_rank = -(-m // get_world_size())
-    block = scratch.get(device, per_rank * n)
+    size = info.block or -(-m // get_world_size()) * n  # FSDP2 row blocks without a block
+    block = scratch.get(device, size)
     _fill(delta, name, block[: local.numel()])
-    block[local.numel() :].zero_()  # padding rows: sent, never read
-    stacked = gather_(block.view(per_rank, n), dst)
-    return None if stacked is None else stacked.view(-1, n)[:m]
+    block[local.numel() :].zero_()  # padding: sent, never read
+    stacked = gather_(block, dst)
+    return None if stacked is None else stacked.view(-1)[: m * n].view(m, n)
 
 
 def _norm_sq(matrix: torch.Tensor) -> tuple[float, int]:

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.distributed import agree, reshard
+from ..core import zero
+from ..core.distributed import agree, reshard, sync_gathered
 
 __all__ = [
     "PreparedInputs",
@@ -224,11 +225,18 @@ def run_forward(
     prepared: PreparedInputs,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One forward pass; logits as float32 ``[positions, classes]`` of the unmasked positions."""
+    """One forward pass; logits as float32 ``[positions, classes]`` of the unmasked positions.
+
+    Under DeepSpeed ZeRO-3 the whole copies DeepSpeed keeps are gathered again from the
+    partitions as they are, patched or not, before the pass (a collective, like the pass itself:
+    every rank runs the same forwards) and released after it (locally, also when it raises).
+    """
+    sync_gathered(model)
     try:
         logits = logits_from_output(model(*prepared.args, **prepared.kwargs), output_fn)
     finally:
         reshard(model)  # FSDP2: drop unsharded copies of (possibly patched) parameters
+        zero.release(model)  # ZeRO-3: likewise for gathered and prefetched copies
     if logits.dim() == 1:
         logits = logits.unsqueeze(-1)
     mask = prepared.mask

@@ -4,7 +4,8 @@ Three context managers:
 
 * :func:`analysis_mode` - ``torch.no_grad()``, every module in eval mode (dropout would make
   identical weights look different), and on exit each module's own ``training`` flag and the
-  global CPU and CUDA RNG states exactly as they were.
+  global CPU and CUDA RNG states exactly as they were (under DeepSpeed ZeRO-3 it also releases
+  the whole copies of parameters, so none of a patched partition outlives the analysis).
 * :class:`SelectPatch` - every analysed parameter becomes ``W_new`` or ``W_old`` entry by entry
   (a magnitude or random mask). A masked update is an element-wise *selection* between two values
   that already exist, so the patch swaps the dropped entries between the parameter and the
@@ -19,7 +20,10 @@ Three context managers:
   be swapped. Each parameter is written just before its owning module runs and restored right
   after (forward pre-hook and an always-called forward hook), so at most one module's parameters
   are saved at any time - O(largest module), not a clone of the model. Parameters shared by
-  several modules (tied embeddings) are patched for the whole pass with a saved copy.
+  several modules (tied embeddings) are patched for the whole pass with a saved copy. So are
+  DeepSpeed ZeRO-3 partitions: DeepSpeed gathers (prefetches) parameters ahead of the module
+  that uses them and keeps small ones gathered, so a per-module hook would come too late; the
+  saved copies are this rank's partitions, 1/world of the model.
 
 Everything runs on the parameters' own devices; snapshot chunks are brought over as needed.
 
@@ -54,6 +58,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..core import zero
 from ..core.distributed import fsdp_units, local_tensor, shard_info, unwrap_model
 from ..core.scratch import ScratchBuffers
 from ..core.snapshot import ParameterDelta, collect_parameters, float32_delta_
@@ -82,6 +87,7 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+        zero.release(model)
 
 
 @dataclass
@@ -457,6 +463,9 @@ class ModulePatch:
         out: dict[str, tuple[nn.Module | None, Callable[[], torch.Tensor]]] = {}
         for name in self.values:
             if name not in params:
+                continue
+            if zero.is_partitioned(params[name]):  # ZeRO-3: the whole pass (module docstring)
+                out[name] = (None, functools.partial(_local_parameter, self.model, name))
                 continue
             if shard_info(params[name]).sharded and units:
                 unit = max(
