@@ -37,7 +37,9 @@ from tests.unit.trainer.analysis.ranks import leave_group
 
 VOCAB = 131
 STEPS = 6
-RECORD = (2, 4, 6)  # the steps at which the managers (interval 2) read the model
+# the steps at which the managers (interval 2) read the model: step 1 takes the base
+# (drift/*), steps 2, 4, 6 the snapshots and measurements
+RECORD = (1, 2, 4, 6)
 PERSISTENCE = 600  # ZeRO-3: norms, biases and k/v projections stay gathered, the rest not
 
 
@@ -62,6 +64,14 @@ def analysis_config() -> dict:
         "low_rank_include_embeddings": True,
         "low_rank_track_components": True,
         "low_rank_exact_max_dim": 16,
+        # the whole fine-tune, output attribution and principal geometry over partitions too
+        "drift_enabled": True,
+        "drift_keep_ratios": [0.1],
+        "attribution_enabled": True,
+        "attribution_groups": ["component", "layer"],
+        "principal_enabled": True,
+        "principal_ranks": [1, 4],
+        "principal_track_components": True,
     }
 
 
@@ -132,13 +142,14 @@ def full_state(engine: Any, stage: int, grads: bool) -> dict:
     else:
         weights = {n: p.detach().float().clone() for n, p in named}
     out: dict[str, Any] = {"weights": weights, "grads": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    basic = engine.optimizer.optimizer
+    moments = bool(basic.state)  # none before the first step
     for n, p in named:
         if grads:
             out["grads"][n] = safe_get_full_grad(p).float().clone().view(weights[n].shape)
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq") if moments else ():
             out[key][n] = safe_get_full_optimizer_state(p, key).float().clone()
-    basic = engine.optimizer.optimizer
-    out["step"] = float(next(iter(basic.state.values()))["step"])
+    out["step"] = float(next(iter(basic.state.values()))["step"]) if moments else 0.0
     group = basic.param_groups[0]
     out["hyper"] = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
     return out

@@ -71,6 +71,8 @@ def replay(states: dict[int, dict], dtype: torch.dtype, ranks: int) -> tuple[dic
                     p.copy_(state["weights"][name])
                     grad = state["grads"].get(name)
                     p.grad = grad.to(dtype) if grad is not None else None
+                    if name not in state["exp_avg"]:
+                        continue  # before the first step: no moments yet
                     opt.state[p] = {
                         "step": torch.tensor(state["step"]),
                         "exp_avg": state["exp_avg"][name].view(p.shape).clone(),
@@ -86,13 +88,13 @@ def replay(states: dict[int, dict], dtype: torch.dtype, ranks: int) -> tuple[dic
 
 def assert_close(got: dict, ref: dict, where: str, token_factor: int) -> None:
     """Counts and ratios exactly (up to float formatting), norms to 1e-5 relative;
-    ``sparse/tokens`` counts ``token_factor`` times the replay's batch."""
+    ``*/tokens`` count ``token_factor`` times the replay's batch."""
     for step in ref:
         keys = set(got[step]) - {REPLICAS}
         assert keys == set(ref[step]), (where, step, sorted(keys ^ set(ref[step]))[:10])
         for key, want in ref[step].items():
             value = got[step][key]
-            if key == "sparse/tokens":
+            if key.endswith("/tokens"):  # sparse/, drift/, attrib/: forwards over every rank
                 want *= token_factor
             if math.isnan(want):
                 assert math.isnan(value), (where, step, key)
@@ -119,18 +121,22 @@ def test_every_family_on_two_ranks_equals_one_process(runs, stage):
         ref, ref_hist = replay(states[when], dtype, 1 if shared else 2)
         assert sorted(ref) == ["4", "6"]
         families = {k.split("/")[0] for k in ref["4"]}
-        want = {"param_change", "sparse", "adam_sign", "lowrank"}
+        want = {"param_change", "sparse", "adam_sign", "lowrank", "drift", "attrib", "principal"}
         if when == "pre":  # between backward and step: the engine still holds the gradients
             want.add("gradient")
         assert families == want, (stage, when, families)
         for key in ("param_change/mask_overlap", "sparse/kl_at_keep_0.1_dare",
                     "sparse/kl_at_budget_r4", "lowrank/kl_at_r1", "lowrank/energy_at_r4",
-                    "adam_sign/component/scale/mean_abs_u", "param_change/layer_1/norm_l2"):
+                    "adam_sign/component/scale/mean_abs_u", "param_change/layer_1/norm_l2",
+                    "drift/sparse/kl_at_keep_0.1", "drift/lowrank/kl_at_r1",
+                    "attrib/component/q_proj/kl_only", "attrib/layer_1/kl_without",
+                    "principal/energy_in_top4", "principal/component/q_proj/energy_in_top1"):
             assert key in ref["4"], key
         if when == "pre":
             assert ref["4"]["gradient/missing_ratio"] == 0.0
             assert not math.isnan(ref["4"]["adam_sign/sign_agreement"])
         assert ref["4"]["lowrank/kl_at_r1"] > 0
+        assert ref["6"]["drift/kl_base_now"] > 0 and ref["4"]["attrib/kl_total"] > 0
         assert_close(got, ref, f"zero{stage}-{when}", 2 if shared else 1)
         # replicated parameters (ZeRO-1/2) are compared bit for bit; ZeRO-3 has none
         replicas = {m.get(REPLICAS) for m in got.values()}
