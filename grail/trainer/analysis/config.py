@@ -46,8 +46,10 @@ Decisions where the design is silent:
 * ``drift_reference_masks`` is checked at construction as far as a config can be without a model:
   each name must read back from a ``drift/overlap/{name}/...`` key, each file must exist and be a
   mask file of ``grail-analysis mask`` (its header is read, not its bits). Whether its names and
-  shapes fit the model is checked when the base is taken (``set_base`` or the first
-  measurement), with one ``MaskFileError`` naming the parameters that do not fit.
+  shapes fit the model is checked when the base is taken (``set_base(..., model=...)`` or the
+  first ``on_optimizer_step``), with one ``MaskFileError`` naming the parameters that do not fit,
+  raised to the caller (:mod:`~.metrics.drift_overlap`). The masks are read only with
+  ``drift_enabled``.
 
 Example:
     >>> cfg = AnalysisConfig(interval=10, sparse_quality_thresholds=[1e-6, 1e-4])
@@ -309,8 +311,9 @@ class AnalysisConfig:
     principal_cache_factors: bool = True
     # --- the whole fine-tune against saved changed sets (drift/overlap/*) ----------------------
     # {"name": "path/to/mask.safetensors"} (written by `grail-analysis mask`): the live run's
-    # changed set since the base is compared with each saved one at every measurement. Files
-    # are checked here (they exist and are mask files) and read lazily, one bit per entry.
+    # changed set since the base is compared with each saved one at every measurement of
+    # drift/* (drift_enabled), under the criterion the mask was written with. Files are checked
+    # here (they exist and are mask files) and read lazily, one bit per entry.
     drift_reference_masks: dict[str, str] = field(default_factory=dict)
 
     # --- execution ---------------------------------------------------------------------------

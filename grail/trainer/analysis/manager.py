@@ -10,7 +10,11 @@ incrementing a counter: no parameter is touched.
 Fail-safety lives here and only here: a computer that raises is logged once per computer and
 error type (a warning naming it; the traceback at debug level) and skipped, the others run, and
 nothing propagates into the training loop. When parameters are added, removed or reshaped
-between measurements, one warning names them and the snapshot is re-baselined.
+between measurements, one warning names them and the snapshot is re-baselined. The one error
+that does propagate is a configuration that does not fit the model, which a computer finds when
+a new base is taken (:meth:`~.metrics.base.MetricComputer.check_base`, e.g. a reference mask of
+``drift/overlap/*`` written for another model): raised once, from ``set_base``, ``ensure_base``
+or ``on_optimizer_step``, since measuring on would only report NaN.
 
 Agreement across ranks. In a process group no rank may take a branch that issues a collective
 alone, so every such decision is put to a vote, one small integer all-reduce each: the step and
@@ -139,6 +143,7 @@ class ModelAnalysisManager:
         self._once = LogOnce(logger, repeat_level=logging.DEBUG)
         self._anchor = BaseAnchor(self.config.snapshot_device, self.config.trainable_only)
         self._snapshot_step: int | None = None  # step whose weights old_snapshot holds
+        self._fitted: tuple[int, float] | None = None  # the base the computers have checked
 
     @classmethod
     def create(
@@ -197,13 +202,21 @@ class ModelAnalysisManager:
         """Call once after every ``optimizer.step()``, on every rank; returns metrics on
         measurement steps.
 
-        Never raises because of the analysis: problems are logged and ``{}`` is returned.
+        Never raises because of a measurement: problems are logged and ``{}`` is returned. The
+        one exception is a configuration that does not fit the model, found when the base is
+        taken (a reference mask of another model: ``MaskFileError``, see
+        :meth:`MetricComputer.check_base`).
         """
         try:
             if not self._advance(step):
                 return {}
             if self._anchor.needs_work(self._wants_base()):
-                self.ensure_base(model)
+                self._take_base(model)
+        except Exception as err:  # the training loop must survive anything the analysis does
+            self._report("manager", err)
+            return {}
+        self._check_fit()  # a configuration that does not fit the model raises (check_base)
+        try:
             if not self.is_measurement_step():
                 return {}
             return self._measure(model, inputs, optimizer, metadata)
@@ -609,18 +622,27 @@ class ModelAnalysisManager:
         from the live weights). See :mod:`~grail.trainer.analysis.anchor`.
 
         Raises:
-            ValueError: names or shapes do not match the model.
+            ValueError: names or shapes do not match the model; a computer's configuration
+                does not fit it (``MaskFileError``: a reference mask of ``drift/overlap/*``),
+                checked here when the base is checked.
             TypeError: ``source`` is none of the accepted kinds.
         """
         layout = None if model is not None else self.old_snapshot
         self._anchor.set(source, model=model, layout=layout)
+        self._check_fit()
         if not self._wants_base():
             logger.info("set_base: no computer reads the base (drift_enabled=False?)")
 
     def ensure_base(self, model: nn.Module) -> None:
         """Hold a base now: check a pending one against ``model``, or, when a computer needs a
-        base and none is set, take it from ``model``'s weights. Never raises (problems are
-        logged); the HF callback calls this at train begin."""
+        base and none is set, take it from ``model``'s weights; the HF callback calls this at
+        train begin. Problems taking it are logged, never raised; a computer whose
+        configuration does not fit the model raises (:meth:`MetricComputer.check_base`)."""
+        self._take_base(model)
+        self._check_fit()
+
+    def _take_base(self, model: nn.Module) -> None:
+        """:meth:`ensure_base` without the fit check: never raises."""
         try:
             if unsupported_engine(model) is None:
                 reshard(model)  # FSDP2: local shards, as the interval snapshot holds them
@@ -632,6 +654,20 @@ class ModelAnalysisManager:
 
     def _wants_base(self) -> bool:
         return any(c.requires_base() for c in self.computers)
+
+    def _check_fit(self) -> None:
+        """Each computer checks its configuration against a base it has not seen (O(1)
+        otherwise); what a check raises propagates (a configuration mistake). A base
+        re-taken inside a measurement (the architecture changed) is checked at the next call."""
+        base = self._anchor.snapshot
+        if base is None or self._anchor.pending:
+            return
+        key = (id(base), base.timestamp)
+        if key == self._fitted:
+            return
+        self._fitted = key  # raised once: the computer itself copes at later measurements
+        for computer in self.computers:
+            computer.check_base(base)
 
     def _check_base(self, model: nn.Module, live: ParameterSnapshot) -> None:
         """Re-take a base whose parameters no longer match the model's (one warning)."""

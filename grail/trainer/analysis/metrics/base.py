@@ -217,6 +217,18 @@ class MetricComputer(ABC):
         snapshot (taken at the first ``on_optimizer_step`` unless ``set_base`` gave one)."""
         return False
 
+    def check_base(self, base: ParameterSnapshot) -> None:  # noqa: B027 - an optional hook
+        """Raise if this computer's configuration does not fit the model whose base was just
+        taken (``base``: its names, and ``base.shards[n].global_shape``).
+
+        Called by the manager once per new base, on every rank, when the base is set with a
+        model to check against or taken at ``on_optimizer_step``. Unlike :meth:`compute`, an
+        exception raised here is not logged and skipped: it propagates to the caller
+        (``set_base``, ``ensure_base`` or ``on_optimizer_step``), because it is a configuration
+        mistake, not a measurement failure. The check must depend only on what every rank
+        holds alike (global shapes, files), so that every rank raises or none does.
+        """
+
     def reset(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Forget state carried across measurements (called by ``manager.reset()``)."""
 

@@ -28,6 +28,12 @@ about :math:`\Delta_{tot}`.
 With ``per_layer`` / ``track_components`` the first six repeat as ``drift/layer_{i}/...`` and
 ``drift/component/{c}/...``.
 
+**Overlap with saved masks** (``drift_reference_masks``, see :mod:`~.drift_overlap`):
+``drift/overlap/{name}/jaccard``, ``jaccard_random``, ``overlap_now_in_ref`` and
+``overlap_ref_in_now`` compare the changed set of :math:`\Delta_{tot}` (under the mask's own
+criterion) with each saved mask; the masks are checked against the model when the base is taken
+(:meth:`DriftMetrics.check_base`).
+
 **Outputs** (a model and inputs given; the batch handling, token weighting, padding and
 ``max_tokens`` cap of :mod:`~.sparse_quality`, see :mod:`~.drift_outputs`):
 
@@ -93,6 +99,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +113,7 @@ from ..core.stats import Summary
 from ..patching.forward import agree_across_ranks, prepare_inputs
 from .base import AnalysisContext, MetricComputer
 from .drift_outputs import drift_outputs, drift_spectra
+from .drift_overlap import ReferenceMasks
 from .parameter_change import ParameterChangeMetrics, update_norm_key
 
 if TYPE_CHECKING:
@@ -165,6 +173,8 @@ class DriftMetrics(MetricComputer):
         output_fn: model output -> logits (see
             :func:`~grail.trainer.analysis.patching.forward.logits_from_output`).
         fused: allow the compiled kernels.
+        reference_masks: ``name -> mask file`` of ``drift/overlap/{name}/*``
+            (``drift_reference_masks``; see :mod:`~.drift_overlap`), opened lazily here.
     """
 
     name = "drift"
@@ -183,6 +193,7 @@ class DriftMetrics(MetricComputer):
         low_rank: LowRankMetrics | None = None,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         fused: bool | str = "auto",
+        reference_masks: Mapping[str, str | os.PathLike] | None = None,
     ) -> None:
         self.statistics = _Statistics(
             thresholds,
@@ -199,6 +210,7 @@ class DriftMetrics(MetricComputer):
         self.low_rank = low_rank
         self.output_fn = output_fn
         self.fused = fused
+        self.references = ReferenceMasks(reference_masks) if reference_masks else None
         # (step, base identity, ||W_now - W_base||^2) of the last measurement: the next one's
         # ||W_prev - W_base||^2 when the interval snapshot holds those weights losslessly
         self._last_norm: tuple[int, tuple[int, float], float] | None = None
@@ -225,10 +237,16 @@ class DriftMetrics(MetricComputer):
             low_rank=low_rank,
             output_fn=output_fn,
             fused=config.fused_kernels,
+            reference_masks=config.drift_reference_masks,
         )
 
     def requires_base(self) -> bool:
         return True
+
+    def check_base(self, base: ParameterSnapshot) -> None:
+        """The reference masks must fit the model (``MaskFileError`` otherwise)."""
+        if self.references is not None:
+            self.references.check(base)
 
     def reset(self) -> None:
         self._last_norm = None
@@ -255,6 +273,8 @@ class DriftMetrics(MetricComputer):
             return self.skip("the model has no parameters in common with the base")
         out = self.statistics.compute(base_delta)
         out["drift/cos_interval"] = self._cos_interval(delta, old_snapshot, base, context)
+        if self.references is not None:
+            out.update(self.references.compute(base_delta, base))
         model = unwrap_model(context.model) if context.model is not None else None
         prepared: Any = "no model in the context"
         if model is not None:  # every rank must agree: forwards and spectra are collectives

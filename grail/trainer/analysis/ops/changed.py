@@ -35,7 +35,8 @@ chunking or order; :func:`reference_overlap` turns the summed counts into the
 ``drift/overlap/{name}/*`` values (``jaccard``, ``jaccard_random``, ``overlap_now_in_ref``,
 ``overlap_ref_in_now``). :class:`ReferenceOverlap` accumulates the counts of one process.
 
-How the online family uses it (``AnalysisConfig.drift_reference_masks``): open each mask with
+How the online family (:mod:`~grail.trainer.analysis.metrics.drift_overlap`,
+``AnalysisConfig.drift_reference_masks``) uses it: open each mask with
 :func:`~grail.trainer.analysis.core.mask_file.load_mask` (header only); when the base is taken,
 call ``mask.check_shapes({name: delta.shard(name).global_shape, ...})`` (a ``MaskFileError``
 names what does not fit); at each measurement, for every chunk ``c`` of the base -> now delta

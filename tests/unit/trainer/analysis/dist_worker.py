@@ -42,6 +42,32 @@ def config_dict(low_rank: bool, drift: bool = False) -> dict:
     }
 
 
+def reference_masks(weights: dict, out: Path, rank: int, world: int) -> dict[str, str]:
+    """Saved masks for ``drift/overlap/*``: random sets (30% of the entries) under each
+    criterion, written by rank 0 next to the outputs; every rank names the same files (the
+    config is part of the layout the ranks agree on)."""
+    import torch
+    import torch.distributed as dist
+
+    from grail.trainer.analysis.core.mask_file import ChangeCriterion, MaskWriter
+
+    criteria = {"exact": ChangeCriterion("exact"), "t4": ChangeCriterion("threshold", 1e-4),
+                "bf16": ChangeCriterion("bf16_view"), "keep": ChangeCriterion("keep_ratio", 0.1)}
+    paths = {}
+    for i, (name, criterion) in enumerate(criteria.items()):
+        gen = torch.Generator().manual_seed(1000 + i)
+        paths[name] = str(out.with_name(f"mask-{name}.safetensors"))
+        if rank != 0:
+            continue
+        writer = MaskWriter(paths[name], {n: t.shape for n, t in weights.items()}, criterion)
+        for n, t in weights.items():
+            writer.write(n, torch.rand(t.shape, generator=gen) < 0.3)
+        writer.finish()
+    if world > 1:
+        dist.barrier()
+    return paths
+
+
 def attribution_config_dict() -> dict:
     """Attribution per component and per layer next to sparse quality (the reference forward
     is shared); every group measured, so that one process and N agree group by group."""
@@ -178,6 +204,9 @@ def main() -> None:
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-2, foreach=False)
     config = (attribution_config_dict() if args.attribution
               else config_dict(args.low_rank, args.drift))
+    if args.drift:  # drift/overlap/* against saved masks of the full tensors
+        config["drift_reference_masks"] = reference_masks(start, Path(args.out), args.rank,
+                                                         args.world)
     manager = ModelAnalysisManager.create(AnalysisConfig.from_dict(config))
     if args.drift:  # checked and sliced to this rank's shards at the first step
         manager.set_base(start)
