@@ -55,7 +55,17 @@ criterion) with each saved mask; the masks are checked against the model when th
 ``drift/lowrank/kl_at_r{r}``            KL(P_now || P_r) with :math:`W_{base}` plus the rank-r
                                         truncation of :math:`\Delta_{tot}` in every matrix (and
                                         ``top1_agree_at_r{r}``)
+``drift/attrib/...``                    output attribution of :math:`\Delta_{tot}` per group
+                                        (``attribution_enabled``): the keys of
+                                        :mod:`~.attribution` with :math:`W_{old} = W_{base}`
 ======================================  ==========================================================
+
+**Principal geometry of the whole fine-tune** (``principal_enabled``): ``drift/principal/...``
+are the keys of :mod:`~.principal` with :math:`W_{ref} = W_{base}` and
+:math:`\Delta W = \Delta_{tot}`. The base's top factors are decomposed once per base and kept
+(:class:`~grail.trainer.analysis.ops.principal.FactorCache` on ``snapshot_device``,
+:math:`k(m+n)+k` numbers per matrix); later measurements decompose only :math:`W_{now}`.
+No inputs are needed.
 
 Reading it: ``drift/kl_base_now`` growing while ``sparse/*`` stays small per window means many
 small windows adding up; a small ``drift/sparse/kl_at_keep_0.01`` says the whole fine-tune could
@@ -110,6 +120,7 @@ from ..core.distributed import all_reduce_, unwrap_model
 from ..core.naming import group_prefix
 from ..core.snapshot import ParameterDelta, ParameterSnapshot
 from ..core.stats import Summary
+from ..ops.principal import FactorCache
 from ..patching.forward import agree_across_ranks, prepare_inputs
 from .base import AnalysisContext, MetricComputer
 from .drift_outputs import drift_outputs, drift_spectra
@@ -117,7 +128,9 @@ from .drift_overlap import ReferenceMasks
 from .parameter_change import ParameterChangeMetrics, update_norm_key
 
 if TYPE_CHECKING:
+    from .attribution import AttributionMetrics
     from .low_rank import LowRankMetrics
+    from .principal import PrincipalMetrics
 
 __all__ = ["DriftMetrics"]
 
@@ -175,6 +188,10 @@ class DriftMetrics(MetricComputer):
         fused: allow the compiled kernels.
         reference_masks: ``name -> mask file`` of ``drift/overlap/{name}/*``
             (``drift_reference_masks``; see :mod:`~.drift_overlap`), opened lazily here.
+        attribution: the attribution computer whose groups and limits give
+            ``drift/attrib/*`` (``None``: none).
+        principal: the principal-geometry computer whose settings give
+            ``drift/principal/*`` (``None``: none); the base's factors are cached here.
     """
 
     name = "drift"
@@ -194,6 +211,8 @@ class DriftMetrics(MetricComputer):
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         fused: bool | str = "auto",
         reference_masks: Mapping[str, str | os.PathLike] | None = None,
+        attribution: AttributionMetrics | None = None,
+        principal: PrincipalMetrics | None = None,
     ) -> None:
         self.statistics = _Statistics(
             thresholds,
@@ -211,6 +230,12 @@ class DriftMetrics(MetricComputer):
         self.output_fn = output_fn
         self.fused = fused
         self.references = ReferenceMasks(reference_masks) if reference_masks else None
+        self.attribution = attribution
+        self.principal = principal
+        # the base's factors: decomposed once per base (the fingerprint tells bases apart)
+        self.base_factors = (
+            FactorCache(principal.cache_device, tracks="reference") if principal else None
+        )
         # (step, base identity, ||W_now - W_base||^2) of the last measurement: the next one's
         # ||W_prev - W_base||^2 when the interval snapshot holds those weights losslessly
         self._last_norm: tuple[int, tuple[int, float], float] | None = None
@@ -224,6 +249,15 @@ class DriftMetrics(MetricComputer):
             from .low_rank import LowRankMetrics
 
             low_rank = LowRankMetrics.from_config(config, output_fn=output_fn)
+        attribution = principal = None
+        if config.attribution_enabled:
+            from .attribution import AttributionMetrics
+
+            attribution = AttributionMetrics.from_config(config, output_fn=output_fn)
+        if config.principal_enabled:
+            from .principal import PrincipalMetrics
+
+            principal = PrincipalMetrics.from_config(config)
         return cls(
             thresholds=config.param_change_thresholds,
             per_layer=config.param_change_per_layer,
@@ -238,6 +272,8 @@ class DriftMetrics(MetricComputer):
             output_fn=output_fn,
             fused=config.fused_kernels,
             reference_masks=config.drift_reference_masks,
+            attribution=attribution,
+            principal=principal,
         )
 
     def requires_base(self) -> bool:
@@ -250,6 +286,8 @@ class DriftMetrics(MetricComputer):
 
     def reset(self) -> None:
         self._last_norm = None
+        if self.base_factors is not None:
+            self.base_factors.clear()
 
     # --- computation -----------------------------------------------------------------------
     def compute(
@@ -286,6 +324,12 @@ class DriftMetrics(MetricComputer):
         if self.low_rank is not None:
             spectra, energy = drift_spectra(self.low_rank, base_delta, model, usable, context.step)
             out.update(energy)
+        if self.principal is not None:  # collective: every rank measures the same matrices
+            out.update(
+                self.principal.measure(
+                    base_delta, model, cache=self.base_factors, prefix="drift/principal"
+                )
+            )
         if usable:
             assert model is not None
             out.update(drift_outputs(self, model, context, prepared, delta, base_delta, spectra))

@@ -16,7 +16,10 @@ exactly, also when a pass raises; see :mod:`~grail.trainer.analysis.patching.swa
    :func:`~grail.trainer.analysis.ops.budget.exact_budget_drops`), then to the random mask of the
    same budget over the changed entries (``p = min(k, changed) / changed``);
 4. after the patch: DARE (``W_base + Delta_tot * m / p``) and the low-rank truncations, each
-   written per module by :class:`~grail.trainer.analysis.patching.swaps.ModulePatch`.
+   written per module by :class:`~grail.trainer.analysis.patching.swaps.ModulePatch`;
+5. with an attribution computer: its forwards over the base delta
+   (:func:`~.attribution.attribution_metrics`: whole tensors exchanged with the base snapshot),
+   against the same reference, under ``drift/attrib/``.
 
 Every comparison is reduced over ranks once (token-weighted over every rank's batch), plus one
 reduction for the reverse KL.
@@ -40,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,6 +58,7 @@ from ..ops.masks import magnitude_drop, mix_seed, random_drop
 from ..ops.spectrum import Spectrum, aggregate_spectra
 from ..patching.forward import PreparedInputs, run_forward
 from ..patching.swaps import ModulePatch, SelectPatch, analysis_mode
+from .attribution import attribution_groups, attribution_metrics
 from .base import AnalysisContext
 from .sparse_quality import SparseQualityMetrics, format_keep_ratio, shared_reference
 
@@ -158,9 +163,38 @@ def drift_outputs(
         for r in c.low_rank.ranks if (c.low_rank is not None and spectra) else []:
             with ModulePatch(model, type(c.low_rank)._truncations(base_delta, spectra, r)):
                 comparisons.add(f"r{r}", forward())
+        attributed = _attribution(c, model, base_delta, reference, forward)
     results = comparisons.results()  # one reduction for every comparison
     backward = means(all_reduce_(torch.tensor(reverse, dtype=torch.float64), "sum").tolist())
-    return _keys(c, results, backward, comparisons.reference_rows, spectra)
+    out = _keys(c, results, backward, comparisons.reference_rows, spectra)
+    out.update(attributed)
+    return out
+
+
+def _attribution(
+    c: DriftMetrics,
+    model: nn.Module,
+    base_delta: ParameterDelta,
+    reference: LogitsReference,
+    forward: Callable[[], torch.Tensor],
+) -> dict[str, float]:
+    """``drift/attrib/*``: the attribution computer's groups over the base delta, or ``{}``."""
+    a = c.attribution
+    if a is None:
+        return {}
+    groups = attribution_groups(base_delta.names, a.groups, a.component_map)
+    return attribution_metrics(
+        model,
+        base_delta,
+        reference,
+        groups,
+        forward,
+        max_groups=a.max_groups,
+        family="drift/attrib",
+        skip_unchanged=a.skip_unchanged,
+        rebind=a.rebind,
+        log=c.log_once,
+    )
 
 
 def _keys(

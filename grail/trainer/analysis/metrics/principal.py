@@ -133,6 +133,7 @@ class PrincipalMetrics(MetricComputer):
         self.component_map = dict(component_map or {})
         self.seed = seed
         self.method = method
+        self.cache_device = torch.device(cache_device)
         self.cache = FactorCache(cache_device, tracks="next") if cache_factors else None
 
     @classmethod

@@ -39,6 +39,12 @@ def config_dict(low_rank: bool, drift: bool = False) -> dict:
         "low_rank_include_embeddings": True,
         "low_rank_track_components": True,
         "low_rank_exact_max_dim": 16,
+        # with --drift, the whole fine-tune's attribution and principal geometry too
+        "attribution_enabled": drift,
+        "attribution_groups": ["component", "layer"],
+        "principal_enabled": drift,
+        "principal_ranks": [1, 4],
+        "principal_track_components": True,
     }
 
 

@@ -18,7 +18,8 @@ def single_drift(tmp_path_factory):
 
 def _scaled(metrics: dict, factor: int) -> dict:
     """Every rank analyses the same batch: drift/tokens counts it once per rank."""
-    return {s: {k: v * factor if k == "drift/tokens" else v for k, v in m.items()}
+    return {s: {k: v * factor if k.endswith("/tokens") and k != "sparse/tokens" else v
+                for k, v in m.items()}
             for s, m in metrics.items()}
 
 
@@ -32,7 +33,9 @@ def test_drift_on_two_ranks_equals_one_process(mode, single_drift, tmp_path):
                 "drift/sparse/top1_agree_at_keep_0.5_dare", "drift/lowrank/energy_at_r1",
                 "drift/lowrank/kl_at_r4", "drift/overlap/exact/jaccard",
                 "drift/overlap/t4/overlap_now_in_ref", "drift/overlap/bf16/jaccard_random",
-                "drift/overlap/keep/overlap_ref_in_now"):
+                "drift/overlap/keep/overlap_ref_in_now", "drift/attrib/component/q_proj/kl_only",
+                "drift/attrib/layer_1/kl_without", "drift/principal/energy_in_top4",
+                "drift/principal/component/o_proj/subspace_overlap_top1"):
         assert key in keys, key
     for key, value in keys.items():  # FSDP2 shards index the masks by their flat offset
         if key.startswith("drift/overlap/"):
