@@ -78,11 +78,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .anchor import BaseAnchor, BaseSource
+from .anchor import BaseAnchor
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
-from .core.distributed import ShardInfo, agree, is_distributed, reshard, unsupported_engine
+from .core.distributed import agree, is_distributed, reshard, unsupported_engine
 from .core.logonce import LogOnce
 from .core.snapshot import ParameterSnapshot
+from .manager_base import ManagerBase, spec_changes
+from .manager_state import ManagerState
 from .manager_votes import layout_hash, spec_hash, vote_results, vote_step
 from .metrics.base import AnalysisContext, MetricComputer, MetricResult
 
@@ -109,7 +111,7 @@ def _attention_mask(inputs: Any) -> torch.Tensor | None:
     return None
 
 
-class ModelAnalysisManager:
+class ModelAnalysisManager(ManagerBase, ManagerState):
     """Runs metric computers over parameter deltas every ``config.interval`` optimizer steps.
 
     Args:
@@ -280,7 +282,7 @@ class ModelAnalysisManager:
                 reshard(model)  # FSDP2: analyse local shards, whatever the last forward left
                 live = ParameterSnapshot.live(model, trainable_only=cfg.trainable_only)
                 if self.old_snapshot is not None:
-                    changed = _spec_changes(self.old_snapshot.spec(), live.spec())
+                    changed = spec_changes(self.old_snapshot.spec(), live.spec())
                 if distributed:
                     spec_key = spec_hash(live)
             context = AnalysisContext(
@@ -483,221 +485,6 @@ class ModelAnalysisManager:
             dtype=SNAPSHOT_DTYPES[cfg.snapshot_dtype],
             trainable_only=cfg.trainable_only,
         )
-
-    # --- state -----------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget the step count, the snapshot and every computer's carried state."""
-        self.step_count = 0
-        self.old_snapshot = None
-        self._snapshot_step = None
-        self._anchor.clear()  # a base given with set_base stays: it is where the run started
-        self.last_metrics = {}
-        self.last_histograms = {}
-        for computer in self.computers:
-            computer.reset()
-
-    def state_dict(self, include_snapshot: bool = False) -> dict[str, Any]:
-        """What a checkpoint needs to resume the analysis.
-
-        ``{"step_count", "config"}``; ``"computers"``: the carried state of each computer that
-        has one (:meth:`MetricComputer.state_dict`), keyed ``"<position>:<name>"`` - always
-        included, because it is small by contract (``mask_overlap`` keeps one bit per entry)
-        and a resumed run needs it to match an uninterrupted one; ``"snapshot"`` (and
-        ``"snapshot_param_dtypes"``) and the base of ``drift/*`` (``"base"``,
-        ``"base_param_dtypes"``) only with ``include_snapshot=True``, because each is as large
-        as the model. Tensors are returned as they are (no copies): save them with
-        ``torch.save`` before training goes on.
-        """
-        state: dict[str, Any] = {"step_count": self.step_count, "config": self.config.to_dict()}
-        computers = {
-            _computer_key(i, c): s for i, c in enumerate(self.computers) if (s := c.state_dict())
-        }
-        if computers:
-            state["computers"] = computers
-        if include_snapshot and self.old_snapshot is not None:
-            state["snapshot"] = self.old_snapshot.state_dict()
-            state["snapshot_param_dtypes"] = {
-                n: str(d).removeprefix("torch.") for n, d in self.old_snapshot.param_dtypes.items()
-            }
-        if include_snapshot:
-            state.update(self._anchor.state())  # "base", "base_param_dtypes"
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:
-        """Restore :meth:`state_dict`; a different config is an error (it changes the keys).
-
-        Computer states describe the measurement at ``step_count`` and continue exactly only
-        from a baseline taken at that step: the saved snapshot, or - when the state holds none
-        - ``model``, whose parameters must be the weights at ``step_count`` (e.g. just loaded
-        from the same checkpoint) and which is snapshotted here if ``step_count`` is a
-        measurement step (the HF callback does this). Without such a baseline the computer
-        states are dropped and the manager re-baselines at its next measurement step.
-
-        Raises:
-            ValueError: ``state`` is not such a mapping, its config differs from this
-                manager's, or it holds states for computers this manager does not have (then
-                nothing is changed), or a computer rejects its state (then every computer is
-                reset and nothing else is changed).
-        """
-        if not isinstance(state, Mapping) or "step_count" not in state:
-            got = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(
-                "an analysis state must be a mapping with 'step_count' (and optionally "
-                "'config', 'computers', 'snapshot'), as returned by "
-                f"ModelAnalysisManager.state_dict(); got {got}"
-            )
-        if "config" in state and AnalysisConfig.from_dict(state["config"]) != self.config:
-            raise ValueError(
-                "the saved analysis config differs from this manager's; construct the manager "
-                "with AnalysisConfig.from_dict(state['config']) to resume it"
-            )
-        computer_states = self._checked_computer_states(state.get("computers", {}))
-        step = int(state["step_count"])
-        exact = "snapshot" in state or (model is not None and self.is_measurement_step(step))
-        try:
-            for i, computer in enumerate(self.computers):
-                computer.load_state_dict(computer_states.get(_computer_key(i, computer), {}))
-        except Exception:
-            for computer in self.computers:
-                computer.reset()
-            raise
-        self.step_count = step
-        self.old_snapshot = None
-        self._snapshot_step = None
-        if "base" in state:
-            self._anchor.load(state)
-        self.last_metrics = {}
-        self.last_histograms = {}
-        if "snapshot" in state:
-            snap = ParameterSnapshot(
-                None,
-                device=self.config.snapshot_device,
-                dtype=SNAPSHOT_DTYPES[self.config.snapshot_dtype],
-                trainable_only=self.config.trainable_only,
-            )
-            dtypes = state.get("snapshot_param_dtypes", {})
-            for name, tensor in state["snapshot"].items():
-                snap.data[name] = tensor.to(self.config.snapshot_device).clone()
-                snap.param_dtypes[name] = getattr(torch, dtypes.get(name, ""), tensor.dtype)
-                snap.shards[name] = ShardInfo(tuple(tensor.shape), 0, False, True)
-            self.old_snapshot = snap
-        elif exact and model is not None:
-            self.on_optimizer_step(model, step=step)  # the baseline from the given weights
-        if not exact or self.old_snapshot is None:
-            for computer in self.computers:  # stale without a baseline at `step`
-                computer.reset()
-
-    def _checked_computer_states(self, states: Any) -> dict[str, Any]:
-        """``states`` if every key names one of this manager's computers, else ValueError."""
-        mine = [_computer_key(i, c) for i, c in enumerate(self.computers)]
-        if not isinstance(states, Mapping):
-            raise ValueError(f"state['computers'] must be a mapping, got {type(states).__name__}")
-        unknown = sorted(str(k) for k in states if k not in mine)
-        if unknown:
-            raise ValueError(
-                f"the saved state has computer states {unknown} but this manager's computers are "
-                f"{mine}; add the same computers in the same order (create() with the same "
-                "config, then the same add_metric calls) to resume it"
-            )
-        return dict(states)
-
-
-    # --- the base of drift/* -----------------------------------------------------------------
-    @property
-    def base_snapshot(self) -> ParameterSnapshot | None:
-        """The base that ``drift/*`` measures from (see :meth:`set_base`); ``None`` until set or
-        taken. Lossless, on ``snapshot_device``, sharded like :attr:`old_snapshot`."""
-        return self._anchor.snapshot
-
-    def set_base(self, source: BaseSource, model: nn.Module | None = None) -> None:
-        """Measure ``drift/*`` from ``source``: a model, a state dict, or a checkpoint path
-        (safetensors or ``.pt`` file, or a Hugging Face model directory).
-
-        Without this call the base is the weights at the first :meth:`on_optimizer_step` call,
-        i.e. after the first optimizer step (the HF callback takes it at train begin instead,
-        before any step). ``model`` is the model being trained: the base is checked against its
-        parameters (names, shapes) and sharded like it now; without it the check happens
-        against the interval snapshot if there is one, else at the next
-        :meth:`on_optimizer_step` (a mismatch found then is a warning, and the base is taken
-        from the live weights). See :mod:`~grail.trainer.analysis.anchor`.
-
-        Raises:
-            ValueError: names or shapes do not match the model; a computer's configuration
-                does not fit it (``MaskFileError``: a reference mask of ``drift/overlap/*``),
-                checked here when the base is checked.
-            TypeError: ``source`` is none of the accepted kinds.
-        """
-        layout = None if model is not None else self.old_snapshot
-        self._anchor.set(source, model=model, layout=layout)
-        self._check_fit()
-        if not self._wants_base():
-            logger.info("set_base: no computer reads the base (drift_enabled=False?)")
-
-    def ensure_base(self, model: nn.Module) -> None:
-        """Hold a base now: check a pending one against ``model``, or, when a computer needs a
-        base and none is set, take it from ``model``'s weights; the HF callback calls this at
-        train begin. Problems taking it are logged, never raised; a computer whose
-        configuration does not fit the model raises (:meth:`MetricComputer.check_base`)."""
-        self._take_base(model)
-        self._check_fit()
-
-    def _take_base(self, model: nn.Module) -> None:
-        """:meth:`ensure_base` without the fit check: never raises."""
-        try:
-            if unsupported_engine(model) is None:
-                reshard(model)  # FSDP2: local shards, as the interval snapshot holds them
-                self._anchor.ensure(model, self._wants_base(), self.step_count)
-        except Exception as err:  # the training loop must survive anything the analysis does
-            self._report("base", err)
-            self._anchor.clear(keep_explicit=False)
-            self._anchor.failed = True  # not retried at every step; set_base or reset() retries
-
-    def _wants_base(self) -> bool:
-        return any(c.requires_base() for c in self.computers)
-
-    def _check_fit(self) -> None:
-        """Each computer checks its configuration against a base it has not seen (O(1)
-        otherwise); what a check raises propagates (a configuration mistake). A base
-        re-taken inside a measurement (the architecture changed) is checked at the next call."""
-        base = self._anchor.snapshot
-        if base is None or self._anchor.pending:
-            return
-        key = (id(base), base.timestamp)
-        if key == self._fitted:
-            return
-        self._fitted = key  # raised once: the computer itself copes at later measurements
-        for computer in self.computers:
-            computer.check_base(base)
-
-    def _check_base(self, model: nn.Module, live: ParameterSnapshot) -> None:
-        """Re-take a base whose parameters no longer match the model's (one warning)."""
-        base = self._anchor.snapshot
-        if base is not None and not self._anchor.pending:
-            self._anchor.follow(model, _spec_changes(base.spec(), live.spec()), self.step_count)
-
-    def _agreed_base(self) -> ParameterSnapshot | None:
-        """The base if every rank holds one (one tiny all-reduce when computers need it)."""
-        base = None if self._anchor.pending else self._anchor.snapshot
-        if is_distributed() and self._wants_base():
-            _, low = agree([0 if base is None else 1])
-            if not low[0]:
-                return None
-        return base
-
-
-def _computer_key(position: int, computer: MetricComputer) -> str:
-    return f"{position}:{computer.name}"
-
-def _spec_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
-    added = [n for n in new if n not in old]
-    removed = [n for n in old if n not in new]
-    reshaped = [n for n in new if n in old and new[n] != old[n]]
-    parts = []
-    for label, names in (("added", added), ("removed", removed), ("reshaped/retyped", reshaped)):
-        if names:
-            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-            parts.append(f"{label}: {', '.join(names[:5])}{more}")
-    return "; ".join(parts)
 
 
 def _integer_step(step: Any) -> int | None:
