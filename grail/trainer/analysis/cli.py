@@ -30,7 +30,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,17 +222,11 @@ def _diff(args: argparse.Namespace) -> int:
     )  # fmt: skip
     out = _out_dir(args.out)
     result = run_diff(opts)
-    for note in result["notes"]:
-        sys.stderr.write(f"grail-analysis: note: {note}\n")
-    _write(out / "metrics.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
-    written = [out / "metrics.json"]
     if args.report:
         from .report.html import render_diff_report
 
-        _write(out / "report.html", render_diff_report(result))
-        written.append(out / "report.html")
-    sys.stdout.write("wrote " + " and ".join(str(p) for p in written) + "\n")
-    return 0
+        return _publish(out, result, render_diff_report)
+    return _publish(out, result, None)
 
 
 def _overlap(args: argparse.Namespace) -> int:
@@ -251,14 +245,24 @@ def _overlap(args: argparse.Namespace) -> int:
     )  # fmt: skip
     out = _out_dir(args.out)
     result = run_overlap(opts)
+    if args.report:
+        from .report.overlap import render_overlap_report
+
+        return _publish(out, result, render_overlap_report)
+    return _publish(out, result, None)
+
+
+def _publish(
+    out: Path, result: dict[str, Any], render: Callable[[dict[str, Any]], str] | None
+) -> int:
+    """Print the result's notes, write ``metrics.json`` (and ``report.html`` rendered by
+    ``render``) in ``out``, and say what was written."""
     for note in result["notes"]:
         sys.stderr.write(f"grail-analysis: note: {note}\n")
     _write(out / "metrics.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
     written = [out / "metrics.json"]
-    if args.report:
-        from .report.overlap import render_overlap_report
-
-        _write(out / "report.html", render_overlap_report(result))
+    if render is not None:
+        _write(out / "report.html", render(result))
         written.append(out / "report.html")
     sys.stdout.write("wrote " + " and ".join(str(p) for p in written) + "\n")
     return 0

@@ -37,7 +37,7 @@ import logging
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "TensorSpec",
+    "check_labels",
     "open_checkpoint",
 ]
 
@@ -313,3 +314,21 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     fmt, files = _discover(path)
     return Checkpoint(path, fmt, files)
+
+
+def check_labels(given: Sequence[str], count: int, what: str) -> list[str]:
+    """``given`` as a list when it names each of ``count`` ``what`` once, distinctly and not
+    blank; else one :class:`CheckpointError` that says what to change.
+
+    >>> check_labels(["a", "b"], 2, "runs")
+    ['a', 'b']
+    """
+    if len(given) != count:
+        raise CheckpointError(f"--labels has {len(given)} labels for {count} {what}; give one "
+                              f"label per {what.removesuffix('s')}")
+    for label in given:
+        if not label.strip():
+            raise CheckpointError("--labels has an empty label")
+        if list(given).count(label) > 1:
+            raise CheckpointError(f"--labels has {label!r} twice; labels must be distinct")
+    return list(given)

@@ -47,7 +47,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import logging
 import math
@@ -55,7 +54,6 @@ import platform
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,7 +63,8 @@ from ..core.naming import ParameterNaming
 from ..metrics.attribution import attribution_table
 from ..metrics.drift import DriftMetrics
 from ..metrics.registry import build_computers
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import CheckpointError
+from .inputs import describe, sha256
 from .pair import CheckpointPair, open_pair
 from .stream import CURVE_THRESHOLDS, CellStats, ObservedDelta, Progress
 
@@ -74,7 +73,6 @@ __all__ = ["DEFAULT_KEEP_RATIOS", "DiffOptions", "build_config", "run_diff", "ve
 logger = logging.getLogger(__name__)
 
 DEFAULT_KEEP_RATIOS = [0.01, 0.05, 0.1, 0.25, 0.5]
-_HASH_BLOCK = 1 << 20
 
 
 @dataclass
@@ -156,25 +154,6 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = None
     return out
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _describe(ckpt: Checkpoint, hashes: dict[Path, str] | None, given: str) -> dict[str, Any]:
-    files = []
-    for f in ckpt.files:
-        entry: dict[str, Any] = {"file": f.name, "bytes": f.stat().st_size}
-        if hashes is not None:
-            entry["sha256"] = hashes[f]
-        files.append(entry)
-    return {"path": given, "format": ckpt.format, "tensors": len(ckpt.specs), "files": files}
 
 
 def _finite(value: float) -> float | None:
@@ -286,8 +265,8 @@ def run_diff(opts: DiffOptions) -> dict[str, Any]:
         "config": config.to_dict(),
         "versions": versions(),
         "inputs": {
-            "base": _describe(pair.base, hashes, opts.base),
-            "tuned": _describe(pair.tuned, hashes, opts.tuned),
+            "base": describe(pair.base, hashes, opts.base),
+            "tuned": describe(pair.tuned, hashes, opts.tuned),
         },
         "timing": {
             "stream_seconds": stream_seconds,

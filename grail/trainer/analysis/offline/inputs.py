@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,9 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .diff import sha256
 
 __all__ = ["Hashes", "describe", "hash_files"]
+
+
+_HASH_BLOCK = 1 << 20
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
 
 
 class Hashes:

@@ -72,7 +72,7 @@ from ..core.snapshot import ParameterDelta, float32_delta_
 from ..keys import format_keep_ratio
 from ..ops.budget import exact_budget_drops, subset_delta
 from ..ops.changed import changed_flags
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, check_labels, open_checkpoint
 from .diff import DEFAULT_KEEP_RATIOS, versions
 from .inputs import describe, hash_files
 from .overlap_counts import (
@@ -131,15 +131,7 @@ def budget(keep: float, total: int) -> int:
 def checkpoint_labels(paths: list[str], given: list[str] | None = None) -> list[str]:
     """``given`` (checked), else the file stems or directory names made distinct."""
     if given is not None:
-        if len(given) != len(paths):
-            raise CheckpointError(f"--labels has {len(given)} labels for {len(paths)} runs; "
-                                  "give one label per run")
-        for label in given:
-            if not label.strip():
-                raise CheckpointError("--labels has an empty label")
-            if given.count(label) > 1:
-                raise CheckpointError(f"--labels has {label!r} twice; labels must be distinct")
-        return list(given)
+        return check_labels(given, len(paths), "runs")
     resolved = [Path(p).resolve() for p in paths]
     distinct = list(dict.fromkeys(resolved))  # the same path twice is told apart by "#2"
     stems = [p.stem if p.suffix in _SUFFIXES else p.name for p in distinct]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..offline.checkpoint import CheckpointError
+from ..offline.checkpoint import CheckpointError, check_labels
 
 __all__ = ["has_values", "read_run_log", "run_labels"]
 
@@ -96,15 +96,7 @@ def run_labels(paths: Sequence[str | Path], given: Sequence[str] | None = None) 
     ['x', 'x #2']
     """
     if given is not None:
-        if len(given) != len(paths):
-            raise CheckpointError(f"--labels has {len(given)} labels for {len(paths)} run logs; "
-                                  "give one label per run log")
-        for label in given:
-            if not label.strip():
-                raise CheckpointError("--labels has an empty label")
-            if list(given).count(label) > 1:
-                raise CheckpointError(f"--labels has {label!r} twice; labels must be distinct")
-        return list(given)
+        return check_labels(given, len(paths), "run logs")
     parts = [Path(p).with_suffix("").parts or (str(p),) for p in paths]
     labels = [pp[-1] for pp in parts]
     for stem in {lab for lab in labels if labels.count(lab) > 1}:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from grail.trainer.analysis.config import AnalysisConfig
 from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.manager import ModelAnalysisManager
-from grail.trainer.analysis.metrics import principal as principal_module
 from grail.trainer.analysis.metrics.attribution import AttributionMetrics
 from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.drift import DriftMetrics
@@ -87,17 +85,10 @@ def test_principal_geometry_of_the_whole_fine_tune_matches_float64_numpy():
     assert not any(k.startswith("drift/attrib") for k in m)  # no attribution computer
 
 
-def test_the_base_is_decomposed_once_per_base(monkeypatch):
+def test_the_base_is_decomposed_once_per_base(decompositions):
     """With a manager: the base's factors are computed at the first measurement and reused;
     later measurements decompose W_now only (and the interval view its own W_new)."""
-    calls: list[tuple[int, ...]] = []
-    real = principal_module.top_factors
-
-    def counting(w: torch.Tensor, k: int, **kw):
-        calls.append(fingerprint(w))
-        return real(w, k, **kw)
-
-    monkeypatch.setattr(principal_module, "top_factors", counting)
+    calls = decompositions
     model = tiny_qwen2()
     cfg = AnalysisConfig(interval=1, drift_enabled=True, drift_keep_ratios=[],
                          principal_enabled=True, principal_ranks=[1, 4],

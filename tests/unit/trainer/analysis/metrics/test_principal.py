@@ -15,7 +15,6 @@ from grail.trainer.analysis.core.distributed import ShardInfo
 from grail.trainer.analysis.core.naming import ParameterNaming
 from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.manager import ModelAnalysisManager
-from grail.trainer.analysis.metrics import principal as principal_module
 from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.low_rank import low_rank_targets
 from grail.trainer.analysis.metrics.principal import PrincipalMetrics
@@ -125,20 +124,6 @@ def test_without_a_model_the_name_rule_selects_the_same_matrices() -> None:
 
 
 # --- the factor cache ----------------------------------------------------------------------------
-@pytest.fixture
-def decompositions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """Fingerprints of every matrix the computer decomposes, in call order."""
-    calls: list[tuple[int, ...]] = []
-    real = principal_module.top_factors
-
-    def counting(w: torch.Tensor, k: int, **kw):
-        calls.append(fingerprint(w))
-        return real(w, k, **kw)
-
-    monkeypatch.setattr(principal_module, "top_factors", counting)
-    return calls
-
-
 def _fingerprints(model: nn.Module, names: list[str]) -> set[tuple[int, ...]]:
     params = dict(model.named_parameters())
     return {fingerprint(params[n].detach()) for n in names}
