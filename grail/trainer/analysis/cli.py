@@ -98,6 +98,11 @@ def _add_diff(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N",
                    help="token positions compared in forward passes (default: 4096)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-mask baseline")
+    _add_outputs(p)
+
+
+def _add_outputs(p: argparse.ArgumentParser) -> None:
+    """The output switches of the commands that write metrics.json and report.html."""
     p.add_argument("--no-hash", dest="hash_files", action="store_false",
                    help="do not record SHA-256 hashes of the input files")
     p.add_argument("--no-report", dest="report", action="store_false",
@@ -131,10 +136,7 @@ def _add_overlap(sub: Any) -> None:
                    + "; none: give the option without values)")
     p.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
                    help="per-layer and per-component metrics and heatmaps (default: on)")
-    p.add_argument("--no-hash", dest="hash_files", action="store_false",
-                   help="do not record SHA-256 hashes of the input files")
-    p.add_argument("--no-report", dest="report", action="store_false",
-                   help="write metrics.json only (no matplotlib needed)")
+    _add_outputs(p)
 
 
 def _add_mask(sub: Any) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointError",
     "TensorSpec",
     "check_labels",
+    "number_repeats",
     "open_checkpoint",
 ]
 
@@ -332,3 +333,17 @@ def check_labels(given: Sequence[str], count: int, what: str) -> list[str]:
         if list(given).count(label) > 1:
             raise CheckpointError(f"--labels has {label!r} twice; labels must be distinct")
     return list(given)
+
+
+def number_repeats(labels: Sequence[str]) -> list[str]:
+    """``labels`` with the second and later copies of a label numbered.
+
+    >>> number_repeats(["a", "b", "a"])
+    ['a', 'b', 'a #2']
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return out

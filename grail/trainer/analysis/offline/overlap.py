@@ -72,7 +72,7 @@ from ..core.snapshot import ParameterDelta, float32_delta_
 from ..keys import format_keep_ratio
 from ..ops.budget import exact_budget_drops, subset_delta
 from ..ops.changed import changed_flags
-from .checkpoint import Checkpoint, CheckpointError, check_labels, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, check_labels, number_repeats, open_checkpoint
 from .diff import DEFAULT_KEEP_RATIOS, versions
 from .inputs import describe, hash_files
 from .overlap_counts import (
@@ -144,12 +144,7 @@ def checkpoint_labels(paths: list[str], given: list[str] | None = None) -> list[
                 names[i] = "/".join([*distinct[i].parts[-1 - depth : -1], stems[i]])
         depth += 1
     labels = [names[distinct.index(r)] for r in resolved]
-    seen: dict[str, int] = {}
-    out = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        out.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
-    return out
+    return number_repeats(labels)
 
 
 def _contrast(criterion: ChangeCriterion) -> ChangeCriterion:

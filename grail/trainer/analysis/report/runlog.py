@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..offline.checkpoint import CheckpointError, check_labels
+from ..offline.checkpoint import CheckpointError, check_labels, number_repeats
 
 __all__ = ["has_values", "read_run_log", "run_labels"]
 
@@ -106,12 +106,7 @@ def run_labels(paths: Sequence[str | Path], given: Sequence[str] | None = None) 
         tail = _common_length([d[lead:][::-1] for d in dirs])
         for i, d in zip(group, dirs, strict=True):
             labels[i] = "/".join([*d[lead:len(d) - tail], stem])
-    seen: dict[str, int] = {}
-    out = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        out.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
-    return out
+    return number_repeats(labels)
 
 
 def _common_length(seqs: Sequence[Sequence[str]]) -> int:
