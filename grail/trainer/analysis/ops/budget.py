@@ -5,7 +5,7 @@
 largest ``|delta|`` over the parameters of a delta (jointly, not per tensor):
 
 1. the k-th largest value ``v`` is found exactly by radix select
-   (:func:`~grail.trainer.analysis.ops.masks.keep_ratio_thresholds`, two histogram passes);
+   (:func:`~grail.trainer.analysis.ops.select.keep_ratio_thresholds`, two histogram passes);
 2. one pass counts, per tensor, the entries above ``v`` and those equal to it;
 3. every entry above ``v`` is kept, and entries equal to ``v`` (ties) are kept in a fixed order -
    tensors in the delta's name order, then global flat position - until ``k`` is reached. The

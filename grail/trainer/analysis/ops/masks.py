@@ -6,11 +6,11 @@
   are a hash of ``(seed, parameter name, global flat position)`` (:func:`random_bits`), so the
   mask does not depend on how the tensor is sharded over ranks or chunked, and no RNG state - the
   global one least of all - is read or advanced.
-* **Budget**: :func:`keep_ratio_thresholds` finds the global magnitude threshold that keeps a
-  given fraction of all entries, exactly, by a two-pass radix select on the float32 bit pattern
-  of ``|delta|`` (monotone for non-negative floats): a 32768-bin histogram of the high 16 bits,
-  then one of the low 16 bits inside the selected bin. Memory is two histograms, not a
-  concatenation or sort of all deltas.
+* **Budget** (:mod:`.select`, re-exported here): :func:`keep_ratio_thresholds` finds the global
+  magnitude threshold that keeps a given fraction of all entries, exactly, by a two-pass radix
+  select on the float32 bit pattern of ``|delta|`` (monotone for non-negative floats): a
+  32768-bin histogram of the high 16 bits, then one of the low 16 bits inside the selected bin.
+  Memory is two histograms, not a concatenation or sort of all deltas.
 
 A mask as the patching applies it is a :class:`Mask`: a small frozen object, callable as a
 :data:`DropFn`, that declares what it is - its :class:`DropSpec` (which the compiled swap
@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -378,94 +378,4 @@ def random_keep_mask(
     return random_bits(numel, seed, name, offset, device) < keep_threshold_bits(keep)
 
 
-_HI_BINS = 1 << 15  # non-negative finite float32 bit patterns are < 0x7F800000: high half < 2^15
-
-
-def keep_ratio_thresholds(
-    chunks: Callable[[], Iterable[torch.Tensor]],
-    keep_ratios: Iterable[float],
-    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-    device: torch.device | str = "cpu",
-) -> dict[float, float]:
-    """Global magnitude thresholds ``T`` such that ``|delta| > T`` keeps each target fraction.
-
-    Args:
-        chunks: called once per pass; yields float32 delta chunks covering every entry once.
-        keep_ratios: targets in (0, 1].
-        reduce: sums a histogram over ranks (identity in one process). Every rank issues the
-            same reductions in the same order, whether or not it holds any entries.
-        device: where the histograms live when this rank yields no chunk.
-
-    The threshold keeps every entry at least as large as the k-th largest ``|delta|``
-    (``k = round(keep * N)``), so the achieved ratio is the target up to ties; non-finite
-    deltas are always kept and count towards ``N``. A target above the changed fraction gives
-    ``T = 0`` (all changed entries).
-    """
-    ratios = sorted(set(keep_ratios))
-    hist_hi: torch.Tensor | None = None
-    n_total = 0
-    for d in chunks():
-        n_total += d.numel()
-        h = torch.bincount(_abs_bits(d) >> 16, minlength=_HI_BINS)
-        hist_hi = h if hist_hi is None else hist_hi + h
-    if hist_hi is None:
-        hist_hi = torch.zeros(_HI_BINS, dtype=torch.long, device=device)
-    # every non-finite |delta| (high half >= that of +inf) goes to one extra, top bin
-    hist_hi = torch.cat(
-        [
-            hist_hi[:_INF_HI],
-            hist_hi.new_zeros(_HI_BINS - _INF_HI),
-            hist_hi[_INF_HI:].sum(0, keepdim=True),
-        ]
-    )
-    total = reduce(torch.tensor([n_total], dtype=torch.long, device=hist_hi.device))
-    hist_hi = reduce(hist_hi)
-    n = int(total.item())
-    if n == 0:
-        return dict.fromkeys(ratios, 0.0)
-    # Walk bins from the largest values down; bin _HI_BINS collects non-finite (always kept).
-    desc = hist_hi.flip(0).cumsum(0).cpu()
-    targets = {}
-    for r in ratios:
-        k = max(1, min(n, round(r * n)))
-        j = int(torch.searchsorted(desc, k))  # first position where the cumulative count >= k
-        hi_bin = _HI_BINS - j
-        above = int(desc[j - 1]) if j > 0 else 0
-        targets[r] = (hi_bin, k - above)  # need the (k-above)-th largest inside hi_bin
-    out: dict[float, float] = {}
-    need = sorted({hb for hb, _ in targets.values() if hb < _HI_BINS})  # same order on all ranks
-    hist_lo: dict[int, torch.Tensor] = {}
-    if need:
-        for d in chunks():
-            bits = _abs_bits(d)
-            hi = bits >> 16
-            for hb in need:
-                sel = bits[hi == hb] & 0xFFFF
-                h = torch.bincount(sel, minlength=1 << 16)
-                hist_lo[hb] = h if hb not in hist_lo else hist_lo[hb] + h
-        for hb in need:
-            if hb not in hist_lo:
-                hist_lo[hb] = torch.zeros(1 << 16, dtype=torch.long, device=hist_hi.device)
-            hist_lo[hb] = reduce(hist_lo[hb])
-    for r, (hb, rank_in_bin) in targets.items():
-        if hb >= _HI_BINS:  # the k largest are all non-finite: keep exactly those
-            out[r] = float(np.finfo(np.float32).max)  # `|inf| > inf` is False: inf won't do
-            continue
-        desc_lo = hist_lo[hb].flip(0).cumsum(0).cpu()
-        j = int(torch.searchsorted(desc_lo, rank_in_bin))
-        value_bits = (hb << 16) | ((1 << 16) - 1 - j)
-        value = torch.tensor([value_bits], dtype=torch.int32).view(torch.float32).item()
-        if value <= 0.0:
-            out[r] = 0.0
-        else:
-            below = torch.nextafter(torch.tensor(value), torch.tensor(0.0)).item()
-            out[r] = float(below)
-    return out
-
-
-_INF_HI = 0x7F80  # high half of +inf; NaNs lie above it, every finite |x| below
-
-
-def _abs_bits(d: torch.Tensor) -> torch.Tensor:
-    """int32 bit patterns of ``|d|`` (monotone in the value; non-finite ones at the top)."""
-    return d.float().abs().view(torch.int32)
+from .select import keep_ratio_thresholds  # noqa: E402  (re-exported: the budget)
