@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from grail.trainer.analysis.metrics.registry import build_computers
 from grail.trainer.analysis.offline.diff import DiffOptions, build_config
 
 from .checkpoints import float64_reference, save_pair, tokenizer
+from .cli_memory import cli_peak_rss
 
 PROMPTS = "the cat sat on the mat\n\na big red dog ran far away\nthe small blue cat\ngreen tree\n"
 
@@ -368,38 +368,6 @@ def test_module_and_console_script_entry_points(tmp_path):
         assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr, proc.stderr
 
 
-MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys, threading, time
-    from grail.trainer.analysis.cli import main
-
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    small, big = sys.argv[1:3], sys.argv[3:5]
-    out, flags = sys.argv[5], ["--no-report", "--no-low-rank", "--no-principal"]
-    assert main(["diff", *small, "--out", out + "-warm", *flags]) == 0  # imports, allocators
-    peak, stop = [rss()], threading.Event()
-    base = peak[0]
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    rc = main(["diff", *big, "--out", out, *flags])
-    stop.set()
-    t.join()
-    print(json.dumps({"rc": rc, "extra": max(peak[0], rss()) - base}))
-    """
-)
-
-
 @pytest.mark.slow
 def test_peak_memory_is_a_few_tensors_not_a_checkpoint(tmp_path):
     """Two ~200 MB checkpoints are diffed in a fresh process using far less than one of them.
@@ -418,14 +386,11 @@ def test_peak_memory_is_a_few_tensors_not_a_checkpoint(tmp_path):
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     del model
     assert 180e6 < size < 260e6 and largest < 0.1 * size
-    small = tmp_path / "small"
-    proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(small / "base"), str(small / "tuned"),
-         str(tmp_path / "base"), str(tmp_path / "tuned"), str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    small, out = tmp_path / "small", str(tmp_path / "o")
+    flags = ["--no-report", "--no-low-rank", "--no-principal"]
+    r = cli_peak_rss(["diff", str(small / "base"), str(small / "tuned"), "--out", out + "-warm",
+                      *flags], ["diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--out",
+                                out, *flags])
     assert r["rc"] == 0
     doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert doc["metrics"]["param_change/num_params"] * 4 == size

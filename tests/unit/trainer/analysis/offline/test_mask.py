@@ -68,30 +68,28 @@ def test_threshold_mask_and_its_metadata(tmp_path, capsys):
     assert f"{changed:,} of {total:,} entries changed" in stdout
 
 
+def _mask(capsys, out, b: str, t: str, *criterion: str):
+    """``grail-analysis mask b t --out out *criterion`` (must succeed), read back."""
+    rc, _, err = _cli(capsys, "mask", b, t, "--out", str(out), *criterion)
+    assert rc == 0, err
+    return load_mask(out)
+
+
 def test_bf16_view_and_exact_masks(tmp_path, capsys):
     base, tuned, (b, t) = _checkpoints(tmp_path, seed=1)
-    rc, _, err = _cli(capsys, "mask", b, t, "--out", str(tmp_path / "v.safetensors"),
-                      "--bf16-view", "--no-hash")
-    assert rc == 0, err
-    mask = load_mask(tmp_path / "v.safetensors")
+    mask = _mask(capsys, tmp_path / "v.safetensors", b, t, "--bf16-view", "--no-hash")
     for n in SHAPES:
         expected = bf16_reference(tuned[n]) != bf16_reference(base[n])
         assert np.array_equal(mask[n].numpy(), expected)
     assert 0.1 < mask.density < 0.9 and "sha256" not in mask.inputs["base"]["files"][0]
-    rc, _, err = _cli(capsys, "mask", b, t, "--out", str(tmp_path / "e.safetensors"),
-                      "--threshold", "0")
-    assert rc == 0, err
-    exact = load_mask(tmp_path / "e.safetensors")
+    exact = _mask(capsys, tmp_path / "e.safetensors", b, t, "--threshold", "0")
     for n in SHAPES:
         assert np.array_equal(exact[n].numpy(), tuned[n] != base[n])
 
 
 def test_keep_ratio_mask_is_the_exact_top_k(tmp_path, capsys):
     base, tuned, (b, t) = _checkpoints(tmp_path, seed=2)
-    rc, _, err = _cli(capsys, "mask", b, t, "--out", str(tmp_path / "k.safetensors"),
-                      "--keep-ratio", "0.05")
-    assert rc == 0, err
-    mask = load_mask(tmp_path / "k.safetensors")
+    mask = _mask(capsys, tmp_path / "k.safetensors", b, t, "--keep-ratio", "0.05")
     mags = np.concatenate([np.abs(tuned[n] - base[n]).reshape(-1) for n in mask.shapes])
     k = budget(0.05, mags.size)
     nonzero = np.sort(mags[mags > 0])

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,8 @@ from grail.trainer.analysis.offline.overlap import (
     run_overlap,
 )
 from tests.unit.trainer.analysis.ops.test_changed import bf16_reference
+
+from ..cli_memory import cli_peak_rss
 
 SHAPES = {
     "model.embed_tokens.weight": (40, 8),
@@ -361,42 +360,6 @@ def test_bad_inputs_print_one_line_and_exit_1(tmp_path, capsys):
     assert rc == 2 and "not allowed with" in err
 
 
-MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys, threading, time
-    import torch
-    from grail.trainer.analysis.cli import main
-
-    # Memory does not depend on the thread count; one thread keeps a shared, oversubscribed
-    # CI machine from stalling every small op on thread synchronisation.
-    torch.set_num_threads(1)
-
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    small, big, out = sys.argv[1:5], sys.argv[5:9], sys.argv[9]
-    flags = ["--no-report", "--no-hash", "--keep-ratios", "0.01", "0.1"]
-    assert main(["overlap", *small, "--out", out + "-warm", *flags]) == 0  # imports, allocators
-    peak, stop = [rss()], threading.Event()
-    start = peak[0]
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    rc = main(["overlap", *big, "--out", out, *flags])
-    stop.set()
-    t.join()
-    print(json.dumps({"rc": rc, "extra": max(peak[0], rss()) - start}))
-    """
-)
-
 #: The stated bound: peak resident memory beyond the warmed-up process stays below this many
 #: times the largest tensor times the number of runs. It holds the four tensors of one name
 #: (BASE and three runs), the chunk temporaries of each run and, during the top-k passes, one
@@ -423,12 +386,13 @@ def test_peak_memory_for_three_runs_of_100_mb(tmp_path):
         del base, tuned
     size = (tmp_path / "big" / "a.safetensors").stat().st_size
     assert 99e6 < size < 101e6
-    args = [str(tmp_path / d / f"{n}.safetensors") for d in ("small", "big")
-            for n in ("base", "a", "b", "c")]
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *args, str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=800)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = ("base", "a", "b", "c")
+    small_runs, big_runs = ([str(tmp_path / d / f"{n}.safetensors") for n in names]
+                            for d in ("small", "big"))
+    flags = ["--no-report", "--no-hash", "--keep-ratios", "0.01", "0.1"]
+    out = str(tmp_path / "o")
+    r = cli_peak_rss(["overlap", *small_runs, "--out", out + "-warm", *flags],
+                     ["overlap", *big_runs, "--out", out, *flags], threads=1, timeout=800)
     assert r["rc"] == 0
     doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert doc["compared"]["num_params"] == 25_000_000
