@@ -185,6 +185,7 @@ class AnalysisConfig:
     # Keep W_new's top factors until the next measurement, where they are the reference's: one
     # decomposition per matrix instead of two, for sum k(m+n) floats per matrix on
     # snapshot_device. A one-off comparison (grail-analysis diff) has no next measurement.
+    # With drift_enabled it also keeps the base's factors for drift/principal/* (False: none).
     principal_cache_factors: bool = True
     # --- the whole fine-tune against saved changed sets (drift/overlap/*) ----------------------
     # {"name": "path/to/mask.safetensors"} (written by `grail-analysis mask`): the live run's

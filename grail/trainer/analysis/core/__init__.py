@@ -1,7 +1,7 @@
 """The foundation: parameter snapshots and deltas, streaming statistics, naming, collectives.
 
-* :mod:`.snapshot` is the only place parameters are copied (``ParameterSnapshot``) and diffed
-  (``ParameterDelta``, streamed tensor by tensor).
+* :mod:`.snapshot` is the only place parameters are copied (``ParameterSnapshot``); :mod:`.delta`
+  diffs two snapshots (``ParameterDelta``, streamed tensor by tensor).
 * :mod:`.stats` accumulates sums, counts and extremes in float64 and reduces them once.
 * :mod:`.layout` names the columns of those rows (and of the compiled kernels' raw rows): the
   only place column indices are known.

@@ -64,7 +64,9 @@ criterion) with each saved mask; the masks are checked against the model when th
 are the keys of :mod:`~.principal` with :math:`W_{ref} = W_{base}` and
 :math:`\Delta W = \Delta_{tot}`. The base's top factors are decomposed once per base and kept
 (:class:`~grail.trainer.analysis.ops.principal.FactorCache` on ``snapshot_device``,
-:math:`k(m+n)+k` numbers per matrix); later measurements decompose only :math:`W_{now}`.
+:math:`k(m+n)+k` numbers per matrix; none with ``principal_cache_factors=False``); later
+measurements decompose only :math:`W_{now}`. The factors are found by a fingerprint of the base
+matrix, so they survive ``reset()`` (which may keep the base) and a new base simply misses them.
 No inputs are needed.
 
 Reading it: ``drift/kl_base_now`` growing while ``sparse/*`` stays small per window means many
@@ -232,9 +234,12 @@ class DriftMetrics(MetricComputer):
         self.references = ReferenceMasks(reference_masks) if reference_masks else None
         self.attribution = attribution
         self.principal = principal
-        # the base's factors: decomposed once per base (the fingerprint tells bases apart)
+        # the base's factors: decomposed once per base (the fingerprint tells bases apart, so
+        # they are kept over reset(), which may keep the base); none without principal's cache
         self.base_factors = (
-            FactorCache(principal.cache_device, tracks="reference") if principal else None
+            FactorCache(principal.cache_device, tracks="reference")
+            if principal is not None and principal.cache is not None
+            else None
         )
         # (step, base identity, ||W_now - W_base||^2) of the last measurement: the next one's
         # ||W_prev - W_base||^2 when the interval snapshot holds those weights losslessly
@@ -286,8 +291,6 @@ class DriftMetrics(MetricComputer):
 
     def reset(self) -> None:
         self._last_norm = None
-        if self.base_factors is not None:
-            self.base_factors.clear()
 
     # --- computation -----------------------------------------------------------------------
     def compute(

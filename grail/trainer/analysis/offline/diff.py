@@ -218,7 +218,11 @@ def run_diff(opts: DiffOptions) -> dict[str, Any]:
         )
         for computer in model_phase:
             if isinstance(computer, DriftMetrics):
-                computer.low_rank = None  # drift/lowrank/* would repeat lowrank/* for the pair
+                # BASE -> TUNED is both the pair and the whole fine-tune: drift/lowrank/* and
+                # drift/attrib/* would repeat lowrank/* and attrib/* (principal/* runs in the
+                # stream phase, so drift/principal/* is off too)
+                computer.low_rank = computer.attribution = computer.principal = None
+                computer.base_factors = None
     files = [*pair.base.files, *pair.tuned.files]
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashing: Future[list[str]] | None = None

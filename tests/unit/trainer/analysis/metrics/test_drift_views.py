@@ -111,8 +111,13 @@ def test_the_base_is_decomposed_once_per_base(decompositions):
         assert set(mine) <= base_keys | now
     assert len(drift.base_factors) == len(names)
     assert drift.base_factors.hits == 2 * len(names)  # measurements 2 and 3
-    manager.reset()
-    assert len(drift.base_factors) == 0
+    manager.reset()  # the automatic base is forgotten: the next one misses the kept factors
+    assert len(drift.base_factors) == len(names)
+    manager.on_optimizer_step(model)  # a new base and first snapshot
+    _update(model, 20, 1e-3)
+    start = len(calls)
+    manager.on_optimizer_step(model)
+    assert len(calls) - start == 4 * len(names)  # both views decompose their reference again
 
 
 def test_config_turns_the_views_on_with_their_families():
@@ -124,6 +129,9 @@ def test_config_turns_the_views_on_with_their_families():
     assert both.base_factors is not None and both.base_factors.tracks == "reference"
     plain = DriftMetrics.from_config(AnalysisConfig(drift_enabled=True))
     assert plain.attribution is None and plain.principal is None and plain.base_factors is None
+    uncached = DriftMetrics.from_config(AnalysisConfig(
+        drift_enabled=True, principal_enabled=True, principal_cache_factors=False))
+    assert uncached.principal is not None and uncached.base_factors is None
 
 
 def test_without_inputs_attribution_is_absent_and_principal_present():

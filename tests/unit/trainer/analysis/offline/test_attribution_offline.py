@@ -45,6 +45,10 @@ def test_diff_attribution_equals_online_and_is_reported(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     doc = json.loads((out / "metrics.json").read_text())
     got = {k: v for k, v in doc["metrics"].items() if k.startswith("attrib/")}
+    # BASE -> TUNED is the pair and the whole fine-tune at once: no repeat under drift/
+    assert not [k for k in doc["metrics"] if k.startswith(("drift/attrib/", "drift/lowrank/",
+                                                           "drift/principal/"))]
+    assert "drift/kl_base_now" in doc["metrics"]
     opts = DiffOptions(str(bdir), str(tdir), prompts="p", attribution_max_groups=6)
     before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
     want = _online(base, tuned, tdir, opts)
