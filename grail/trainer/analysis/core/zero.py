@@ -108,6 +108,12 @@ def unsupported(p: torch.Tensor) -> str | None:
     if getattr(p, "ds_zero_param_process_group", None) is not None:
         # forwards gather secondary partitions, which would not show a patch of the primary
         return "DeepSpeed ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1)"
+    _, size = _group_rank_size(p)
+    if dist.is_available() and dist.is_initialized() and size != dist.get_world_size():
+        # partitions replicated over several groups (MiCS, or model parallelism): every group
+        # would count its copy, and no global owner is known
+        return (f"DeepSpeed ZeRO-3 partitioned over {size} of {dist.get_world_size()} ranks "
+                "(MiCS or model parallelism)")
     return None
 
 

@@ -99,6 +99,21 @@ def test_nvme_offload_and_hierarchical_partitioning_are_refused():
     assert "hierarchical" in unsupported_engine(model)
 
 
+def test_partitions_over_a_subgroup_are_refused(monkeypatch):
+    """MiCS (or model parallelism): each partition exists once per group, not once."""
+    import torch.distributed as dist
+
+    p = zero3_param((4,), torch.zeros(2))
+    model = nn.Module()
+    model.w = p
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(zero, "_group_rank_size", lambda p: (0, 2))
+    assert "2 of 4 ranks" in unsupported_engine(model)
+    monkeypatch.setattr(zero, "_group_rank_size", lambda p: (0, 4))
+    assert unsupported_engine(model) is None
+
+
 @pytest.mark.parametrize(("offset", "numel"), [(0, 20), (7, 13), (13, 20), (33, 2), (40, 0)])
 def test_low_rank_truncation_of_a_flat_piece(offset, numel):
     """A ZeRO-3 partition of a 5 x 8 matrix starting mid-row: the patched values equal the
