@@ -65,8 +65,10 @@ are the keys of :mod:`~.principal` with :math:`W_{ref} = W_{base}` and
 :math:`\Delta W = \Delta_{tot}`. The base's top factors are decomposed once per base and kept
 (:class:`~grail.trainer.analysis.ops.principal.FactorCache` on ``snapshot_device``,
 :math:`k(m+n)+k` numbers per matrix; none with ``principal_cache_factors=False``); later
-measurements decompose only :math:`W_{now}`. The factors are found by a fingerprint of the base
-matrix, so they survive ``reset()`` (which may keep the base) and a new base simply misses them.
+measurements decompose only :math:`W_{now}`, once per measurement also when ``principal/*``
+runs (its :math:`W_{new}` is the same live weights; the factors are shared through the
+context). The base's factors are found by a fingerprint of the base matrix, so they survive
+``reset()`` (which may keep the base) and a new base simply misses them.
 No inputs are needed.
 
 Reading it: ``drift/kl_base_now`` growing while ``sparse/*`` stays small per window means many
@@ -330,7 +332,11 @@ class DriftMetrics(MetricComputer):
         if self.principal is not None:  # collective: every rank measures the same matrices
             out.update(
                 self.principal.measure(
-                    base_delta, model, cache=self.base_factors, prefix="drift/principal"
+                    base_delta,
+                    model,
+                    cache=self.base_factors,
+                    prefix="drift/principal",
+                    context=context,
                 )
             )
         if usable:

@@ -162,7 +162,7 @@ class PrincipalMetrics(MetricComputer):
         if delta is None or len(delta) == 0:
             return self.skip("no parameter delta")
         model = context.model if context is not None else None
-        return self.measure(delta, model, cache=self.cache)
+        return self.measure(delta, model, cache=self.cache, context=context)
 
     def measure(
         self,
@@ -170,6 +170,7 @@ class PrincipalMetrics(MetricComputer):
         model: nn.Module | None = None,
         cache: FactorCache | None = None,
         prefix: str = "principal",
+        context: AnalysisContext | None = None,
     ) -> dict[str, float]:
         """The keys for ``delta``, whose ``old`` side is the reference, under ``prefix``.
 
@@ -182,7 +183,14 @@ class PrincipalMetrics(MetricComputer):
         if not names:
             self.log_once("no 2-D matrices to analyse")
             return {f"{prefix}/num_matrices": 0.0}
-        geometries, skipped = principal_geometries(delta, names, self.ranks, self.factors, cache)
+        # W_new's factors are shared through the measurement's context: the drift view ends at
+        # the same live weights as the interval view, so each matrix is decomposed once
+        shared = None
+        if context is not None and delta.new.is_live:
+            shared = context.shared(self._updated_key(), dict)
+        geometries, skipped = principal_geometries(
+            delta, names, self.ranks, self.factors, cache, updated_by_name=shared
+        )
         if skipped:
             self.log_once(
                 f"matrices with a non-finite entry or an all-zero reference are left out (first "
@@ -199,6 +207,11 @@ class PrincipalMetrics(MetricComputer):
         )
         out[f"{prefix}/skipped_matrices"] = float(len(skipped))
         return out
+
+    def _updated_key(self) -> tuple[Any, ...]:
+        """The context key of the live weights' factors under this computer's settings."""
+        return ("principal/live_factors", tuple(self.ranks), self.exact_max_dim,
+                self.oversampling, self.power_iterations, self.seed, self.method)
 
     def factors(self, name: str, matrix: torch.Tensor) -> Factors:
         """Top ``max(ranks)`` factors of ``matrix`` (the seed depends on ``name`` only)."""

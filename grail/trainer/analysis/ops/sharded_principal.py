@@ -99,6 +99,7 @@ def _compute(
     ranks: Sequence[int],
     factors_of: FactorsFn,
     cache: FactorCache | None,
+    updated_by_name: dict[str, Factors] | None = None,
 ) -> Geometry | None:
     """On the computing rank: the geometry, or None for a matrix that is left out."""
     if not (bool(torch.isfinite(old).all()) and bool(torch.isfinite(new).all())):
@@ -116,7 +117,11 @@ def _compute(
         ref = factors_of(name, old)
     if not float(ref.s[0]) > 0:
         return None  # a zero reference has no principal directions
-    updated = factors_of(name, new)
+    updated = updated_by_name.get(name) if updated_by_name is not None else None
+    if updated is None:
+        updated = factors_of(name, new)
+        if updated_by_name is not None:
+            updated_by_name[name] = updated
     if cache is not None and cache.tracks == "next":
         cache.put(name, top, fingerprint(new), updated)
     delta = new.sub_(old)  # float32(W') - float32(W), in the assembled copy
@@ -129,6 +134,7 @@ def principal_geometries(
     ranks: Sequence[int],
     factors_of: FactorsFn,
     cache: FactorCache | None = None,
+    updated_by_name: dict[str, Factors] | None = None,
 ) -> tuple[dict[str, Geometry], list[str]]:
     """``(name -> geometry, names left out)``, equal on every rank (see module docstring).
 
@@ -140,6 +146,10 @@ def principal_geometries(
             ``min(max(ranks), m, n)`` triplets.
         cache: factors kept across calls (see :class:`FactorCache`); None decomposes both
             matrices every time.
+        updated_by_name: the updated matrices' factors by name, filled here and read first:
+            two calls within one measurement whose updated matrices are the same weights (the
+            interval and the drift view both end at ``W_now``) decompose each once. Only for
+            calls that see the same ``delta.new`` values and decompose with the same settings.
     """
     world, me = get_world_size(), get_rank()
     size = Geometry.vector_size(len(ranks))
@@ -157,7 +167,7 @@ def principal_geometries(
         if me == dst:
             assert old is not None and new is not None
             try:
-                geo = _compute(name, old, new, ranks, factors_of, cache)
+                geo = _compute(name, old, new, ranks, factors_of, cache, updated_by_name)
                 if geo is None:
                     head[0] = _SKIPPED
                 else:

@@ -87,7 +87,8 @@ def test_principal_geometry_of_the_whole_fine_tune_matches_float64_numpy():
 
 def test_the_base_is_decomposed_once_per_base(decompositions):
     """With a manager: the base's factors are computed at the first measurement and reused;
-    later measurements decompose W_now only (and the interval view its own W_new)."""
+    later measurements decompose W_now only, once for both views (the interval view's W_new is
+    the same live weights)."""
     calls = decompositions
     model = tiny_qwen2()
     cfg = AnalysisConfig(interval=1, drift_enabled=True, drift_keep_ratios=[],
@@ -109,6 +110,9 @@ def test_the_base_is_decomposed_once_per_base(decompositions):
         assert (set(mine) & base_keys) == (base_keys if step == 0 else set()), step
         now = {fingerprint(params[n].detach()) for n in names}
         assert set(mine) <= base_keys | now
+        # first: the interval's W_old and the drift view's base (two caches), W_now once;
+        # later: W_now once (both references come from the caches)
+        assert len(mine) == (3 if step == 0 else 1) * len(names), step
     assert len(drift.base_factors) == len(names)
     assert drift.base_factors.hits == 2 * len(names)  # measurements 2 and 3
     manager.reset()  # the automatic base is forgotten: the next one misses the kept factors
@@ -117,7 +121,7 @@ def test_the_base_is_decomposed_once_per_base(decompositions):
     _update(model, 20, 1e-3)
     start = len(calls)
     manager.on_optimizer_step(model)
-    assert len(calls) - start == 4 * len(names)  # both views decompose their reference again
+    assert len(calls) - start == 3 * len(names)  # both references again, W_now once
 
 
 def test_config_turns_the_views_on_with_their_families():
@@ -141,3 +145,19 @@ def test_without_inputs_attribution_is_absent_and_principal_present():
     m = _drift(model, base, prev, computer)
     assert not any(k.startswith("drift/attrib/") for k in m)
     assert np.isfinite(m["drift/principal/energy_in_top1"])
+
+
+def test_views_sharing_the_live_factors_report_what_each_computes_alone():
+    model, base, _, prev = _fine_tune()
+    live = ParameterSnapshot.live(model)
+    interval = prev.compute_delta(live)
+    computer = PrincipalMetrics(ranks=[1, 4], cache_factors=False)
+    drift = DriftMetrics(keep_ratios=[], principal=PrincipalMetrics(ranks=[1, 4]))
+    ctx = AnalysisContext(model=model, step=4, base=base)
+    together = {**computer.compute(interval, context=ctx),
+                **drift.compute(interval, old_snapshot=prev, current_snapshot=live, context=ctx)}
+    alone = computer.measure(interval, model)
+    alone.update(PrincipalMetrics(ranks=[1, 4]).measure(
+        base.compute_delta(live), model, prefix="drift/principal"))
+    assert {k: v for k, v in together.items() if "principal/" in k} == alone
+
