@@ -13,7 +13,10 @@ Cases:
   measurement (the snapshot advanced to the weights decomposed then); two deltas that swap
   W_old and W_new alternate, so every call hits and leaves the next call's reference behind;
 * **fixed base (drift view)**: a ``tracks="reference"`` cache holding the base's factors;
-* **no cache** (``principal_cache_factors=False``, the offline diff): both every time.
+* **no cache** (``principal_cache_factors=False``, the offline diff): both every time;
+* **live weights**: one measurement's interval view alone, and the interval and drift views
+  together, which share the factors of the live weights (each reference cached): the drift
+  view's own cost is the difference.
 
 ``--breakdown`` also times the parts of one steady-state call (decomposition of W_new,
 fingerprints, geometry and the assembly copies).
@@ -105,6 +108,27 @@ def main() -> None:
     def drift() -> None:
         drift_computer.measure(forward, model, cache=base_cache, prefix="drift/principal")
 
+    # both views of one measurement on the live weights (interval from `prev`, drift from the
+    # base `old`), each reference cached: W_now is decomposed once and shared through the context
+    prev = ParameterSnapshot(model, device=dev)  # the steady case's W_new: the interval's W_old
+    simulate_update(model, seed=2)
+    live = ParameterSnapshot.live(model)
+    interval_delta, base_delta = ParameterDelta(prev, live), ParameterDelta(old, live)
+    interval_cache = FactorCache("cpu", tracks="reference")
+    both_computer = PrincipalMetrics.from_config(cfg)
+    both_computer.measure(interval_delta, model, cache=interval_cache)
+    both_computer.measure(base_delta, model, cache=base_cache)
+
+    def interval_only() -> None:
+        both_computer.measure(interval_delta, model, cache=interval_cache,
+                              context=AnalysisContext(model=model, step=2))
+
+    def both_views() -> None:
+        ctx = AnalysisContext(model=model, step=2)
+        both_computer.measure(interval_delta, model, cache=interval_cache, context=ctx)
+        both_computer.measure(base_delta, model, cache=base_cache, prefix="drift/principal",
+                              context=ctx)
+
     uncached = PrincipalMetrics.from_config(dataclasses.replace(cfg, principal_cache_factors=False))
 
     def no_cache() -> None:
@@ -115,6 +139,8 @@ def main() -> None:
         "principal, interval view, steady state (cache hit)": steady,
         "principal, fixed base / drift view (base cached)": drift,
         "principal, no cache (offline diff)": no_cache,
+        "live weights: interval view alone (reference cached)": interval_only,
+        "live weights: interval + drift views, W_now shared": both_views,
     }
     rows = []
     t_ref = None
