@@ -10,13 +10,12 @@ the one rounding rule of a delta: the exact difference, rounded once to float32.
 Example:
     >>> import torch
     >>> from grail.trainer.analysis.core.snapshot import ParameterSnapshot
-    >>> model = torch.nn.Linear(2, 1, bias=False)
-    >>> old = ParameterSnapshot(model)
-    >>> with torch.no_grad():
-    ...     model.weight[0, 1] += 0.25
-    >>> delta = old.compute_delta(ParameterSnapshot.live(model))
-    >>> [c.delta.tolist() for c in delta.stream()]
-    [[0.0, 0.25]]
+    >>> weights = torch.nn.ParameterDict({"w": torch.zeros(2)})
+    >>> before = ParameterSnapshot(weights)
+    >>> weights["w"].data[1] = 0.25  # an update
+    >>> delta = before.compute_delta(ParameterSnapshot.live(weights))
+    >>> [(c.name, c.delta.tolist()) for c in delta.stream()]
+    [('w', [0.0, 0.25])]
 """
 
 from __future__ import annotations
