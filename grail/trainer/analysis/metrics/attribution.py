@@ -305,7 +305,7 @@ def attribution_metrics(
             "(AnalysisConfig.attribution_max_groups); each measurement measures the "
             f"{max_groups} largest by update_share and reports NaN KLs for the others")
     measured = [g for g in groups if g in chosen]
-    comparisons = Comparisons(reference)
+    comparisons = Comparisons(reference, kl_only=True)  # every key here is a KL
     with TensorExchange(model, delta, rebind=rebind) as exchange:
         exchange.toggle(delta.names)  # W_old everywhere
         comparisons.add("total", forward())

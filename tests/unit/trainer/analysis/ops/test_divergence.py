@@ -357,3 +357,44 @@ def test_row_kernels_compile_once_per_side_of_the_wide_row_limit(_both_paths):
     ):
         assert len(_debug_get_cache_entry_list(fn.__code__)) <= len(kernel._signatures)
         assert {key[-1] for key in kernel._signatures} == {False, True}  # both sides compiled
+
+
+# --- KL only (attribution reads nothing else) ----------------------------------------------
+def _kl_only_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    plain = _pair(12, 9, 0.7, seed=31)
+    spread = _pair(6, 50, 0.1, seed=32)
+    spread[0][:, 3], spread[1][:, 3] = -150.0, 0.0  # the exact path
+    broken = _pair(12, 9, 0.7, seed=33)
+    broken[0][1, 3] = float("nan")
+    broken[1][4, 1] = float("inf")
+    broken[1][11, :] = float("nan")
+    huge = _pair(4, 8, 0.5, seed=34)
+    huge[0][1, 2] = huge[1][1, 2] = 3e38  # row sums overflow; the rows are finite
+    tiny = _pair(5, 30000, 1e-4, seed=35)  # several row blocks
+    return [plain, spread, broken, huge, tiny]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_kl_sums_equal_the_full_comparison_bit_for_bit(case):
+    """Bit for bit with the eager comparison; with the compiled one (the fixture's other path)
+    to its float32 rounding."""
+    a, b = _kl_only_cases()[case]
+    eager = LogitsReference(a, False)
+    full, kl_only = eager.compare_sums(b), eager.kl_sums(b)
+    assert kl_only[0] == full[0] and kl_only[4:] == full[4:]  # KL sum, rows, non-finite rows
+    assert all(math.isnan(x) for x in kl_only[1:4])
+    ref = LogitsReference(a)  # compiled under the fused fixture
+    full, kl_only = ref.compare_sums(b), ref.kl_sums(b)
+    assert kl_only[0] == pytest.approx(full[0], rel=1e-3) and kl_only[4:] == full[4:]
+    if case == 0:  # and the KL is the float64 reference's
+        assert kl_only[0] / kl_only[4] == pytest.approx(_reference(a, b)["kl"], rel=1e-5)
+
+
+def test_comparisons_in_kl_only_mode_report_kl_and_nonfinite_rows():
+    a, b = _kl_only_cases()[2]
+    c = divergence.Comparisons(LogitsReference(a), kl_only=True)
+    c.add("x", b)
+    got, want = c.results()["x"], LogitsReference(a, False).compare(b)
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-6)
+    assert got["nonfinite_rows"] == want["nonfinite_rows"]
+    assert math.isnan(got["cosine"]) and math.isnan(got["top1_agree"])
