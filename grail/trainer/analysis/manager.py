@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -84,9 +83,10 @@ from .core.distributed import agree, is_distributed, reshard, unsupported_engine
 from .core.logonce import LogOnce
 from .core.snapshot import ParameterSnapshot
 from .manager_base import ManagerBase, spec_changes
+from .manager_runs import ManagerRuns
 from .manager_state import ManagerState
 from .manager_votes import layout_hash, spec_hash, vote_results, vote_step
-from .metrics.base import AnalysisContext, MetricComputer, MetricResult
+from .metrics.base import AnalysisContext, MetricComputer
 
 __all__ = ["ModelAnalysisManager", "measurement_steps"]
 
@@ -111,7 +111,7 @@ def _attention_mask(inputs: Any) -> torch.Tensor | None:
     return None
 
 
-class ModelAnalysisManager(ManagerBase, ManagerState):
+class ModelAnalysisManager(ManagerBase, ManagerState, ManagerRuns):
     """Runs metric computers over parameter deltas every ``config.interval`` optimizer steps.
 
     Args:
@@ -355,93 +355,6 @@ class ModelAnalysisManager(ManagerBase, ManagerState):
         self.last_metrics = metrics
         return metrics
 
-    def _waiting(self, computer: MetricComputer, context: AnalysisContext) -> str | None:
-        """Why ``computer`` cannot run on this rank (None: it can)."""
-        try:
-            if computer.requires_inputs() and context.inputs is None:
-                return "no inputs passed"
-            if computer.requires_model() and context.model is None:
-                return "no model passed"
-            if computer.requires_optimizer() and context.optimizer is None:
-                return "no optimizer passed to on_optimizer_step"
-        except Exception as err:
-            self._report(computer.name, err)
-            return "it failed to say what it requires"
-        return None
-
-    def _merge(
-        self, results: list[dict[str, float] | None], histograms: list[dict[str, Any]]
-    ) -> tuple[dict[str, float], dict[str, str]]:
-        """Every kept result in computer order (the first value of a key stands) and, per key,
-        the name of the computer it came from; sets :attr:`last_histograms` from the same
-        computers."""
-        metrics: dict[str, float] = {}
-        origin: dict[str, str] = {}
-        merged_histograms: dict[str, Any] = {}
-        for computer, result, hist in zip(self.computers, results, histograms, strict=True):
-            if result is None:
-                continue
-            for key, value in result.items():
-                self._add(metrics, origin, key, value, computer.name)
-            merged_histograms.update(hist)
-        self.last_histograms = merged_histograms
-        return metrics, origin
-
-    def _add(
-        self,
-        metrics: dict[str, float],
-        origin: dict[str, str],
-        key: str,
-        value: float,
-        source: str,
-    ) -> None:
-        """``metrics[key] = value`` unless another computer set it first (one warning)."""
-        if key in metrics:
-            first = origin[key]
-            self._warn_once(
-                ("collision", first, source),
-                "computers %r and %r both return %r (and maybe more keys); the first value "
-                "stands",
-                first,
-                source,
-                key,
-            )
-            return
-        origin[key] = source
-        metrics[key] = value
-
-    def _run(
-        self,
-        computer: MetricComputer,
-        delta: Any,
-        live: ParameterSnapshot,
-        context: AnalysisContext,
-        model: nn.Module,
-    ) -> MetricResult | None:
-        """One computer's keys (as floats) and histograms, or None when it raised (logged)."""
-        modes = [(m, m.training) for m in model.modules()]
-        result: MetricResult | None = None
-        start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                raw = MetricResult.of(
-                    computer.compute(
-                        delta=delta,
-                        old_snapshot=self.old_snapshot,
-                        current_snapshot=live,
-                        context=context,
-                    )
-                )
-            metrics = {str(k): float(v) for k, v in raw.metrics.items()}
-            result = MetricResult(metrics, dict(raw.histograms))
-        except Exception as err:
-            self._report(computer.name, err)
-        finally:
-            for module, mode in modes:
-                module.training = mode
-        logger.debug("%s took %.3fs", computer.name, time.perf_counter() - start)
-        return result
-
     def _explain_rebaseline(self, changed: str, ranks_differ: bool) -> None:
         if ranks_differ:
             self._warn_once(
@@ -458,23 +371,6 @@ class ModelAnalysisManager(ManagerBase, ManagerState):
         elif self.old_snapshot is not None:
             logger.info("another rank re-baselines (no snapshot or changed parameters there); "
                         "so does this one")
-
-    def _report(self, name: str, err: BaseException) -> None:
-        """A computer (or the manager itself) raised: one warning per name and error type."""
-        kind = type(err).__name__
-        self._once.warning(
-            ("failed", name, kind),
-            "analysis computer %r failed with %s: %s (skipped; further %s errors from it are "
-            "not logged)",
-            name,
-            kind,
-            err,
-            kind,
-        )
-        logger.debug("traceback of %r", name, exc_info=err)
-
-    def _warn_once(self, key: tuple[str, ...], message: str, *args: Any) -> None:
-        self._once.warning(("warn", *key), message, *args)
 
     def _new_snapshot(self, model: nn.Module) -> ParameterSnapshot:
         cfg = self.config

@@ -1,0 +1,147 @@
+"""Running the computers of a measurement: fail-safe, one at a time, results merged in order.
+
+The methods live on :class:`ManagerRuns`, a base class of
+:class:`~grail.trainer.analysis.manager.ModelAnalysisManager`. A computer that raises is
+reported once per computer and error type (a warning naming it; the traceback at debug level)
+and skipped; every module's ``training`` flag is restored after each computer, whatever it did;
+two computers returning the same key keep the first value, with one warning naming both.
+
+Example:
+    >>> from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+    >>> manager = ModelAnalysisManager(AnalysisConfig())
+    >>> metrics, origin = {}, {}
+    >>> manager._add(metrics, origin, "a/x", 1.0, "first")
+    >>> manager._add(metrics, origin, "a/x", 2.0, "second")  # the first value stands
+    >>> metrics, origin
+    ({'a/x': 1.0}, {'a/x': 'first'})
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core.logonce import LogOnce
+from .core.snapshot import ParameterSnapshot
+from .metrics.base import AnalysisContext, MetricComputer, MetricResult
+
+__all__ = ["ManagerRuns"]
+
+logger = logging.getLogger("grail.trainer.analysis.manager")
+
+
+class ManagerRuns:
+    """Run each computer fail-safely and merge what they return (see module docstring)."""
+
+    computers: list[MetricComputer]
+    old_snapshot: ParameterSnapshot | None
+    last_histograms: dict[str, Any]
+    _once: LogOnce
+
+    def _waiting(self, computer: MetricComputer, context: AnalysisContext) -> str | None:
+        """Why ``computer`` cannot run on this rank (None: it can)."""
+        try:
+            if computer.requires_inputs() and context.inputs is None:
+                return "no inputs passed"
+            if computer.requires_model() and context.model is None:
+                return "no model passed"
+            if computer.requires_optimizer() and context.optimizer is None:
+                return "no optimizer passed to on_optimizer_step"
+        except Exception as err:
+            self._report(computer.name, err)
+            return "it failed to say what it requires"
+        return None
+
+    def _merge(
+        self, results: list[dict[str, float] | None], histograms: list[dict[str, Any]]
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        """Every kept result in computer order (the first value of a key stands) and, per key,
+        the name of the computer it came from; sets :attr:`last_histograms` from the same
+        computers."""
+        metrics: dict[str, float] = {}
+        origin: dict[str, str] = {}
+        merged_histograms: dict[str, Any] = {}
+        for computer, result, hist in zip(self.computers, results, histograms, strict=True):
+            if result is None:
+                continue
+            for key, value in result.items():
+                self._add(metrics, origin, key, value, computer.name)
+            merged_histograms.update(hist)
+        self.last_histograms = merged_histograms
+        return metrics, origin
+
+    def _add(
+        self,
+        metrics: dict[str, float],
+        origin: dict[str, str],
+        key: str,
+        value: float,
+        source: str,
+    ) -> None:
+        """``metrics[key] = value`` unless another computer set it first (one warning)."""
+        if key in metrics:
+            first = origin[key]
+            self._warn_once(
+                ("collision", first, source),
+                "computers %r and %r both return %r (and maybe more keys); the first value "
+                "stands",
+                first,
+                source,
+                key,
+            )
+            return
+        origin[key] = source
+        metrics[key] = value
+
+    def _run(
+        self,
+        computer: MetricComputer,
+        delta: Any,
+        live: ParameterSnapshot,
+        context: AnalysisContext,
+        model: nn.Module,
+    ) -> MetricResult | None:
+        """One computer's keys (as floats) and histograms, or None when it raised (logged)."""
+        modes = [(m, m.training) for m in model.modules()]
+        result: MetricResult | None = None
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                raw = MetricResult.of(
+                    computer.compute(
+                        delta=delta,
+                        old_snapshot=self.old_snapshot,
+                        current_snapshot=live,
+                        context=context,
+                    )
+                )
+            metrics = {str(k): float(v) for k, v in raw.metrics.items()}
+            result = MetricResult(metrics, dict(raw.histograms))
+        except Exception as err:
+            self._report(computer.name, err)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        logger.debug("%s took %.3fs", computer.name, time.perf_counter() - start)
+        return result
+
+    def _report(self, name: str, err: BaseException) -> None:
+        """A computer (or the manager itself) raised: one warning per name and error type."""
+        kind = type(err).__name__
+        self._once.warning(
+            ("failed", name, kind),
+            "analysis computer %r failed with %s: %s (skipped; further %s errors from it are "
+            "not logged)",
+            name,
+            kind,
+            err,
+            kind,
+        )
+        logger.debug("traceback of %r", name, exc_info=err)
+
+    def _warn_once(self, key: tuple[str, ...], message: str, *args: Any) -> None:
+        self._once.warning(("warn", *key), message, *args)
