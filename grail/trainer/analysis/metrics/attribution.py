@@ -127,7 +127,8 @@ class AttributionMetrics(MetricComputer):
         component_map: renames derived components into coarser groups.
         max_tokens: token positions compared (sparse quality's cap, so the reference is shared).
         output_fn: picks the logits from the model output.
-        fused: compiled logit comparisons where the kernels pay off.
+        fused: the compiled reference rows: True, False or "auto" (the compile policy,
+            :mod:`~grail.trainer.analysis.kernels.policy`, family ``rows``).
         skip_unchanged: exact values without forwards for groups with a zero update.
         rebind: whole-tensor exchange by rebinding storage where possible (see
             :class:`~grail.trainer.analysis.patching.exchange.TensorExchange`).
@@ -142,7 +143,7 @@ class AttributionMetrics(MetricComputer):
         component_map: Mapping[str, str] | None = None,
         max_tokens: int = 4096,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
-        fused: bool = True,
+        fused: bool | str = True,
         skip_unchanged: bool = True,
         rebind: bool = True,
     ) -> None:
@@ -196,7 +197,8 @@ class AttributionMetrics(MetricComputer):
         prepared = agree_across_ranks(prepare_inputs(model, context.inputs, self.max_tokens))
         if isinstance(prepared, str):
             return self.skip(prepared)
-        fused = self.fused and kernels.worth_it(delta.numel())
+        # the compile policy decides, as for the other forward-pass families ("rows")
+        fused = kernels.use("rows", delta.numel(), self.fused, context.step)
 
         def forward() -> torch.Tensor:
             return run_forward(model, prepared, self.output_fn)

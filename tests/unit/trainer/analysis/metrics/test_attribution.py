@@ -417,3 +417,20 @@ def test_memory_is_logits_not_a_copy_of_any_weight():
     assert r["largest"] == 32000 * 256 * 4  # embedding and head: 4 logits tensors each
     for path in ("rebind", "values"):
         assert r[path] <= 4 * r["logits"] + 4 * 2**20, (path, r)
+
+
+@pytest.mark.parametrize(("mode", "compiled"), [(True, True), ("auto", False), (False, False)])
+def test_the_compile_policy_decides_whether_the_reference_rows_are_compiled(
+    mode, compiled, monkeypatch
+):
+    """Like every family: ``True`` compiles at once, ``"auto"`` starts eager (its first
+    measurements only time the work), ``False`` never compiles."""
+    from grail.trainer.analysis import kernels
+
+    calls = []
+    real = kernels.reference_rows
+    monkeypatch.setattr(kernels, "reference_rows", lambda *a: calls.append(1) or real(*a))
+    model, snap, _, ctx = _setup()
+    with kernels.settings.override(min_total_numel=0):
+        _compute(model, snap, ctx, fused=mode)
+    assert bool(calls) == compiled
