@@ -17,6 +17,7 @@ from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.registry import build_computers
 from tests.conftest import tiny_qwen2
 
+from ..memory_probe import run_probe
 from ..reference import assert_same_state, state
 
 O_PROJ_1 = "model.layers.1.self_attn.o_proj.weight"
@@ -350,36 +351,9 @@ def test_component_map_merges_groups():
 
 
 MEMORY_SCRIPT = """
-import json, os, threading, time, torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.metrics.attribution import AttributionMetrics
 from grail.trainer.analysis.metrics.base import AnalysisContext
-
-torch.manual_seed(0)
-torch.set_num_threads(1)
-cfg = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=4, vocab_size=32000,
-                  tie_word_embeddings=False)
-model = Qwen2ForCausalLM(cfg).eval()
-ids = torch.randint(0, 32000, (2, 32))
-page = os.sysconf("SC_PAGE_SIZE")
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-
-def measure(fn):
-    peak, stop = [rss()], threading.Event()
-    base = peak[0]
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.0002)
-    t = threading.Thread(target=sample); t.start()
-    fn()
-    stop.set(); t.join()
-    return max(peak[0], rss()) - base
 
 snap = ParameterSnapshot(model)
 with torch.no_grad():
@@ -404,16 +378,7 @@ def test_memory_is_logits_not_a_copy_of_any_weight():
     """No weight is copied: the reference's logits and probabilities, one variant's logits and
     the comparison buffers (~3.4 logits tensors here), plus one chunk buffer for the value
     exchange; a copy of the embedding alone would add four logits tensors."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_probe(MEMORY_SCRIPT)
     assert r["largest"] == 32000 * 256 * 4  # embedding and head: 4 logits tensors each
     for path in ("rebind", "values"):
         assert r[path] <= 4 * r["logits"] + 4 * 2**20, (path, r)
