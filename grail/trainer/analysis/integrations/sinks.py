@@ -55,13 +55,15 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from ..core.logonce import LogOnce
 
-__all__ = ["JsonlSink", "MetricSink", "WandbSink", "finite_values", "read_jsonl"]
+__all__ = ["ClosingSink", "JsonlSink", "MetricSink", "WandbSink", "finite_values", "read_jsonl"]
+
+_S = TypeVar("_S", bound="ClosingSink")
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +135,20 @@ def _json_value(value: Any, warn: LogOnce, key: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
-class JsonlSink:
+class ClosingSink:
+    """``with sink:`` closes the sink on exit (for sinks that hold a file or a writer)."""
+
+    def close(self) -> None:  # the sink's own
+        raise NotImplementedError
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class JsonlSink(ClosingSink):
     """Append one JSON line per measurement to ``path`` (see module docstring).
 
     Args:
@@ -196,12 +211,6 @@ class JsonlSink:
             except OSError as err:
                 self._warn.warning("close", "JsonlSink could not close %s: %s", self.path, err)
             self._file = None
-
-    def __enter__(self) -> JsonlSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"JsonlSink({self.path!r})"

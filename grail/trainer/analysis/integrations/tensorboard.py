@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..core.logonce import LogOnce
-from .sinks import FAILURE_SUFFIX, finite_values
+from .sinks import FAILURE_SUFFIX, ClosingSink, finite_values
 
 __all__ = ["TensorBoardSink"]
 
@@ -53,7 +53,7 @@ def _summary_writer_class() -> Any:
     return SummaryWriter
 
 
-class TensorBoardSink:
+class TensorBoardSink(ClosingSink):
     """Write metrics and histograms to a TensorBoard event file (see module docstring).
 
     Args:
@@ -124,12 +124,6 @@ class TensorBoardSink:
                 self._warn.warning("close", "TensorBoardSink could not close %s: %r",
                                    self.log_dir, err)
             self.writer = None
-
-    def __enter__(self) -> TensorBoardSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"TensorBoardSink({self.log_dir!r}, prefix={self.prefix!r})"
