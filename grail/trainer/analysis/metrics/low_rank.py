@@ -152,6 +152,26 @@ def low_rank_targets(
     return [n for n in names if n not in skip]
 
 
+def spectrum_options(config: AnalysisConfig) -> dict[str, Any]:
+    """The decomposition settings both spectral families (``lowrank/*``, ``principal/*``) take
+    from ``config``: which matrices, exact or randomized, the seed and the component names."""
+    return {
+        "include_embeddings": config.low_rank_include_embeddings,
+        "exact_max_dim": config.low_rank_exact_max_dim,
+        "oversampling": config.low_rank_oversampling,
+        "power_iterations": config.low_rank_power_iterations,
+        "component_map": config.component_map,
+        "seed": config.sparse_quality_seed,
+    }
+
+
+def check_method(method: str) -> str:
+    """``method`` if it names a decomposition (``"gram"`` or ``"svd"``), else ValueError."""
+    if method not in ("gram", "svd"):
+        raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
+    return method
+
+
 class LowRankMetrics(MetricComputer):
     """Spectrum of every matrix update and output quality at rank r (see module docstring)."""
 
@@ -176,8 +196,6 @@ class LowRankMetrics(MetricComputer):
         self.ranks = sorted(int(r) for r in ranks)
         if not self.ranks or self.ranks[0] < 1:
             raise ValueError(f"ranks must be a non-empty list of integers >= 1, got {ranks!r}")
-        if method not in ("gram", "svd"):
-            raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
         self.include_embeddings = include_embeddings
         self.exact_max_dim = exact_max_dim
         self.oversampling = oversampling
@@ -188,7 +206,7 @@ class LowRankMetrics(MetricComputer):
         self.seed = seed
         self.max_tokens = max_tokens
         self.output_fn = output_fn
-        self.method = method
+        self.method = check_method(method)
         self.fused = fused
 
     @classmethod
@@ -197,15 +215,10 @@ class LowRankMetrics(MetricComputer):
     ) -> LowRankMetrics:
         return cls(
             ranks=config.low_rank_ranks,
-            include_embeddings=config.low_rank_include_embeddings,
-            exact_max_dim=config.low_rank_exact_max_dim,
-            oversampling=config.low_rank_oversampling,
-            power_iterations=config.low_rank_power_iterations,
             quality=config.low_rank_quality_enabled,
             track_components=config.low_rank_track_components,
-            component_map=config.component_map,
-            seed=config.sparse_quality_seed,
             max_tokens=config.sparse_quality_max_tokens,
+            **spectrum_options(config),
             output_fn=output_fn,
             fused=config.fused_kernels,
         )

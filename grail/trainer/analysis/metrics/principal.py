@@ -94,7 +94,7 @@ from ..ops.masks import mix_seed
 from ..ops.principal import FactorCache, Factors, aggregate_principal, top_factors
 from ..ops.sharded_principal import principal_geometries
 from .base import AnalysisContext, MetricComputer
-from .low_rank import low_rank_targets
+from .low_rank import check_method, low_rank_targets, spectrum_options
 
 __all__ = ["PrincipalMetrics"]
 
@@ -123,8 +123,6 @@ class PrincipalMetrics(MetricComputer):
         self.ranks = sorted({int(r) for r in ranks})
         if not self.ranks or self.ranks[0] < 1:
             raise ValueError(f"ranks must be a non-empty list of integers >= 1, got {ranks!r}")
-        if method not in ("gram", "svd"):
-            raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
         self.include_embeddings = include_embeddings
         self.exact_max_dim = exact_max_dim
         self.oversampling = oversampling
@@ -132,7 +130,7 @@ class PrincipalMetrics(MetricComputer):
         self.track_components = track_components
         self.component_map = dict(component_map or {})
         self.seed = seed
-        self.method = method
+        self.method = check_method(method)
         self.cache_device = torch.device(cache_device)
         self.cache = FactorCache(cache_device, tracks="next") if cache_factors else None
 
@@ -142,15 +140,10 @@ class PrincipalMetrics(MetricComputer):
     ) -> PrincipalMetrics:
         return cls(
             ranks=config.principal_ranks,
-            include_embeddings=config.low_rank_include_embeddings,
-            exact_max_dim=config.low_rank_exact_max_dim,
-            oversampling=config.low_rank_oversampling,
-            power_iterations=config.low_rank_power_iterations,
             track_components=config.principal_track_components,
-            component_map=config.component_map,
-            seed=config.sparse_quality_seed,
             cache_device=config.snapshot_device,
             cache_factors=config.principal_cache_factors,
+            **spectrum_options(config),
         )
 
     def compute(
