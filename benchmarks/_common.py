@@ -72,6 +72,22 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_batch_args(parser: argparse.ArgumentParser, repeat: int = 5) -> argparse.ArgumentParser:
+    """The probe batch (4 x 128 by default) and the number of timed pairs."""
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=repeat, help="timed pairs (median ratio)")
+    return parser
+
+
+def print_dtype_rows(run: Callable[[torch.dtype, argparse.Namespace], dict[str, Any]],
+                     args: argparse.Namespace) -> None:
+    """``run`` once per ``--dtypes`` entry, then the machine line and one table."""
+    rows = [run(getattr(torch, d), args) for d in args.dtypes.split(",")]
+    print(f"device: {args.device}  threads: {torch.get_num_threads()}")
+    print(table(rows))
+
+
 def model_from_args(args: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
     return qwen2(
         args.hidden,

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    add_batch_args,
     add_model_args,
     model_bytes,
     model_from_args,
@@ -84,11 +85,9 @@ def run(dtype: torch.dtype, rebind: bool, args: argparse.Namespace) -> dict[str,
 def main() -> None:
     parser = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.set_defaults(dtypes="float32")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    add_batch_args(parser, repeat=3)
     parser.add_argument("--groups", default="component", help="component,layer or both")
     parser.add_argument("--exchange", default="rebind,values", help="rebind, values or both")
-    parser.add_argument("--repeat", type=int, default=3, help="timed pairs (median ratio)")
     args = parser.parse_args()
     print(f"device: {args.device}  threads: {torch.get_num_threads()}", flush=True)
     rows = []

@@ -30,8 +30,8 @@ from _common import (
     model_from_args,
     paired,
     peak_memory,
+    print_dtype_rows,
     simulate_update,
-    table,
 )
 
 from grail.trainer.analysis.core.snapshot import ParameterSnapshot
@@ -91,10 +91,7 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
 def main() -> None:
     parser = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
-    rows = [run(getattr(torch, d), args) for d in args.dtypes.split(",")]
-    print(f"device: {args.device}  threads: {torch.get_num_threads()}")
-    print(table(rows))
+    print_dtype_rows(run, parser.parse_args())
 
 
 if __name__ == "__main__":

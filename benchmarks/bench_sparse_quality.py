@@ -21,13 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    add_batch_args,
     add_model_args,
     model_bytes,
     model_from_args,
     paired,
     peak_memory,
+    print_dtype_rows,
     simulate_update,
-    table,
 )
 
 from grail.trainer.analysis.core.snapshot import ParameterSnapshot
@@ -77,13 +78,7 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
 
 def main() -> None:
     parser = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=5, help="timed pairs (median ratio)")
-    args = parser.parse_args()
-    rows = [run(getattr(torch, d), args) for d in args.dtypes.split(",")]
-    print(f"device: {args.device}  threads: {torch.get_num_threads()}")
-    print(table(rows))
+    print_dtype_rows(run, add_batch_args(parser).parse_args())
 
 
 if __name__ == "__main__":
