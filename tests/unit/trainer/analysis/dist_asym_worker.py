@@ -22,7 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.unit.trainer.analysis.ranks import leave_group
+from tests.unit.trainer.analysis.ranks import leave_group, parallelize
 
 VOCAB = 64
 
@@ -96,15 +96,7 @@ def main() -> None:
 
     def build() -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
         model = tiny_qwen2(vocab=VOCAB, hidden=16, layers=2)  # the same weights on both ranks
-        train = model
-        if args.mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-        else:
-            train = nn.parallel.DistributedDataParallel(model)
+        train = parallelize(model, args.mode)  # "ddp" or "fsdp"
         return model, train, torch.optim.AdamW(train.parameters(), lr=1e-2)
 
     def train_step(train: nn.Module, opt: torch.optim.Optimizer, step: int) -> dict:

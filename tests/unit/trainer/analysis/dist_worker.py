@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 from pathlib import Path
 
-from tests.unit.trainer.analysis.ranks import leave_group
+from tests.unit.trainer.analysis.ranks import join_group, leave_group, parallelize
 
 
 def config_dict(low_rank: bool, drift: bool = False) -> dict:
@@ -182,31 +181,17 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import torch.distributed as dist
 
     from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
     from tests.conftest import tiny_qwen2
 
-    torch.set_num_threads(1)
-    if args.world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-        dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
+    join_group(args.rank, args.world, args.port)
     if args.budget_ties:
         Path(args.out).write_text(json.dumps(budget_ties(args.mode)))
         leave_group(args.world)
     model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
     start = {n: p.detach().clone() for n, p in model.named_parameters()}  # full tensors
-    train_model = model
-    if args.mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif args.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model)
+    train_model = parallelize(model, args.mode)
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-2, foreach=False)
     config = (attribution_config_dict() if args.attribution
               else config_dict(args.low_rank, args.drift))

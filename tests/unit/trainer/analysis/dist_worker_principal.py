@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from tests.unit.trainer.analysis.ranks import leave_group
+from tests.unit.trainer.analysis.ranks import join_group, leave_group, parallelize
 
 CONFIG = {
     "interval": 2,
@@ -41,7 +40,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import torch.distributed as dist
 
     from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
     from grail.trainer.analysis.core.distributed import reshard
@@ -49,22 +47,9 @@ def main() -> None:
     from grail.trainer.analysis.ops.principal import FactorCache
     from tests.conftest import tiny_qwen2
 
-    torch.set_num_threads(1)
-    if args.world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-        dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
+    join_group(args.rank, args.world, args.port)
     model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
-    train_model = model
-    if args.mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif args.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model)
+    train_model = parallelize(model, args.mode)
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-2, foreach=False)
     manager = ModelAnalysisManager.create(AnalysisConfig.from_dict(CONFIG))
     (computer,) = manager.computers

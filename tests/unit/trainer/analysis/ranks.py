@@ -10,8 +10,36 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[4]
+
+
+def join_group(rank: int, world: int, port: int) -> None:
+    """Start a worker rank: one thread, and a gloo group on ``port`` when ``world > 1``."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def parallelize(model: nn.Module, mode: str) -> nn.Module:
+    """The module to train: ``model`` sharded in place with FSDP2 (each decoder layer, then the
+    root) for ``"fsdp"``, wrapped in DDP for ``"ddp"``, itself otherwise."""
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    return model
 
 
 def leave_group(world: int) -> None:

@@ -464,26 +464,14 @@ def test_from_config() -> None:
 def _dist_worker(mode: str, rank: int, world: int, port: int, out: str) -> None:
     """One rank: three AdamW steps on a tiny Qwen2, then both computers with histograms."""
     import json
-    import os
-
-    import torch.distributed as dist
 
     from grail.trainer.analysis.metrics.gradient import GradientSparsityMetrics
 
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
-    train = model
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+    from ..ranks import join_group, parallelize
 
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif mode == "ddp":
-        train = torch.nn.parallel.DistributedDataParallel(model)
+    join_group(rank, world, port)
+    model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
+    train = parallelize(model, mode)
     opt = torch.optim.AdamW(train.parameters(), lr=1e-2, foreach=False)
     for step in range(3):
         opt.zero_grad()
