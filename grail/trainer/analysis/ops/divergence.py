@@ -89,14 +89,8 @@ class LogitsReference:
             return self._compare_sums(other)
 
     def _compare_sums(self, other: torch.Tensor) -> list[float]:
-        other = _rows(other.to(self.logits.device))
-        if other.shape != self.logits.shape:
-            raise ValueError(
-                f"logits shapes differ: {tuple(self.logits.shape)} vs {tuple(other.shape)}"
-            )
-        rows = None
-        if self.fused:
-            rows = kernels.compare_rows(self.logits, other, self.probs, self.mass)
+        other = self._other(other)
+        rows = self._fused_rows(other) if self.fused else None
         if rows is None:
             kl, dots, sq, norm_a, norm_b, min_diff, top1 = self._compare_eager(other)
             return self._sums(other, kl, dots, sq, norm_a, norm_b, min_diff, top1)
@@ -105,28 +99,24 @@ class LogitsReference:
         norms = rows["norm_a"], rows["norm_b"]
         return self._sums(other, kl, rows["dots"], rows["sq"], *norms, rows["min_diff"], top1)
 
-    def kl_sums(self, other: torch.Tensor) -> list[float]:
-        """:meth:`compare_sums` for a caller that reads only the KL: the same KL sum, rows and
-        non-finite rows (bit for bit with the eager comparison), NaN for the cosine,
-        squared-error and top-1 sums. About
+    def kl_sums(self, other: torch.Tensor, top1: bool = False) -> list[float]:
+        """:meth:`compare_sums` for a caller that reads only the KL (and, with ``top1``, the
+        top-1 agreement): the same KL sum, rows and non-finite rows (bit for bit with the eager
+        comparison; the agreements exactly), NaN for the other sums. About
         0.6x the work of a full comparison (no dot products, norms or argmax), always on the
         eager path (the compiled comparison computes every sum in one pass and is no faster
         than this on a CPU; so this work is not timed for the compile policy either). Under a
         compiled reference the KL then differs from :meth:`compare_sums`' in the last float32
         digits of the eager path (relative ~1e-7; ~1e-4 for a KL below 1e-7).
         """
-        other = _rows(other.to(self.logits.device))
-        if other.shape != self.logits.shape:
-            raise ValueError(
-                f"logits shapes differ: {tuple(self.logits.shape)} vs {tuple(other.shape)}"
-            )
+        other = self._other(other)
         n, v = other.shape
         kl = torch.empty(n, dtype=torch.float64, device=other.device)
         row_sums = torch.empty(n, dtype=torch.float32, device=other.device)
         min_diff = torch.empty(n, dtype=torch.float32, device=other.device)
         diff_buf, prod = _scratch(n, v, 2, other.device)
         for s, e in _blocks(n, v):
-            b = other[s:e]
+            b = other[s:e].float()
             diff = torch.sub(self.logits[s:e], b, out=diff_buf[: (e - s) * v].view(e - s, v))
             row_sums[s:e] = b.sum(dim=-1)  # finite exactly when the row is (or it overflowed)
             kl[s:e], min_diff[s:e] = self._block_kl(s, e, diff, prod)
@@ -135,8 +125,39 @@ class LogitsReference:
         zero = torch.zeros((), dtype=torch.float64, device=other.device)
         good = int(ok.sum())
         nan = math.nan
-        return [float(torch.where(ok, kl, zero).sum()), nan, nan, nan, float(good),
+        agree = float((ok & (first_argmax(other) == self.top1)).sum()) if top1 else nan
+        return [float(torch.where(ok, kl, zero).sum()), nan, nan, agree, float(good),
                 float(n - good)]
+
+    def _other(self, other: torch.Tensor) -> torch.Tensor:
+        """``other`` as compared: on the reference's device, unit stride along the classes, in
+        its own dtype if float32, bfloat16 or float16 (upcast a block of rows at a time: exact,
+        and no whole float32 copy), else float32."""
+        other = _rows(other.to(self.logits.device), keep_half=True)
+        if other.shape != self.logits.shape:
+            raise ValueError(
+                f"logits shapes differ: {tuple(self.logits.shape)} vs {tuple(other.shape)}"
+            )
+        return other
+
+    def _fused_rows(self, other: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """:func:`~grail.trainer.analysis.kernels.compare_rows` of ``other``; half-precision
+        logits go in float32 row slices of about ``_FUSED_SLICE`` entries (per-row sums do not
+        depend on the slicing). ``None``: compare eagerly."""
+        if other.dtype == torch.float32:
+            return kernels.compare_rows(self.logits, other, self.probs, self.mass)
+        n, v = other.shape
+        parts = min(max(1, -(-n * v // _FUSED_SLICE)), max(1, n // 2))  # >= 2 rows a slice
+        slices = []
+        for idx in torch.arange(n).tensor_split(parts):
+            s, e = int(idx[0]), int(idx[-1]) + 1
+            rows = kernels.compare_rows(
+                self.logits[s:e], other[s:e].float(), self.probs[s:e], self.mass[s:e]
+            )
+            if rows is None:
+                return None
+            slices.append(rows)
+        return {k: torch.cat([r[k] for r in slices]) for k in slices[0]}
 
     def _block_kl(
         self, s: int, e: int, diff: torch.Tensor, prod: torch.Tensor
@@ -164,7 +185,7 @@ class LogitsReference:
         step = _block_rows(other.shape[1])
         for i in range(0, redo.numel(), step):  # in row blocks, like everything else
             rows = redo[i : i + step]
-            kl[rows] = _kl_rows(self.logits[rows], other[rows])
+            kl[rows] = _kl_rows(self.logits[rows], other[rows].float())
         return kl.clamp_(min=0.0)
 
     def _compare_eager(self, other: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -177,7 +198,7 @@ class LogitsReference:
         top1 = torch.empty(n, dtype=torch.int64, device=other.device)
         diff_buf, prod = _scratch(n, v, 2, other.device)
         for s, e in _blocks(n, v):
-            a, b = self.logits[s:e], other[s:e]
+            a, b = self.logits[s:e], other[s:e].float()
             diff = torch.sub(a, b, out=diff_buf[: (e - s) * v].view(e - s, v))
             sq[s:e] = _rowdot(diff, diff, prod)
             kl[s:e], min_diff[s:e] = self._block_kl(s, e, diff, prod)
@@ -259,9 +280,15 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return norm
 
 
-def _rows(logits: torch.Tensor) -> torch.Tensor:
-    """float32 with unit stride along the classes (the views below need it)."""
-    x = logits.detach().float()
+_HALF = (torch.bfloat16, torch.float16)
+_FUSED_SLICE = 1 << 22  # entries of a float32 slice of half-precision logits (16 MiB)
+
+
+def _rows(logits: torch.Tensor, keep_half: bool = False) -> torch.Tensor:
+    """float32 (or, with ``keep_half``, bfloat16/float16 as given) with unit stride along the
+    classes (the views below need it)."""
+    x = logits.detach()
+    x = x if keep_half and x.dtype in _HALF else x.float()
     return x if x.ndim != 2 or x.stride(-1) == 1 else x.contiguous()
 
 
@@ -339,9 +366,12 @@ class Comparisons:
     (0.0, 0)
     """
 
-    def __init__(self, reference: LogitsReference, kl_only: bool = False) -> None:
+    def __init__(
+        self, reference: LogitsReference, kl_only: bool = False, top1: bool = False
+    ) -> None:
         self.reference = reference
-        self.kl_only = kl_only  # LogitsReference.kl_sums: the other means are NaN
+        self.kl_only = kl_only  # LogitsReference.kl_sums: the other means are NaN ...
+        self.top1 = top1  # ... except the top-1 agreement, with top1
         self._labels: list[str] = []  # after results(): reference counts summed over ranks
         self._sums: list[list[float]] = []
         self.reference_nonfinite = int((~reference.finite).sum())
@@ -349,8 +379,10 @@ class Comparisons:
 
     def add(self, label: str, logits: torch.Tensor) -> None:
         self._labels.append(label)
-        compare = self.reference.kl_sums if self.kl_only else self.reference.compare_sums
-        self._sums.append(compare(logits))
+        if self.kl_only:
+            self._sums.append(self.reference.kl_sums(logits, self.top1))
+        else:
+            self._sums.append(self.reference.compare_sums(logits))
 
     def results(self) -> dict[str, dict[str, float]]:
         flat = [x for row in self._sums for x in row]

@@ -220,12 +220,20 @@ def logits_from_output(
     return out
 
 
+_KEPT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def run_forward(
     model: nn.Module,
     prepared: PreparedInputs,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One forward pass; logits as float32 ``[positions, classes]`` of the unmasked positions.
+    """One forward pass; logits ``[positions, classes]`` of the unmasked positions, detached.
+
+    float32, bfloat16 and float16 logits keep the dtype the model produced them in (the
+    comparisons of :mod:`~grail.trainer.analysis.ops.divergence` upcast one block of rows at a
+    time, which is exact: no float32 copy of a half-precision output is made); any other dtype
+    is converted to float32.
 
     Under DeepSpeed ZeRO-3 the whole copies DeepSpeed keeps are gathered again from the
     partitions as they are, patched or not, before the pass (a collective, like the pass itself:
@@ -242,4 +250,5 @@ def run_forward(
     mask = prepared.mask
     if mask is not None and logits.shape[:-1] == mask.shape and not bool(mask.all()):
         logits = logits[mask.to(logits.device)]  # a copy: only when some positions are masked
-    return logits.reshape(-1, logits.shape[-1]).float()
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    return flat if flat.dtype in _KEPT_DTYPES else flat.float()

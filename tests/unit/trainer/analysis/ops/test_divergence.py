@@ -150,6 +150,23 @@ def test_low_precision_inputs_are_compared_in_float32():
     assert LogitsReference(a16).logits.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_compare_exactly_as_their_float32_copy(dtype, monkeypatch):
+    """Half-precision logits are upcast a block (or, compiled, a slice) of rows at a time: the
+    sums are bit for bit those of the whole float32 copy, non-finite rows and the exact path
+    for widely spread rows included."""
+    monkeypatch.setattr(divergence, "_BLOCK_ELEMENTS", 64)  # several row blocks ...
+    monkeypatch.setattr(divergence, "_FUSED_SLICE", 100)  # ... and compiled slices
+    a, b = _pair(13, 40, 0.5, seed=41)
+    b[3, 5] = float("inf")
+    b[7, 1] = 200.0  # d < -60 at an entry: this row takes the exact path
+    half = b.to(dtype)
+    ref = LogitsReference(a)
+    assert ref.compare_sums(half) == ref.compare_sums(half.float())
+    assert ref.kl_sums(half) == ref.kl_sums(half.float())
+    assert ref.compare(half)["nonfinite_rows"] == 1
+
+
 def test_non_finite_rows_are_excluded_and_counted():
     a, b = _pair(12, 9, 0.7, seed=5)
     a[1, 3] = float("nan")
@@ -388,6 +405,18 @@ def test_kl_sums_equal_the_full_comparison_bit_for_bit(case):
     assert kl_only[0] == pytest.approx(full[0], rel=1e-3) and kl_only[4:] == full[4:]
     if case == 0:  # and the KL is the float64 reference's
         assert kl_only[0] / kl_only[4] == pytest.approx(_reference(a, b)["kl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_kl_sums_with_top1_count_the_agreements_of_the_full_comparison(case):
+    a, b = _kl_only_cases()[case]
+    ref = LogitsReference(a, False)
+    full, sums = ref.compare_sums(b), ref.kl_sums(b, top1=True)
+    assert sums[0] == full[0] and sums[3:] == full[3:]  # KL, agreements, rows, non-finite
+    assert math.isnan(sums[1]) and math.isnan(sums[2])
+    c = divergence.Comparisons(ref, kl_only=True, top1=True)
+    c.add("x", b)
+    assert c.results()["x"]["top1_agree"] == ref.compare(b)["top1_agree"]
 
 
 def test_comparisons_in_kl_only_mode_report_kl_and_nonfinite_rows():

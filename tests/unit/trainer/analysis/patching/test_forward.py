@@ -379,11 +379,21 @@ def test_run_forward_without_mask_keeps_every_position(qwen):
     assert torch.equal(logits, full.reshape(-1, VOCAB))
 
 
-def test_run_forward_returns_float32_for_low_precision_models():
+def test_run_forward_keeps_half_precision_logits_as_produced():
     model = tiny_qwen2(vocab=VOCAB, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         logits = run_forward(model, prepare_inputs(model, _batch(), max_tokens=12))
-    assert logits.dtype == torch.float32 and logits.shape == (10, VOCAB)  # one whole row
+        full = model(input_ids=_batch()["input_ids"][:1]).logits
+    assert logits.dtype == torch.bfloat16 and logits.shape == (10, VOCAB)  # one whole row
+    assert torch.equal(logits, full.reshape(-1, VOCAB))  # no float32 copy, nothing rounded
+
+
+def test_run_forward_converts_other_dtypes_to_float32():
+    model = torch.nn.Embedding(VOCAB, VOCAB, dtype=torch.float64)
+    with torch.no_grad():
+        logits = run_forward(model, prepare_inputs(model, torch.ones(2, 3, dtype=torch.long), 99))
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, model.weight[1].float().expand(6, VOCAB))
 
 
 def test_run_forward_output_fn_and_mask_shape_mismatch(qwen):
