@@ -214,6 +214,12 @@ class Mask(ABC):
         """What the mask computes, for the compiled swap; ``None``: call it."""
         return None
 
+    def spec_for(self, name: str, offset: int, numel: int) -> DropSpec | None:
+        """What the mask computes on ``numel`` entries of ``name`` from global flat position
+        ``offset`` (a whole local tensor): :attr:`spec`, unless the mask's rule differs between
+        tensors (an exact top-k mask's threshold depends on where its ties fall)."""
+        return self.spec
+
     @abstractmethod
     def __call__(
         self, name: str, offset: int, abs_bits: torch.Tensor | None, out: torch.Tensor

@@ -96,6 +96,7 @@ class _Patched:
 
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_FUSED_SLICE = 1 << 22  # entries per compiled swap call (16 MiB of float32)
 
 
 def _pack_on(device: torch.device) -> bool:
@@ -241,17 +242,26 @@ class SelectPatch:
         return m
 
     def _fused_swap(
-        self, name: str, before: DropSpec | None, after: DropSpec | None, count: bool
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        before: DropSpec | None,
+        after: DropSpec | None,
+        count: bool,
     ) -> bool:
-        """The whole tensor from mask ``before`` to ``after`` in one compiled pass
-        (:func:`~grail.trainer.analysis.kernels.select_swap`); ``False``: nothing was done."""
+        """Entries ``start:stop`` of a tensor from mask ``before`` to ``after`` in one compiled
+        pass (:func:`~grail.trainer.analysis.kernels.select_swap`); ``False``: nothing was
+        done."""
         if before is None or after is None:
             return False
         p, s = self._views(name)
         info = self.delta.shard(name)
         count = count and info.owner
         changed = count and self.count_changed
-        counts = kernels.select_swap(p, s, before, after, name, info.offset, changed)
+        counts = kernels.select_swap(
+            p[start:stop], s[start:stop], before, after, name, info.offset + start, changed
+        )
         if counts is None:
             return False
         if count and self.count_dropped:
@@ -270,13 +280,27 @@ class SelectPatch:
         ]
 
     def _patch_tensor(self, name: str) -> None:
-        p, s = self._views(name)
-        if self.fused and self._fused_swap(name, NO_DROP, self.drop.spec, count=True):
-            self._done.append(_Patched(name, 0, p.numel(), drop=self.drop, fused=True))
+        p = self.delta.new.data[name]
+        numel = p.numel()
+        if not self.fused or p.device.type != "cpu":  # the kernels are CPU kernels
+            self._patch_range(name, 0, numel)
             return
+        # compiled in slices: a mask whose rule changes inside a tensor (where an exact top-k
+        # splits its ties) sends only the slice holding the change to the chunks
+        for start in range(0, numel, _FUSED_SLICE):
+            stop = min(numel, start + _FUSED_SLICE)
+            after = self._spec(name, start, stop, self.drop)
+            if self._fused_swap(name, start, stop, NO_DROP, after, count=True):
+                self._done.append(_Patched(name, start, stop, drop=self.drop, fused=True))
+            else:
+                self._patch_range(name, start, stop)
+
+    def _patch_range(self, name: str, begin: int, end: int) -> None:
+        """Entries ``begin:end`` of a tensor to the mask, chunk by chunk on the eager path."""
+        p, s = self._views(name)
         step = chunk_numel(p.device)
-        for start in range(0, p.numel(), step):
-            stop = min(start + step, p.numel())
+        for start in range(begin, end, step):
+            stop = min(start + step, end)
             pc, sc = p[start:stop], s[start:stop]
             sd = sc.to(pc.device, non_blocking=True) if sc.device != pc.device else sc
             d, m, _, raw = self._buffers(pc.device, pc.numel())
@@ -346,7 +370,10 @@ class SelectPatch:
             for rec in self._done:
                 if not rec.fused:
                     records.append(rec)
-                elif self._fused_swap(rec.name, _spec(rec), drop.spec, count=True):
+                elif self._fused_swap(
+                    rec.name, rec.start, rec.stop, self._rec_spec(rec), self._rec_spec(rec, drop),
+                    count=True,
+                ):
                     rec.drop = drop
                     moved.append(rec)
                 else:
@@ -392,7 +419,9 @@ class SelectPatch:
         while self._done:
             rec = self._done.pop()
             if rec.fused:
-                if not self._fused_swap(rec.name, _spec(rec), NO_DROP, count=False):
+                if not self._fused_swap(
+                    rec.name, rec.start, rec.stop, self._rec_spec(rec), NO_DROP, count=False
+                ):
                     self._done += self._chunk_records(rec)
                 continue
             p, s = self._views(rec.name)
@@ -406,7 +435,13 @@ class SelectPatch:
             if sd is not sc:
                 sc.copy_(sd, non_blocking=sc.is_pinned())
 
+    def _spec(self, name: str, start: int, stop: int, drop: Mask | None) -> DropSpec | None:
+        """The spec of ``drop`` on local entries ``start:stop`` of ``name`` (``None``: none, or
+        no mask)."""
+        if drop is None:
+            return None
+        return drop.spec_for(name, self.delta.shard(name).offset + start, stop - start)
 
-def _spec(rec: _Patched) -> DropSpec | None:
-    """The spec of the mask a record is in (``None``: none, or no mask recorded)."""
-    return rec.drop.spec if rec.drop is not None else None
+    def _rec_spec(self, rec: _Patched, drop: Mask | None = None) -> DropSpec | None:
+        """The spec over a record's entries of ``drop`` (default: the mask it is in)."""
+        return self._spec(rec.name, rec.start, rec.stop, drop if drop is not None else rec.drop)

@@ -46,8 +46,10 @@ def reference_keep(deltas: dict[str, np.ndarray], k: int) -> dict[str, np.ndarra
     return keep
 
 
-def check_patch(model, delta, drop, w_old, w_new, want: dict[str, np.ndarray]) -> int:
-    with SelectPatch(delta, drop) as patch:
+def check_patch(
+    model, delta, drop, w_old, w_new, want: dict[str, np.ndarray], fused: bool = False
+) -> int:
+    with SelectPatch(delta, drop, fused=fused) as patch:
         for name in delta.names:
             p = getattr(model, name).detach().reshape(-1)
             expect = torch.where(torch.from_numpy(want[name]), w_new[name].reshape(-1),
@@ -72,17 +74,69 @@ def test_keeps_exactly_the_k_largest_entries(k: int) -> None:
     assert total - dropped == min(k, total)
 
 
-def test_ties_at_the_threshold_are_kept_in_name_then_position_order() -> None:
+def test_ties_at_the_threshold_are_kept_in_name_then_position_order(kernel_path) -> None:
     # |d| in {4, 2 (ten ties spread over two tensors), 1}: k=6 keeps the 4s and 3 of the ties
     a = torch.tensor([[1.0, 2.0, -2.0], [4.0, 2.0, 1.0]])
     b = torch.tensor([2.0, -4.0, 2.0, 2.0, -2.0, 1.0, 2.0, -2.0])
     model, delta, w_old, w_new = make({"a": a, "b": b}, dyadic=True)
     assert torch.equal(delta.deltas["a"], a) and torch.equal(delta.deltas["b"], b)
     deltas = {"a": a.numpy(), "b": b.numpy()}
+    fused = kernel_path == "fused"
     for k in (2, 3, 5, 6, 9, 12, 13):
         want = reference_keep(deltas, k)
         drop = exact_budget_drops(delta, [k])[0]
-        assert 14 - check_patch(model, delta, drop, w_old, w_new, want) == k
+        assert 14 - check_patch(model, delta, drop, w_old, w_new, want, fused) == k
+
+
+@pytest.mark.parametrize(("k", "compiled"), [(2, {"a", "b"}), (3, {"b"}), (5, {"a", "b"}),
+                                             (6, {"a"}), (12, {"a"}), (13, {"a", "b"})])
+def test_the_compiled_swap_takes_every_tensor_but_the_one_that_splits_its_ties(
+    kernel_path, k, compiled
+) -> None:
+    """A budget is a magnitude threshold on each tensor whose ties are all kept or all dropped:
+    the compiled swap moves those; the tensor holding the last kept tie goes through the
+    chunks. Both give the reference's mask, through a switch to another budget and back."""
+    a = torch.tensor([[1.0, 2.0, -2.0], [4.0, 2.0, 1.0]])  # |d| = 2: 3 ties in a, 8 in b
+    b = torch.tensor([2.0, -4.0, 2.0, 2.0, -2.0, 1.0, 2.0, -2.0, 2.0, 2.0])
+    model, delta, w_old, w_new = make({"a": a, "b": b}, dyadic=True)
+    deltas = {"a": a.numpy(), "b": b.numpy()}
+    fused = kernel_path == "fused"
+    drop, other = exact_budget_drops(delta, [k, 1])
+    with SelectPatch(delta, drop, fused=fused) as patch:
+        assert {r.name for r in patch._done if r.fused} == (compiled if fused else set())
+        patch.switch(other)
+        patch.switch(drop, count_dropped=True)
+        want = reference_keep(deltas, k)
+        for n in ("a", "b"):
+            expect = torch.where(torch.from_numpy(want[n]), w_new[n].reshape(-1),
+                                 w_old[n].reshape(-1))
+            assert torch.equal(getattr(model, n).detach().reshape(-1), expect), n
+        assert 16 - patch.dropped_count() == k
+    assert torch.equal(model.a.detach(), w_new["a"]) and torch.equal(model.b.detach(), w_new["b"])
+    assert torch.equal(delta.old.data["b"], w_old["b"])
+
+
+def test_only_the_slice_that_splits_the_ties_goes_through_the_chunks(kernel_path, monkeypatch):
+    """Compiled swaps run in slices of a tensor: with slices of 4 entries, only the slice
+    holding the last kept tie is swapped chunk by chunk."""
+    from grail.trainer.analysis.patching import swaps
+
+    monkeypatch.setattr(swaps, "_FUSED_SLICE", 4)
+    b = torch.tensor([2.0, -4.0, 2.0, 2.0, -2.0, 1.0, 2.0, -2.0, 2.0, 2.0, 1.0, 2.0])
+    model, delta, w_old, w_new = make({"b": b}, dyadic=True)
+    fused = kernel_path == "fused"
+    for k, eager_slice in ((3, 0), (6, 1), (8, 2)):  # the last kept tie at 2, 4, 8
+        want = reference_keep({"b": b.numpy()}, k)
+        with SelectPatch(delta, exact_budget_drops(delta, [k])[0], fused=fused) as patch:
+            if fused:
+                eager = {r.start // 4 for r in patch._done if not r.fused}
+                assert eager == {eager_slice}
+                assert sum(r.fused for r in patch._done) == 2
+            expect = torch.where(torch.from_numpy(want["b"]), w_new["b"], w_old["b"])
+            assert torch.equal(model.b.detach(), expect)
+            assert 12 - patch.dropped_count() == k
+        assert torch.equal(model.b.detach(), w_new["b"])
+        assert torch.equal(delta.old.data["b"], w_old["b"])
 
 
 def test_several_budgets_at_once_and_edge_budgets() -> None:
@@ -111,7 +165,7 @@ def test_budget_beyond_the_changed_entries_keeps_zeros_by_position() -> None:
         assert 26 - dropped == k
 
 
-def test_bf16_parameters_and_subset_view() -> None:
+def test_bf16_parameters_and_subset_view(kernel_path) -> None:
     g = torch.Generator().manual_seed(3)
     updates = {"a": torch.randn(16, 16, generator=g), "b": torch.randn(16, 16, generator=g),
                "c": torch.randn(8, generator=g)}
@@ -121,7 +175,8 @@ def test_bf16_parameters_and_subset_view() -> None:
     deltas = {n: (w_new[n].double() - w_old[n].double()).numpy() for n in ("a", "c")}
     # bf16 deltas have many exact ties: the count must still be exact
     want = reference_keep(deltas, 50)
-    with SelectPatch(view, exact_budget_drops(view, [50])[0]) as patch:
+    drop = exact_budget_drops(view, [50])[0]
+    with SelectPatch(view, drop, fused=kernel_path == "fused") as patch:
         assert torch.equal(model.b.detach(), w_new["b"])  # outside the subset: full update
         for n in ("a", "c"):
             expect = torch.where(torch.from_numpy(want[n]), w_new[n].reshape(-1),
