@@ -7,12 +7,13 @@ mean little.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -142,10 +143,21 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing), so
+    that RSS counts live memory: otherwise a block may reuse memory freed before it and look
+    free of cost."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @contextmanager
-def peak_rss():
-    """Yields a dict whose ``"extra"`` is the peak RSS above the RSS at entry, in bytes."""
+def peak_rss(trim: bool = False):
+    """Yields a dict whose ``"extra"`` is the peak RSS above the RSS at entry, in bytes;
+    ``trim``: the RSS at entry after :func:`trim_heap`."""
     out = {"extra": 0}
+    if trim:
+        trim_heap()
     base = current_rss()
     stop = threading.Event()
     peak = [base]
@@ -167,10 +179,11 @@ def peak_rss():
 
 
 @contextmanager
-def peak_memory(device: str):
-    """Peak extra memory of the block: host RSS on CPU, allocated GPU memory on CUDA."""
+def peak_memory(device: str, trim: bool = False):
+    """Peak extra memory of the block: host RSS on CPU (``trim``: see :func:`peak_rss`),
+    allocated GPU memory on CUDA."""
     if not str(device).startswith("cuda"):
-        with peak_rss() as out:
+        with peak_rss(trim) as out:
             yield out
         return
     out = {"extra": 0}

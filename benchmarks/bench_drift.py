@@ -18,7 +18,11 @@ per-pair ratios):
 * memory: peak RSS of a whole drift measurement (statistics and outputs) above model + both
   snapshots + the shared reference, in model bytes and in logits tensors.
 
-Run: ``python benchmarks/bench_drift.py [--repeat 5] [model size flags]``
+``--fused true`` measures the compiled swaps and comparisons (steady, after the first call
+compiled them); the default ``auto`` is the eager path of a run's first measurements.
+
+Run: ``python benchmarks/bench_drift.py [--repeat 5] [--fused auto|true|false] [model size
+flags]``
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(args.device)
     opts = {"per_layer": True, "track_components": True}
     param_change = ParameterChangeMetrics(THRESHOLDS, **opts)
-    drift = DriftMetrics(THRESHOLDS, keep_ratios=[0.01, 0.1], **opts)
+    fused = {"auto": "auto", "true": True, "false": False}[args.fused]
+    drift = DriftMetrics(THRESHOLDS, keep_ratios=[0.01, 0.1], fused=fused, **opts)
     step = [10]
 
     def context(inputs: bool = False) -> AnalysisContext:
@@ -124,7 +129,7 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
         lambda: outputs(contexts.pop(0)), floor, repeat=args.repeat, warmup=0
     )
     ctx = with_reference()
-    with peak_memory(args.device) as mem:
+    with peak_memory(args.device, trim=True) as mem:
         drift.compute(delta, old_snapshot=prev, current_snapshot=live, context=ctx)
     logits_bytes = args.batch * args.seq * args.vocab * 4
     return {
@@ -143,6 +148,11 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
 
 def main() -> None:
     parser = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument(
+        "--fused", choices=["auto", "true", "false"], default="auto",
+        help="the drift computer's kernel mode (auto: the default; eager in a run's first "
+        "measurements)",
+    )
     print_dtype_rows(run, add_batch_args(parser).parse_args())
 
 
