@@ -79,7 +79,8 @@ from torch import nn
 
 from .anchor import BaseAnchor
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
-from .core.distributed import agree, is_distributed, reshard, unsupported_engine
+from .core.distributed import agree, is_distributed
+from .core.engines import reshard, unsupported_engine
 from .core.logonce import LogOnce
 from .core.snapshot import ParameterSnapshot
 from .manager_base import ManagerBase, spec_changes

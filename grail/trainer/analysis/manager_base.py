@@ -23,7 +23,8 @@ from typing import Any
 from torch import nn
 
 from .anchor import BaseAnchor, BaseSource
-from .core.distributed import agree, is_distributed, reshard, unsupported_engine
+from .core.distributed import agree, is_distributed
+from .core.engines import reshard, unsupported_engine
 from .core.snapshot import ParameterSnapshot
 from .metrics.base import MetricComputer
 

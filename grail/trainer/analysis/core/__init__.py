@@ -8,6 +8,8 @@
 * :mod:`.scratch` is the one cache of reused temporary buffers (per device, dtype and slot).
 * :mod:`.naming` derives layer and component groups from parameter names.
 * :mod:`.distributed` is the only module that issues collectives (DDP, FSDP2, DeepSpeed).
+* :mod:`.engines` recognises the wrappers and sharding engines around a model (the module to
+  run forwards through, FSDP2's units and resharding, setups that cannot be analysed).
 * :mod:`.zero` reads DeepSpeed ZeRO's partitions of parameters, gradients and optimizer state
   from the attributes DeepSpeed sets (no ``deepspeed`` import at module level, no collective).
 * :mod:`.logonce` is the one "log only the first time" helper (:class:`~.logonce.LogOnce`).

@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from . import zero
+from .engines import fsdp_units, reshard, unsupported_engine, unwrap_model
 
 __all__ = [
     "NO_VOTE",
@@ -65,19 +66,19 @@ __all__ = [
     "bit_checksums",
     "broadcast_",
     "from_rank0",
-    "fsdp_units",
+    "fsdp_units",  # from .engines
     "gather_",
     "get_rank",
     "get_world_size",
     "is_distributed",
     "local_grad",
     "local_tensor",
-    "reshard",
+    "reshard",  # from .engines
     "shard_info",
     "stable_hash",
     "sync_gathered",
-    "unsupported_engine",
-    "unwrap_model",
+    "unsupported_engine",  # from .engines
+    "unwrap_model",  # from .engines
 ]
 
 
@@ -203,65 +204,6 @@ def local_grad(p: torch.Tensor) -> LocalGrad:
         return LocalGrad(*piece)
     grad = local_tensor(p.grad) if p.grad is not None else None
     return LocalGrad(grad, shard_info(p), local_tensor(p).numel())
-
-
-def unsupported_engine(model: torch.nn.Module) -> str | None:
-    """Name of a sharding setup whose parameters cannot be analysed correctly, else None.
-
-    DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 are supported; ZeRO-3 with parameters offloaded to NVMe
-    or with ZeRO++ hierarchical partitioning is not (see :func:`.zero.unsupported`).
-    """
-    for p in unwrap_model(model).parameters():
-        if zero.is_partitioned(p):
-            return zero.unsupported(p)
-        break
-    return None
-
-
-def _fsdp_module_type() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return FSDPModule
-
-
-def reshard(model: torch.nn.Module) -> None:
-    """Return every FSDP2 module to its sharded state (no-op for other models).
-
-    After a forward without backward, FSDP2 leaves the root module's parameters unsharded; the
-    analysis reshards at the start of a measurement (so snapshots and deltas always see the
-    same local shards) and after each of its own forwards (so a forward with patched shards
-    leaves no patched unsharded copy behind).
-    """
-    fsdp = _fsdp_module_type()
-    if fsdp is None:
-        return
-    for module in model.modules():
-        if isinstance(module, fsdp):
-            module.reshard()
-
-
-def fsdp_units(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """``qualified name -> module`` of every FSDP2 module (each manages its own parameters)."""
-    fsdp = _fsdp_module_type()
-    if fsdp is None:
-        return {}
-    return {name: m for name, m in model.named_modules() if isinstance(m, fsdp)}
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module to run analysis forwards through: the module a DDP wrapper or a DeepSpeed
-    engine wraps, else the model.
-
-    Going through DDP's own forward would arm its gradient-synchronisation hooks, through the
-    engine's its micro-step bookkeeping; DeepSpeed's ZeRO-3 hooks sit on the wrapped module.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    while isinstance(model, DistributedDataParallel) or zero.is_engine(model):
-        model = model.module
-    return model
 
 
 def sync_gathered(model: torch.nn.Module) -> None:

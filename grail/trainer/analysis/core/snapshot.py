@@ -40,7 +40,8 @@ import weakref
 import torch
 from torch import nn
 
-from .distributed import ShardInfo, local_tensor, shard_info, unwrap_model
+from .distributed import ShardInfo, local_tensor, shard_info
+from .engines import unwrap_model
 
 __all__ = [
     "ANALYSED_DTYPES",

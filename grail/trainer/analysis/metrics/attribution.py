@@ -93,7 +93,8 @@ from torch import nn
 
 from .. import kernels
 from ..config import ATTRIBUTION_GROUP_KINDS, AnalysisConfig
-from ..core.distributed import all_reduce_, unwrap_model
+from ..core.distributed import all_reduce_
+from ..core.engines import unwrap_model
 from ..core.naming import ParameterNaming, group_prefix
 from ..core.snapshot import ParameterDelta
 from ..ops.divergence import Comparisons, LogitsReference

@@ -120,7 +120,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import AnalysisConfig, format_threshold
-from ..core.distributed import all_reduce_, unwrap_model
+from ..core.distributed import all_reduce_
+from ..core.engines import unwrap_model
 from ..core.naming import group_prefix
 from ..core.snapshot import ParameterDelta, ParameterSnapshot
 from ..core.stats import Summary

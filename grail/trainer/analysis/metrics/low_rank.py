@@ -87,7 +87,8 @@ from torch import nn
 
 from .. import kernels
 from ..config import AnalysisConfig
-from ..core.distributed import local_tensor, unwrap_model
+from ..core.distributed import local_tensor
+from ..core.engines import unwrap_model
 from ..core.naming import ParameterNaming
 from ..core.snapshot import ParameterDelta, collect_parameters
 from ..ops.budget import exact_budget_drops, subset_delta

@@ -87,7 +87,7 @@ import torch
 from torch import nn
 
 from ..config import AnalysisConfig
-from ..core.distributed import unwrap_model
+from ..core.engines import unwrap_model
 from ..core.naming import ParameterNaming
 from ..core.snapshot import ParameterDelta
 from ..ops.masks import mix_seed

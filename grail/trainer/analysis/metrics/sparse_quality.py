@@ -65,7 +65,8 @@ import torch
 
 from .. import kernels
 from ..config import AnalysisConfig, format_threshold
-from ..core.distributed import all_reduce_, unwrap_model
+from ..core.distributed import all_reduce_
+from ..core.engines import unwrap_model
 from ..core.snapshot import ParameterDelta
 from ..keys import format_keep_ratio  # the key grammar; re-exported here
 from ..ops.divergence import Comparisons, LogitsReference

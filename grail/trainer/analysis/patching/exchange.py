@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.distributed import unwrap_model
+from ..core.engines import unwrap_model
 from ..core.snapshot import ParameterDelta
 from ..core.stats import chunk_numel
 

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from ..core import zero
-from ..core.distributed import agree, reshard, sync_gathered
+from ..core.distributed import agree, sync_gathered
+from ..core.engines import reshard
 
 __all__ = [
     "PreparedInputs",

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ..core import zero
-from ..core.distributed import fsdp_units, local_tensor, shard_info, unwrap_model
+from ..core.distributed import local_tensor, shard_info
+from ..core.engines import fsdp_units, unwrap_model
 from ..core.snapshot import collect_parameters
 
 __all__ = ["ModulePatch"]
