@@ -69,11 +69,9 @@ Example:
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -84,6 +82,7 @@ from .core.engines import reshard, unsupported_engine
 from .core.logonce import LogOnce
 from .core.snapshot import ParameterSnapshot
 from .manager_base import ManagerBase, spec_changes
+from .manager_checks import check_device_exists, integer_step
 from .manager_runs import ManagerRuns
 from .manager_state import ManagerState
 from .manager_votes import layout_hash, spec_hash, vote_results, vote_step
@@ -136,7 +135,7 @@ class ModelAnalysisManager(ManagerBase, ManagerState, ManagerRuns):
                 "AnalysisConfig(...) or AnalysisConfig.from_dict(...)"
             )
         self.config = config or AnalysisConfig()
-        _check_device_exists(self.config.snapshot_device)
+        check_device_exists(self.config.snapshot_device)
         self.computers: list[MetricComputer] = []
         self.step_count = 0
         self.old_snapshot: ParameterSnapshot | None = None
@@ -232,7 +231,7 @@ class ModelAnalysisManager(ManagerBase, ManagerState, ManagerRuns):
         configs or computers differ, so that nothing is measured."""
         wanted = self.step_count + 1
         if step is not None:
-            given = _integer_step(step)
+            given = integer_step(step)
             if given is None:
                 self._warn_once(
                     ("step-type",),
@@ -381,43 +380,4 @@ class ModelAnalysisManager(ManagerBase, ManagerState, ManagerRuns):
             device=cfg.snapshot_device,
             dtype=SNAPSHOT_DTYPES[cfg.snapshot_dtype],
             trainable_only=cfg.trainable_only,
-        )
-
-
-def _integer_step(step: Any) -> int | None:
-    """``step`` as an int if it is an integer (Python, numpy, or a one-element integer tensor),
-    else None; booleans are not steps.
-
-    >>> [_integer_step(s) for s in (7, np.int64(7), torch.tensor(7), 7.0, "7", True)]
-    [7, 7, 7, None, None, None]
-    """
-    if isinstance(step, (bool, np.bool_)):
-        return None
-    if isinstance(step, torch.Tensor):
-        real_or_bool = step.is_floating_point() or step.is_complex() or step.dtype == torch.bool
-        return int(step.item()) if step.numel() == 1 and not real_or_bool else None
-    try:
-        return operator.index(step)
-    except TypeError:
-        return None
-
-
-def _check_device_exists(device: str) -> None:
-    """Raise a ValueError that says what to change when ``device`` is not on this machine."""
-    dev = torch.device(device)
-    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None),
-               "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
-    if backend is None:  # cpu (or a type the config already rejected)
-        return
-    count = 1
-    if not backend.is_available():
-        count = 0
-    elif hasattr(backend, "device_count"):
-        count = backend.device_count()
-    if count == 0 or (dev.index is not None and dev.index >= count):
-        found = f"{count} {dev.type} device(s)" if count else f"no {dev.type} device"
-        raise ValueError(
-            f"AnalysisConfig.snapshot_device={device!r}, but this machine has {found}; set "
-            "AnalysisConfig.snapshot_device='cpu' (the default: snapshots in host memory) or a "
-            "device that exists here"
         )
