@@ -7,7 +7,8 @@ given. Importing this package imports none of them: names are resolved lazily on
 access, and a missing library is an ``ImportError`` naming the extra to install.
 
 May import: the analysis core (``manager``, ``config``) and, inside each adapter module only,
-its framework (transformers, lightning, wandb, tensorboard).
+its framework (transformers, lightning, wandb, tensorboard); ``trainer_log``, the Hugging Face
+callback's sink, belongs to the ``transformers`` adapter.
 
 Example:
     >>> from grail.trainer.analysis import integrations

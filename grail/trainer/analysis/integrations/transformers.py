@@ -43,7 +43,8 @@ Decisions where the design is silent:
 * Multi-process: every rank runs the analysis (it may issue collectives); only the world main
   process logs.
 * The metrics and histograms of a step go out through one
-  :class:`~.sinks.MetricSink` (``log(metrics, step, histograms)``) onto the trainer's log.
+  :class:`~.sinks.MetricSink` (``log(metrics, step, histograms)``) onto the trainer's log
+  (:class:`~.trainer_log.TrainerLog`).
   Histograms (``analyzer.last_histograms``) go straight to the active wandb run when
   ``report_to`` includes wandb, as ``wandb.Histogram`` under ``train/<prefix><name>`` beside
   the scalars (``log_history`` must stay JSON-serialisable). Only their finite values are sent;
@@ -94,7 +95,7 @@ from ..core.logonce import LogOnce
 from ..manager import ModelAnalysisManager
 from .batch import BatchCapture, tokenize_probe
 from .checkpoint import restore_state, save_state, state_files
-from .sinks import wandb_histograms
+from .trainer_log import TrainerLog as _TrainerLog
 
 try:
     from transformers import (
@@ -342,77 +343,3 @@ class ModelAnalysisCallback(TrainerCallback):
             logger.info("analysis resumed at step %d with a baseline from the loaded weights", step)
         elif step > 0:
             logger.info("analysis resumed at step %d; re-baselines at the next measurement", step)
-
-
-class _TrainerLog:
-    """A :class:`~.sinks.MetricSink` onto the trainer's own log for one event: scalars through
-    ``Trainer.log`` (``state.log_history`` without a trainer), histograms to the active wandb
-    run when ``report_to`` includes wandb (see module docstring). Failures are logged once per
-    kind by the callback; nothing raises."""
-
-    def __init__(
-        self,
-        callback: ModelAnalysisCallback,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-    ) -> None:
-        self.callback, self.args, self.state, self.control = callback, args, state, control
-
-    def log(
-        self,
-        metrics: Mapping[str, float],
-        step: int,
-        histograms: Mapping[str, Any] | None = None,
-    ) -> None:
-        if not metrics:
-            return
-        prefix = self.callback.prefix
-        self._scalars({f"{prefix}{k}": v for k, v in metrics.items()}, step)
-        if histograms:
-            try:
-                self._histograms(histograms, step)
-            except Exception as err:  # a reporting backend must never stop training
-                self.callback._fail_once(
-                    "histograms", "logging the analysis histograms failed: %r", err
-                )
-
-    def close(self) -> None:
-        """Nothing to release: the trainer owns its reporting backends."""
-
-    def _scalars(self, logs: dict[str, float], step: int) -> None:
-        trainer, control = self.callback.trainer, self.control
-        if trainer is None:
-            self.callback._once.warning(
-                "no-trainer",
-                "ModelAnalysisCallback could not find its trainer; metrics go to "
-                "state.log_history only. Pass ModelAnalysisCallback(..., trainer=trainer) to fix "
-                "this.",
-            )
-            self.state.log_history.append({**logs, "step": step})
-            return
-        should_log = control.should_log
-        try:
-            Trainer.log(trainer, logs)
-        except Exception as err:  # a reporting backend must never stop training
-            self.callback._fail_once("log", "logging the analysis metrics failed: %r", err)
-        finally:
-            control.should_log = should_log
-            trainer.control.should_log = should_log
-
-    def _histograms(self, histograms: Mapping[str, Any], step: int) -> None:
-        report_to = self.args.report_to
-        report_to = report_to if isinstance(report_to, list) else [report_to]
-        if "wandb" not in report_to and "all" not in report_to:
-            return
-        try:
-            import wandb
-        except ImportError:
-            return
-        if wandb.run is None:
-            return
-        prefix = f"train/{self.callback.prefix}"
-        payload = wandb_histograms(wandb, histograms, prefix, self.callback._failures)
-        if payload:
-            payload["train/global_step"] = step
-            wandb.log(payload)
