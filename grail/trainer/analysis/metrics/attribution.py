@@ -97,7 +97,8 @@ from ..core.distributed import all_reduce_
 from ..core.engines import unwrap_model
 from ..core.naming import ParameterNaming, group_prefix
 from ..core.snapshot import ParameterDelta
-from ..ops.divergence import Comparisons, LogitsReference
+from ..ops.comparisons import Comparisons
+from ..ops.divergence import LogitsReference
 from ..patching.exchange import TensorExchange
 from ..patching.forward import agree_across_ranks, prepare_inputs, run_forward
 from ..patching.swaps import analysis_mode

@@ -53,7 +53,8 @@ from .. import kernels
 from ..core.distributed import all_reduce_
 from ..core.snapshot import ParameterDelta
 from ..ops.budget import exact_budget_drops
-from ..ops.divergence import Comparisons, LogitsReference, means
+from ..ops.comparisons import Comparisons, means
+from ..ops.divergence import LogitsReference
 from ..ops.masks import magnitude_drop, mix_seed, random_drop
 from ..ops.spectrum import Spectrum, aggregate_spectra
 from ..patching.forward import PreparedInputs, run_forward

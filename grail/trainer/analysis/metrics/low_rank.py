@@ -92,7 +92,7 @@ from ..core.engines import unwrap_model
 from ..core.naming import ParameterNaming
 from ..core.snapshot import ParameterDelta, collect_parameters
 from ..ops.budget import exact_budget_drops, subset_delta
-from ..ops.divergence import Comparisons
+from ..ops.comparisons import Comparisons
 from ..ops.masks import mix_seed
 from ..ops.sharded_spectrum import sharded_spectra
 from ..ops.spectrum import Spectrum, aggregate_spectra, matrix_spectrum, spectrum_layout

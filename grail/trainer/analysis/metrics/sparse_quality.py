@@ -69,7 +69,8 @@ from ..core.distributed import all_reduce_
 from ..core.engines import unwrap_model
 from ..core.snapshot import ParameterDelta
 from ..keys import format_keep_ratio  # the key grammar; re-exported here
-from ..ops.divergence import Comparisons, LogitsReference
+from ..ops.comparisons import Comparisons
+from ..ops.divergence import LogitsReference
 from ..ops.masks import (
     keep_ratio_thresholds,
     keep_threshold_bits,

@@ -30,21 +30,20 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
 from .. import kernels
-from ..core.distributed import all_reduce_
 from ..core.scratch import ScratchBuffers
+from .comparisons import Comparisons, means
 
 __all__ = [
-    "Comparisons",
+    "Comparisons",  # from .comparisons
     "LogitsReference",
     "compare_logits",
     "first_argmax",
     "kl_divergence",
-    "means",
+    "means",  # from .comparisons
 ]
 
 _BLOCK_ELEMENTS = 1 << 18  # logits per row block (1 MiB of float32)
@@ -336,63 +335,6 @@ def first_argmax(x: torch.Tensor) -> torch.Tensor:
         body_max = seg_max.gather(1, seg[:, None]).squeeze(1)
         idx = torch.where(tail_max > body_max, tail_idx + k * w, idx)
     return idx
-
-
-def means(sums: Sequence[float]) -> dict[str, float]:
-    """Means from (possibly summed over batches) :meth:`LogitsReference.compare_sums` values;
-    NaN when no finite row was compared."""
-    kl, cos, sq, agree, rows, nonfinite = sums
-    nan = math.nan
-    return {
-        "kl": kl / rows if rows else nan,
-        "cosine": cos / rows if rows else nan,
-        "mse": sq / rows if rows else nan,
-        "top1_agree": agree / rows if rows else nan,
-        "nonfinite_rows": int(nonfinite),
-    }
-
-
-class Comparisons:
-    """Several comparisons against one reference, combined over ranks with one reduction.
-
-    Each rank compares its own batch; :meth:`results` sums the per-row sums over ranks, so the
-    means are token-weighted over every rank's batch and identical on every rank (one process:
-    the batch's own means).
-
-    >>> ref = LogitsReference(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    >>> c = Comparisons(ref)
-    >>> c.add("same", torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    >>> c.results()["same"]["kl"], c.reference_nonfinite
-    (0.0, 0)
-    """
-
-    def __init__(
-        self, reference: LogitsReference, kl_only: bool = False, top1: bool = False
-    ) -> None:
-        self.reference = reference
-        self.kl_only = kl_only  # LogitsReference.kl_sums: the other means are NaN ...
-        self.top1 = top1  # ... except the top-1 agreement, with top1
-        self._labels: list[str] = []  # after results(): reference counts summed over ranks
-        self._sums: list[list[float]] = []
-        self.reference_nonfinite = int((~reference.finite).sum())
-        self.reference_rows = int(reference.logits.shape[0])
-
-    def add(self, label: str, logits: torch.Tensor) -> None:
-        self._labels.append(label)
-        if self.kl_only:
-            self._sums.append(self.reference.kl_sums(logits, self.top1))
-        else:
-            self._sums.append(self.reference.compare_sums(logits))
-
-    def results(self) -> dict[str, dict[str, float]]:
-        flat = [x for row in self._sums for x in row]
-        flat += [float(self.reference_nonfinite), float(self.reference_rows)]
-        total = all_reduce_(torch.tensor(flat, dtype=torch.float64), "sum").tolist()
-        self.reference_nonfinite, self.reference_rows = int(total[-2]), int(total[-1])
-        width = len(self._sums[0]) if self._sums else 0
-        return {
-            label: means(total[i * width : (i + 1) * width]) for i, label in enumerate(self._labels)
-        }
 
 
 def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
