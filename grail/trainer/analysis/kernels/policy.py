@@ -114,6 +114,11 @@ class KernelSettings:
     pool_flush: int = 1 << 20
     #: Entries per kernel call: int32 counts stay exact.
     slice_numel: int = 1 << 30
+    #: Entries per call where a tensor is split on purpose: the compiled swap moves a tensor in
+    #: slices this long (a mask whose rule changes inside the tensor - an exact top-k splitting
+    #: its ties - sends only one slice to the eager chunks), and the compiled comparison upcasts
+    #: half-precision logits this many at a time.
+    split_numel: int = 1 << 22
     #: Distinct input signatures compiled per kernel; later ones use the eager path. Dynamo
     #: keeps a bounded cache per function and fails (``fullgraph``) beyond it.
     max_signatures: int = 6

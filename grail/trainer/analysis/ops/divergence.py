@@ -141,12 +141,14 @@ class LogitsReference:
 
     def _fused_rows(self, other: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """:func:`~grail.trainer.analysis.kernels.compare_rows` of ``other``; half-precision
-        logits go in float32 row slices of about ``_FUSED_SLICE`` entries (per-row sums do not
+        logits go in float32 row slices of about ``kernels.settings.split_numel`` entries (per-row
+        sums do not
         depend on the slicing). ``None``: compare eagerly."""
         if other.dtype == torch.float32:
             return kernels.compare_rows(self.logits, other, self.probs, self.mass)
         n, v = other.shape
-        parts = min(max(1, -(-n * v // _FUSED_SLICE)), max(1, n // 2))  # >= 2 rows a slice
+        size = kernels.settings.split_numel
+        parts = min(max(1, -(-n * v // size)), max(1, n // 2))  # >= 2 rows a slice
         slices = []
         for idx in torch.arange(n).tensor_split(parts):
             s, e = int(idx[0]), int(idx[-1]) + 1
@@ -280,7 +282,6 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 _HALF = (torch.bfloat16, torch.float16)
-_FUSED_SLICE = 1 << 22  # entries of a float32 slice of half-precision logits (16 MiB)
 
 
 def _rows(logits: torch.Tensor, keep_half: bool = False) -> torch.Tensor:

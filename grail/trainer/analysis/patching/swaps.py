@@ -83,7 +83,6 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
         zero.release(model)
 
 
-_FUSED_SLICE = 1 << 22  # entries per compiled swap call (16 MiB of float32)
 
 
 def _pack_on(device: torch.device) -> bool:
@@ -191,8 +190,9 @@ class SelectPatch(SwapSteps):
             return
         # compiled in slices: a mask whose rule changes inside a tensor (where an exact top-k
         # splits its ties) sends only the slice holding the change to the chunks
-        for start in range(0, numel, _FUSED_SLICE):
-            stop = min(numel, start + _FUSED_SLICE)
+        step = kernels.settings.split_numel
+        for start in range(0, numel, step):
+            stop = min(numel, start + step)
             after = self._spec(name, start, stop, self.drop)
             if self._fused_swap(name, start, stop, NO_DROP, after, count=True):
                 self._done.append(_Patched(name, start, stop, drop=self.drop, fused=True))

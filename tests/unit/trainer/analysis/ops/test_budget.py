@@ -116,25 +116,24 @@ def test_the_compiled_swap_takes_every_tensor_but_the_one_that_splits_its_ties(
     assert torch.equal(delta.old.data["b"], w_old["b"])
 
 
-def test_only_the_slice_that_splits_the_ties_goes_through_the_chunks(kernel_path, monkeypatch):
+def test_only_the_slice_that_splits_the_ties_goes_through_the_chunks(kernel_path) -> None:
     """Compiled swaps run in slices of a tensor: with slices of 4 entries, only the slice
     holding the last kept tie is swapped chunk by chunk."""
-    from grail.trainer.analysis.patching import swaps
+    from grail.trainer.analysis import kernels
 
-    monkeypatch.setattr(swaps, "_FUSED_SLICE", 4)
     b = torch.tensor([2.0, -4.0, 2.0, 2.0, -2.0, 1.0, 2.0, -2.0, 2.0, 2.0, 1.0, 2.0])
     model, delta, w_old, w_new = make({"b": b}, dyadic=True)
     fused = kernel_path == "fused"
     for k, eager_slice in ((3, 0), (6, 1), (8, 2)):  # the last kept tie at 2, 4, 8
         want = reference_keep({"b": b.numpy()}, k)
-        with SelectPatch(delta, exact_budget_drops(delta, [k])[0], fused=fused) as patch:
+        drop = exact_budget_drops(delta, [k])[0]
+        with kernels.settings.override(split_numel=4), SelectPatch(delta, drop, fused=fused) as p:
             if fused:
-                eager = {r.start // 4 for r in patch._done if not r.fused}
-                assert eager == {eager_slice}
-                assert sum(r.fused for r in patch._done) == 2
+                assert {r.start // 4 for r in p._done if not r.fused} == {eager_slice}
+                assert sum(r.fused for r in p._done) == 2
             expect = torch.where(torch.from_numpy(want["b"]), w_new["b"], w_old["b"])
             assert torch.equal(model.b.detach(), expect)
-            assert 12 - patch.dropped_count() == k
+            assert 12 - p.dropped_count() == k
         assert torch.equal(model.b.detach(), w_new["b"])
         assert torch.equal(delta.old.data["b"], w_old["b"])
 
