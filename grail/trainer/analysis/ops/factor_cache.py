@@ -66,14 +66,16 @@ def fingerprint(a: torch.Tensor) -> tuple[int, ...]:
         full = chunk.numel() // _PERIOD * _PERIOD
         rows_w: list[int] = []
         rows_p: list[int] = []
+        # plain sums first, then the weights multiplied in place: no product tensor is
+        # allocated (a fresh one per block made the hash 4-5x slower)
         if full:
             block = chunk[:full].view(-1, _PERIOD)
-            rows_w = (block * w).sum(1).tolist()
             rows_p = block.sum(1).tolist()
+            rows_w = block.mul_(w).sum(1).tolist()
         if full < chunk.numel():
             tail = chunk[full:]
-            rows_w.append(int((tail * w[: tail.numel()]).sum()))
             rows_p.append(int(tail.sum()))
+            rows_w.append(int(tail.mul_(w[: tail.numel()]).sum()))
         for sw, sp in zip(rows_w, rows_p, strict=True):
             row += 1
             weighted += sw

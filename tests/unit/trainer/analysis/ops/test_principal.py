@@ -245,6 +245,21 @@ def test_fingerprint_sees_every_change_and_nothing_else():
     assert fingerprint(bits.view(torch.float32).view_as(a)) != key
 
 
+@pytest.mark.parametrize("shape", [(300, 700), (3, 5), (65521 * 17 + 3, 1)])
+def test_fingerprint_is_its_documented_formula(shape):
+    """The two sums of the docstring in Python integers mod 2^64, over rows of 65521 entries
+    (blocks of 16 rows and a partial last row included)."""
+    from grail.trainer.analysis.ops import factor_cache
+
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    bits = a.reshape(-1).view(torch.int32).numpy().astype(np.int64).tolist()
+    weights = factor_cache._weights(torch.device("cpu")).tolist()
+    period, mask = 65521, (1 << 64) - 1
+    weighted = sum(weights[i % period] * b for i, b in enumerate(bits)) & mask
+    plain = sum((i // period + 1) * b for i, b in enumerate(bits)) & mask
+    assert fingerprint(a) == (*shape, weighted, plain)
+
+
 def test_factor_cache_returns_entries_only_for_the_same_name_rank_and_fingerprint():
     cache = FactorCache("cpu", tracks="reference")
     f = top_factors(torch.eye(4), 2)
