@@ -142,11 +142,13 @@ class LogitsReference:
     def _fused_rows(self, other: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """:func:`~grail.trainer.analysis.kernels.compare_rows` of ``other``; half-precision
         logits go in float32 row slices of about ``kernels.settings.split_numel`` entries (per-row
-        sums do not
-        depend on the slicing). ``None``: compare eagerly."""
+        sums do not depend on the slicing). ``None``: compare eagerly (also below two rows,
+        which the kernel declines)."""
         if other.dtype == torch.float32:
             return kernels.compare_rows(self.logits, other, self.probs, self.mass)
         n, v = other.shape
+        if n < 2:
+            return None
         size = kernels.settings.split_numel
         parts = min(max(1, -(-n * v // size)), max(1, n // 2))  # >= 2 rows a slice
         slices = []

@@ -169,6 +169,17 @@ def test_half_precision_logits_compare_exactly_as_their_float32_copy(dtype, monk
         assert ref.compare(half)["nonfinite_rows"] == 1
 
 
+@pytest.mark.parametrize("rows", [0, 1])
+def test_half_precision_logits_with_fewer_than_two_rows(rows):
+    """No compared position (a probe batch that is all padding) or one: the comparison is the
+    float32 copy's on both paths, and never an error."""
+    a, b = _pair(max(rows, 1), 30, 0.5, seed=43)
+    a, b = a[:rows], b[:rows].to(torch.bfloat16)
+    ref = LogitsReference(a)
+    assert ref.compare_sums(b) == ref.compare_sums(b.float())
+    assert ref.kl_sums(b, top1=True) == ref.kl_sums(b.float(), top1=True)
+
+
 def test_non_finite_rows_are_excluded_and_counted():
     a, b = _pair(12, 9, 0.7, seed=5)
     a[1, 3] = float("nan")
