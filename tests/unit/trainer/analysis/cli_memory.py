@@ -7,39 +7,23 @@ import subprocess
 import sys
 import textwrap
 
-_PROBE = textwrap.dedent(
+from .memory_probe import SAMPLER
+
+_PROBE = SAMPLER + textwrap.dedent(
     """
-    import json, os, sys, threading, time
+    import json, sys
     spec = json.loads(sys.argv[1])
     if spec["threads"]:
         import torch
         torch.set_num_threads(spec["threads"])
     from grail.trainer.analysis.cli import main
 
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
     assert main(spec["warm"]) == 0  # imports, allocators
-    peak, stop = [rss()], threading.Event()
-    start = peak[0]
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    rc = main(spec["measured"])
-    stop.set()
-    t.join()
-    print(json.dumps({"rc": rc, "extra": max(peak[0], rss()) - start}))
+    rc = []
+    extra = measure(lambda: rc.append(main(spec["measured"])), every=0.001)
+    print(json.dumps({"rc": rc[0], "extra": extra}))
     """
 )
-
 
 def cli_peak_rss(
     warm: list[str], measured: list[str], threads: int | None = None, timeout: float = 600

@@ -9,11 +9,36 @@ import subprocess
 import sys
 import textwrap
 
-#: What every probe starts with: ``model``, ``ids``, ``rss()`` and ``measure(fn)`` (the peak
-#: growth of resident memory while ``fn()`` runs, sampled from a thread).
+#: Script text defining ``rss()`` and ``measure(fn, every=0.0002)``: the peak growth of
+#: resident memory while ``fn()`` runs, sampled from a thread every ``every`` seconds.
+SAMPLER = textwrap.dedent(
+    """
+    import os, threading, time
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    def measure(fn, every=0.0002):
+        peak, stop = [rss()], threading.Event()
+        base = peak[0]
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss())
+                time.sleep(every)
+        t = threading.Thread(target=sample); t.start()
+        fn()
+        stop.set(); t.join()
+        return max(peak[0], rss()) - base
+    """
+)
+
+#: What every probe starts with: ``model``, ``ids`` and the :data:`SAMPLER`.
 PRELUDE = textwrap.dedent(
     """
-    import json, os, threading, time, torch
+    import json, torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -23,25 +48,8 @@ PRELUDE = textwrap.dedent(
                       tie_word_embeddings=False)
     model = Qwen2ForCausalLM(cfg).eval()
     ids = torch.randint(0, 32000, (2, 32))
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    def measure(fn):
-        peak, stop = [rss()], threading.Event()
-        base = peak[0]
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], rss())
-                time.sleep(0.0002)
-        t = threading.Thread(target=sample); t.start()
-        fn()
-        stop.set(); t.join()
-        return max(peak[0], rss()) - base
     """
-)
+) + SAMPLER
 
 
 def run_probe(body: str, timeout: float = 600) -> dict:
