@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -102,7 +103,8 @@ class LogitsReference:
         """:meth:`compare_sums` for a caller that reads only the KL (and, with ``top1``, the
         top-1 agreement): the same KL sum, rows and non-finite rows (bit for bit with the eager
         comparison; the agreements exactly), NaN for the other sums. About
-        0.6x the work of a full comparison (no dot products, norms or argmax), always on the
+        0.6x the work of a full comparison (no dot products or norms; an argmax only with
+        ``top1``), always on the
         eager path (the compiled comparison computes every sum in one pass and is no faster
         than this on a CPU; so this work is not timed for the compile policy either). Under a
         compiled reference the KL then differs from :meth:`compare_sums`' in the last float32
@@ -150,10 +152,10 @@ class LogitsReference:
         if n < 2:
             return None
         size = kernels.settings.split_numel
-        parts = min(max(1, -(-n * v // size)), max(1, n // 2))  # >= 2 rows a slice
+        parts = min(max(1, -(-n * v // size)), n // 2)  # >= 2 rows a slice
+        bounds = [n * i // parts for i in range(parts + 1)]
         slices = []
-        for idx in torch.arange(n).tensor_split(parts):
-            s, e = int(idx[0]), int(idx[-1]) + 1
+        for s, e in itertools.pairwise(bounds):
             rows = kernels.compare_rows(
                 self.logits[s:e], other[s:e].float(), self.probs[s:e], self.mass[s:e]
             )
