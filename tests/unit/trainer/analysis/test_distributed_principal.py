@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-from .ranks import free_port as _free_port
+from .ranks import run_ranks
 from .test_distributed import _assert_close
 
 pytestmark = [
@@ -20,31 +17,21 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed"),
 ]
 
-ROOT = Path(__file__).resolve().parents[4]
 TIMEOUT = 240  # a deadlock fails the test instead of hanging CI
 MATRICES = 16  # 14 projections, the embedding and the head
 
 
 def _run(mode: str, world: int, tmp: Path) -> list[dict]:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs, outs = [], []
-    for rank in range(world):
-        out = tmp / f"{mode}-{world}-{rank}.json"
-        cmd = [sys.executable, "-m", "tests.unit.trainer.analysis.dist_worker_principal",
-               "--mode", mode, "--rank", str(rank), "--world", str(world), "--port", str(port),
-               "--out", str(out)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-        outs.append(out)
-    try:
-        logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{mode} with {world} ranks timed out (deadlock?)")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    outs = [tmp / f"{mode}-{world}-{rank}.json" for rank in range(world)]
+
+    def args_of(rank: int, port: int) -> list[str]:
+        return ["--mode", mode, "--rank", str(rank), "--world", str(world), "--port", str(port),
+                "--out", str(outs[rank])]
+
+    done = run_ranks("tests.unit.trainer.analysis.dist_worker_principal", world, args_of,
+                     TIMEOUT, f"{mode} with {world} ranks")
+    for code, log in done:
+        assert code == 0, log[-3000:]
     return [json.loads(o.read_text()) for o in outs]
 
 

@@ -494,31 +494,14 @@ def _dist_worker(mode: str, rank: int, world: int, port: int, out: str) -> None:
 
 def _spawn(mode: str, world: int, tmp_path) -> list[dict]:
     import json
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[5]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    from ..ranks import run_ranks
+
     outs = [tmp_path / f"{mode}-{r}.json" for r in range(world)]
-    code = "from tests.unit.trainer.analysis.metrics.test_adam_sign import _dist_worker; " \
-        "_dist_worker(*{})"
-    procs = [subprocess.Popen([sys.executable, "-c", code.format((mode, r, world, port, str(o)))],
-                              cwd=root, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r, o in enumerate(outs)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{mode} timed out (deadlock?)")
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+    done = run_ranks("tests.unit.trainer.analysis.metrics.test_adam_sign:_dist_worker", world,
+                     lambda r, port: [mode, r, world, port, str(outs[r])], 240, mode)
+    for code, log in done:
+        assert code == 0, log[-3000:]
     return [json.loads(o.read_text()) for o in outs]
 
 
