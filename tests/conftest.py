@@ -12,6 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs one worker per core (pyproject: -n auto): one thread each
+    torch.set_num_threads(1)
+
 
 def tiny_qwen2(
     vocab: int = 128,
