@@ -10,6 +10,7 @@ import argparse
 import ctypes
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -149,6 +150,20 @@ def trim_heap() -> None:
     free of cost."""
     with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+#: glibc's setting that serves every allocation above it from its own mapping, returned to the
+#: OS when freed (fixed, so glibc does not raise it as it goes): RSS then follows live memory.
+LIVE_HEAP_ENV = ("MALLOC_MMAP_THRESHOLD_", str(256 * 1024))
+
+
+def reexec_with_live_heap() -> None:
+    """Restart this script with :data:`LIVE_HEAP_ENV` set (glibc reads it at process start)
+    unless it already is: peak RSS is then the peak of live memory, the analogue of CUDA's
+    ``max_memory_allocated``, instead of including freed blocks the allocator kept."""
+    name, value = LIVE_HEAP_ENV
+    if os.environ.get(name) != value:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, name: value})
 
 
 @contextmanager

@@ -16,19 +16,24 @@ per-pair ratios):
   context (shared with ``sparse/*``), against 5 bare forwards of the model in eval mode under
   ``no_grad``;
 * memory: peak RSS of a whole drift measurement (statistics and outputs) above model + both
-  snapshots + the shared reference, in model bytes and in logits tensors.
+  snapshots + the shared reference, in model bytes and in logits tensors. RSS after
+  ``malloc_trim`` at entry by default; with ``--live-memory`` (memory only, no timings) the
+  script restarts itself with glibc returning every freed block above 256 KiB at once, so that
+  the peak is the peak of live memory (the analogue of CUDA's ``max_memory_allocated``) and not
+  also blocks freed inside the measurement that the allocator kept for reuse.
 
 ``--fused true`` measures the compiled swaps and comparisons (steady, after the first call
 compiled them); the default ``auto`` is the eager path of a run's first measurements.
 
-Run: ``python benchmarks/bench_drift.py [--repeat 5] [--fused auto|true|false] [model size
-flags]``
+Run: ``python benchmarks/bench_drift.py [--repeat 5] [--fused auto|true|false] [--live-memory]
+[model size flags]``
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,10 +47,11 @@ from _common import (
     paired,
     peak_memory,
     print_dtype_rows,
+    reexec_with_live_heap,
     simulate_update,
 )
 
-from grail.trainer.analysis.core.snapshot import ParameterSnapshot
+from grail.trainer.analysis.core.snapshot import ParameterDelta, ParameterSnapshot
 from grail.trainer.analysis.metrics import ParameterChangeMetrics
 from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.drift import DriftMetrics
@@ -90,18 +96,9 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
         stats(ctx)
 
     stats(context())  # compiles the kernels (once per process and dtype)
-    # contexts are made (and param_change run in them) before the timing, in step order
-    contexts = [context() for _ in range(args.repeat)]
-    t_stats, t_pc, r_stats = paired(
-        lambda: stats(contexts.pop(0)), lambda: param_change.compute(delta),
-        repeat=args.repeat, warmup=0,
-    )
-    contexts = [context() for _ in range(args.repeat)]
-    _, _, r_first = paired(
-        lambda: first(contexts.pop(0)), lambda: param_change.compute(delta),
-        repeat=args.repeat, warmup=0,
-    )
-
+    row = {"dtype": str(dtype).removeprefix("torch.")}
+    if not args.live_memory:
+        row.update(_statistics_times(args, context, stats, first, param_change, delta))
     prepared = prepare_inputs(model, {"input_ids": ids}, drift.max_tokens)
     assert not isinstance(prepared, str)
     base_delta = base.compute_delta(live)
@@ -124,25 +121,49 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
                 forward().sum().item()
 
     outputs(with_reference())  # compiles the swap and comparison kernels
-    contexts = [with_reference() for _ in range(args.repeat)]
-    t_out, t_floor, r_out = paired(
-        lambda: outputs(contexts.pop(0)), floor, repeat=args.repeat, warmup=0
-    )
+    if not args.live_memory:
+        contexts = [with_reference() for _ in range(args.repeat)]
+        t_out, t_floor, r_out = paired(
+            lambda: outputs(contexts.pop(0)), floor, repeat=args.repeat, warmup=0
+        )
+        row.update({"outputs / 5 forwards": f"{r_out:.2f}", "outputs s": f"{t_out:.2f}",
+                    "floor s": f"{t_floor:.2f}"})
     ctx = with_reference()
     with peak_memory(args.device, trim=True) as mem:
         drift.compute(delta, old_snapshot=prev, current_snapshot=live, context=ctx)
     logits_bytes = args.batch * args.seq * args.vocab * 4
+    kind = "live " if args.live_memory else ""
+    row[f"extra {kind}peak / model"] = f"{mem['extra'] / model_bytes(model):.2f}"
+    row[f"extra {kind}peak / logits"] = f"{mem['extra'] / logits_bytes:.2f}"
+    return row
+
+
+def _statistics_times(
+    args: argparse.Namespace,
+    context: Callable[[], AnalysisContext],
+    stats: Callable[[AnalysisContext], None],
+    first: Callable[[AnalysisContext], None],
+    param_change: ParameterChangeMetrics,
+    delta: ParameterDelta,
+) -> dict[str, str]:
+    """The statistics against parameter change: steady state and first measurement."""
+    # contexts are made (and param_change run in them) before the timing, in step order
+    contexts = [context() for _ in range(args.repeat)]
+    t_stats, t_pc, r_stats = paired(
+        lambda: stats(contexts.pop(0)), lambda: param_change.compute(delta),
+        repeat=args.repeat, warmup=0,
+    )
+    contexts = [context() for _ in range(args.repeat)]
+    _, _, r_first = paired(
+        lambda: first(contexts.pop(0)), lambda: param_change.compute(delta),
+        repeat=args.repeat, warmup=0,
+    )
+
     return {
-        "dtype": str(dtype).removeprefix("torch."),
         "statistics / param_change": f"{r_stats:.2f}",
         "first measurement": f"{r_first:.2f}",
         "stats ms": f"{t_stats * 1e3:.0f}",
         "param_change ms": f"{t_pc * 1e3:.0f}",
-        "outputs / 5 forwards": f"{r_out:.2f}",
-        "outputs s": f"{t_out:.2f}",
-        "floor s": f"{t_floor:.2f}",
-        "extra peak / model": f"{mem['extra'] / model_bytes(model):.2f}",
-        "extra peak / logits": f"{mem['extra'] / logits_bytes:.2f}",
     }
 
 
@@ -153,7 +174,15 @@ def main() -> None:
         help="the drift computer's kernel mode (auto: the default; eager in a run's first "
         "measurements)",
     )
-    print_dtype_rows(run, add_batch_args(parser).parse_args())
+    parser.add_argument(
+        "--live-memory", action="store_true",
+        help="only the memory, as the peak of live memory (restarts with glibc returning freed "
+        "blocks at once; no timings)",
+    )
+    args = add_batch_args(parser).parse_args()
+    if args.live_memory:
+        reexec_with_live_heap()
+    print_dtype_rows(run, args)
 
 
 if __name__ == "__main__":
