@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import random
 import runpy
 import socket
 import sys
@@ -63,9 +64,20 @@ def leave_group(world: int) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a group's rendezvous, drawn below Linux's default ephemeral range
+    (32768-60999): the port is closed again before rank 0 binds it, and a port the kernel
+    hands out for outgoing connections (gloo makes many, also in a test running beside this
+    one on another worker) could otherwise take it in between."""
+    draw = random.Random(os.urandom(8))
+    for _ in range(200):
+        port = draw.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 #: What every rank imports anyway: loaded once in the fork server, so a rank starts in well
