@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import platform
 import statistics
 import sys
 import threading
@@ -160,19 +161,48 @@ LIVE_HEAP_ENV = ("MALLOC_MMAP_THRESHOLD_", str(256 * 1024))
 def reexec_with_live_heap() -> None:
     """Restart this script with :data:`LIVE_HEAP_ENV` set (glibc reads it at process start)
     unless it already is: peak RSS is then the peak of live memory, the analogue of CUDA's
-    ``max_memory_allocated``, instead of including freed blocks the allocator kept."""
+    ``max_memory_allocated``, instead of including freed blocks the allocator kept. Exits with a
+    message where the C library is not glibc (the setting would do nothing)."""
+    if platform.libc_ver()[0] != "glibc":
+        raise SystemExit("live memory needs glibc (MALLOC_MMAP_THRESHOLD_)")
     name, value = LIVE_HEAP_ENV
     if os.environ.get(name) != value:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, name: value})
+        os.execve(sys.executable, list(sys.orig_argv), {**os.environ, name: value})
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's record of this process's peak RSS (Linux); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_since_reset() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 @contextmanager
-def peak_rss(trim: bool = False):
+def peak_rss(trim: bool = False, exact: bool = False):
     """Yields a dict whose ``"extra"`` is the peak RSS above the RSS at entry, in bytes;
-    ``trim``: the RSS at entry after :func:`trim_heap`."""
+    ``trim``: the RSS at entry after :func:`trim_heap`; ``exact``: the kernel's own peak
+    (reset at entry, Linux) instead of sampling every 0.5 ms, which can miss a short peak."""
     out = {"extra": 0}
     if trim:
         trim_heap()
+    if exact and _reset_peak_rss():
+        base = current_rss()
+        try:
+            yield out
+        finally:
+            out["extra"] = max(0, _peak_rss_since_reset() - base)
+        return
     base = current_rss()
     stop = threading.Event()
     peak = [base]
@@ -194,11 +224,11 @@ def peak_rss(trim: bool = False):
 
 
 @contextmanager
-def peak_memory(device: str, trim: bool = False):
-    """Peak extra memory of the block: host RSS on CPU (``trim``: see :func:`peak_rss`),
-    allocated GPU memory on CUDA."""
+def peak_memory(device: str, trim: bool = False, exact: bool = False):
+    """Peak extra memory of the block: host RSS on CPU (``trim``, ``exact``: see
+    :func:`peak_rss`), allocated GPU memory on CUDA."""
     if not str(device).startswith("cuda"):
-        with peak_rss(trim) as out:
+        with peak_rss(trim, exact) as out:
             yield out
         return
     out = {"extra": 0}
