@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,7 +52,7 @@ from _common import (
     simulate_update,
 )
 
-from grail.trainer.analysis.core.snapshot import ParameterDelta, ParameterSnapshot
+from grail.trainer.analysis.core.snapshot import ParameterSnapshot
 from grail.trainer.analysis.metrics import ParameterChangeMetrics
 from grail.trainer.analysis.metrics.base import AnalysisContext
 from grail.trainer.analysis.metrics.drift import DriftMetrics
@@ -98,9 +97,20 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
         stats(ctx)
 
     stats(context())  # compiles the kernels (once per process and dtype)
-    # every call runs in both modes, so that the measured one meets the same state (the compile
-    # policy's, the computer's); --live-memory reports only the memory
-    times = _statistics_times(args, context, stats, first, param_change, delta)
+    # every call runs with --live-memory too (reporting only the memory), so that the measured
+    # call meets the same state: the compile policy's, the computer's
+    # contexts are made (and param_change run in them) before the timing, in step order
+    contexts = [context() for _ in range(args.repeat)]
+    t_stats, t_pc, r_stats = paired(
+        lambda: stats(contexts.pop(0)), lambda: param_change.compute(delta),
+        repeat=args.repeat, warmup=0,
+    )
+    contexts = [context() for _ in range(args.repeat)]
+    _, _, r_first = paired(
+        lambda: first(contexts.pop(0)), lambda: param_change.compute(delta),
+        repeat=args.repeat, warmup=0,
+    )
+
     prepared = prepare_inputs(model, {"input_ids": ids}, drift.max_tokens)
     assert not isinstance(prepared, str)
     base_delta = base.compute_delta(live)
@@ -127,50 +137,27 @@ def run(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
     t_out, t_floor, r_out = paired(
         lambda: outputs(contexts.pop(0)), floor, repeat=args.repeat, warmup=0
     )
-    times.update({"outputs / 5 forwards": f"{r_out:.2f}", "outputs s": f"{t_out:.2f}",
-                  "floor s": f"{t_floor:.2f}"})
     ctx = with_reference()
-    live_memory = args.live_memory
-    with peak_memory(args.device, trim=True, exact=live_memory) as mem:
+    with peak_memory(args.device, trim=True, exact=args.live_memory) as mem:
         drift.compute(delta, old_snapshot=prev, current_snapshot=live, context=ctx)
-    with peak_memory(args.device, trim=True, exact=live_memory) as bare:
+    with peak_memory(args.device, trim=True, exact=args.live_memory) as bare:
         floor()
     logits_bytes = args.batch * args.seq * args.vocab * 4
-    kind = "live " if live_memory else ""
-    row = {"dtype": str(dtype).removeprefix("torch.")} | ({} if live_memory else times)
-    row[f"extra {kind}peak / model"] = f"{mem['extra'] / model_bytes(model):.2f}"
-    row[f"extra {kind}peak / logits"] = f"{mem['extra'] / logits_bytes:.2f}"
-    row[f"bare forward {kind}peak / model"] = f"{bare['extra'] / model_bytes(model):.2f}"
-    return row
-
-
-def _statistics_times(
-    args: argparse.Namespace,
-    context: Callable[[], AnalysisContext],
-    stats: Callable[[AnalysisContext], None],
-    first: Callable[[AnalysisContext], None],
-    param_change: ParameterChangeMetrics,
-    delta: ParameterDelta,
-) -> dict[str, str]:
-    """The statistics against parameter change: steady state and first measurement."""
-    # contexts are made (and param_change run in them) before the timing, in step order
-    contexts = [context() for _ in range(args.repeat)]
-    t_stats, t_pc, r_stats = paired(
-        lambda: stats(contexts.pop(0)), lambda: param_change.compute(delta),
-        repeat=args.repeat, warmup=0,
-    )
-    contexts = [context() for _ in range(args.repeat)]
-    _, _, r_first = paired(
-        lambda: first(contexts.pop(0)), lambda: param_change.compute(delta),
-        repeat=args.repeat, warmup=0,
-    )
-
-    return {
+    times = {
         "statistics / param_change": f"{r_stats:.2f}",
         "first measurement": f"{r_first:.2f}",
         "stats ms": f"{t_stats * 1e3:.0f}",
         "param_change ms": f"{t_pc * 1e3:.0f}",
+        "outputs / 5 forwards": f"{r_out:.2f}",
+        "outputs s": f"{t_out:.2f}",
+        "floor s": f"{t_floor:.2f}",
     }
+    kind = "live " if args.live_memory else ""
+    row = {"dtype": str(dtype).removeprefix("torch.")} | ({} if args.live_memory else times)
+    row[f"extra {kind}peak / model"] = f"{mem['extra'] / model_bytes(model):.2f}"
+    row[f"extra {kind}peak / logits"] = f"{mem['extra'] / logits_bytes:.2f}"
+    row[f"bare forward {kind}peak / model"] = f"{bare['extra'] / model_bytes(model):.2f}"
+    return row
 
 
 def main() -> None:
