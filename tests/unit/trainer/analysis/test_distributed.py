@@ -22,7 +22,15 @@ pytestmark = [
 TIMEOUT = 240  # a deadlock fails the test instead of hanging CI
 
 
-def _run(mode: str, world: int, tmp: Path, low_rank: bool = False, *flags: str) -> list[dict]:
+def _run(
+    mode: str,
+    world: int,
+    tmp: Path,
+    low_rank: bool = False,
+    *flags: str,
+    worker: str = "tests.unit.trainer.analysis.dist_worker",
+) -> list[dict]:
+    """Each rank's JSON from ``worker`` run with ``mode``, ``world`` ranks and ``flags``."""
     outs = [tmp / f"{mode}-{world}-{rank}.json" for rank in range(world)]
 
     def args_of(rank: int, port: int) -> list[str]:
@@ -30,8 +38,7 @@ def _run(mode: str, world: int, tmp: Path, low_rank: bool = False, *flags: str) 
         return ["--mode", mode, "--rank", str(rank), "--world", str(world), "--port", str(port),
                 "--out", str(outs[rank]), *extra, *flags]
 
-    done = run_ranks("tests.unit.trainer.analysis.dist_worker", world, args_of, TIMEOUT,
-                     f"{mode} with {world} ranks")
+    done = run_ranks(worker, world, args_of, TIMEOUT, f"{mode} with {world} ranks")
     for code, log in done:
         assert code == 0, log[-3000:]
     return [json.loads(o.read_text()) for o in outs]

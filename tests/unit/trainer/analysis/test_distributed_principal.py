@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-from .ranks import run_ranks
 from .test_distributed import _assert_close
+from .test_distributed import _run as _run_worker
 
 pytestmark = [
     pytest.mark.distributed,
@@ -17,22 +16,11 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed"),
 ]
 
-TIMEOUT = 240  # a deadlock fails the test instead of hanging CI
 MATRICES = 16  # 14 projections, the embedding and the head
 
 
 def _run(mode: str, world: int, tmp: Path) -> list[dict]:
-    outs = [tmp / f"{mode}-{world}-{rank}.json" for rank in range(world)]
-
-    def args_of(rank: int, port: int) -> list[str]:
-        return ["--mode", mode, "--rank", str(rank), "--world", str(world), "--port", str(port),
-                "--out", str(outs[rank])]
-
-    done = run_ranks("tests.unit.trainer.analysis.dist_worker_principal", world, args_of,
-                     TIMEOUT, f"{mode} with {world} ranks")
-    for code, log in done:
-        assert code == 0, log[-3000:]
-    return [json.loads(o.read_text()) for o in outs]
+    return _run_worker(mode, world, tmp, worker="tests.unit.trainer.analysis.dist_worker_principal")
 
 
 @pytest.fixture(scope="module")
