@@ -9,9 +9,10 @@ exactly, also when a pass raises; see :mod:`~grail.trainer.analysis.patching.swa
 2. the base: every entry of :math:`\Delta_{tot}` dropped by one
    :class:`~grail.trainer.analysis.patching.swaps.SelectPatch` over the base delta (the weights
    are exchanged with the base snapshot and back: no copy). These logits give
-   KL(P_now || P_base) against the reference and KL(P_base || P_now) with the base as the
-   reference, computed in row blocks so that only a block of base probabilities exists at a time;
-   then they are released;
+   KL(P_now || P_base) and KL(P_base || P_now), both from one pass over the logit differences
+   against the reference (no softmax of the base logits:
+   :meth:`~grail.trainer.analysis.ops.divergence.LogitsReference.kl_sums_both`); then they are
+   released;
 3. per kept fraction ``r``: the same patch switched to the exact top-k mask (``k = round(rN)``,
    :func:`~grail.trainer.analysis.ops.budget.exact_budget_drops`), then to the random mask of the
    same budget over the changed entries (``p = min(k, changed) / changed``);
@@ -21,8 +22,8 @@ exactly, also when a pass raises; see :mod:`~grail.trainer.analysis.patching.swa
    (:func:`~.attribution.attribution_metrics`: whole tensors exchanged with the base snapshot),
    against the same reference, under ``drift/attrib/``.
 
-Every comparison is reduced over ranks once (token-weighted over every rank's batch), plus one
-reduction for the reverse KL.
+Every comparison, the reverse KL among them, is reduced over ranks in one reduction
+(token-weighted over every rank's batch).
 
 Example:
     >>> import torch
@@ -53,7 +54,7 @@ from .. import kernels
 from ..core.distributed import all_reduce_
 from ..core.snapshot import ParameterDelta
 from ..ops.budget import exact_budget_drops
-from ..ops.comparisons import Comparisons, means
+from ..ops.comparisons import Comparisons
 from ..ops.divergence import LogitsReference
 from ..ops.masks import magnitude_drop, mix_seed, random_drop
 from ..ops.spectrum import Spectrum, aggregate_spectra
@@ -67,32 +68,7 @@ if TYPE_CHECKING:
     from .drift import DriftMetrics
     from .low_rank import LowRankMetrics
 
-__all__ = ["drift_outputs", "drift_spectra", "reverse_kl_sums"]
-
-_BLOCK = 1 << 20  # logits per block of the reverse KL (4 MiB of float32)
-
-
-def reverse_kl_sums(
-    reference: torch.Tensor, other: torch.Tensor, fused: bool = False
-) -> list[float]:
-    """:meth:`~grail.trainer.analysis.ops.divergence.LogitsReference.kl_sums` of ``other``
-    against ``reference`` (only the KL is read), computed in row blocks: the reference's
-    probabilities exist for one block at a time. Sums over blocks are the sums over all rows.
-
-    >>> a, b = torch.randn(5, 3), torch.randn(5, 3)
-    >>> whole = LogitsReference(a).compare_sums(b)
-    >>> sums = reverse_kl_sums(a, b)
-    >>> round(sums[0], 9) == round(whole[0], 9), sums[4:] == whole[4:]
-    (True, True)
-    """
-    n, v = reference.shape
-    step = max(1, _BLOCK // max(v, 1))
-    sums = [0.0] * 6
-    for s in range(0, n, step):
-        part = LogitsReference(reference[s : s + step], fused).kl_sums(other[s : s + step])
-        sums = [a + b for a, b in zip(sums, part, strict=True)]
-    return sums
-
+__all__ = ["drift_outputs", "drift_spectra"]
 
 def drift_spectra(
     low_rank: LowRankMetrics,
@@ -146,8 +122,7 @@ def drift_outputs(
         with SelectPatch(base_delta, everything, count_dropped=False, fused=fused) as patch:
             base_logits = forward()
             changed = _global(patch.changed_count())
-            comparisons.add("base", base_logits)
-            reverse = reverse_kl_sums(base_logits, reference.logits, fused)
+            comparisons.add("base", base_logits, reverse="base_reverse")
             del base_logits
             for r, k, drop in zip(c.keep_ratios, budgets, drops, strict=True):
                 label = format_keep_ratio(r)
@@ -167,8 +142,7 @@ def drift_outputs(
                 comparisons.add(f"r{r}", forward())
         attributed = _attribution(c, model, base_delta, reference, forward)
     results = comparisons.results()  # one reduction for every comparison
-    backward = means(all_reduce_(torch.tensor(reverse, dtype=torch.float64), "sum").tolist())
-    out = _keys(c, results, backward, comparisons.reference_rows, spectra)
+    out = _keys(c, results, results.pop("base_reverse"), comparisons.reference_rows, spectra)
     out.update(attributed)
     return out
 

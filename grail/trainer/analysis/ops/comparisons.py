@@ -68,7 +68,16 @@ class Comparisons:
         self.reference_nonfinite = int((~reference.finite).sum())
         self.reference_rows = int(reference.logits.shape[0])
 
-    def add(self, label: str, logits: torch.Tensor) -> None:
+    def add(self, label: str, logits: torch.Tensor, reverse: str | None = None) -> None:
+        """Compare ``logits`` with the reference under ``label``; with ``reverse`` (KL-only
+        comparisons), also KL(``logits`` || reference) under that label, from the same pass
+        (:meth:`~.divergence.LogitsReference.kl_sums_both`; its ``top1_agree`` is NaN)."""
+        if reverse is not None:
+            if not self.kl_only:
+                raise ValueError("a reverse KL is computed by KL-only comparisons (kl_only=True)")
+            self._labels += [label, reverse]
+            self._sums += self.reference.kl_sums_both(logits, self.top1)
+            return
         self._labels.append(label)
         if self.kl_only:
             self._sums.append(self.reference.kl_sums(logits, self.top1))

@@ -440,3 +440,43 @@ def test_comparisons_in_kl_only_mode_report_kl_and_nonfinite_rows():
     assert got["kl"] == pytest.approx(want["kl"], rel=1e-6)
     assert got["nonfinite_rows"] == want["nonfinite_rows"]
     assert math.isnan(got["cosine"]) and math.isnan(got["top1_agree"])
+
+
+def _reverse_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The KL-only cases, and tiny KLs under a common shift of the logits (the centring)."""
+    g = torch.Generator().manual_seed(36)
+    a = torch.randn(16, 3000, generator=g) * 3
+    shifted = [(a, a + noise * torch.randn(16, 3000, generator=g) + shift)
+               for noise, shift in ((1e-4, 5.0), (1e-6, 0.5), (2.0, 1.0))]
+    return _kl_only_cases() + shifted
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_reverse_kl_from_the_same_pass_matches_float64(case):
+    """KL(Q || P) from the differences against P's reference equals the float64 KL with the
+    roles exchanged; the forward sums are kl_sums' bit for bit; rows counted alike."""
+    a, b = _reverse_cases()[case]
+    ref = LogitsReference(a, False)
+    forward, backward = ref.kl_sums_both(b, top1=True)
+    assert forward == pytest.approx(ref.kl_sums(b, top1=True), nan_ok=True, rel=0, abs=0)
+    want = _reference(b, a)
+    assert backward[4:] == forward[4:] and backward[5] == want["nonfinite_rows"]
+    assert math.isnan(backward[3])  # agreements: with the forward sums
+    rel = 2e-4 if case == 4 else 1e-5  # case 4: a KL of 5e-9 (float32 differences of logits)
+    assert backward[0] / backward[4] == pytest.approx(want["kl"], rel=rel)
+    assert backward[0] / backward[4] != pytest.approx(forward[0] / forward[4], rel=1e-3) or (
+        case in (4, 5, 6)  # tiny KLs are symmetric to first order
+    )
+
+
+def test_comparisons_report_the_reverse_kl_under_its_own_label():
+    a, b = _reverse_cases()[0]
+    c = divergence.Comparisons(LogitsReference(a), kl_only=True, top1=True)
+    c.add("x", b, reverse="x_back")
+    got = c.results()
+    assert got["x_back"]["kl"] == pytest.approx(LogitsReference(b, False).compare(a)["kl"],
+                                                rel=1e-5)
+    assert got["x"]["kl"] == pytest.approx(LogitsReference(a, False).compare(b)["kl"], rel=1e-6)
+    assert math.isnan(got["x_back"]["top1_agree"]) and got["x"]["top1_agree"] > 0
+    with pytest.raises(ValueError, match="kl_only"):
+        divergence.Comparisons(LogitsReference(a)).add("y", b, reverse="y_back")
