@@ -75,14 +75,16 @@ class Comparisons:
         if reverse is not None:
             if not self.kl_only:
                 raise ValueError("a reverse KL is computed by KL-only comparisons (kl_only=True)")
-            self._labels += [label, reverse]
-            self._sums += self.reference.kl_sums_both(logits, self.top1)
+            both = self.reference.kl_sums_both(logits, self.top1)
+            self._labels += [label, reverse]  # after the comparison: a failed one adds nothing
+            self._sums += both
             return
-        self._labels.append(label)
         if self.kl_only:
-            self._sums.append(self.reference.kl_sums(logits, self.top1))
+            sums = self.reference.kl_sums(logits, self.top1)
         else:
-            self._sums.append(self.reference.compare_sums(logits))
+            sums = self.reference.compare_sums(logits)
+        self._labels.append(label)
+        self._sums.append(sums)
 
     def results(self) -> dict[str, dict[str, float]]:
         flat = [x for row in self._sums for x in row]

@@ -143,7 +143,10 @@ class LogitsReference:
         # entry makes its product with P (>= 0) non-finite
         ok = self.finite & _finite_rows(other, rows.centre)
         forward = rows.kl(self.mass)
-        redo = self._redo_rows(forward, rows.min_diff(), ok)
+        backward = rows.reverse_kl(self.mass) if reverse else None
+        # a row is recomputed in both directions when either result is unsafe
+        either = forward if backward is None else forward + backward
+        redo = self._redo_rows(either, rows.min_diff(), ok)
         zero = torch.zeros((), dtype=torch.float64, device=other.device)
         good = int(ok.sum())
         nan = math.nan
@@ -154,9 +157,9 @@ class LogitsReference:
             total = float(torch.where(ok, kl, zero).sum())
             return [total, nan, nan, agreements, float(good), float(n - good)]
 
-        if not reverse:
+        if backward is None:
             return (sums(forward, False, agree),)
-        return sums(forward, False, agree), sums(rows.reverse_kl(self.mass), True, nan)
+        return sums(forward, False, agree), sums(backward, True, nan)
 
     def _other(self, other: torch.Tensor) -> torch.Tensor:
         """``other`` as compared: on the reference's device, unit stride along the classes, in
@@ -341,32 +344,40 @@ class _KlRows:
 _EXP_SAFE = 60.0  # exp(60) * smallest float32 * 2^18 classes is far below anything reported
 
 
-_TANH_SAFE = 0.25  # largest x / 2 for which 2 tanh(x/2) / (1 - tanh(x/2)) keeps ~1 ulp
+_TANH_SAFE = 0.25  # largest x / 2 for which 2 tanh(x/2) / (1 - tanh(x/2)) is within 3 roundings
 
 
 def _half_expm1(
     y: torch.Tensor, out: torch.Tensor, top: torch.Tensor, den: torch.Tensor
 ) -> torch.Tensor:
-    """``expm1(2 y) / 2`` into ``out``; ``top`` bounds ``y`` per row; ``den`` a buffer of
-    ``y``'s size (``y`` itself where it is no longer needed).
+    """``expm1(2 y) / 2`` of a block of rows into ``out``; ``top`` is each row's maximum of
+    ``y``; ``den`` a buffer of ``y``'s size (``y`` itself where it is no longer needed).
 
-    On a CPU, ``expm1`` is not vectorised (~4-9x the time of ``tanh``), so where every
-    ``y <= 0.25`` this takes ``tanh(y) / (1 - tanh(y))``, the same function, within 3 float32
+    On a CPU, ``expm1`` is not vectorised (~4-9x the time of ``tanh``), so a row whose every
+    ``y <= 0.25`` takes ``tanh(y) / (1 - tanh(y))``, the same function, within 3 float32
     roundings of the true value over that range (``1 - tanh(y) >= 0.75`` cannot cancel; torch's
-    ``expm1`` is within 1-2). A block whose logits moved further apart, and other devices, take
-    ``expm1``.
+    ``expm1`` is within 1-2). A row whose logits moved further apart takes ``expm1``: the choice
+    is per row, so a row's value does not depend on the rows beside it. Other devices take
+    ``expm1`` (no synchronisation per block).
 
-    >>> y = torch.tensor([[-3.0, 1e-9, 0.2]])
-    >>> got = _half_expm1(y, torch.empty(3), y.amax(dim=-1), torch.empty(3))
+    >>> y = torch.tensor([[-3.0, 1e-9, 0.2], [0.1, 2.0, -1.0]])
+    >>> got = _half_expm1(y.clone(), torch.empty(6), y.amax(dim=-1), torch.empty(6))
     >>> torch.allclose(got, torch.expm1(2 * y) / 2, rtol=3e-7, atol=0)
     True
     """
     out = out[: y.numel()].view_as(y)
-    if y.device.type != "cpu" or not float(top.max()) <= _TANH_SAFE:  # NaN: expm1 keeps it
+    if y.device.type != "cpu":
         return torch.mul(y, 2, out=out).expm1_().mul_(0.5)
+    far = (top > _TANH_SAFE).nonzero().flatten()  # NaN rows stay: NaN either way
+    if far.numel() == y.shape[0]:
+        return torch.mul(y, 2, out=out).expm1_().mul_(0.5)
+    exact = torch.expm1(y[far] * 2).mul_(0.5) if far.numel() else None  # before y is overwritten
     t = torch.tanh(y, out=out)
     one = torch.ones((), dtype=y.dtype, device=y.device)
-    return t.div_(torch.sub(one, t, out=den[: y.numel()].view_as(y)))
+    h = t.div_(torch.sub(one, t, out=den[: y.numel()].view_as(y)))
+    if exact is not None:
+        h[far] = exact
+    return h
 
 
 def _block_rows(v: int) -> int:

@@ -400,7 +400,7 @@ def _kl_only_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
     broken[1][11, :] = float("nan")
     huge = _pair(4, 8, 0.5, seed=34)
     huge[0][1, 2] = huge[1][1, 2] = 3e38  # row sums overflow; the rows are finite
-    tiny = _pair(5, 30000, 1e-4, seed=35)  # several row blocks
+    tiny = _pair(20, 30000, 1e-4, seed=35)  # three row blocks (8 rows of 30000 a block)
     return [plain, spread, broken, huge, tiny]
 
 
@@ -480,3 +480,50 @@ def test_comparisons_report_the_reverse_kl_under_its_own_label():
     assert math.isnan(got["x_back"]["top1_agree"]) and got["x"]["top1_agree"] > 0
     with pytest.raises(ValueError, match="kl_only"):
         divergence.Comparisons(LogitsReference(a)).add("y", b, reverse="y_back")
+
+
+def _mixed_blocks() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of every kind, spread over several row blocks: tiny KLs (the tanh form), wide
+    moves (expm1), an underflowing P (the log-softmax path) and non-finite rows, late ones
+    included."""
+    a, b = _pair(24, 40, 1e-3, seed=37)
+    b[3] = a[3] + 3.0 * torch.randn(40, generator=torch.Generator().manual_seed(1))  # expm1
+    b[9] += 0.7  # a common shift only: KL 0
+    a[14, 5], b[14, 5] = -150.0, 0.0  # P underflows where Q does not
+    b[17, 2] = float("inf")
+    a[21, 0] = float("nan")
+    b[23, :] = float("nan")
+    b[22] = a[22] + 2.0  # shifted, then a wide move in one entry
+    b[22, 7] -= 4.0
+    return a, b
+
+
+@pytest.mark.parametrize("block", [40, 120, 1 << 18])
+def test_both_kls_over_row_blocks_match_float64_and_each_row_alone(block, monkeypatch):
+    """Whatever the blocks, both KLs equal float64 and the sum of each row compared alone: a
+    row's value depends on that row only (the tanh/expm1 choice is per row)."""
+    monkeypatch.setattr(divergence, "_BLOCK_ELEMENTS", block)
+    a, b = _mixed_blocks()
+    forward, backward = LogitsReference(a, False).kl_sums_both(b, top1=True)
+    alone = [LogitsReference(a[i : i + 1], False).kl_sums_both(b[i : i + 1], top1=True)
+             for i in range(a.shape[0])]
+    for got, i in ((forward, 0), (backward, 1)):
+        assert got[0] == pytest.approx(sum(r[i][0] for r in alone), rel=1e-12)
+        assert got[4:] == [sum(r[i][4] for r in alone), sum(r[i][5] for r in alone)]
+    assert forward[3] == sum(r[0][3] for r in alone)
+    want_f, want_b = _reference(a, b), _reference(b, a)
+    assert forward[5] == want_f["nonfinite_rows"] == 3
+    assert forward[0] / forward[4] == pytest.approx(want_f["kl"], rel=1e-5)
+    assert backward[0] / backward[4] == pytest.approx(want_b["kl"], rel=1e-5)
+
+
+def test_kls_do_not_depend_on_the_scale_of_the_reference_probabilities():
+    """Both KLs divide P's sums by its row sum: a reference whose probabilities sum to 1.5
+    (as float32 rounding makes them sum to 1 +- 1e-7) gives the same KLs."""
+    a, b = _reverse_cases()[0]
+    ref = LogitsReference(a, False)
+    want = ref.kl_sums_both(b)
+    ref.probs, ref.mass = ref.probs * 1.5, ref.mass * 1.5
+    got = ref.kl_sums_both(b)
+    for g, w in zip(got, want, strict=True):
+        assert g[0] == pytest.approx(w[0], rel=1e-6) and g[4:] == w[4:]
