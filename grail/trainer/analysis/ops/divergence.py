@@ -9,7 +9,10 @@ restricted to unmasked tokens) and :math:`P = \mathrm{softmax}(a)`, :math:`Q = \
   from the difference itself, so a KL of 1e-9 keeps its relative accuracy (two float32
   log-softmaxes of ~10 would leave only rounding noise). Rows where some
   :math:`d_v < -60` (the product of an underflowed probability and a huge :math:`e^{-d}` would
-  be lost) use two log-softmaxes instead. The clamp removes rounding noise around an exact 0;
+  be lost) use two log-softmaxes instead. The clamp removes rounding noise around an exact 0.
+  On a CPU, whose ``expm1`` is not vectorised, rows with every :math:`-d_v \le 1/2` evaluate it
+  as :math:`2\tanh(-d/2) / (1 - \tanh(-d/2))` (within 3 float32 roundings). The reverse KL(Q || P)
+  comes from the same pass (:meth:`LogitsReference.kl_sums_both`);
 * ``cosine``: :math:`\frac{1}{N}\sum_i \frac{a_i \cdot b_i}{\lVert a_i\rVert\lVert b_i\rVert}`;
 * ``mse``: :math:`\frac{1}{NV}\sum_{i,v}(a_{iv} - b_{iv})^2`;
 * ``top1_agree``: fraction of rows with :math:`\arg\max a_i = \arg\max b_i`.
