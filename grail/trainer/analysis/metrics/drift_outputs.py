@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 
 __all__ = ["drift_outputs", "drift_spectra"]
 
+
 def drift_spectra(
     low_rank: LowRankMetrics,
     base_delta: ParameterDelta,

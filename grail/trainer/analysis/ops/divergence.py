@@ -216,7 +216,7 @@ class LogitsReference:
         # large and their sum inaccurate. The block holds y = x / 2 (exact: a power of 2).
         p = self.probs[s:e]
         centre = rows.centre[s:e]
-        torch.sum(torch.mul(p, diff, out=prod[: diff.numel()].view_as(diff)), -1, out=centre)
+        _rowdot(p, diff, prod, out=centre)
         half_centre = centre.double().div_(2 * self.mass[s:e]).to(diff.dtype)
         y = torch.add(half_centre[:, None], diff, alpha=-0.5, out=diff)
         top = rows.top[s:e]
@@ -369,10 +369,9 @@ def _half_expm1(
     True
     """
     out = out[: y.numel()].view_as(y)
-    if y.device.type != "cpu":
-        return torch.mul(y, 2, out=out).expm1_().mul_(0.5)
-    far = (top > _TANH_SAFE).nonzero().flatten()  # NaN rows stay: NaN either way
-    if far.numel() == y.shape[0]:
+    # rows for expm1 (NaN rows stay: NaN either way); not looked for off the CPU (a sync)
+    far = (top > _TANH_SAFE).nonzero().flatten() if y.device.type == "cpu" else None
+    if far is None or far.numel() == y.shape[0]:
         return torch.mul(y, 2, out=out).expm1_().mul_(0.5)
     exact = torch.expm1(y[far] * 2).mul_(0.5) if far.numel() else None  # before y is overwritten
     t = torch.tanh(y, out=out)
@@ -400,9 +399,12 @@ def _scratch(n: int, v: int, count: int, device: torch.device) -> list[torch.Ten
     return [buffers.get(device, size, slot=i) for i in range(count)]
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products (float32), the product written into ``scratch``."""
-    return torch.mul(a, b, out=scratch[: a.numel()].view_as(a)).sum(dim=-1)
+def _rowdot(
+    a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Row-wise dot products (float32, into ``out`` if given), the product written into
+    ``scratch``."""
+    return torch.sum(torch.mul(a, b, out=scratch[: a.numel()].view_as(a)), -1, out=out)
 
 
 def _row_norms(x: torch.Tensor) -> torch.Tensor:
