@@ -9,7 +9,12 @@ take one optimizer step on the same batch between snapshots, then time one measu
 baseline). Reports the snapshot bytes each rank holds and the measurement time per rank, as
 ratios to the single process. The ZeRO-3 rows need ``pip install deepspeed`` (skipped without).
 
-Run: ``python benchmarks/bench_distributed.py [--hidden 256 --layers 4 --vocab 8000]``
+Engines measured one after the other see different load on a shared machine, so the ZeRO-3 /
+FSDP2 ratio is also measured side by side: two more processes hold a ZeRO-3 engine and an FSDP2
+copy of the same model, and alternate a training step and a measurement of each for ``--rounds``
+rounds (the first two of each are not timed).
+
+Run: ``python benchmarks/bench_distributed.py [--hidden 256 --layers 4 --vocab 8000 --rounds 10]``
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +65,48 @@ def _zero3(args: argparse.Namespace, rank: int, world: int, port: int) -> tuple[
     return engine, train_step
 
 
+def _fsdp(args: argparse.Namespace, world: int) -> tuple[Any, Any]:
+    """``(model, train_step)`` of the model under FSDP2 (per decoder layer, then the root), or
+    unsharded in one process."""
+    model = qwen2(args.hidden, args.layers, args.vocab).train()
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step(ids: torch.Tensor) -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return model, train_step
+
+
+def _manager() -> ModelAnalysisManager:
+    return ModelAnalysisManager.create(AnalysisConfig(
+        interval=1, param_change_per_layer=True, param_change_track_components=True))
+
+
+def _timed_measurement(manager: ModelAnalysisManager, model: Any, train_step: Any,
+                       ids: torch.Tensor, world: int) -> float:
+    """One training step, then the seconds one measurement takes."""
+    train_step(ids)
+    if world > 1:
+        dist.barrier()
+    start = time.perf_counter()
+    metrics = manager.on_optimizer_step(model, inputs={"input_ids": ids})
+    seconds = time.perf_counter() - start
+    assert not metrics or "sparse/kl_at_1e-06" in metrics
+    return seconds
+
+
+def _batch(args: argparse.Namespace) -> torch.Tensor:
+    return torch.randint(0, args.vocab, (2, 64), generator=torch.Generator().manual_seed(0))
+
+
 def measure(
     rank: int, world: int, args: argparse.Namespace, port: int, out: str, engine: str = "fsdp"
 ) -> None:
@@ -69,34 +117,10 @@ def measure(
         if world > 1:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             dist.init_process_group("gloo", rank=rank, world_size=world)
-        model = qwen2(args.hidden, args.layers, args.vocab).train()
-        if world > 1:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def train_step(ids: torch.Tensor) -> None:
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-
-    config = AnalysisConfig(interval=1, param_change_per_layer=True,
-                            param_change_track_components=True)
-    manager = ModelAnalysisManager.create(config)
-    ids = torch.randint(0, args.vocab, (2, 64), generator=torch.Generator().manual_seed(0))
-    times = []
-    for step in range(1, args.steps + 1):
-        train_step(ids)
-        if world > 1:
-            dist.barrier()
-        start = time.perf_counter()
-        metrics = manager.on_optimizer_step(model, inputs={"input_ids": ids})
-        if step > 1:
-            times.append(time.perf_counter() - start)
-        assert step == 1 or "sparse/kl_at_1e-06" in metrics
+        model, train_step = _fsdp(args, world)
+    manager, ids = _manager(), _batch(args)
+    times = [_timed_measurement(manager, model, train_step, ids, world)
+             for _ in range(args.steps)][1:]
     result = {"snapshot_bytes": manager.old_snapshot.nbytes(), "seconds": min(times)}
     Path(out).write_text(json.dumps(result))
     if world > 1:
@@ -104,12 +128,34 @@ def measure(
         dist.destroy_process_group()
 
 
+def side_by_side(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    """A ZeRO-3 engine and an FSDP2 copy of the same model in the same two processes,
+    measured alternately."""
+    torch.set_num_threads(1)
+    engines = {"ZeRO-3": _zero3(args, rank, 2, port), "FSDP2": _fsdp(args, 2)}
+    managers = {label: _manager() for label in engines}
+    ids = _batch(args)
+    times: dict[str, list[float]] = {label: [] for label in engines}
+    for round_ in range(args.rounds + 2):
+        for label, (model, train_step) in engines.items():
+            seconds = _timed_measurement(managers[label], model, train_step, ids, 2)
+            if round_ >= 2:  # the first takes the snapshot, the second warms up
+                times[label].append(seconds)
+    Path(out).write_text(json.dumps(times))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _two_ranks(args: argparse.Namespace, engine: str, tmp: str) -> list[dict]:
     port = _port()
     outs = [str(Path(tmp, f"{engine}-rank{r}.json")) for r in range(2)]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=measure, args=(r, 2, args, port, outs[r], engine))
-             for r in range(2)]
+    if engine == "side-by-side":
+        procs = [ctx.Process(target=side_by_side, args=(r, args, port, outs[r]))
+                 for r in range(2)]
+    else:
+        procs = [ctx.Process(target=measure, args=(r, 2, args, port, outs[r], engine))
+                 for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -129,6 +175,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="timed measurements of each engine side by side (0: none)")
     args = parser.parse_args()
     engines = {"FSDP2": "fsdp"}
     try:
@@ -142,6 +190,8 @@ def main() -> None:
         measure(0, 1, args, 0, str(single))
         one = json.loads(single.read_text())
         ranks = {label: _two_ranks(args, engine, tmp) for label, engine in engines.items()}
+        both = (_two_ranks(args, "side-by-side", tmp)
+                if "ZeRO-3" in engines and args.rounds > 0 else [])
     rows = [{"process": "single", "snapshot MB": f"{one['snapshot_bytes'] / 2**20:.2f}",
              "snapshot / single": "1.000", "measurement s": f"{one['seconds']:.3f}",
              "time / single": "1.00"}]
@@ -154,6 +204,18 @@ def main() -> None:
                          "measurement s": f"{res['seconds']:.3f}",
                          "time / single": f"{res['seconds'] / one['seconds']:.2f}"})
     print(table(rows))
+    if both:
+        pairs = []
+        for r, times in enumerate(both):
+            z, f = times["ZeRO-3"], times["FSDP2"]
+            pairs.append({
+                "side by side": f"rank {r} of 2",
+                "FSDP2 min / median s": f"{min(f):.3f} / {statistics.median(f):.3f}",
+                "ZeRO-3 min / median s": f"{min(z):.3f} / {statistics.median(z):.3f}",
+                "ZeRO-3 / FSDP2 (min, median)":
+                    f"{min(z) / min(f):.2f}, {statistics.median(z) / statistics.median(f):.2f}"})
+        print(f"\nalternating in the same two processes, {args.rounds} rounds:")
+        print(table(pairs))
 
 
 if __name__ == "__main__":

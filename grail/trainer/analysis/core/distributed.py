@@ -24,7 +24,7 @@ rebuilds a tensor in either layout.
 DeepSpeed ZeRO-3 keeps whole copies of some parameters between forwards (persistent small
 parameters, prefetched ones): :func:`.zero.release` drops them (locally), so that the next
 forward gathers patched partitions while they are patched and training never sees a patch that
-was undone; :func:`sync_gathered` also gathers the persistent ones again at once (a collective).
+was undone.
 
 Agreement. A rank must never take a branch that issues a collective on its own: every per-rank
 decision that leads to one (measure or not, run a computer or not, re-baseline or not, how long
@@ -76,7 +76,6 @@ __all__ = [
     "reshard",  # from .engines
     "shard_info",
     "stable_hash",
-    "sync_gathered",
     "unsupported_engine",  # from .engines
     "unwrap_model",  # from .engines
 ]
@@ -204,22 +203,6 @@ def local_grad(p: torch.Tensor) -> LocalGrad:
         return LocalGrad(*piece)
     grad = local_tensor(p.grad) if p.grad is not None else None
     return LocalGrad(grad, shard_info(p), local_tensor(p).numel())
-
-
-def sync_gathered(model: torch.nn.Module) -> None:
-    """DeepSpeed ZeRO-3: :func:`.zero.release` every whole copy, then gather the persistent
-    parameters again from the partitions as they are now, in one coalesced all-gather (a
-    collective: every rank calls it at the same point, e.g. before a forward). A forward that
-    starts from here sees the partitions, patched or not, and skips DeepSpeed's gathers of the
-    persistent parameters one module at a time (slower over gloo). No-op for other models.
-    """
-    root = unwrap_model(model)
-    zero.release(root)
-    persistent = [
-        p for p in root.parameters() if zero.is_partitioned(p) and getattr(p, "ds_persist", False)
-    ]
-    if persistent:
-        persistent[0].all_gather(param_list=persistent)
 
 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..core import zero
-from ..core.distributed import agree, sync_gathered
+from ..core.distributed import agree
 from ..core.engines import reshard
 
 __all__ = [
@@ -236,11 +236,13 @@ def run_forward(
     time, which is exact: no float32 copy of a half-precision output is made); any other dtype
     is converted to float32.
 
-    Under DeepSpeed ZeRO-3 the whole copies DeepSpeed keeps are gathered again from the
-    partitions as they are, patched or not, before the pass (a collective, like the pass itself:
-    every rank runs the same forwards) and released after it (locally, also when it raises).
+    Under DeepSpeed ZeRO-3 the whole copies DeepSpeed keeps between forwards (persistent and
+    prefetched parameters) are released before the pass, so that its own gathers read the
+    partitions as they are, patched or not, and again after it (also when it raises), so that
+    training's next forward never sees a patch. Releasing is local; the pass gathers each module's
+    parameters as training's forwards do (every rank runs the same forwards).
     """
-    sync_gathered(model)
+    zero.release(model)
     try:
         logits = logits_from_output(model(*prepared.args, **prepared.kwargs), output_fn)
     finally:

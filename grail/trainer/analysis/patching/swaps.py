@@ -83,8 +83,6 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
         zero.release(model)
 
 
-
-
 def _pack_on(device: torch.device) -> bool:
     """Keep swap masks packed for the undo (host memory), or recompute them (accelerators)."""
     return device.type == "cpu"

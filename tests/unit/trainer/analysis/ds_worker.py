@@ -18,7 +18,9 @@ accelerate) with ``ModelAnalysisCallback``; the callback is called after ``engin
 
 ZeRO-3 also checks the invariants (partitions and gathered persistent copies bit-identical after a
 measurement, also when a forward raises on every rank half-way; RNG, modes and gradients
-untouched), that a rank without inputs makes every rank skip the forwards, and the snapshot size.
+untouched), that a rank without inputs makes every rank skip the forwards, that a forward on
+patched partitions sees the patch while DeepSpeed still holds whole copies from training's
+forward, and the snapshot size.
 
 DeepSpeed's shared-memory all-reduce kernel is not built (compiling it takes a minute in a fresh
 environment and gloo carries every collective anyway).
@@ -287,6 +289,7 @@ def zero3_checks(engine: Any, manager: Any, rank: int) -> dict:
     )
     out["after_raise_kl"] = sq["sparse/kl_at_1e-06"]
     out["gathered_consistent_after"] = gathered_consistent(module)
+    out.update(stale_copy_check(engine, probe))
     # inputs on rank 0 only: every rank skips the forwards, none hangs
     inputs = probe if rank == 0 else None
     one_sided = LowRankMetrics(ranks=[1]).compute(
@@ -297,6 +300,38 @@ def zero3_checks(engine: Any, manager: Any, rank: int) -> dict:
     metrics = manager.on_optimizer_step(engine, inputs=inputs, optimizer=engine.optimizer)
     out["one_sided_manager_keys"] = sorted(metrics)
     return out
+
+
+def stale_copy_check(engine: Any, probe: Any) -> dict:
+    """An analysis forward on patched partitions while DeepSpeed still holds the whole copies a
+    training forward left (persistent parameters): it must compute with the patch. The expected
+    logits come from a plain forward after every copy was released by hand."""
+    import torch
+
+    from grail.trainer.analysis.core import zero
+    from grail.trainer.analysis.patching.forward import prepare_inputs, run_forward
+
+    module = engine.module
+    prepared = prepare_inputs(engine, probe, max_tokens=10**6)
+    with torch.no_grad():
+        engine(*prepared.args, **prepared.kwargs)  # as training: persistent copies stay gathered
+        held = [p for p in module.parameters() if zero.is_gathered(p)]
+        saved = [p.ds_tensor.clone() for p in held]
+        try:
+            for p in held:
+                p.ds_tensor.data.mul_(0.5)
+            seen = run_forward(engine, prepared)
+            zero.release(module)
+            expected = engine(*prepared.args, **prepared.kwargs)
+        finally:
+            for p, s in zip(held, saved):
+                p.ds_tensor.data.copy_(s)
+            zero.release(module)
+    expected = expected.reshape(seen.shape)
+    unpatched = run_forward(engine, prepared)
+    return {"held_copies": len(held),
+            "patched_forward_sees_patch": bool(torch.equal(seen, expected)),
+            "patch_changes_logits": not bool(torch.equal(seen, unpatched))}
 
 
 def run_trainer() -> dict:

@@ -174,6 +174,16 @@ def test_zero3_measurement_failures_leave_partitions_bit_identical(runs):
         assert math.isfinite(z3["after_raise_kl"])
 
 
+def test_zero3_forward_on_patched_partitions_ignores_copies_from_training(runs):
+    """After a training forward DeepSpeed keeps whole copies of the persistent parameters; an
+    analysis forward on patched partitions must not compute with them."""
+    _, ranks = runs
+    for z3 in (r[run] for r in ranks for run in ("3", "3bf16")):
+        assert z3["held_copies"] > 0
+        assert z3["patch_changes_logits"]
+        assert z3["patched_forward_sees_patch"]
+
+
 def test_zero3_rank_without_inputs_skips_forwards_everywhere(runs):
     _, ranks = runs
     for r in ranks:

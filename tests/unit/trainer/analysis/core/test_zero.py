@@ -16,7 +16,6 @@ from grail.trainer.analysis.core.distributed import (
     local_grad,
     local_tensor,
     shard_info,
-    sync_gathered,
     unsupported_engine,
     unwrap_model,
 )
@@ -66,7 +65,6 @@ def test_plain_parameters_are_not_partitioned():
     assert local_grad(model.bias).grad is None
     assert unsupported_engine(model) is None
     zero.release(model)  # no-op
-    sync_gathered(model)  # no-op
 
 
 def test_engine_and_optimizer_wrappers_are_unwrapped():
