@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,24 +87,29 @@ def _fsdp(args: argparse.Namespace, world: int) -> tuple[Any, Any]:
 
 
 def _manager() -> ModelAnalysisManager:
+    """Every step measured: parameter change per layer and component, sparse quality."""
     return ModelAnalysisManager.create(AnalysisConfig(
         interval=1, param_change_per_layer=True, param_change_track_components=True))
 
 
-def _timed_measurement(manager: ModelAnalysisManager, model: Any, train_step: Any,
-                       ids: torch.Tensor, world: int) -> float:
-    """One training step, then the seconds one measurement takes."""
+def _timed_measurement(manager: ModelAnalysisManager, model: Any,
+                       train_step: Callable[[torch.Tensor], None], ids: torch.Tensor,
+                       world: int) -> float:
+    """One training step, then the seconds one measurement takes (the first call takes the
+    snapshot; every later one must have measured)."""
+    first = manager.old_snapshot is None
     train_step(ids)
     if world > 1:
         dist.barrier()
     start = time.perf_counter()
     metrics = manager.on_optimizer_step(model, inputs={"input_ids": ids})
     seconds = time.perf_counter() - start
-    assert not metrics or "sparse/kl_at_1e-06" in metrics
+    assert first or "sparse/kl_at_1e-06" in metrics, sorted(metrics)
     return seconds
 
 
 def _batch(args: argparse.Namespace) -> torch.Tensor:
+    """The training and probe batch: 2 x 64 random token ids, the same on every rank."""
     return torch.randint(0, args.vocab, (2, 64), generator=torch.Generator().manual_seed(0))
 
 
@@ -137,7 +143,9 @@ def side_by_side(rank: int, args: argparse.Namespace, port: int, out: str) -> No
     ids = _batch(args)
     times: dict[str, list[float]] = {label: [] for label in engines}
     for round_ in range(args.rounds + 2):
-        for label, (model, train_step) in engines.items():
+        order = list(engines) if round_ % 2 == 0 else list(reversed(engines))  # no order bias
+        for label in order:
+            model, train_step = engines[label]
             seconds = _timed_measurement(managers[label], model, train_step, ids, 2)
             if round_ >= 2:  # the first takes the snapshot, the second warms up
                 times[label].append(seconds)
@@ -160,6 +168,13 @@ def _two_ranks(args: argparse.Namespace, engine: str, tmp: str) -> list[dict]:
         p.start()
     for p in procs:
         p.join(timeout=900)
+    for p in procs:  # a rank that crashed leaves the other waiting in a collective
+        if p.is_alive():
+            p.kill()
+            p.join()
+    codes = [p.exitcode for p in procs]
+    if codes != [0, 0]:
+        raise RuntimeError(f"{engine}: the two ranks exited with {codes}")
     return [json.loads(Path(o).read_text()) for o in outs]
 
 

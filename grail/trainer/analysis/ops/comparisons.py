@@ -71,7 +71,13 @@ class Comparisons:
     def add(self, label: str, logits: torch.Tensor, reverse: str | None = None) -> None:
         """Compare ``logits`` with the reference under ``label``; with ``reverse`` (KL-only
         comparisons), also KL(``logits`` || reference) under that label, from the same pass
-        (:meth:`~.divergence.LogitsReference.kl_sums_both`; its ``top1_agree`` is NaN)."""
+        (:meth:`~.divergence.LogitsReference.kl_sums_both`; its ``top1_agree`` is NaN).
+        A label already used raises ``ValueError`` before anything is compared (its results
+        would overwrite the other's)."""
+        new = [label] if reverse is None else [label, reverse]
+        for i, name in enumerate(new):
+            if name in self._labels or name in new[:i]:
+                raise ValueError(f"comparison label {name!r} is used twice: give each its own")
         if reverse is not None:
             if not self.kl_only:
                 raise ValueError("a reverse KL is computed by KL-only comparisons (kl_only=True)")

@@ -16,11 +16,11 @@ size, so the last ZeRO-3 partition is padded.
 Run ``trainer``: the HF Trainer itself runs ZeRO-3 (``TrainingArguments(deepspeed=...)``, through
 accelerate) with ``ModelAnalysisCallback``; the callback is called after ``engine.step()``.
 
-ZeRO-3 also checks the invariants (partitions and gathered persistent copies bit-identical after a
-measurement, also when a forward raises on every rank half-way; RNG, modes and gradients
-untouched), that a rank without inputs makes every rank skip the forwards, that a forward on
-patched partitions sees the patch while DeepSpeed still holds whole copies from training's
-forward, and the snapshot size.
+ZeRO-3 also checks the invariants (partitions bit-identical after a measurement, and every whole
+copy DeepSpeed holds equal to the partitions, also when a forward raises on every rank half-way;
+RNG, modes and gradients untouched), that a rank without inputs makes every rank skip the
+forwards, that a forward on patched partitions sees the patch while DeepSpeed still holds whole
+copies from training's forward, and the snapshot size.
 
 DeepSpeed's shared-memory all-reduce kernel is not built (compiling it takes a minute in a fresh
 environment and gloo carries every collective anyway).

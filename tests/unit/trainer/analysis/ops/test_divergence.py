@@ -482,6 +482,16 @@ def test_comparisons_report_the_reverse_kl_under_its_own_label():
         divergence.Comparisons(LogitsReference(a)).add("y", b, reverse="y_back")
 
 
+def test_comparisons_refuse_a_label_used_twice_before_comparing():
+    a, b = _reverse_cases()[0]
+    c = divergence.Comparisons(LogitsReference(a), kl_only=True)
+    c.add("x", b, reverse="x_back")
+    for label, reverse in (("x", None), ("y", "x_back"), ("x_back", None), ("z", "z")):
+        with pytest.raises(ValueError, match="used twice"):
+            c.add(label, b, reverse=reverse)
+    assert list(c.results()) == ["x", "x_back"]  # nothing was added by the refused calls
+
+
 def _mixed_blocks() -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of every kind, spread over several row blocks: tiny KLs (the tanh form), wide
     moves (expm1), an underflowing P (the log-softmax path) and non-finite rows, late ones
