@@ -139,6 +139,9 @@ def release(module: Any) -> None:
     from the partitions again, so it sees patched partitions while they are patched and never a
     copy of a patch that was undone. Goes through DeepSpeed's parameter coordinator when there
     is one (it also waits for prefetches in flight), as ``engine.empty_partition_cache()`` does.
+    Without a ZeRO-3 optimizer (DeepSpeed's inference-only offload) the same steps are taken by
+    hand: prefetches in flight are waited for (the registry DeepSpeed keeps on the root
+    module), the modules using each parameter forgotten, and every whole copy partitioned.
     Local: freeing memory needs no collective. No-op for other modules.
     """
     params = [p for p in module.parameters() if is_partitioned(p)]
@@ -148,6 +151,12 @@ def release(module: Any) -> None:
     if coord is not None:
         coord.release_and_reset_all(module)
         return
+    registry = getattr(module, "ds_inflight_param_registry", None)
+    ours = set(params)
+    for p in [p for p in list(registry or ()) if p in ours]:
+        registry.pop(p).wait()  # type: ignore[union-attr]
+    for p in params:
+        getattr(p, "ds_active_sub_modules", set()).clear()
     gathered = [p for p in params if is_gathered(p)]
     if gathered:
         gathered[0].partition(param_list=gathered)

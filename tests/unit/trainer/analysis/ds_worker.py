@@ -13,6 +13,10 @@ saves what DeepSpeed's own full-state helpers (``GatheredParameters``, ``safe_ge
 on an unsharded copy and compare. The model is wrapped with a 3-entry ``scale`` parameter: an odd
 size, so the last ZeRO-3 partition is padded.
 
+Run ``offload``: ZeRO-3 without an optimizer (DeepSpeed's inference-only offload, no parameter
+coordinator reachable from the parameters), a patched forward raising half-way (see
+:func:`run_offload`).
+
 Run ``trainer``: the HF Trainer itself runs ZeRO-3 (``TrainingArguments(deepspeed=...)``, through
 accelerate) with ``ModelAnalysisCallback``; the callback is called after ``engine.step()``.
 
@@ -334,6 +338,68 @@ def stale_copy_check(engine: Any, probe: Any) -> dict:
             "patch_changes_logits": not bool(torch.equal(seen, unpatched))}
 
 
+def run_offload() -> dict:
+    """ZeRO-3 without an optimizer (DeepSpeed's inference-only offload, as for a frozen
+    reference model): no parameter coordinator is reachable from the parameters. A patched
+    forward that raises half-way leaves prefetches of patched values in flight; the analysis
+    must leave the partitions bit-identical, no copy gathered or in flight, and the next
+    forward exact."""
+    import deepspeed
+    import torch
+
+    from grail.trainer.analysis.core import zero
+    from grail.trainer.analysis.core.snapshot import ParameterSnapshot
+    from grail.trainer.analysis.metrics.base import AnalysisContext
+    from grail.trainer.analysis.metrics.sparse_quality import SparseQualityMetrics
+
+    cfg = ds_config(3, False)
+    del cfg["optimizer"]
+    with deepspeed.zero.Init(config_dict_or_path=cfg):
+        model = build_model()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg)
+    module = engine.module.eval()
+    probe = {"input_ids": batch(0, 0, probe=True)}
+    snapshot = ParameterSnapshot(engine)
+    gen = torch.Generator().manual_seed(3)
+    for p in module.parameters():  # an update to analyse
+        p.ds_tensor.data.add_(1e-2 * torch.randn(p.ds_tensor.shape, generator=gen))
+    delta = snapshot.compute_delta(ParameterSnapshot.live(engine))
+    with torch.no_grad():
+        zero.release(module)
+        for _ in range(2):  # the first records DeepSpeed's trace: prefetching starts after it
+            expected = engine(**probe)
+    before = partitions(module)
+    calls = [0]
+
+    def boom(mod: Any, args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:  # in the first patched forward, after prefetches were launched
+            raise RuntimeError("half-way")
+
+    handle = module.lm.model.layers[1].register_forward_pre_hook(boom)
+    raised = False
+    try:
+        # threshold 1: every entry of the update dropped, the patched values are the old ones
+        SparseQualityMetrics(thresholds=[1.0]).compute(
+            delta, context=AnalysisContext(model=engine, inputs=probe, step=1)
+        )
+    except RuntimeError:
+        raised = True
+    finally:
+        handle.remove()
+    after = partitions(module)
+    out = {
+        "coordinator_found": zero.coordinator(list(module.parameters())) is not None,
+        "raised": raised,
+        "bit_identical": all(torch.equal(before[n], after[n]) for n in before if n in after),
+        "left_in_flight": sum(p.ds_status.name == "INFLIGHT" for p in module.parameters()),
+        "left_gathered": sum(zero.is_gathered(p) for p in module.parameters()),
+    }
+    with torch.no_grad():
+        out["next_forward_exact"] = bool(torch.equal(engine(**probe), expected))
+    return out
+
+
 def run_trainer() -> dict:
     """The HF Trainer under ZeRO-3 with the analysis callback: what every rank measured."""
     import tempfile
@@ -374,13 +440,16 @@ def run_trainer() -> dict:
             "logged_steps": [e["step"] for e in logged]}
 
 
+RUNNERS = {"trainer": run_trainer, "offload": run_offload}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", default="1,2,3,3bf16,trainer")
+    parser.add_argument("--runs", default="1,2,3,3bf16,offload,trainer")
     args = parser.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(args.rank),
                       LOCAL_RANK=str(args.rank), WORLD_SIZE=str(args.world),
@@ -398,7 +467,10 @@ def main() -> None:
     out_dir = Path(args.out)
     results = {}
     for run in args.runs.split(","):
-        results[run] = run_trainer() if run == "trainer" else run_stage(run, args.rank, out_dir)
+        if run in RUNNERS:
+            results[run] = RUNNERS[run]()
+        else:
+            results[run] = run_stage(run, args.rank, out_dir)
         (out_dir / f"rank{args.rank}.json").write_text(json.dumps(results))
     leave_group(args.world)
 

@@ -184,6 +184,18 @@ def test_zero3_forward_on_patched_partitions_ignores_copies_from_training(runs):
         assert z3["patched_forward_sees_patch"]
 
 
+def test_zero3_without_optimizer_leaves_nothing_in_flight_after_a_failed_forward(runs):
+    """DeepSpeed's inference-only ZeRO-3 (no coordinator reachable from the parameters): a
+    patched forward raising half-way leaves no prefetch in flight and no whole copy, the
+    partitions bit-identical, and the next forward exact."""
+    _, ranks = runs
+    for r in ranks:
+        got = r["offload"]
+        assert not got["coordinator_found"] and got["raised"]
+        assert got["bit_identical"] and got["next_forward_exact"]
+        assert got["left_in_flight"] == 0 and got["left_gathered"] == 0
+
+
 def test_zero3_rank_without_inputs_skips_forwards_everywhere(runs):
     _, ranks = runs
     for r in ranks:
