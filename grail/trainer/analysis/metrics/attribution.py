@@ -198,7 +198,7 @@ class AttributionMetrics(MetricComputer):
         model = unwrap_model(context.model)
         prepared = agree_across_ranks(prepare_inputs(model, context.inputs, self.max_tokens))
         if isinstance(prepared, str):
-            return self.skip(prepared)
+            return self.skip_inputs(prepared)
         # the compile policy decides, as for the other forward-pass families ("rows")
         fused = kernels.use("rows", delta.numel(), self.fused, context.step)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..core.logonce import LogOnce
+from ..patching.forward import UnusableInputs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -256,6 +257,20 @@ class MetricComputer(ABC):
         """
         self.log_once(f"metrics skipped: {reason}")
         return {}
+
+    def skip_inputs(self, reason: str) -> dict[str, float]:
+        """:meth:`skip` for the forward-pass metrics (see :meth:`note_inputs`)."""
+        self.note_inputs(reason)
+        return {}
+
+    def note_inputs(self, reason: str, what: str = "forward-pass metrics") -> None:
+        """Log once why ``what`` did not run: a warning when inputs were passed but cannot be
+        used (:class:`~grail.trainer.analysis.patching.forward.UnusableInputs`: the caller
+        expects these keys), INFO otherwise (no inputs at this step, another rank's)."""
+        if isinstance(reason, UnusableInputs):
+            self.warn_once(("inputs", reason), "%s: %s skipped: %s", self.name, what, reason)
+        else:
+            self.log_once(f"{what} skipped: {reason}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -325,7 +325,7 @@ class DriftMetrics(MetricComputer):
             prepared = agree_across_ranks(prepare_inputs(model, context.inputs, self.max_tokens))
         usable = not isinstance(prepared, str)
         if not usable:
-            self.log_once(f"output metrics skipped: {prepared}")
+            self.note_inputs(prepared, "output metrics")
         spectra: dict[str, Any] = {}
         if self.low_rank is not None:
             spectra, energy = drift_spectra(self.low_rank, base_delta, model, usable, context.step)

@@ -249,7 +249,7 @@ class LowRankMetrics(MetricComputer):
             # every rank must agree: the factors and the forward passes involve collectives
             prepared = agree_across_ranks(prepared)
         if isinstance(prepared, str):
-            self.log_once(f"output quality skipped: {prepared}")
+            self.note_inputs(prepared, "output quality")
         start = time.perf_counter()
         step = context.step if context is not None else 0
         spectra, nonfinite = self._spectra(delta, names, not isinstance(prepared, str), step)

@@ -188,7 +188,7 @@ class SparseQualityMetrics(MetricComputer):
         model = unwrap_model(context.model)
         prepared = agree_across_ranks(prepare_inputs(model, context.inputs, self.max_tokens))
         if isinstance(prepared, str):
-            return self.skip(prepared)
+            return self.skip_inputs(prepared)
         targets = self._targets(delta)
         total = self._global_count(delta)
         seed = mix_seed(self.seed, context.step)

@@ -4,10 +4,13 @@ Inputs may be a mapping (``dict``, ``BatchEncoding``), a tensor of input ids, or
 positional arguments. Mapping keys that the model's ``forward`` does not name (``labels``,
 ``completion_mask``, ``advantages``, ...) are dropped by inspecting its signature; ``labels`` is
 always dropped (the analysis needs logits, not a loss), and ``use_cache=False`` is passed where
-accepted. Tensors are moved to the device of the model's first parameter.
+accepted. A ``forward`` that takes ``**kwargs`` (a wrapper passing them on) also receives
+``attention_mask`` and ``position_ids``. Tensors are moved to the device of the model's first
+parameter.
 
 The batch is cut to at most ``max_tokens`` positions: whole rows first, then, if a single row is
-longer, its first ``max_tokens`` positions (a causal model's prefix is self-contained).
+longer, its prefix up to its ``max_tokens``-th compared position (a causal model's prefix is
+self-contained; positions the attention mask excludes, such as left padding, do not count).
 
 Outputs: ``output_fn(output)`` if given, else ``output.logits``, a mapping's ``"logits"``, a
 tuple's first tensor that is not a scalar (a forward returning ``(loss, logits)`` works), or the
@@ -42,6 +45,7 @@ from ..core.engines import reshard
 
 __all__ = [
     "PreparedInputs",
+    "UnusableInputs",
     "agree_across_ranks",
     "logits_from_output",
     "prepare_inputs",
@@ -62,17 +66,32 @@ class PreparedInputs:
     tokens: int = 0
 
 
+class UnusableInputs(str):
+    """Why inputs that were passed cannot be used (a ``str``): a mistake the caller should hear
+    about, unlike a step without inputs."""
+
+
+_PASSED_ON = ("attention_mask", "position_ids")  # also given to a forward taking **kwargs
+
+
 def _forward_parameters(model: nn.Module) -> tuple[set[str], bool]:
+    """The keyword names ``model.forward`` accepts, and whether it accepts every key (no
+    signature, or no named parameter at all)."""
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):
         return set(), True
+    kinds = {p.kind for p in sig.parameters.values()}
     named = {
         n
         for n, p in sig.parameters.items()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
-    return named, not named
+    if not named:
+        return named, True
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        named |= set(_PASSED_ON)
+    return named, False
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -117,17 +136,19 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
             ids = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if ids is None:
             keys = sorted(map(str, inputs))
-            return f"inputs mapping has no tensor the model accepts (keys: {keys})"
+            return UnusableInputs(f"inputs mapping has no tensor the model accepts (keys: {keys})")
     elif isinstance(inputs, (tuple, list)) and inputs:
         args = tuple(inputs)
         kwargs = {}
         ids = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if ids is None:
-            return "inputs tuple holds no tensor"
+            return UnusableInputs(
+                f"inputs {type(inputs).__name__} holds no tensor (pass a tensor of ids)"
+            )
     else:
-        return f"unsupported inputs type {type(inputs).__name__}"
+        return UnusableInputs(f"unsupported inputs type {type(inputs).__name__}")
     if ids.dim() == 0 or ids.numel() == 0:
-        return "inputs are empty"
+        return UnusableInputs("inputs are empty")
 
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     batch = ids.shape[0]
@@ -137,6 +158,12 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
     per_row = seq if seq is not None else 1
     rows = max(1, min(batch, max_tokens // per_row))
     cols = min(seq, max_tokens) if seq is not None else None
+    if cols is not None and cols < seq and isinstance(mask, torch.Tensor) and (
+        tuple(mask.shape) == (batch, seq)
+    ):
+        # one row, cut after its max_tokens-th compared position (left padding does not count)
+        seen = mask[0].bool().cumsum(0)
+        cols = min(seq, max(cols, int((seen < max_tokens).sum()) + 1))
     args = tuple(_cut(a, rows, cols, batch, seq) for a in args)
     kwargs = {k: _cut(v, rows, cols, batch, seq) for k, v in kwargs.items()}
     mask = _cut(mask, rows, cols, batch, seq).bool() if isinstance(mask, torch.Tensor) else None

@@ -222,17 +222,21 @@ def test_output_forms_and_output_fn():
 
 
 def test_missing_or_unusable_inputs_return_empty_and_log_once(caplog):
+    """No inputs at a step is normal (INFO, once); inputs that were passed but cannot be used
+    are the caller's mistake (a warning, once per reason)."""
     model, snap, _old, ctx = _setup()
     delta = snap.compute_delta(ParameterSnapshot.live(model))
     computer = SparseQualityMetrics()
     caplog.set_level(logging.INFO)
-    for inputs in (None, None, "text", {"labels": torch.ones(2)}):
+    for inputs in (None, None, "text", {"labels": torch.ones(2)}, "text", [[1, 2]]):
         ctx.inputs = inputs
         assert computer.compute(delta, context=ctx) == {}
-    messages = [
-        r.getMessage() for r in caplog.records if "sparse: metrics skipped" in r.getMessage()
-    ]
-    assert len(messages) == 3  # one per distinct reason
+    said = [(r.levelno, r.getMessage()) for r in caplog.records
+            if "sparse: forward-pass metrics skipped" in r.getMessage()]
+    assert [level for level, _ in said] == [logging.INFO] + [logging.WARNING] * 3
+    assert "no inputs were passed" in said[0][1]
+    assert "unsupported inputs type str" in said[1][1]
+    assert "keys: ['labels']" in said[2][1] and "inputs list holds no tensor" in said[3][1]
 
 
 def test_keep_ratio_targets_land_within_one_percent():

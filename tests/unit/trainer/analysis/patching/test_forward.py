@@ -110,6 +110,29 @@ def test_custom_forward_keeps_only_named_arguments():
     assert "use_cache" not in prepared.kwargs  # not accepted: not passed
 
 
+def test_a_wrapper_taking_kwargs_receives_the_attention_mask(qwen):
+    """A forward with named ids and ``**kwargs`` (a wrapper passing them on) gets the padding
+    mask and position ids, not the trainer's other keys; its logits equal the bare model's."""
+
+    class Wrap(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, **kwargs):
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    batch = _batch(pad=True)
+    batch["position_ids"] = torch.arange(10).expand(4, 10)
+    prepared = prepare_inputs(Wrap(qwen), batch, max_tokens=1000)
+    assert set(prepared.kwargs) == {"input_ids", "attention_mask", "position_ids"}
+    bare = prepare_inputs(qwen, batch, max_tokens=1000)
+    with torch.no_grad():
+        got = run_forward(Wrap(qwen).eval(), prepared)
+        want = run_forward(qwen.eval(), bare)
+    assert torch.equal(got, want)
+
+
 # --- tensors, tuples, lists ------------------------------------------------------------------
 
 
@@ -160,6 +183,7 @@ def test_tuple_cuts_only_tensors_with_the_batch_dimension():
         (np.ones((2, 3)), "unsupported"),
         ({1, 2}, "unsupported"),
         ({0: torch.ones(2, 3), "advantages": 1.0}, "no tensor"),
+        ([[1, 2, 3]], "inputs list holds no tensor"),
     ],
 )
 def test_unusable_inputs_give_a_reason_instead_of_raising(qwen, inputs, fragment):
@@ -194,6 +218,25 @@ def test_max_tokens_cuts_rows_first_then_columns(qwen, max_tokens, shape):
     assert torch.equal(prepared.kwargs["position_ids"], batch["position_ids"][:rows, :cols])
     assert prepared.mask.shape == shape
     assert prepared.tokens == rows * cols <= max_tokens
+
+
+@pytest.mark.parametrize(
+    ("pad", "max_tokens", "cols", "tokens"),
+    [
+        (10, 8, 16, 6),  # left padding longer than the budget: the whole row, 6 compared
+        (4, 8, 12, 8),  # cut after the 8th real token
+        (0, 8, 8, 8),  # no padding: the first 8 positions, as before
+    ],
+)
+def test_a_long_left_padded_row_is_cut_after_its_budget_of_real_tokens(pad, max_tokens, cols,
+                                                                       tokens):
+    ids = torch.arange(16).reshape(1, 16) % VOCAB
+    mask = torch.ones(1, 16, dtype=torch.long)
+    mask[0, :pad] = 0
+    prepared = prepare_inputs(nn.Embedding(VOCAB, 2), {"input_ids": ids, "attention_mask": mask},
+                              max_tokens)
+    assert prepared.kwargs["input"].shape == (1, cols)
+    assert prepared.tokens == tokens == int(prepared.mask.sum()) <= max_tokens
 
 
 def test_token_count_respects_the_attention_mask(qwen):
