@@ -201,6 +201,20 @@ class AnalysisConfig:
     fused_kernels: bool | str = "auto"
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (and normalise lists of numbers); ``ValueError``/``TypeError``
+        naming the field and what to change. Runs at construction and again when a manager is
+        built from the config, so a field set after construction is checked too.
+
+        >>> config = AnalysisConfig()
+        >>> config.interval = 0
+        >>> config.validate()
+        Traceback (most recent call last):
+        ...
+        ValueError: AnalysisConfig.interval=0 is invalid: expected an integer >= 1.
+        """
         _check_int("interval", self.interval, 1)
         if not isinstance(self.snapshot_device, str):
             _fail("snapshot_device", self.snapshot_device, "expected a device string like 'cpu'")

@@ -134,6 +134,8 @@ class ModelAnalysisManager(ManagerBase, ManagerState, ManagerRuns):
                 f"config must be an AnalysisConfig, got {type(config).__name__}; build one with "
                 "AnalysisConfig(...) or AnalysisConfig.from_dict(...)"
             )
+        if config is not None:
+            config.validate()  # fields may have been set after construction
         self.config = config or AnalysisConfig()
         check_device_exists(self.config.snapshot_device)
         self.computers: list[MetricComputer] = []
@@ -221,6 +223,13 @@ class ModelAnalysisManager(ManagerBase, ManagerState, ManagerRuns):
         try:
             if not self.is_measurement_step():
                 return {}
+            if not self.computers:
+                self._warn_once(
+                    ("no-computers",),
+                    "no metric computer is registered, so every measurement returns {}: "
+                    "enable a family in AnalysisConfig (e.g. param_change_enabled=True) or "
+                    "add one with add_metric()",
+                )
             return self._measure(model, inputs, optimizer, metadata)
         except Exception as err:  # the training loop must survive anything the analysis does
             self._report("manager", err)

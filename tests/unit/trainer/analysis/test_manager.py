@@ -456,3 +456,29 @@ def test_the_log_once_helper_speaks_once_per_key_and_repeats_at_debug(caplog):
             manager.on_optimizer_step(model, step="7")
     levels = [r.levelno for r in caplog.records if "not an integer" in r.getMessage()]
     assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
+def test_a_config_field_set_after_construction_is_checked_when_the_manager_is_built():
+    config = AnalysisConfig()
+    config.interval = 0
+    with pytest.raises(ValueError, match="interval=0 is invalid"):
+        ModelAnalysisManager.create(config)
+    config.interval = 2
+    config.sparse_quality_keep_ratios = [1.5]
+    with pytest.raises(ValueError, match="sparse_quality_keep_ratios"):
+        ModelAnalysisManager(config)
+
+
+def test_a_manager_without_computers_says_so_once_instead_of_returning_nothing_silently(caplog):
+    config = AnalysisConfig(interval=1, param_change_enabled=False, sparse_quality_enabled=False)
+    manager = ModelAnalysisManager.create(config)
+    assert len(manager) == 0
+    caplog.set_level(logging.WARNING, logger="grail.trainer.analysis.manager")
+    _train_steps(tiny_qwen2(vocab=128), manager, 3)
+    said = [r for r in caplog.records if "no metric computer is registered" in r.getMessage()]
+    assert len(said) == 1 and "add_metric()" in said[0].getMessage()
+    manager.add_metric(Count())  # a custom computer alone is a valid setup: no warning
+    caplog.clear()
+    assert _train_steps(tiny_qwen2(vocab=128), ModelAnalysisManager(config).add_metric(Count()),
+                        3) == [2, 3]
+    assert not [r for r in caplog.records if "no metric computer" in r.getMessage()]
