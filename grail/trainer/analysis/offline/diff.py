@@ -106,8 +106,33 @@ def low_rank_available() -> bool:
     return importlib.util.find_spec("grail.trainer.analysis.metrics.low_rank") is not None
 
 
+# the command-line option behind each config field a user sets through ``diff``
+_OPTIONS = {
+    "param_change_thresholds": "--thresholds",
+    "sparse_quality_thresholds": "--thresholds",
+    "sparse_quality_keep_ratios": "--keep-ratios",
+    "sparse_quality_max_tokens": "--max-tokens",
+    "sparse_quality_seed": "--seed",
+    "low_rank_ranks": "--ranks",
+    "principal_ranks": "--ranks",
+    "attribution_max_groups": "--attribution-max-groups",
+}
+
+
 def build_config(opts: DiffOptions, low_rank: bool | None = None) -> AnalysisConfig:
-    """The run's config; a bad value raises ``ValueError`` naming the field."""
+    """The run's config; a bad value raises ``ValueError`` naming the field and the
+    command-line option that set it."""
+    try:
+        return _build_config(opts, low_rank)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        field = message.removeprefix("AnalysisConfig.").split("=", 1)[0]
+        if field in _OPTIONS:
+            message = f"{message.rstrip('.')} (set by {_OPTIONS[field]})"
+        raise ValueError(message) from err
+
+
+def _build_config(opts: DiffOptions, low_rank: bool | None) -> AnalysisConfig:
     low_rank = opts.low_rank and (low_rank_available() if low_rank is None else low_rank)
     sparse_thresholds = [t for t in opts.thresholds if t > 0]
     with_prompts = opts.prompts is not None

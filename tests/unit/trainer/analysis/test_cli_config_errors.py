@@ -43,7 +43,10 @@ def test_thresholds_with_the_same_key_label(tmp_path, capsys):
     ],
 )
 def test_other_invalid_values(tmp_path, capsys, options, fragment):
-    assert fragment in _diff_error(tmp_path, capsys, *options)
+    line = _diff_error(tmp_path, capsys, *options)
+    assert fragment in line
+    flag = options[0].split("=")[0]
+    assert line.endswith(f"(set by {flag})"), line  # the option the user typed
 
 
 def test_a_long_list_is_cut_in_the_error_line(tmp_path, capsys):
