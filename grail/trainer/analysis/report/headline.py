@@ -19,6 +19,9 @@ Decisions where the design is silent:
   section.
 * With one run (or the diff) a card says what its numbers mean in a sentence of
   :mod:`.text`; with several runs it gives the general reading, and one value line per run.
+* The diff's mask card is read against the base (:func:`.text.base_reference`): it calls the
+  mask close to the tuned model only if it recovers most of the base's KL. A run's masks are of
+  one interval, which ``drift/*`` does not measure, so the run cards use the KL cut-offs alone.
 
 Example:
     >>> keys = {"param_change/relative_norm", "sparse/kl_at_keep_0.01", "sparse/kl_at_keep_0.1",
@@ -38,7 +41,14 @@ from dataclasses import dataclass
 from ..keys import KeyParts, metric_key, parse_key
 from .plots import Line, Panel
 from .series import Run
-from .text import number, pct, quality_sentence, unchanged_sentence
+from .text import (
+    base_reference,
+    nothing_moved,
+    number,
+    pct,
+    quality_sentence,
+    unchanged_sentence,
+)
 
 __all__ = ["Card", "Entry", "cards", "entries", "headline_label", "panels"]
 
@@ -151,16 +161,21 @@ def _value(entry: Entry, v: float | None) -> str:
     return pct(v) if entry.percent else number(v)
 
 
-def _reading(entry: Entry, m: Mapping[str, float | None], dtype: str | None) -> str:
+def _reading(entry: Entry, m: Mapping[str, float | None], dtype: str | None,
+             from_base: bool) -> str:
     """The sentence of one run's (or the diff's) numbers; the general reading as a fallback."""
     first, *rest = (m.get(k) for k, _, _ in entry.lines)
     if entry.kind == "unchanged" and first is not None and rest[0] is not None:
         return unchanged_sentence(first, rest[0], dtype)
     if entry.kind == "mask":
+        if nothing_moved(m):
+            return "Nothing to keep: no entry moved."
         parts = parse_key(entry.lines[0][0])
         assert parts is not None
         top1 = m.get(parts.with_(name="top1_agree").key)
-        return quality_sentence(first, rest[0], top1, "a random mask of the same size")
+        base_kl, base_top1 = base_reference(m) if from_base else (None, None)
+        return quality_sentence(first, rest[0], top1, "a random mask of the same size", base_kl,
+                                base_top1)
     if entry.kind == "size" and first is not None:
         return (f"||dW||_2 = {number(m.get(_P + 'norm_l2'))} is {pct(first)} of the weights' "
                 f"norm; the largest single change is {number(m.get(_P + 'norm_max'))}.")
@@ -171,8 +186,13 @@ def cards(
     chosen: Sequence[Entry],
     values: Sequence[tuple[str, Mapping[str, float | None]]],
     dtype: str | None = None,
+    from_base: bool = False,
 ) -> list[Card]:
-    """One card per entry from ``(run label, last values)`` pairs (one pair for the diff)."""
+    """One card per entry from ``(run label, last values)`` pairs (one pair for the diff).
+
+    ``from_base``: the values are a diff's, whose masks start from the base (see module
+    docstring).
+    """
     out = []
     for entry in chosen:
         lines = []
@@ -180,6 +200,7 @@ def cards(
             shown = [f"{_value(entry, m[k])} {role}" for k, role, _ in entry.lines if k in m]
             text = ", ".join(shown) if shown else "not logged"
             lines.append(f"{label}: {text}" if len(values) > 1 else text)
-        reading = _reading(entry, values[0][1], dtype) if len(values) == 1 else entry.reading
+        reading = (_reading(entry, values[0][1], dtype, from_base) if len(values) == 1
+                   else entry.reading)
         out.append(Card(entry.title, lines, reading))
     return out

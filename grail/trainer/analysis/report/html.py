@@ -203,7 +203,8 @@ def render_diff_report(result: Mapping[str, Any]) -> str:
     chosen = headline.entries([set(m)])
     sections = [section("headline", "Headline", "the numbers that answer whether this update is "
                         "small, sparse, and reproducible by a sparse mask.",
-                        [cards(headline.cards(chosen, [("diff", m)], stored_dtype(result)))])]
+                        [cards(headline.cards(chosen, [("diff", m)], stored_dtype(result),
+                                              from_base=True))])]
     sections.append(section("summary", "In words", "", [
         table(["quantity", "value", "what it means"], diff_summary(result))]))
     families: dict[str, list[str]] = {}

@@ -3,7 +3,9 @@
 Rows are ``(quantity, value, meaning)``. The reading of the unchanged fractions follows the
 precision facts the metrics are built on: bf16 keeps 8 significant bits, so an update below about
 2^-9 of a weight vanishes when the weight is stored in bf16. A high bf16-unchanged fraction next
-to a low exact-unchanged fraction therefore means the apparent sparsity is rounding.
+to a low exact-unchanged fraction therefore means the apparent sparsity is rounding. In a diff a
+mask's KL is read against the base's (keeping none of the update, :func:`base_reference`): it is
+called close to the tuned model only if it recovers most of the base's KL.
 
 Example:
     >>> unchanged_sentence(0.03, 0.92, "float32")[:70]
@@ -22,10 +24,12 @@ from ..keys import KeyParts, format_budget, metric_key, parse_key
 
 __all__ = [
     "FAMILY_ORDER",
+    "base_reference",
     "diff_summary",
     "family_reading",
     "family_title",
     "metric_rows",
+    "nothing_moved",
     "number",
     "pct",
     "quality_sentence",
@@ -61,6 +65,8 @@ def pct(v: float | None) -> str:
 def unchanged_sentence(exact: float, bf16: float, dtype: str | None) -> str:
     """What the exact- and bf16-unchanged fractions say together."""
     at = f"at {dtype} precision" if dtype else "at stored precision"
+    if exact >= 1.0:
+        return "No entry moved: the weights are identical in the analysed parameters (no update)."
     if dtype == "bfloat16":
         return (
             f"Weights are stored in bf16, where an update below about 2^-9 (0.2%) of a weight is "
@@ -83,20 +89,58 @@ def _label_text(parts: KeyParts, kept: float | None) -> str:
     return f"Keep changes with |dW| > {parts.label} ({pct(kept)} of entries)"
 
 
+def _closeness(kl: float, base_kl: float | None, top1: float | None,
+               base_top1: float | None) -> tuple[str, str]:
+    """The lead of :func:`quality_sentence` and the KL it is read from (``KL x nats/token``)."""
+    size = f"KL {number(kl)} nats/token"
+    no_better_top1 = top1 is not None and base_top1 is not None and top1 <= base_top1
+    if base_kl is None:  # no reference: absolute cut-offs, unless top-1 is no better than base
+        if no_better_top1 and kl <= 1e-2:
+            return "No closer to the tuned model than the base in top-1 agreement", size
+        if kl <= 1e-3:
+            return "Practically the tuned model", size
+        if kl <= 1e-2:
+            return "Close to the tuned model", size
+        return "Noticeably different from the tuned model", size
+    recovered = 1 - kl / base_kl if base_kl > 1e-12 else float("-inf")
+    if recovered < 0:
+        size += f", above the base's {number(base_kl)}"
+    else:
+        size += f", recovering {pct(recovered)} of the base's {number(base_kl)}"
+    close = recovered >= 0.5 and not (no_better_top1 and top1 is not None and top1 < 1)
+    if close and kl <= 1e-3 and recovered >= 0.9:
+        return "Practically the tuned model", size
+    if close and kl <= 1e-2:
+        return "Close to the tuned model", size
+    if kl > 1e-2:
+        return "Noticeably different from the tuned model", size
+    if recovered < -0.1:
+        return "Further from the tuned model than the base", size
+    if recovered < 0.1:
+        return "About as far from the tuned model as the base", size
+    return "Partway from the base to the tuned model", size
+
+
 def quality_sentence(kl: float | None, baseline: float | None, top1: float | None,
-                     what: str) -> str:
-    """What a masked update's KL says next to a baseline's (``what``) at the same budget."""
-    agree = f" Top-1 agreement {pct(top1)}." if top1 is not None else ""
+                     what: str, base_kl: float | None = None,
+                     base_top1: float | None = None) -> str:
+    """What a masked update's KL says next to a baseline's (``what``) at the same budget.
+
+    ``base_kl`` and ``base_top1`` are what keeping none of the update scores (the base model:
+    KL(P_tuned || P_base) and its top-1 agreement), when known. The KL cut-offs (1e-3 for
+    "practically", 1e-2 for "close") then also need the mask to recover at least 90% / 50% of
+    the base's KL, and a top-1 agreement below 100% no better than the base's rules out either.
+    Without ``base_kl`` the cut-offs alone decide, unless top-1 is no better than the base's.
+    """
+    agree = ""
+    if top1 is not None:
+        theirs = f", the base's {pct(base_top1)}" if base_top1 is not None else ""
+        agree = f" Top-1 agreement {pct(top1)}{theirs}."
     if kl is None or baseline is None:
         return "Not available." + agree
     if kl <= 1e-12:
         return f"Same outputs as the tuned model on these prompts (KL {number(kl)}).{agree}"
-    if kl <= 1e-3:
-        lead = "Practically the tuned model"
-    elif kl <= 1e-2:
-        lead = "Close to the tuned model"
-    else:
-        lead = "Noticeably different from the tuned model"
+    lead, size = _closeness(kl, base_kl, top1, base_top1)
     if baseline <= 1e-12:
         cmp = f"{what} reproduces the tuned outputs exactly"
     elif baseline > 3 * kl:
@@ -105,7 +149,26 @@ def quality_sentence(kl: float | None, baseline: float | None, top1: float | Non
         cmp = f"{what} does {kl / baseline:.0f}x better"
     else:
         cmp = f"about as close as {what}"
-    return f"{lead} (KL {number(kl)} nats/token); {cmp}.{agree}"
+    return f"{lead} ({size}); {cmp}.{agree}"
+
+
+def base_reference(m: Metrics) -> tuple[float | None, float | None]:
+    """What keeping none of a diff's update scores: the base model's KL(P_tuned || P_base) and
+    top-1 agreement (``drift/kl_now_base``, ``drift/top1_agree``); None where not logged.
+
+    Only a diff's masks start from the base: in a run, ``sparse/*`` masks one interval's update
+    while ``drift/*`` spans the whole run, so these are no reference there.
+    """
+    kl, top1 = m.get("drift/kl_now_base"), m.get("drift/top1_agree")
+    finite = [v if v is not None and v == v and abs(v) != float("inf") else None
+              for v in (kl, top1)]
+    return finite[0], finite[1]
+
+
+def nothing_moved(m: Metrics) -> bool:
+    """True when no entry of the update moved (``param_change/exact_unchanged_ratio`` is 1)."""
+    exact = m.get("param_change/exact_unchanged_ratio")
+    return exact is not None and exact >= 1.0
 
 
 def _parsed(m: Metrics) -> Iterable[tuple[KeyParts, float | None]]:
@@ -135,9 +198,27 @@ def _labelled(m: Metrics, family: str, name: str, kinds: tuple[str, ...]
     return sorted(found, key=lambda pv: pv[0].label_value or 0.0)
 
 
-def metric_rows(m: Metrics, dtype: str | None) -> list[Row]:
-    """Rows for whatever metric families ``m`` holds (shared by both reports)."""
+def _largest(word: str, group: str, v: float, med: float) -> Row:
+    """The "Largest layer/component" row; no ratio to a median that did not move."""
+    if v <= 0:
+        return (f"Largest {word}", "none", f"No {word} moved (mean |dW| 0 in each).")
+    if med <= 0:
+        return (f"Largest {word}", group, f"Mean |dW| {number(v)}; the median {word} did not "
+                "move.")
+    return (f"Largest {word}", group, f"Mean |dW| {number(v)}, {v / med:.1f}x the median {word}.")
+
+
+def metric_rows(m: Metrics, dtype: str | None, from_base: bool = False) -> list[Row]:
+    """Rows for whatever metric families ``m`` holds (shared by both reports).
+
+    ``from_base``: the masks are of the whole fine-tune (a diff), so :func:`base_reference` is
+    what keeping none of it scores and the mask verdicts are read against it. With no entry
+    moved (:func:`nothing_moved`) the mask and low-rank rows say so instead of a verdict.
+    """
     rows: list[Row] = []
+    base_kl, base_top1 = base_reference(m) if from_base else (None, None)
+    still = nothing_moved(m)
+    nothing = "Nothing to keep: no entry moved."
     p = "param_change/"
     if m.get(p + "relative_norm") is not None:
         rows.append(("Update size", f"{pct(m[p + 'relative_norm'])} relative L2",
@@ -159,9 +240,7 @@ def metric_rows(m: Metrics, dtype: str | None) -> list[Row]:
     for scope, word in (("layer", "layer"), ("component", "component")):
         found = _where(m, scope)
         if found:
-            g, v, med = found
-            rows.append((f"Largest {word}", g, f"Mean |dW| {number(v)}, "
-                         f"{v / med if med else float('inf'):.1f}x the median {word}."))
+            rows.append(_largest(word, *found))
     kls = _labelled(m, "sparse", "kl", ("keep", "threshold"))
     if any(parts.label_kind == "keep" for parts, _ in kls):  # kept fractions read best
         kls = [(parts, v) for parts, v in kls if parts.label_kind == "keep"]
@@ -170,8 +249,9 @@ def metric_rows(m: Metrics, dtype: str | None) -> list[Row]:
         kept = m.get(parts.with_(name="kept_ratio").key)
         rnd = m.get(parts.with_(variant="random").key)
         rows.append((_label_text(parts, kept), f"KL {number(kl)} (random {number(rnd)})",
+                     nothing if still else
                      quality_sentence(kl, rnd, m.get(parts.with_(name="top1_agree").key),
-                                      "a random mask of the same size")))
+                                      "a random mask of the same size", base_kl, base_top1)))
     energy = [(int(parts.label_value or 0), v)
               for parts, v in _labelled(m, "lowrank", "energy", ("rank",)) if v is not None]
     if energy:
@@ -183,14 +263,17 @@ def metric_rows(m: Metrics, dtype: str | None) -> list[Row]:
         else:
             reading = f"rank {r0} keeps {pct(e0)}, rank {r1} keeps {pct(e1)}."
         rows.append(("Low-rank energy", "; ".join(f"r{r}: {pct(e)}" for r, e in energy),
+                     "Nothing to decompose: no entry moved." if still else
                      f"Share of each matrix update's energy in its top-r singular values "
                      f"(stable rank {number(m.get('lowrank/stable_rank'))}): {reading}"))
     for parts, kl in _labelled(m, "lowrank", "kl", ("rank",)):
         r = int(parts.label_value or 0)
         sparse = m.get(metric_key("sparse", "kl", label=format_budget(r)))
         rows.append((f"LoRA rank {r}", f"KL {number(kl)} (sparse {number(sparse)})",
+                     nothing if still else
                      quality_sentence(kl, sparse, m.get(parts.with_(name="top1_agree").key),
-                                      "a magnitude mask of the same parameter budget")))
+                                      "a magnitude mask of the same parameter budget",
+                                      base_kl, base_top1)))
     return rows + drift_rows(m)
 
 
@@ -235,7 +318,7 @@ def diff_summary(result: Mapping[str, Any]) -> list[Row]:
         + (" (different dtypes are compared in float32)" if dtype is None else "")
         + (f"; {skipped} non-floating tensors skipped" if skipped else "") + ".",
     )]
-    rows += metric_rows(m, dtype)
+    rows += metric_rows(m, dtype, from_base=True)
     if result.get("prompts"):
         rows.append(("Prompts", f"{result['prompts']} prompts",
                      f"{number(m.get('sparse/tokens'))} token positions compared."))

@@ -167,6 +167,29 @@ def test_diff_report_opens_with_the_headline_then_families_in_order(result):
     assert "family-drift" in _sections(drifted)
 
 
+def test_diff_report_of_identical_checkpoints_says_no_entry_moved(tmp_path):
+    _, _, bdir, _ = save_pair(tmp_path)
+    doc = run_diff(DiffOptions(str(bdir), str(bdir), low_rank=False, principal=False,
+                               progress=False))
+    html = render_diff_report(_with(doc, **{"sparse/kl_at_keep_0.1": 0.0,
+                                            "sparse/kl_at_keep_0.1_random": 0.0,
+                                            "sparse/kept_ratio_at_keep_0.1": 0.0}))
+    assert "No entry moved: the weights are identical in the analysed parameters" in html
+    assert "Nothing to keep: no entry moved." in html and "No layer moved" in html
+    assert "the update itself is sparse" not in html and "infx" not in html
+
+
+def test_diff_report_reads_the_mask_against_the_base(result):
+    html = render_diff_report(_with(result, **SPARSE, **{
+        "drift/kl_now_base": 0.0025, "drift/kl_base_now": 0.003, "drift/top1_agree": 0.95}))
+    head = html[html.index("id='headline'"):html.index("id='summary'")]
+    assert "Partway from the base to the tuned model (KL 0.002 nats/token, recovering 20.0% of " \
+        "the base&#x27;s 0.0025)" in head
+    summary = html[html.index("id='summary'"):]
+    assert "Close to the tuned model" not in summary and "Partway from the base" in summary
+    assert "Practically the tuned model (KL 0.0001 nats/token, recovering 96.0%" in summary
+
+
 def test_missing_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"grail-analysis\[plot\]"):
