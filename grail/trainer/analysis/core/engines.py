@@ -70,15 +70,27 @@ def fsdp_units(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, fsdp)}
 
 
+def _is_compiled(model: torch.nn.Module) -> bool:
+    """True for the wrapper ``torch.compile(module)`` returns (``OptimizedModule``)."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), torch.nn.Module
+    )
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module to run analysis forwards through: the module a DDP wrapper or a DeepSpeed
-    engine wraps, else the model.
+    """The module to run analysis forwards through: the module a DDP wrapper, a DeepSpeed
+    engine or ``torch.compile`` wraps (repeatedly), else the model.
 
     Going through DDP's own forward would arm its gradient-synchronisation hooks, through the
     engine's its micro-step bookkeeping; DeepSpeed's ZeRO-3 hooks sit on the wrapped module.
+    A compiled wrapper names every parameter ``_orig_mod.<name>``, which matches no checkpoint
+    or uncompiled run, and an analysis forward through it (eval mode, no grad) would compile a
+    second graph: the module it wraps runs them eagerly, with the same parameters.
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    while isinstance(model, DistributedDataParallel) or zero.is_engine(model):
-        model = model.module
+    while (
+        isinstance(model, DistributedDataParallel) or zero.is_engine(model) or _is_compiled(model)
+    ):
+        model = model._orig_mod if _is_compiled(model) else model.module
     return model

@@ -482,3 +482,34 @@ def test_a_manager_without_computers_says_so_once_instead_of_returning_nothing_s
     assert _train_steps(tiny_qwen2(vocab=128), ModelAnalysisManager(config).add_metric(Count()),
                         3) == [2, 3]
     assert not [r for r in caplog.records if "no metric computer" in r.getMessage()]
+
+
+def test_a_compiled_model_is_analysed_as_the_module_it_wraps(tmp_path):
+    """``torch.compile(model)``: names without the wrapper's ``_orig_mod.`` prefix (a
+    checkpoint of the plain model is a valid base), the same numbers as the plain model, and
+    the analysis forwards run the wrapped module eagerly (nothing is compiled)."""
+    import torch._dynamo
+
+    plain, twin = tiny_qwen2(vocab=128), tiny_qwen2(vocab=128)
+    twin.load_state_dict(plain.state_dict())
+    plain.save_pretrained(tmp_path / "base")
+    compiled = torch.compile(twin)
+    config = AnalysisConfig(interval=1, drift_enabled=True, sparse_quality_keep_ratios=[0.1])
+    got, want = ModelAnalysisManager.create(config), ModelAnalysisManager.create(config)
+    got.set_base(str(tmp_path / "base"), model=compiled)
+    want.set_base(str(tmp_path / "base"), model=plain)
+    torch._dynamo.reset()
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in (plain, twin)]
+    for step in range(3):
+        ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(step))
+        for model, opt in zip((plain, twin), opts):  # trained eagerly: only the analysis differs
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        a = got.on_optimizer_step(compiled, inputs=ids)
+        b = want.on_optimizer_step(plain, inputs=ids)
+        assert a.keys() == b.keys()
+        np.testing.assert_equal([a[k] for k in sorted(a)], [b[k] for k in sorted(b)])
+    assert "drift/kl_now_base" in a and a["drift/kl_now_base"] > 0
+    assert not any(n.startswith("_orig_mod") for n in got.old_snapshot.data)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
