@@ -143,7 +143,7 @@ class AnalysisConfig:
     sparse_quality_seed: int = 0
     sparse_quality_rescale_random: bool = False  # also report the DARE (1/keep rescaled) mask
     sparse_quality_keep_ratios: list[float] = field(default_factory=list)
-    sparse_quality_max_tokens: int = 4096  # bounds the cost of the extra forward passes
+    sparse_quality_max_tokens: int = 4096  # positions per analysis forward: bounds its cost
 
     # --- gradients and optimizer state (gradient/*, adam_sign/*) -----------------------------
     gradient_enabled: bool = False

@@ -1,7 +1,7 @@
 """The wrappers and sharding engines around a model: the module to run, and what cannot be read.
 
-* :func:`unwrap_model` - the module a DDP wrapper or a DeepSpeed engine wraps, which the
-  analysis' own forwards run through;
+* :func:`unwrap_model` - the module a DDP wrapper, a DeepSpeed engine or ``torch.compile``
+  wraps, which the analysis names parameters by and runs its own forwards through;
 * :func:`fsdp_units` and :func:`reshard` - the FSDP2 modules of a model, and putting them back
   in their sharded state;
 * :func:`unsupported_engine` - a sharding setup whose parameters cannot be analysed.

@@ -124,7 +124,7 @@ def build_config(opts: DiffOptions, low_rank: bool | None = None) -> AnalysisCon
     command-line option that set it."""
     try:
         return _build_config(opts, low_rank)
-    except (ValueError, TypeError) as err:
+    except ValueError as err:
         message = str(err)
         field = message.removeprefix("AnalysisConfig.").split("=", 1)[0]
         if field in _OPTIONS:

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,8 @@ __all__ = [
     "run_forward",
 ]
 
+logger = logging.getLogger(__name__)
+
 _ALWAYS_DROP = {"labels"}
 _ID_KEYS = ("input_ids", "input", "x", "inputs_embeds")
 
@@ -64,6 +67,7 @@ class PreparedInputs:
     kwargs: dict[str, Any] = field(default_factory=dict)
     mask: torch.Tensor | None = None  # bool, shape [batch, seq] (or None: every position)
     tokens: int = 0
+    passed_on: tuple[str, ...] = ()  # keys given to a **kwargs forward that does not name them
 
 
 class UnusableInputs(str):
@@ -74,13 +78,14 @@ class UnusableInputs(str):
 _PASSED_ON = ("attention_mask", "position_ids")  # also given to a forward taking **kwargs
 
 
-def _forward_parameters(model: nn.Module) -> tuple[set[str], bool]:
-    """The keyword names ``model.forward`` accepts, and whether it accepts every key (no
-    signature, or no named parameter at all)."""
+def _forward_parameters(model: nn.Module) -> tuple[set[str], bool, set[str]]:
+    """The keyword names ``model.forward`` accepts, whether it accepts every key (no
+    signature, or no named parameter at all), and the names it gets only through ``**kwargs``
+    (:data:`_PASSED_ON`, dropped again if the forward turns them down)."""
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):
-        return set(), True
+        return set(), True, set()
     kinds = {p.kind for p in sig.parameters.values()}
     named = {
         n
@@ -88,10 +93,11 @@ def _forward_parameters(model: nn.Module) -> tuple[set[str], bool]:
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
     if not named:
-        return named, True
+        return named, True, set()
+    via_kwargs = set()
     if inspect.Parameter.VAR_KEYWORD in kinds:
-        named |= set(_PASSED_ON)
-    return named, False
+        via_kwargs = set(_PASSED_ON) - named
+    return named | via_kwargs, False, via_kwargs
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -101,13 +107,30 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _cut(t: Any, rows: int, cols: int | None, batch: int, seq: int | None) -> Any:
+def _cut(t: Any, rows: slice, cols: slice | None, batch: int, seq: int | None) -> Any:
+    """Rows ``rows`` and, where the tensor has the sequence dimension, columns ``cols`` of a
+    per-row tensor; anything else unchanged."""
     if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != batch:
         return t
-    t = t[:rows]
+    t = t[rows]
     if cols is not None and seq is not None and t.dim() >= 2 and t.shape[1] == seq:
-        t = t[:, :cols]
+        t = t[:, cols]
     return t
+
+
+def _window(mask: Any, batch: int, seq: int, max_tokens: int) -> tuple[slice, slice]:
+    """Rows and columns of a batch whose rows are longer than ``max_tokens``: one row, the
+    first with a compared position, from its first compared position on (left padding is not
+    kept: with the attention mask it changes no compared logit of a causal model with relative
+    positions), ``max_tokens`` columns at most."""
+    row, start = 0, 0
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, seq):
+        real = mask.bool()
+        some = real.any(dim=1).nonzero().flatten()
+        if some.numel():
+            row = int(some[0])
+            start = int(real[row].nonzero()[0])
+    return slice(row, row + 1), slice(start, min(seq, start + max_tokens))
 
 
 def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedInputs | str:
@@ -115,12 +138,13 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
     if inputs is None:
         return "no inputs were passed"
     device = _model_device(model)
+    named_only_by_kwargs: set[str] = set()
     if isinstance(inputs, torch.Tensor):
         args: tuple[Any, ...] = (inputs,)
         kwargs: dict[str, Any] = {}
         ids = inputs
     elif isinstance(inputs, Mapping):
-        named, accepts_all = _forward_parameters(model)
+        named, accepts_all, named_only_by_kwargs = _forward_parameters(model)
         kwargs = {
             k: v
             for k, v in inputs.items()
@@ -155,15 +179,11 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
     seq = ids.shape[1] if ids.dim() >= 2 and ids.dtype in (torch.long, torch.int) else None
     if seq is None and isinstance(mask, torch.Tensor) and mask.shape == ids.shape[:2]:
         seq = mask.shape[1]  # inputs_embeds [batch, seq, hidden]: the mask says what a position is
-    per_row = seq if seq is not None else 1
-    rows = max(1, min(batch, max_tokens // per_row))
-    cols = min(seq, max_tokens) if seq is not None else None
-    if cols is not None and cols < seq and isinstance(mask, torch.Tensor) and (
-        tuple(mask.shape) == (batch, seq)
-    ):
-        # one row, cut after its max_tokens-th compared position (left padding does not count)
-        seen = mask[0].bool().cumsum(0)
-        cols = min(seq, max(cols, int((seen < max_tokens).sum()) + 1))
+    if seq is not None and seq > max_tokens:
+        rows, cols = _window(mask, batch, seq, max_tokens)
+    else:
+        per_row = seq if seq is not None else 1
+        rows, cols = slice(0, max(1, min(batch, max_tokens // per_row))), None
     args = tuple(_cut(a, rows, cols, batch, seq) for a in args)
     kwargs = {k: _cut(v, rows, cols, batch, seq) for k, v in kwargs.items()}
     mask = _cut(mask, rows, cols, batch, seq).bool() if isinstance(mask, torch.Tensor) else None
@@ -177,8 +197,11 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
         mask = mask.to(device)
         tokens = int(mask.sum())
     else:
-        tokens = rows * (cols if cols is not None else 1)
-    return PreparedInputs(args=args, kwargs=kwargs, mask=mask, tokens=tokens)
+        n_rows = len(range(batch)[rows])
+        tokens = n_rows * (len(range(seq)[cols]) if cols is not None and seq is not None
+                           else seq if seq is not None else 1)
+    passed_on = tuple(k for k in _PASSED_ON if k in kwargs and k in named_only_by_kwargs)
+    return PreparedInputs(args=args, kwargs=kwargs, mask=mask, tokens=tokens, passed_on=passed_on)
 
 
 def agree_across_ranks(prepared: PreparedInputs | str) -> PreparedInputs | str:
@@ -251,6 +274,34 @@ def logits_from_output(
 _KEPT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _call(model: nn.Module, prepared: PreparedInputs) -> Any:
+    """``model`` on the prepared inputs. A ``**kwargs`` forward that turns down a key it was
+    given only through ``**kwargs`` (``TypeError`` naming it, e.g. a wrapper passing them on to
+    a module without that parameter) is called again without those keys, which are then left
+    out for good (``prepared`` changes), with one warning."""
+    try:
+        return model(*prepared.args, **prepared.kwargs)
+    except TypeError as err:
+        refused = [k for k in prepared.passed_on if repr(k) in str(err) or k in str(err)]
+        if not refused:
+            raise
+        for key in prepared.passed_on:
+            prepared.kwargs.pop(key, None)
+        if (type(model), tuple(refused)) not in _REFUSED:
+            _REFUSED.add((type(model), tuple(refused)))
+            logger.warning(
+                "%s.forward takes **kwargs but refused %s (%s): analysis forwards run without "
+                "%s, so padded positions are read as the model reads them without a mask",
+                type(model).__name__, ", ".join(refused), err, ", ".join(prepared.passed_on),
+            )
+        prepared.passed_on = ()
+        zero.release(model)  # ZeRO-3: whatever the failed call gathered
+        return model(*prepared.args, **prepared.kwargs)
+
+
+_REFUSED: set[tuple[type, tuple[str, ...]]] = set()
+
+
 def run_forward(
     model: nn.Module,
     prepared: PreparedInputs,
@@ -271,7 +322,7 @@ def run_forward(
     """
     zero.release(model)
     try:
-        logits = logits_from_output(model(*prepared.args, **prepared.kwargs), output_fn)
+        logits = logits_from_output(_call(model, prepared), output_fn)
     finally:
         reshard(model)  # FSDP2: drop unsharded copies of (possibly patched) parameters
         zero.release(model)  # ZeRO-3: likewise for gathered and prefetched copies

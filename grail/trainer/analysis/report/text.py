@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -136,7 +137,7 @@ def quality_sentence(kl: float | None, baseline: float | None, top1: float | Non
     if top1 is not None:
         theirs = f", the base's {pct(base_top1)}" if base_top1 is not None else ""
         agree = f" Top-1 agreement {pct(top1)}{theirs}."
-    if kl is None or baseline is None:
+    if kl is None or baseline is None or not math.isfinite(kl):
         return "Not available." + agree
     if kl <= 1e-12:
         return f"Same outputs as the tuned model on these prompts (KL {number(kl)}).{agree}"
@@ -200,6 +201,8 @@ def _labelled(m: Metrics, family: str, name: str, kinds: tuple[str, ...]
 
 def _largest(word: str, group: str, v: float, med: float) -> Row:
     """The "Largest layer/component" row; no ratio to a median that did not move."""
+    if not (math.isfinite(v) and math.isfinite(med)):
+        return (f"Largest {word}", group, f"Mean |dW| {number(v)} (median {number(med)}).")
     if v <= 0:
         return (f"Largest {word}", "none", f"No {word} moved (mean |dW| 0 in each).")
     if med <= 0:

@@ -221,22 +221,58 @@ def test_max_tokens_cuts_rows_first_then_columns(qwen, max_tokens, shape):
 
 
 @pytest.mark.parametrize(
-    ("pad", "max_tokens", "cols", "tokens"),
+    ("pad", "max_tokens", "start", "tokens"),
     [
-        (10, 8, 16, 6),  # left padding longer than the budget: the whole row, 6 compared
-        (4, 8, 12, 8),  # cut after the 8th real token
-        (0, 8, 8, 8),  # no padding: the first 8 positions, as before
+        (10, 8, 10, 6),  # left padding longer than the budget: the 6 real tokens
+        (4, 8, 4, 8),  # from the first real token, 8 positions
+        (0, 8, 0, 8),  # no padding: the first 8 positions, as before
     ],
 )
-def test_a_long_left_padded_row_is_cut_after_its_budget_of_real_tokens(pad, max_tokens, cols,
-                                                                       tokens):
+def test_a_long_left_padded_row_is_read_from_its_first_real_token(pad, max_tokens, start,
+                                                                   tokens):
     ids = torch.arange(16).reshape(1, 16) % VOCAB
     mask = torch.ones(1, 16, dtype=torch.long)
     mask[0, :pad] = 0
     prepared = prepare_inputs(nn.Embedding(VOCAB, 2), {"input_ids": ids, "attention_mask": mask},
                               max_tokens)
-    assert prepared.kwargs["input"].shape == (1, cols)
-    assert prepared.tokens == tokens == int(prepared.mask.sum()) <= max_tokens
+    got = prepared.kwargs["input"]
+    assert got.shape[1] <= max_tokens  # the forward stays within the budget
+    assert torch.equal(got, ids[:, start : start + max_tokens])
+    assert prepared.tokens == tokens == int(prepared.mask.sum())
+
+
+def test_long_rows_skip_a_row_without_real_tokens():
+    ids = torch.arange(32).reshape(2, 16) % VOCAB
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0] = 0  # all padding
+    mask[1, :3] = 0
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "position_ids": torch.arange(16).expand(2, 16)}
+    prepared = prepare_inputs(tiny_qwen2(vocab=VOCAB), batch, max_tokens=8)
+    assert torch.equal(prepared.kwargs["input_ids"], ids[1:2, 3:11])
+    assert torch.equal(prepared.kwargs["position_ids"], batch["position_ids"][1:2, 3:11])
+    assert prepared.tokens == 8
+
+
+def test_a_kwargs_wrapper_whose_inner_module_refuses_the_mask_runs_without_it(caplog):
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Embedding(VOCAB, 3)
+
+        def forward(self, input_ids, **kwargs):
+            return self.inner(input_ids, **kwargs)
+
+    model = Wrap()
+    prepared = prepare_inputs(model, _batch(), max_tokens=1000)
+    assert prepared.passed_on == ("attention_mask",)
+    with torch.no_grad():
+        got = run_forward(model, prepared)
+        again = run_forward(model, prepared)  # the key stays out: no second failure
+    want = model.inner(_batch()["input_ids"])[_batch()["attention_mask"].bool()]
+    assert torch.equal(got, want) and torch.equal(again, want)
+    refused = [r for r in caplog.records if "refused attention_mask" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelname == "WARNING"
 
 
 def test_token_count_respects_the_attention_mask(qwen):

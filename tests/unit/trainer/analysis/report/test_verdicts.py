@@ -138,3 +138,15 @@ def test_median_layer_that_did_not_move_gives_no_ratio():
                                          "Mean |dW| 0.0002; the median layer did not move.")
     m["param_change/layer_1/mean_abs_delta"] = 1e-4
     assert _rows(m)["Largest layer"] == ("layer_0", "Mean |dW| 0.0002, 2.0x the median layer.")
+
+
+def test_a_nan_kl_or_layer_mean_gets_no_verdict():
+    """No compared token (a NaN KL) or a NaN layer mean: nothing is claimed."""
+    from grail.trainer.analysis.report import text
+
+    nan = float("nan")
+    assert quality_sentence(nan, 0.5, None, "a random mask", base_kl=0.1).startswith(
+        "Not available.")
+    for v, med in ((nan, 0.5), (0.5, nan)):
+        _, group, meaning = text._largest("layer", "layer_1", v, med)
+        assert group == "layer_1" and "the median layer" not in meaning and "nanx" not in meaning
