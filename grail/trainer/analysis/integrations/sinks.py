@@ -178,12 +178,15 @@ class JsonlSink(ClosingSink):
     ) -> None:
         """Write ``{"step", "time", "metrics"}`` as one line and flush; ``{}`` writes nothing.
 
-        A failed write is logged (once) and the record dropped; it never raises into training.
+        A failed write is logged (once) and the record dropped; it never raises into training,
+        nor does a call after :meth:`close` (dropped, with one warning).
         """
         if not metrics:
             return
         if self._file is None:
-            raise ValueError(f"JsonlSink({self.path!r}) is closed")
+            self._warn.warning("closed", "JsonlSink(%r) is closed; metrics of step %s and later "
+                               "are dropped", self.path, step)
+            return
         record = {
             "step": int(step),
             "time": time.time(),

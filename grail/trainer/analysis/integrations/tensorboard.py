@@ -86,11 +86,14 @@ class TensorBoardSink(ClosingSink):
         """Add every metric as a scalar and every histogram's finite values at ``step``.
 
         An empty ``metrics`` writes nothing, histograms included: a loop may call this on
-        every step with ``analyzer.last_histograms``, which keeps the last measurement's.
+        every step with ``analyzer.last_histograms``, which keeps the last measurement's. A call
+        after :meth:`close` is dropped with one warning, never raised into training.
         """
-        if self.writer is None:
-            raise ValueError(f"{self!r} is closed")
         if not metrics:
+            return
+        if self.writer is None:
+            self._warn.warning("closed", "%r is closed; metrics of step %s and later are "
+                               "dropped", self, step)
             return
         wrote = False
         try:

@@ -95,7 +95,6 @@ from ..core.logonce import LogOnce
 from ..manager import ModelAnalysisManager
 from .batch import BatchCapture, tokenize_probe
 from .checkpoint import restore_state, save_state, state_files
-from .trainer_log import TrainerLog as _TrainerLog
 
 try:
     from transformers import (
@@ -110,6 +109,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the hf e
     raise ImportError(
         "ModelAnalysisCallback needs transformers: pip install 'grail-analysis[hf]'"
     ) from err
+
+from .trainer_log import TrainerLog as _TrainerLog  # imports transformers too
 
 __all__ = ["ModelAnalysisCallback", "find_training_loop"]
 

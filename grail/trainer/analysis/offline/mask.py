@@ -88,6 +88,12 @@ def run_mask(opts: MaskOptions) -> dict[str, Any]:
                               "file)")
     if out.is_dir():
         raise CheckpointError(f"--out {out} is a directory; give the file to write")
+    target = out.resolve()
+    for label, given in (("BASE", opts.base), ("TUNED", opts.tuned)):
+        source = Path(given).resolve()
+        if target == source or (source.is_dir() and source in target.parents):
+            raise CheckpointError(f"--out {out} would overwrite {label} ({given}); write the "
+                                  "mask somewhere else")
     pair = open_pair(opts.base, opts.tuned)
     for note in pair.notes:
         logger.info("%s", note)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,22 @@ def test_bad_mask_inputs_print_one_line_and_exit_1(tmp_path, capsys):
     assert not list(tmp_path.glob("*.partial*"))
     rc, _, err = _cli(capsys, "mask", b, t, "--out", out, "--threshold", "0", "--bf16-view")
     assert rc == 2 and "not allowed with" in err
+
+
+def test_mask_refuses_to_write_over_its_own_inputs(tmp_path, capsys):
+    """``--out`` naming BASE or TUNED, or a file inside a model directory given as one, would
+    replace a checkpoint by a mask: refused, the inputs untouched."""
+    _, _, (b, t) = _checkpoints(tmp_path, seed=4)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({n: torch.zeros(s) for n, s in SHAPES.items()}, model_dir / "model.safetensors")
+    before = {p: Path(p).read_bytes() for p in (b, t, model_dir / "model.safetensors")}
+    for base, tuned, out, label in ((b, t, t, "TUNED"), (b, t, b, "BASE"),
+                                    (b, str(model_dir), model_dir / "mask.safetensors", "TUNED")):
+        rc, _, err = _cli(capsys, "mask", base, tuned, "--out", str(out), "--threshold", "0")
+        assert rc == 1 and f"would overwrite {label}" in err, err
+    assert {p: Path(p).read_bytes() for p in before} == before
+    assert not (model_dir / "mask.safetensors").exists()
 
 
 def _models(seed_ref: int, seed_now: int, scale: float):
