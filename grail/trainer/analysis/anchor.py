@@ -122,13 +122,24 @@ def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     }
 
 
+def _peft_hint(names: Mapping[str, Any]) -> str:
+    """A hint when the model's names are a PEFT wrapper's (``base_model.model.`` prefix,
+    ``.base_layer.``), which no plain checkpoint carries."""
+    if not any(n.startswith("base_model.model.") or ".base_layer." in n for n in names):
+        return ""
+    return ("; the model is a PEFT model, whose parameter names differ from the plain "
+            "model's: pass the PEFT model itself (or its state_dict) as the base, before "
+            "training, or set_base on the plain model before wrapping it")
+
+
 def _build(
     tensors: Mapping[str, torch.Tensor], layout: ParameterSnapshot, device: torch.device
 ) -> ParameterSnapshot:
     """A snapshot of ``tensors`` in ``layout``'s names, dtypes and shards (checked first)."""
     problem = base_mismatch(_shapes(tensors), layout)
     if problem:
-        raise ValueError(f"the base does not match the model's parameters: {problem}")
+        raise ValueError(f"the base does not match the model's parameters: {problem}"
+                         f"{_peft_hint(layout.data)}")
     snap = ParameterSnapshot(None, device=device)
     for n, buf in layout.data.items():
         info = layout.shards[n]

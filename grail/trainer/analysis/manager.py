@@ -290,6 +290,14 @@ class ModelAnalysisManager(ManagerBase, ManagerState, ManagerRuns):
             if engine is None:
                 reshard(model)  # FSDP2: analyse local shards, whatever the last forward left
                 live = ParameterSnapshot.live(model, trainable_only=cfg.trainable_only)
+                if len(live) == 0:
+                    self._warn_once(
+                        ("nothing-analysed",),
+                        "no parameter is analysed, so every measurement returns {}: %s",
+                        "trainable_only=True and no parameter requires grad (a merged or "
+                        "frozen model?): unfreeze it or set trainable_only=False"
+                        if cfg.trainable_only else "the model has no floating-point parameter",
+                    )
                 if self.old_snapshot is not None:
                     changed = spec_changes(self.old_snapshot.spec(), live.spec())
                 if distributed:

@@ -515,3 +515,32 @@ def test_a_compiled_model_is_analysed_as_the_module_it_wraps(tmp_path):
     assert "drift/kl_now_base" in a and a["drift/kl_now_base"] > 0
     assert not any(n.startswith("_orig_mod") for n in got.old_snapshot.data)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_nothing_to_analyse_says_why_once(caplog):
+    """trainable_only=True on a fully frozen model (e.g. after a PEFT merge_and_unload)."""
+    model = tiny_qwen2(vocab=128)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    manager = ModelAnalysisManager.create(AnalysisConfig(interval=1, trainable_only=True))
+    caplog.set_level(logging.WARNING, logger="grail.trainer.analysis.manager")
+    ids = torch.randint(0, 128, (2, 8))
+    assert [manager.on_optimizer_step(model, inputs=ids) for _ in range(3)] == [{}, {}, {}]
+    said = [r.getMessage() for r in caplog.records if "no parameter is analysed" in r.getMessage()]
+    assert len(said) == 1 and "trainable_only=False" in said[0]
+
+
+def test_a_plain_base_for_a_peft_style_model_says_how_to_set_it():
+    class Peft(torch.nn.Module):  # the names a PEFT wrapper gives: base_model.model.<name>
+        def __init__(self, inner):
+            super().__init__()
+            self.base_model = torch.nn.Module()
+            self.base_model.model = inner
+
+    plain = tiny_qwen2(vocab=128)
+    manager = ModelAnalysisManager.create(AnalysisConfig(interval=1, drift_enabled=True))
+    with pytest.raises(ValueError, match="PEFT model itself"):
+        manager.set_base(plain.state_dict(), model=Peft(tiny_qwen2(vocab=128)))
+    with pytest.raises(ValueError) as plain_error:  # a plain mismatch gets no PEFT hint
+        manager.set_base({"x": torch.zeros(2)}, model=plain)
+    assert "PEFT" not in str(plain_error.value)
