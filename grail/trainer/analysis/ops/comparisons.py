@@ -81,16 +81,13 @@ class Comparisons:
         if reverse is not None:
             if not self.kl_only:
                 raise ValueError("a reverse KL is computed by KL-only comparisons (kl_only=True)")
-            both = self.reference.kl_sums_both(logits, self.top1)
-            self._labels += [label, reverse]  # after the comparison: a failed one adds nothing
-            self._sums += both
-            return
-        if self.kl_only:
-            sums = self.reference.kl_sums(logits, self.top1)
+            sums = list(self.reference.kl_sums_both(logits, self.top1))
+        elif self.kl_only:
+            sums = [self.reference.kl_sums(logits, self.top1)]
         else:
-            sums = self.reference.compare_sums(logits)
-        self._labels.append(label)
-        self._sums.append(sums)
+            sums = [self.reference.compare_sums(logits)]
+        self._labels += new  # after the comparison: a failed one adds nothing
+        self._sums += sums
 
     def results(self) -> dict[str, dict[str, float]]:
         flat = [x for row in self._sums for x in row]

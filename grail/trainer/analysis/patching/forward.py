@@ -5,12 +5,12 @@ positional arguments. Mapping keys that the model's ``forward`` does not name (`
 ``completion_mask``, ``advantages``, ...) are dropped by inspecting its signature; ``labels`` is
 always dropped (the analysis needs logits, not a loss), and ``use_cache=False`` is passed where
 accepted. A ``forward`` that takes ``**kwargs`` (a wrapper passing them on) also receives
-``attention_mask`` and ``position_ids``. Tensors are moved to the device of the model's first
-parameter.
+``attention_mask`` and ``position_ids``, dropped again if it refuses them. Tensors are moved to
+the device of the model's first parameter.
 
-The batch is cut to at most ``max_tokens`` positions: whole rows first, then, if a single row is
-longer, its prefix up to its ``max_tokens``-th compared position (a causal model's prefix is
-self-contained; positions the attention mask excludes, such as left padding, do not count).
+The batch is cut to at most ``max_tokens`` positions: whole rows first; if a row is longer, one
+row, the first with a position the attention mask keeps, from that position on (a causal model's
+prefix is self-contained, and left padding is masked out anyway).
 
 Outputs: ``output_fn(output)`` if given, else ``output.logits``, a mapping's ``"logits"``, a
 tuple's first tensor that is not a scalar (a forward returning ``(loss, logits)`` works), or the
@@ -43,6 +43,7 @@ from torch import nn
 from ..core import zero
 from ..core.distributed import agree
 from ..core.engines import reshard
+from ..core.logonce import LogOnce
 
 __all__ = [
     "PreparedInputs",
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_ONCE = LogOnce(logger)  # one warning per model type and refused keys
 
 _ALWAYS_DROP = {"labels"}
 _ID_KEYS = ("input_ids", "input", "x", "inputs_embeds")
@@ -197,9 +199,8 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
         mask = mask.to(device)
         tokens = int(mask.sum())
     else:
-        n_rows = len(range(batch)[rows])
-        tokens = n_rows * (len(range(seq)[cols]) if cols is not None and seq is not None
-                           else seq if seq is not None else 1)
+        n_cols = len(range(seq)[cols or slice(None)]) if seq is not None else 1
+        tokens = len(range(batch)[rows]) * n_cols
     passed_on = tuple(k for k in _PASSED_ON if k in kwargs and k in named_only_by_kwargs)
     return PreparedInputs(args=args, kwargs=kwargs, mask=mask, tokens=tokens, passed_on=passed_on)
 
@@ -282,24 +283,20 @@ def _call(model: nn.Module, prepared: PreparedInputs) -> Any:
     try:
         return model(*prepared.args, **prepared.kwargs)
     except TypeError as err:
-        refused = [k for k in prepared.passed_on if repr(k) in str(err) or k in str(err)]
+        refused = [k for k in prepared.passed_on if k in str(err)]
         if not refused:
             raise
         for key in prepared.passed_on:
             prepared.kwargs.pop(key, None)
-        if (type(model), tuple(refused)) not in _REFUSED:
-            _REFUSED.add((type(model), tuple(refused)))
-            logger.warning(
-                "%s.forward takes **kwargs but refused %s (%s): analysis forwards run without "
-                "%s, so padded positions are read as the model reads them without a mask",
-                type(model).__name__, ", ".join(refused), err, ", ".join(prepared.passed_on),
-            )
+        _ONCE.warning(
+            (type(model), tuple(refused)),
+            "%s.forward takes **kwargs but refused %s (%s): analysis forwards run without %s, "
+            "so padded positions are read as the model reads them without a mask",
+            type(model).__name__, ", ".join(refused), err, ", ".join(prepared.passed_on),
+        )
         prepared.passed_on = ()
         zero.release(model)  # ZeRO-3: whatever the failed call gathered
         return model(*prepared.args, **prepared.kwargs)
-
-
-_REFUSED: set[tuple[type, tuple[str, ...]]] = set()
 
 
 def run_forward(

@@ -42,6 +42,7 @@ from ..keys import KeyParts, metric_key, parse_key
 from .plots import Line, Panel
 from .series import Run
 from .text import (
+    NOTHING_KEPT,
     base_reference,
     nothing_moved,
     number,
@@ -169,7 +170,7 @@ def _reading(entry: Entry, m: Mapping[str, float | None], dtype: str | None,
         return unchanged_sentence(first, rest[0], dtype)
     if entry.kind == "mask":
         if nothing_moved(m):
-            return "Nothing to keep: no entry moved."
+            return NOTHING_KEPT
         parts = parse_key(entry.lines[0][0])
         assert parts is not None
         top1 = m.get(parts.with_(name="top1_agree").key)

@@ -25,6 +25,7 @@ from ..keys import KeyParts, format_budget, metric_key, parse_key
 
 __all__ = [
     "FAMILY_ORDER",
+    "NOTHING_KEPT",
     "base_reference",
     "diff_summary",
     "family_reading",
@@ -160,10 +161,12 @@ def base_reference(m: Metrics) -> tuple[float | None, float | None]:
     Only a diff's masks start from the base: in a run, ``sparse/*`` masks one interval's update
     while ``drift/*`` spans the whole run, so these are no reference there.
     """
-    kl, top1 = m.get("drift/kl_now_base"), m.get("drift/top1_agree")
-    finite = [v if v is not None and v == v and abs(v) != float("inf") else None
-              for v in (kl, top1)]
-    return finite[0], finite[1]
+    kl, top1 = (m.get(k) for k in ("drift/kl_now_base", "drift/top1_agree"))
+    return (kl if kl is not None and math.isfinite(kl) else None,
+            top1 if top1 is not None and math.isfinite(top1) else None)
+
+
+NOTHING_KEPT = "Nothing to keep: no entry moved."  # a mask's reading when no entry moved
 
 
 def nothing_moved(m: Metrics) -> bool:
@@ -221,7 +224,6 @@ def metric_rows(m: Metrics, dtype: str | None, from_base: bool = False) -> list[
     rows: list[Row] = []
     base_kl, base_top1 = base_reference(m) if from_base else (None, None)
     still = nothing_moved(m)
-    nothing = "Nothing to keep: no entry moved."
     p = "param_change/"
     if m.get(p + "relative_norm") is not None:
         rows.append(("Update size", f"{pct(m[p + 'relative_norm'])} relative L2",
@@ -252,7 +254,7 @@ def metric_rows(m: Metrics, dtype: str | None, from_base: bool = False) -> list[
         kept = m.get(parts.with_(name="kept_ratio").key)
         rnd = m.get(parts.with_(variant="random").key)
         rows.append((_label_text(parts, kept), f"KL {number(kl)} (random {number(rnd)})",
-                     nothing if still else
+                     NOTHING_KEPT if still else
                      quality_sentence(kl, rnd, m.get(parts.with_(name="top1_agree").key),
                                       "a random mask of the same size", base_kl, base_top1)))
     energy = [(int(parts.label_value or 0), v)
@@ -273,7 +275,7 @@ def metric_rows(m: Metrics, dtype: str | None, from_base: bool = False) -> list[
         r = int(parts.label_value or 0)
         sparse = m.get(metric_key("sparse", "kl", label=format_budget(r)))
         rows.append((f"LoRA rank {r}", f"KL {number(kl)} (sparse {number(sparse)})",
-                     nothing if still else
+                     NOTHING_KEPT if still else
                      quality_sentence(kl, sparse, m.get(parts.with_(name="top1_agree").key),
                                       "a magnitude mask of the same parameter budget",
                                       base_kl, base_top1)))
