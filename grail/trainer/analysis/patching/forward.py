@@ -16,7 +16,10 @@ Outputs: ``output_fn(output)`` if given, else ``output.logits``, a mapping's ``"
 tuple's first tensor that is not a scalar (a forward returning ``(loss, logits)`` works), or the
 tensor itself. No tensor of at least one dimension there is a ``TypeError`` describing the
 output and how to pass ``output_fn``. Logits are flattened to ``[positions, classes]``
-keeping only positions where the attention mask is non-zero.
+keeping only the positions a ``[batch, seq]`` attention mask marks as tokens: non-zero, or zero
+in an additive floating-point mask (one with negative entries). A mask of another shape (a 4-D
+one) is passed on, cut along its sequence dimensions, and every position is compared, with one
+warning.
 
 Example:
     >>> import torch
@@ -109,25 +112,61 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _cut(t: Any, rows: slice, cols: slice | None, batch: int, seq: int | None) -> Any:
-    """Rows ``rows`` and, where the tensor has the sequence dimension, columns ``cols`` of a
-    per-row tensor; anything else unchanged."""
+def _cut(t: Any, rows: slice, cols: slice | None, batch: int, seq: int | None,
+         every_seq_dim: bool = False) -> Any:
+    """Rows ``rows`` and, where the tensor has the sequence dimension (dimension 1; with
+    ``every_seq_dim``, each dimension after the first of that size, as in a ``[batch, heads,
+    query, key]`` attention mask), columns ``cols`` of a per-row tensor; anything else
+    unchanged."""
     if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != batch:
         return t
     t = t[rows]
-    if cols is not None and seq is not None and t.dim() >= 2 and t.shape[1] == seq:
-        t = t[:, cols]
+    if cols is None or seq is None:
+        return t
+    dims = range(1, t.dim()) if every_seq_dim else range(1, min(2, t.dim()))
+    for d in dims:
+        if t.shape[d] == seq:
+            t = t[(slice(None),) * d + (cols,)]
     return t
 
 
-def _window(mask: Any, batch: int, seq: int, max_tokens: int) -> tuple[slice, slice]:
+def _positions(
+    model: nn.Module, mask: Any, batch: int, seq: int | None
+) -> torch.Tensor | None:
+    """The positions an attention mask marks as tokens, bool ``[batch, seq]``; None compares
+    every position (no mask, or a mask of another shape, such as a 4-D one: one warning per
+    model type).
+
+    A ``[batch, seq]`` mask reads as the transformers convention has it: non-zero (``True``,
+    ``1``, or a packed sequence's index) is a token, zero is padding. A floating-point mask with
+    negative entries is additive (added to attention scores): zero is a token, a negative
+    value (down to ``-inf``) is padding.
+    """
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if seq is None or tuple(mask.shape) != (batch, seq):
+        _ONCE.warning(
+            (type(model), "mask shape", mask.dim()),
+            "attention_mask of shape %s is not [batch, seq] = %s: analysis forwards pass it on "
+            "as given but compare every position, padded ones included (pass a [batch, seq] "
+            "mask to leave padding out)",
+            list(mask.shape), [batch, seq if seq is not None else "?"],
+        )
+        return None
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() and bool((mask < 0).any()):
+        return mask == 0
+    return mask != 0
+
+
+def _window(real: torch.Tensor | None, seq: int, max_tokens: int) -> tuple[slice, slice]:
     """Rows and columns of a batch whose rows are longer than ``max_tokens``: one row, the
-    first with a compared position, from its first compared position on (left padding is not
-    kept: with the attention mask it changes no compared logit of a causal model with relative
-    positions), ``max_tokens`` columns at most."""
+    first with a compared position (``real``, from :func:`_positions`), from its first compared
+    position on (left padding is not kept: with the attention mask it changes no compared logit
+    of a causal model with relative positions), ``max_tokens`` columns at most."""
     row, start = 0, 0
-    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, seq):
-        real = mask.bool()
+    if real is not None:
         some = real.any(dim=1).nonzero().flatten()
         if some.numel():
             row = int(some[0])
@@ -181,14 +220,16 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
     seq = ids.shape[1] if ids.dim() >= 2 and ids.dtype in (torch.long, torch.int) else None
     if seq is None and isinstance(mask, torch.Tensor) and mask.shape == ids.shape[:2]:
         seq = mask.shape[1]  # inputs_embeds [batch, seq, hidden]: the mask says what a position is
+    real = _positions(model, mask, batch, seq)
     if seq is not None and seq > max_tokens:
-        rows, cols = _window(mask, batch, seq, max_tokens)
+        rows, cols = _window(real, seq, max_tokens)
     else:
         per_row = seq if seq is not None else 1
         rows, cols = slice(0, max(1, min(batch, max_tokens // per_row))), None
     args = tuple(_cut(a, rows, cols, batch, seq) for a in args)
-    kwargs = {k: _cut(v, rows, cols, batch, seq) for k, v in kwargs.items()}
-    mask = _cut(mask, rows, cols, batch, seq).bool() if isinstance(mask, torch.Tensor) else None
+    kwargs = {k: _cut(v, rows, cols, batch, seq, every_seq_dim=k == "attention_mask")
+              for k, v in kwargs.items()}
+    mask = _cut(real, rows, cols, batch, seq) if real is not None else None
 
     def move(v: Any) -> Any:
         return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v

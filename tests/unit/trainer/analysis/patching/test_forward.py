@@ -515,3 +515,119 @@ def test_float_features_without_mask_are_never_cut_along_features():
     x = torch.randn(3, 10, 5)  # e.g. a batch of images or feature maps: only rows are cut
     prepared = prepare_inputs(nn.Identity(), (x,), max_tokens=2)
     assert prepared.args[0].shape == (2, 10, 5)
+
+
+# --- how the attention mask is read ---------------------------------------------------------
+
+
+class _IgnoresMask(nn.Module):
+    """Logits from the ids alone: the mask only decides which positions are compared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.emb(input_ids))
+
+
+def _additive(mask: torch.Tensor, fill: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(mask == 0, fill)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fill", [-math.inf, "min", -1e4])
+def test_an_additive_mask_compares_the_tokens_not_the_padding(dtype, fill):
+    fill = torch.finfo(dtype).min if fill == "min" else fill
+    batch = _batch(pad=True)
+    additive = dict(batch, attention_mask=_additive(batch["attention_mask"], fill, dtype))
+    model = _IgnoresMask()
+    want, got = prepare_inputs(model, batch, 1000), prepare_inputs(model, additive, 1000)
+    assert torch.equal(got.mask, batch["attention_mask"].bool())
+    assert got.tokens == want.tokens == int(batch["attention_mask"].sum())
+    assert got.kwargs["attention_mask"] is not None  # the model still gets its own mask
+    with torch.no_grad():
+        assert torch.equal(run_forward(model, got), run_forward(model, want))
+
+
+def test_an_additive_mask_windows_a_long_left_padded_row_from_its_first_token():
+    ids = torch.arange(16).reshape(1, 16) % VOCAB
+    mask = torch.ones(1, 16, dtype=torch.long)
+    mask[0, :5] = 0
+    additive = _additive(mask, -math.inf, torch.float32)
+    prepared = prepare_inputs(_IgnoresMask(), {"input_ids": ids, "attention_mask": additive}, 8)
+    assert torch.equal(prepared.kwargs["input_ids"], ids[:, 5:13])
+    assert torch.equal(prepared.kwargs["attention_mask"], additive[:, 5:13])
+    assert prepared.tokens == 8 and bool(prepared.mask.all())
+
+
+def test_a_float_0_1_mask_and_packed_sequence_indices_read_non_zero_as_tokens():
+    batch = _batch(pad=True)
+    as_float = dict(batch, attention_mask=batch["attention_mask"].float())
+    packed = batch["attention_mask"] * torch.tensor([1, 2, 3, 1, 2, 3, 1, 2, 3, 1])
+    as_packed = dict(batch, attention_mask=packed)
+    for inputs in (as_float, as_packed):
+        prepared = prepare_inputs(_IgnoresMask(), inputs, 1000)
+        assert torch.equal(prepared.mask, batch["attention_mask"].bool())
+
+
+def test_sparse_quality_with_an_additive_mask_equals_the_0_1_mask():
+    from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+
+    batch = _batch(pad=True)
+    runs = {}
+    for label, mask in [("0/1", batch["attention_mask"]),
+                        ("additive", _additive(batch["attention_mask"], -math.inf,
+                                               torch.float32))]:
+        model = _IgnoresMask()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        analyzer = ModelAnalysisManager.create(AnalysisConfig(
+            interval=1, param_change_enabled=False, fused_kernels=False))
+        for _ in range(2):
+            model(batch["input_ids"]).logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            runs[label] = analyzer.on_optimizer_step(
+                model, inputs=dict(batch, attention_mask=mask))
+    assert runs["additive"] == runs["0/1"]
+    assert runs["additive"]["sparse/tokens"] == float(batch["attention_mask"].sum())
+
+
+class _ChecksMaskShape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _IgnoresMask()
+
+    def forward(self, input_ids, attention_mask=None):
+        b, s = input_ids.shape
+        assert attention_mask.shape == (b, 1, s, s), attention_mask.shape
+        return self.inner(input_ids)
+
+
+def test_a_4d_mask_is_passed_on_cut_along_both_sequence_dimensions(caplog):
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)
+    model = _ChecksMaskShape()
+    whole = prepare_inputs(model, {"input_ids": ids, "attention_mask": causal}, 1000)
+    assert whole.mask is None and whole.tokens == 24  # every position is compared
+    cut = prepare_inputs(model, {"input_ids": ids, "attention_mask": causal}, 5)
+    assert torch.equal(cut.kwargs["attention_mask"], causal[:1, :, :5, :5])
+    assert cut.tokens == 5
+    with torch.no_grad():
+        assert run_forward(model, whole).shape == (24, VOCAB)
+        assert torch.equal(run_forward(model, cut), model.inner(ids[:1, :5])[0])
+    warned = [r for r in caplog.records if "is not [batch, seq]" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+
+
+def test_a_4d_mask_reaches_a_transformers_model_and_compares_every_position(qwen):
+    ids = _batch()["input_ids"]
+    causal = torch.ones(10, 10, dtype=torch.bool).tril().expand(4, 1, 10, 10)
+    prepared = prepare_inputs(qwen, {"input_ids": ids, "attention_mask": causal}, 1000)
+    assert prepared.tokens == 40  # positions, not entries of the mask
+    with torch.no_grad():
+        got = run_forward(qwen, prepared)
+        want = qwen(input_ids=ids).logits.reshape(-1, VOCAB)
+    torch.testing.assert_close(got, want)
