@@ -156,6 +156,66 @@ def budget_ties(mode: str) -> dict:
     return out
 
 
+def kwargs_wrapper(mode: str) -> dict:
+    """A ``forward(input_ids, **kwargs)`` wrapper whose inner call refuses ``attention_mask``:
+    every rank's first analysis forward raises the same ``TypeError`` (under FSDP2 after the
+    root's parameters were gathered), every rank runs it again without the mask, and warns
+    once."""
+    import logging
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+    from tests.conftest import tiny_qwen2
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, **kwargs):
+            return self._logits(input_ids, **kwargs)
+
+        def _logits(self, input_ids, labels=None):  # no attention_mask: a TypeError naming it
+            return self.inner(input_ids=input_ids).logits
+
+    model = Wrapper(tiny_qwen2(vocab=131, hidden=32, layers=2))
+    train_model: nn.Module = model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.inner.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model)
+    refused: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: refused.append(r.getMessage()) if "refused" in r.getMessage() else None
+    logging.getLogger("grail.trainer.analysis.patching.forward").addHandler(handler)
+    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-2, foreach=False)
+    manager = ModelAnalysisManager.create(AnalysisConfig(
+        interval=2, sparse_quality_thresholds=[1e-6, 1e-3], sparse_quality_keep_ratios=[0.1]))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0  # still selects the compared positions
+    records = {}
+    for step in range(1, 7):
+        ids = torch.randint(0, 131, (2, 12), generator=torch.Generator().manual_seed(step))
+        logits = train_model(input_ids=ids)
+        F.cross_entropy(logits[:, :-1].reshape(-1, 131), ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+        metrics = manager.on_optimizer_step(
+            train_model, inputs={"input_ids": ids, "attention_mask": mask}, optimizer=opt)
+        opt.zero_grad()
+        if metrics:
+            records[str(step)] = metrics
+    return {"metrics": records, "refused": refused}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["single", "ddp", "fsdp"], required=True)
@@ -166,6 +226,7 @@ def main() -> None:
     parser.add_argument("--low-rank", action="store_true")
     parser.add_argument("--budget-ties", action="store_true")
     parser.add_argument("--drift", action="store_true")
+    parser.add_argument("--kwargs-wrapper", action="store_true")
     parser.add_argument("--attribution", action="store_true")
     parser.add_argument(
         "--own-batches",
@@ -188,6 +249,9 @@ def main() -> None:
     join_group(args.rank, args.world, args.port)
     if args.budget_ties:
         Path(args.out).write_text(json.dumps(budget_ties(args.mode)))
+        leave_group(args.world)
+    if args.kwargs_wrapper:
+        Path(args.out).write_text(json.dumps(kwargs_wrapper(args.mode)))
         leave_group(args.world)
     model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
     start = {n: p.detach().clone() for n, p in model.named_parameters()}  # full tensors

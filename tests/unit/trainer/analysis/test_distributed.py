@@ -216,3 +216,15 @@ def test_forward_metrics_are_token_weighted_over_every_ranks_batch(tmp_path):
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     _assert_close(ranks[0]["metrics"], single["metrics"], "ddp-own-batches", token_factor=1)
     assert single["metrics"]["4"]["sparse/tokens"] == 48.0  # 2 ranks x 2 rows x 12 tokens
+
+
+def test_a_kwargs_wrapper_refusing_the_mask_is_called_again_on_every_rank(tmp_path):
+    single = _run("single", 1, tmp_path, False, "--kwargs-wrapper")[0]
+    ranks = _run("fsdp", 2, tmp_path, False, "--kwargs-wrapper")
+    assert set(single["metrics"]) == {"4", "6"}
+    assert "sparse/kl_at_keep_0.1_random" in single["metrics"]["4"]  # the forwards ran
+    for result in (single, *ranks):
+        assert len(result["refused"]) == 1, result["refused"]  # one warning, then no retries
+        assert "refused attention_mask" in result["refused"][0]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    _assert_close(ranks[0]["metrics"], single["metrics"], "fsdp")
