@@ -48,8 +48,8 @@ Decisions where the design is silent:
   mask file of ``grail-analysis mask`` (its header is read, not its bits). Whether its names and
   shapes fit the model is checked when the base is taken (``set_base(..., model=...)`` or the
   first ``on_optimizer_step``), with one ``MaskFileError`` naming the parameters that do not fit,
-  raised to the caller (:mod:`~.metrics.drift_overlap`). The masks are read only with
-  ``drift_enabled``.
+  raised to the caller (:mod:`~.metrics.drift_overlap`). The masks are read only by the drift
+  family: giving them with ``drift_enabled=False`` is a ``ValueError``.
 
 Example:
     >>> cfg = AnalysisConfig(interval=10, sparse_quality_thresholds=[1e-6, 1e-4])
@@ -300,6 +300,11 @@ class AnalysisConfig:
         self.drift_reference_masks = _check_reference_masks(
             "drift_reference_masks", self.drift_reference_masks
         )
+        if self.drift_reference_masks and not self.drift_enabled:
+            raise ValueError(
+                "AnalysisConfig.drift_reference_masks are compared by the drift family only, "
+                "which is off: set drift_enabled=True, or leave drift_reference_masks empty"
+            )
 
     # --- presets ---------------------------------------------------------------------------
     @classmethod

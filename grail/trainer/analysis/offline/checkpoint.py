@@ -298,8 +298,13 @@ class Checkpoint:
     def _handle(self, f: Path) -> Any:
         if self.format == "torch":
             return self._torch_handle(f)
-        from safetensors import safe_open
-
+        try:
+            from safetensors import safe_open
+        except ImportError as err:
+            raise CheckpointError(
+                f"reading {f.name} needs the safetensors package: "
+                "pip install 'grail-analysis[hf]' (or pip install safetensors)"
+            ) from err
         try:
             return safe_open(str(f), framework="pt")
         except Exception as err:

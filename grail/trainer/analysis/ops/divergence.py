@@ -297,6 +297,7 @@ class LogitsReference:
         denom = (norm_a * norm_b).sqrt()
         both_zero = (norm_a == 0) & (norm_b == 0)  # identical zero vectors: similarity 1
         cos = torch.where(denom > 0, dots / denom, both_zero.to(denom.dtype))
+        cos = cos.clamp_(-1.0, 1.0)  # rounding of nearly parallel rows can pass 1 by ~1e-9
         agree = (top1 == self.top1).to(torch.float64)
         zero = torch.zeros((), **f64)
         sums = torch.stack([torch.where(ok, x, zero).sum() for x in (kl, cos, sq, agree)])

@@ -104,7 +104,7 @@ def data_block(ident: str, data: Mapping[str, Any]) -> str:
     """
     text = json.dumps(_finite(data), separators=(",", ":"), allow_nan=False)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return f"<script type='application/json' id='{e(ident)}'>{text}</script>"
+    return f'<script type="application/json" id="{e(ident)}">{text}</script>'
 
 
 def _finite(value: Any) -> Any:

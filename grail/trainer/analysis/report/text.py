@@ -123,6 +123,15 @@ def _closeness(kl: float, base_kl: float | None, top1: float | None,
     return "Partway from the base to the tuned model", size
 
 
+_SAME = 1.25  # KLs within this factor of each other read as "about as close"
+
+
+def _times(ratio: float) -> str:
+    """``1.7x``, ``5x``, ``12x``: one decimal below ten, none above."""
+    text = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}".rstrip("0").rstrip(".")
+    return f"{text}x"
+
+
 def quality_sentence(kl: float | None, baseline: float | None, top1: float | None,
                      what: str, base_kl: float | None = None,
                      base_top1: float | None = None) -> str:
@@ -145,10 +154,10 @@ def quality_sentence(kl: float | None, baseline: float | None, top1: float | Non
     lead, size = _closeness(kl, base_kl, top1, base_top1)
     if baseline <= 1e-12:
         cmp = f"{what} reproduces the tuned outputs exactly"
-    elif baseline > 3 * kl:
-        cmp = f"{baseline / kl:.0f}x closer than {what}"
-    elif baseline < kl / 3:
-        cmp = f"{what} does {kl / baseline:.0f}x better"
+    elif baseline >= _SAME * kl:
+        cmp = f"{_times(baseline / kl)} closer than {what}"
+    elif baseline * _SAME <= kl:
+        cmp = f"{what} does {_times(kl / baseline)} better"
     else:
         cmp = f"about as close as {what}"
     return f"{lead} ({size}); {cmp}.{agree}"

@@ -423,3 +423,14 @@ def test_cuda_diff_equals_cpu_diff(tmp_path, capsys):
             assert cuda[k] == pytest.approx(v, rel=1e-5, abs=1e-12), k
     # forward passes differ by GPU kernels' rounding only
     assert cuda["sparse/kl_at_keep_0.1"] == pytest.approx(cpu["sparse/kl_at_keep_0.1"], rel=0.05)
+
+
+def test_safetensors_inputs_without_the_package_name_the_extra(tmp_path, capsys, monkeypatch):
+    for name in ("base", "tuned"):
+        save_file({"w": torch.ones(3, 2)}, tmp_path / f"{name}.safetensors")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # `import safetensors` now fails
+    rc, _, err = _run(capsys, "diff", str(tmp_path / "base.safetensors"),
+                      str(tmp_path / "tuned.safetensors"), "--out", str(tmp_path / "o"),
+                      "--no-report")
+    assert rc == 1 and len(err.strip().splitlines()) == 1
+    assert "needs the safetensors package: pip install 'grail-analysis[hf]'" in err

@@ -261,6 +261,13 @@ def test_cosine_is_accurate_for_a_large_vocabulary():
     assert 1 - got["cosine"] == pytest.approx(1 - ref["cosine"], rel=1e-3)
 
 
+def test_cosine_of_nearly_parallel_rows_never_exceeds_one():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 5000, generator=g) * 5
+    b = a + torch.randn(8, 5000, generator=g) * 1e-6  # unclamped, rounding gives 1 + 4e-9
+    assert 1 - 1e-7 < LogitsReference(a).compare(b)["cosine"] <= 1.0
+
+
 def test_vocabulary_larger_than_a_block():
     v = divergence._BLOCK_ELEMENTS + 5  # a single row per block
     a, b = _pair(2, v, 0.1, seed=12)

@@ -59,10 +59,9 @@ def _records(steps, missing=(), scale=1.0):
 
 
 def _data(html):
-    hit = re.search(r"<script type=['\"]application/json['\"] id=['\"]grail-runs['\"]>(.*?)"
-                    r"</script>", html, re.S)
-    assert hit, "no data block"
-    return json.loads(hit[1])
+    start = '<script type="application/json" id="grail-runs">'  # as the reference documents it
+    assert html.count(start) == 1, "no data block"
+    return json.loads(html.split(start, 1)[1].split("</script>", 1)[0])
 
 
 def _drawn(html):

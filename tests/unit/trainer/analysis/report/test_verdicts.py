@@ -150,3 +150,15 @@ def test_a_nan_kl_or_layer_mean_gets_no_verdict():
     for v, med in ((nan, 0.5), (0.5, nan)):
         _, group, meaning = text._largest("layer", "layer_1", v, med)
         assert group == "layer_1" and "the median layer" not in meaning and "nanx" not in meaning
+
+
+def test_a_mask_beside_its_random_baseline_reads_as_the_ratio_of_their_kls():
+    def cmp(kl, baseline):
+        return quality_sentence(kl, baseline, None, RANDOM, base_kl=0.005223).split("; ")[1]
+
+    # a factor of 1.7 is no longer "about as close"
+    assert cmp(0.002634, 0.004403) == "1.7x closer than a random mask of the same size."
+    assert cmp(1e-4, 1.2e-4) == "about as close as a random mask of the same size."
+    assert cmp(1.2e-4, 1e-4) == "about as close as a random mask of the same size."
+    assert cmp(0.004, 0.002) == "a random mask of the same size does 2x better."
+    assert cmp(1e-4, 1.5e-3) == "15x closer than a random mask of the same size."
