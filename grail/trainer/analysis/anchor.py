@@ -294,24 +294,22 @@ class BaseAnchor:
         return self.pending or (self.snapshot is None and wanted)
 
     def state(self) -> dict[str, Any]:
-        """``{"base", "base_param_dtypes"}`` for ``state_dict(include_snapshot=True)``."""
+        """``{"base", "base_param_dtypes", "base_shards"}`` for
+        ``state_dict(include_snapshot=True)``."""
         if self.snapshot is None:
             return {}
+        layout = self.snapshot.layout_state()
         return {
             "base": self.snapshot.state_dict(),
-            "base_param_dtypes": {
-                n: str(d).removeprefix("torch.") for n, d in self.snapshot.param_dtypes.items()
-            },
+            "base_param_dtypes": layout["param_dtypes"],
+            "base_shards": layout["shards"],
         }
 
     def load(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state` (pending: checked against the model at the next call)."""
-        dtypes = state.get("base_param_dtypes", {})
-        snap = ParameterSnapshot(None, device=self.device)
-        for name, tensor in state["base"].items():
-            snap.data[name] = tensor.to(self.device).clone()
-            snap.param_dtypes[name] = getattr(torch, dtypes.get(name, ""), tensor.dtype)
-            snap.shards[name] = ShardInfo(tuple(tensor.shape), 0, False, True)
-        snap.timestamp = time.time()
+        snap = ParameterSnapshot.restored(
+            state["base"], state.get("base_param_dtypes", {}), state.get("base_shards", {}),
+            device=self.device,
+        )
         self.snapshot, self.explicit, self.pending, self.step = snap, True, True, None
         self.failed = False

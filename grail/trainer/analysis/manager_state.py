@@ -18,12 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from .anchor import BaseAnchor
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
-from .core.distributed import ShardInfo
 from .core.snapshot import ParameterSnapshot
 from .metrics.base import MetricComputer
 
@@ -62,10 +60,11 @@ class ManagerState:
         ``{"step_count", "config"}``; ``"computers"``: the carried state of each computer that
         has one (:meth:`MetricComputer.state_dict`), keyed ``"<position>:<name>"`` - always
         included, because it is small by contract (``mask_overlap`` keeps one bit per entry)
-        and a resumed run needs it to match an uninterrupted one; ``"snapshot"`` (and
-        ``"snapshot_param_dtypes"``) and the base of ``drift/*`` (``"base"``,
-        ``"base_param_dtypes"``) only with ``include_snapshot=True``, because each is as large
-        as the model. Tensors are returned as they are (no copies): save them with
+        and a resumed run needs it to match an uninterrupted one; ``"snapshot"`` (with
+        ``"snapshot_param_dtypes"`` and ``"snapshot_shards"``: where this rank's pieces sit)
+        and the base of ``drift/*`` (``"base"``, ``"base_param_dtypes"``, ``"base_shards"``)
+        only with ``include_snapshot=True``, because each is as large as the model (this
+        rank's part of it). Tensors are returned as they are (no copies): save them with
         ``torch.save`` before training goes on.
         """
         state: dict[str, Any] = {"step_count": self.step_count, "config": self.config.to_dict()}
@@ -75,10 +74,10 @@ class ManagerState:
         if computers:
             state["computers"] = computers
         if include_snapshot and self.old_snapshot is not None:
+            layout = self.old_snapshot.layout_state()
             state["snapshot"] = self.old_snapshot.state_dict()
-            state["snapshot_param_dtypes"] = {
-                n: str(d).removeprefix("torch.") for n, d in self.old_snapshot.param_dtypes.items()
-            }
+            state["snapshot_param_dtypes"] = layout["param_dtypes"]
+            state["snapshot_shards"] = layout["shards"]  # where this rank's pieces sit
         if include_snapshot:
             state.update(self._anchor.state())  # "base", "base_param_dtypes"
         return state
@@ -129,18 +128,17 @@ class ManagerState:
         self.last_metrics = {}
         self.last_histograms = {}
         if "snapshot" in state:
-            snap = ParameterSnapshot(
-                None,
+            live = (ParameterSnapshot.live(model, self.config.trainable_only)
+                    if model is not None and "snapshot_shards" not in state else None)
+            self.old_snapshot = ParameterSnapshot.restored(
+                state["snapshot"],
+                state.get("snapshot_param_dtypes", {}),
+                state.get("snapshot_shards", {}),
                 device=self.config.snapshot_device,
                 dtype=SNAPSHOT_DTYPES[self.config.snapshot_dtype],
                 trainable_only=self.config.trainable_only,
+                live=live,
             )
-            dtypes = state.get("snapshot_param_dtypes", {})
-            for name, tensor in state["snapshot"].items():
-                snap.data[name] = tensor.to(self.config.snapshot_device).clone()
-                snap.param_dtypes[name] = getattr(torch, dtypes.get(name, ""), tensor.dtype)
-                snap.shards[name] = ShardInfo(tuple(tensor.shape), 0, False, True)
-            self.old_snapshot = snap
         elif exact and model is not None:
             self.on_optimizer_step(model, step=step)  # the baseline from the given weights
         if not exact or self.old_snapshot is None:

@@ -133,6 +133,22 @@ class ShardInfo:
             n *= s
         return n
 
+    def to_state(self) -> list[Any]:
+        """Plain values for a checkpoint (``torch.load(weights_only=True)`` reads them back)."""
+        return [list(self.global_shape), self.offset, self.sharded, self.owner, self.block]
+
+    @classmethod
+    def from_state(cls, state: Sequence[Any]) -> ShardInfo:
+        """The :class:`ShardInfo` saved by :meth:`to_state`."""
+        shape, offset, sharded, owner, block = state
+        return cls(tuple(int(s) for s in shape), int(offset), bool(sharded), bool(owner),
+                   int(block))
+
+    @classmethod
+    def replicated(cls, shape: tuple[int, ...]) -> ShardInfo:
+        """A whole tensor held by every rank, counted on rank 0 (one process: counted)."""
+        return cls(shape, 0, False, get_rank() == 0 or not is_distributed())
+
 
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
     """The tensor this rank actually holds (``to_local()`` of a DTensor), detached, no copy.

@@ -36,6 +36,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -272,6 +274,46 @@ class ParameterSnapshot:
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.synchronize()
         return {n: t.clone() for n, t in self.data.items()}
+
+    def layout_state(self) -> dict[str, dict[str, Any]]:
+        """What a checkpoint of :meth:`state_dict` needs beside the tensors, in plain values:
+        ``{"param_dtypes": {name: "bfloat16", ...}, "shards": {name: [...], ...}}`` (each
+        rank's snapshot holds its own pieces; the shards say where they sit)."""
+        return {
+            "param_dtypes": {
+                n: str(d).removeprefix("torch.") for n, d in self.param_dtypes.items()
+            },
+            "shards": {n: info.to_state() for n, info in self.shards.items()},
+        }
+
+    @classmethod
+    def restored(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        param_dtypes: Mapping[str, str],
+        shards: Mapping[str, Any],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        trainable_only: bool = False,
+        live: ParameterSnapshot | None = None,
+    ) -> ParameterSnapshot:
+        """A snapshot of saved ``tensors`` (:meth:`state_dict`) with the dtypes and shards of
+        :meth:`layout_state`. A tensor saved without its shard (a checkpoint written before
+        they were saved) takes the shard of ``live`` when the local shapes agree, else counts
+        as replicated (whole on every rank, counted on rank 0)."""
+        snap = cls(None, device=device, dtype=dtype, trainable_only=trainable_only)
+        for name, tensor in tensors.items():
+            snap.data[name] = tensor.to(snap._device).clone()
+            snap.param_dtypes[name] = getattr(torch, param_dtypes.get(name, ""), tensor.dtype)
+            if name in shards:
+                snap.shards[name] = ShardInfo.from_state(shards[name])
+            elif live is not None and name in live.data and live.data[name].shape == tensor.shape:
+                snap.shards[name] = live.shards[name]
+            else:
+                snap.shards[name] = ShardInfo.replicated(tuple(tensor.shape))
+        snap.timestamp = time.time()
+        return snap
 
 
 # the delta of two snapshots lives in .delta; re-exported here, where it has always been found

@@ -216,6 +216,64 @@ def kwargs_wrapper(mode: str) -> dict:
     return {"metrics": records, "refused": refused}
 
 
+def resume(mode: str, old_format: bool) -> dict:
+    """Train 4 steps, save the analysis state with its snapshots, go on to step 8 (run A);
+    restore the weights, the optimizer and, in a new manager, the state, and replay steps 5-8
+    (run B). With ``old_format`` the state loses its shard layouts, as states saved before they
+    were saved did."""
+    import copy
+    import io
+    import logging
+
+    import torch
+    from torch import nn
+
+    from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
+    from grail.trainer.analysis.core.distributed import get_rank, local_tensor
+    from tests.conftest import tiny_qwen2
+
+    model = tiny_qwen2(vocab=131, hidden=32, layers=2)
+    train_model: nn.Module = parallelize(model, mode)
+    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-2, foreach=False)
+    config = AnalysisConfig(interval=2, drift_enabled=True, drift_keep_ratios=[0.1],
+                            param_change_track_mask_overlap=True)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda r: warnings.append(r.getMessage())
+    logging.getLogger("grail").addHandler(handler)
+
+    def step(s: int, manager: ModelAnalysisManager) -> dict:
+        ids = torch.randint(0, 131, (2, 12), generator=torch.Generator().manual_seed(s))
+        train_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        metrics = manager.on_optimizer_step(train_model, inputs={"input_ids": ids})
+        opt.zero_grad()
+        return metrics
+
+    first = ModelAnalysisManager.create(config)
+    first.set_base(train_model, model=train_model)
+    for s in range(1, 5):
+        step(s, first)
+    saved = io.BytesIO()
+    state = first.state_dict(include_snapshot=True)
+    if old_format:
+        del state["snapshot_shards"], state["base_shards"]
+    torch.save(state, saved)
+    weights = [local_tensor(p).clone() for p in train_model.parameters()]
+    opt_state = copy.deepcopy(opt.state_dict())
+    run_a = {str(s): step(s, first) for s in range(5, 9)}
+    with torch.no_grad():
+        for p, w in zip(train_model.parameters(), weights, strict=True):
+            local_tensor(p).copy_(w)
+    opt.load_state_dict(opt_state)
+    warnings.clear()
+    second = ModelAnalysisManager.create(config)
+    saved.seek(0)
+    second.load_state_dict(torch.load(saved, weights_only=True), model=train_model)
+    run_b = {str(s): step(s, second) for s in range(5, 9)}
+    return {"a": run_a, "b": run_b, "warnings": warnings, "rank": get_rank()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["single", "ddp", "fsdp"], required=True)
@@ -227,6 +285,7 @@ def main() -> None:
     parser.add_argument("--budget-ties", action="store_true")
     parser.add_argument("--drift", action="store_true")
     parser.add_argument("--kwargs-wrapper", action="store_true")
+    parser.add_argument("--resume", choices=["current", "old-format"])
     parser.add_argument("--attribution", action="store_true")
     parser.add_argument(
         "--own-batches",
@@ -252,6 +311,10 @@ def main() -> None:
         leave_group(args.world)
     if args.kwargs_wrapper:
         Path(args.out).write_text(json.dumps(kwargs_wrapper(args.mode)))
+        leave_group(args.world)
+    if args.resume:
+        result = resume(args.mode, old_format=args.resume == "old-format")
+        Path(args.out).write_text(json.dumps(result))
         leave_group(args.world)
     model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards
     start = {n: p.detach().clone() for n, p in model.named_parameters()}  # full tensors

@@ -228,3 +228,26 @@ def test_a_kwargs_wrapper_refusing_the_mask_is_called_again_on_every_rank(tmp_pa
         assert "refused attention_mask" in result["refused"][0]
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     _assert_close(ranks[0]["metrics"], single["metrics"], "fsdp")
+
+
+@pytest.mark.parametrize(("mode", "form"),
+                         [("ddp", "current"), ("fsdp", "current"), ("ddp", "old-format")])
+def test_a_state_with_snapshots_resumes_the_uninterrupted_run(mode, form, tmp_path):
+    """The snapshots' shard layouts travel with the state: a DDP replica is counted once (not
+    once per rank) and an FSDP2 shard is not re-baselined; a state saved without the layouts
+    takes them from the model (DDP)."""
+    ranks = _run(mode, 2, tmp_path, False, "--resume", form)
+    for result in ranks:
+        a = {step: m for step, m in result["a"].items() if m}
+        b = {step: m for step, m in result["b"].items() if m}
+        assert set(a) == set(b) == {"6", "8"}, (sorted(a), sorted(b))  # nothing re-baselined
+        assert not [w for w in result["warnings"] if "changed" in w or "base" in w], result
+        for step in a:
+            assert a[step].keys() == b[step].keys()
+            for key, want in a[step].items():
+                got = b[step][key]
+                if key == "drift/cos_interval":  # its previous norm is computed again
+                    assert got == pytest.approx(want, rel=1e-6), (step, got, want)
+                else:
+                    assert got == want or (math.isnan(got) and math.isnan(want)), (step, key)
+    assert ranks[0]["b"] == ranks[1]["b"]
