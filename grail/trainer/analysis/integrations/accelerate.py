@@ -26,7 +26,8 @@ Decisions where the design is silent:
 * The accelerator is duck-typed (anything with a callable ``log`` and a ``trackers`` list), so
   this module never imports accelerate.
 * No tracker started yet (``accelerator.init_trackers`` not called): the measurement is dropped
-  with one warning, as :class:`~.sinks.WandbSink` does without a run.
+  with one warning, as :class:`~.sinks.WandbSink` does without a run. Accelerate starts
+  trackers on the main process only, so the other processes drop theirs without one.
 * ``close()`` releases nothing: the trackers belong to the accelerator; end them with
   ``accelerator.end_training()``.
 * Training comes first: values that are not numbers are skipped and a failing tracker is
@@ -98,11 +99,13 @@ class AccelerateSink:
                                    value)
         trackers = list(getattr(self.accelerator, "trackers", None) or ())
         if not trackers:
-            self._warn.warning(
-                "no-trackers",
-                "AccelerateSink: the accelerator has no trackers, metrics are dropped: create it "
-                "with Accelerator(log_with=...) and call accelerator.init_trackers(...) first",
-            )
+            if getattr(self.accelerator, "is_main_process", True):  # others never have any
+                self._warn.warning(
+                    "no-trackers",
+                    "AccelerateSink: the accelerator has no trackers, metrics are dropped: "
+                    "create it with Accelerator(log_with=...) and call "
+                    "accelerator.init_trackers(...) first",
+                )
             return
         if payload:
             try:

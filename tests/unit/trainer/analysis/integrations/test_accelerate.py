@@ -139,6 +139,19 @@ def test_no_trackers_or_a_failing_tracker_never_raise(caplog):
     assert sum("not a number" in m for m in messages) == 1
 
 
+def test_processes_other_than_the_main_one_drop_metrics_without_a_warning(caplog):
+    class OtherRank:  # accelerate starts trackers on the main process only
+        trackers: list = []
+        is_main_process = False
+
+        def log(self, values, step=None):
+            raise AssertionError("nothing to log to")
+
+    with caplog.at_level(logging.WARNING, LOGGER):
+        AccelerateSink(OtherRank()).log({"a": 1.0}, step=1)
+    assert not caplog.records
+
+
 def test_not_an_accelerator_fails_at_construction():
     with pytest.raises(TypeError, match=r"accelerate\.Accelerator"):
         AccelerateSink("tensorboard")
