@@ -13,7 +13,8 @@ restricted to unmasked tokens) and :math:`P = \mathrm{softmax}(a)`, :math:`Q = \
   On a CPU, whose ``expm1`` is not vectorised, rows with every :math:`-d_v \le 1/2` evaluate it
   as :math:`2\tanh(-d/2) / (1 - \tanh(-d/2))` (within 3 float32 roundings). The reverse KL(Q || P)
   comes from the same pass (:meth:`LogitsReference.kl_sums_both`);
-* ``cosine``: :math:`\frac{1}{N}\sum_i \frac{a_i \cdot b_i}{\lVert a_i\rVert\lVert b_i\rVert}`;
+* ``cosine``: :math:`\frac{1}{N}\sum_i \frac{a_i \cdot b_i}{\lVert a_i\rVert\lVert b_i\rVert}`,
+  each row's term clamped to [-1, 1] (rounding can carry nearly parallel rows past 1);
 * ``mse``: :math:`\frac{1}{NV}\sum_{i,v}(a_{iv} - b_{iv})^2`;
 * ``top1_agree``: fraction of rows with :math:`\arg\max a_i = \arg\max b_i`.
 

@@ -16,10 +16,10 @@ Outputs: ``output_fn(output)`` if given, else ``output.logits``, a mapping's ``"
 tuple's first tensor that is not a scalar (a forward returning ``(loss, logits)`` works), or the
 tensor itself. No tensor of at least one dimension there is a ``TypeError`` describing the
 output and how to pass ``output_fn``. Logits are flattened to ``[positions, classes]``
-keeping only the positions a ``[batch, seq]`` attention mask marks as tokens: non-zero, or zero
-in an additive floating-point mask (one with negative entries). A mask of another shape (a 4-D
-one) is passed on, cut along its sequence dimensions, and every position is compared, with one
-warning.
+keeping only the positions the attention mask marks as tokens: non-zero, or zero in an
+additive floating-point mask (one without a positive entry); a ``[batch, (heads,) seq, seq]``
+mask is read on its diagonal and cut along both sequence dimensions. With a mask of any other
+shape every position is compared, with one warning.
 
 Example:
     >>> import torch
@@ -112,52 +112,67 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _cut(t: Any, rows: slice, cols: slice | None, batch: int, seq: int | None,
-         every_seq_dim: bool = False) -> Any:
-    """Rows ``rows`` and, where the tensor has the sequence dimension (dimension 1; with
-    ``every_seq_dim``, each dimension after the first of that size, as in a ``[batch, heads,
-    query, key]`` attention mask), columns ``cols`` of a per-row tensor; anything else
-    unchanged."""
-    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != batch:
+def _cut(
+    t: Any, rows: slice, cols: slice | None, batch: int, seq: int | None, mask: bool = False
+) -> Any:
+    """Rows ``rows`` and, where the tensor has the sequence dimension (dimension 1), columns
+    ``cols`` of a per-row tensor; anything else unchanged. An attention ``mask`` is cut along
+    every dimension after the first of the sequence's size (``[batch, heads, query, key]``),
+    and one broadcast over the batch (first dimension 1) keeps its single row."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
-    t = t[rows]
+    if t.shape[0] == batch:
+        t = t[rows]
+    elif not (mask and t.shape[0] == 1):
+        return t
     if cols is None or seq is None:
         return t
-    dims = range(1, t.dim()) if every_seq_dim else range(1, min(2, t.dim()))
-    for d in dims:
+    for d in range(1, t.dim() if mask else min(2, t.dim())):
         if t.shape[d] == seq:
             t = t[(slice(None),) * d + (cols,)]
     return t
 
 
-def _positions(
-    model: nn.Module, mask: Any, batch: int, seq: int | None
-) -> torch.Tensor | None:
-    """The positions an attention mask marks as tokens, bool ``[batch, seq]``; None compares
-    every position (no mask, or a mask of another shape, such as a 4-D one: one warning per
-    model type).
+def _tokens(values: torch.Tensor) -> torch.Tensor:
+    """Which mask values mark a token (see :func:`_positions`)."""
+    if values.dtype == torch.bool:
+        return values
+    if values.is_floating_point() and not bool((values > 0).any()):
+        return values == 0  # additive: 0 attends, negative (down to -inf) masks
+    return values != 0
 
-    A ``[batch, seq]`` mask reads as the transformers convention has it: non-zero (``True``,
-    ``1``, or a packed sequence's index) is a token, zero is padding. A floating-point mask with
-    negative entries is additive (added to attention scores): zero is a token, a negative
-    value (down to ``-inf``) is padding.
+
+def _positions(
+    model_type: type, mask: Any, batch: int, seq: int | None
+) -> torch.Tensor | None:
+    """The positions an attention mask marks as tokens, bool ``[batch, seq]`` (``[batch]`` for
+    one position per row); None compares every position.
+
+    Values read as the transformers convention has it: non-zero (``True``, ``1``, a packed
+    sequence's index) is a token, zero is padding. A floating-point mask without a positive
+    entry is additive (added to attention scores): zero is a token, a negative value (down to
+    ``-inf``) is padding. The rule looks at one batch only, so every rank reads its own the
+    same way. A ``[batch, seq, seq]`` or ``[batch, heads, seq, seq]`` mask (first dimension
+    ``batch`` or 1) is read on its diagonal: a position that may attend to itself is a token.
+    A mask of any other shape compares every position, with one warning per model type.
     """
     if not isinstance(mask, torch.Tensor):
         return None
-    if seq is None or tuple(mask.shape) != (batch, seq):
-        _ONCE.warning(
-            (type(model), "mask shape", mask.dim()),
-            "attention_mask of shape %s is not [batch, seq] = %s: analysis forwards pass it on "
-            "as given but compare every position, padded ones included (pass a [batch, seq] "
-            "mask to leave padding out)",
-            list(mask.shape), [batch, seq if seq is not None else "?"],
-        )
-        return None
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.is_floating_point() and bool((mask < 0).any()):
-        return mask == 0
-    return mask != 0
+    if seq is None and mask.numel() == batch:  # one position per row (1-D ids)
+        return _tokens(mask.reshape(batch))
+    if seq is not None and tuple(mask.shape) == (batch, seq):
+        return _tokens(mask)
+    square = mask.dim() in (3, 4) and mask.shape[-2:] == (seq, seq)
+    if seq is not None and square and mask.shape[0] in (batch, 1):
+        diagonal = (mask if mask.dim() == 3 else mask[:, 0]).diagonal(dim1=-2, dim2=-1)
+        return _tokens(diagonal).expand(batch, seq)
+    _ONCE.warning(
+        (model_type, "mask shape", mask.dim()),
+        "attention_mask of shape %s is neither [batch, seq] nor [batch, (heads,) seq, seq] with "
+        "batch, seq = %s, %s: every position is compared, padded ones included",
+        list(mask.shape), batch, seq if seq is not None else "?",
+    )
+    return None
 
 
 def _window(real: torch.Tensor | None, seq: int, max_tokens: int) -> tuple[slice, slice]:
@@ -218,16 +233,17 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     batch = ids.shape[0]
     seq = ids.shape[1] if ids.dim() >= 2 and ids.dtype in (torch.long, torch.int) else None
-    if seq is None and isinstance(mask, torch.Tensor) and mask.shape == ids.shape[:2]:
-        seq = mask.shape[1]  # inputs_embeds [batch, seq, hidden]: the mask says what a position is
-    real = _positions(model, mask, batch, seq)
+    embeds = ids.dim() >= 3 and isinstance(mask, torch.Tensor) and mask.dim() >= 2
+    if seq is None and embeds and mask.shape[-1] == ids.shape[1]:
+        seq = ids.shape[1]  # inputs_embeds [batch, seq, hidden]: the mask has the positions
+    real = _positions(type(model), mask, batch, seq)
     if seq is not None and seq > max_tokens:
         rows, cols = _window(real, seq, max_tokens)
     else:
         per_row = seq if seq is not None else 1
         rows, cols = slice(0, max(1, min(batch, max_tokens // per_row))), None
     args = tuple(_cut(a, rows, cols, batch, seq) for a in args)
-    kwargs = {k: _cut(v, rows, cols, batch, seq, every_seq_dim=k == "attention_mask")
+    kwargs = {k: _cut(v, rows, cols, batch, seq, mask=k == "attention_mask")
               for k, v in kwargs.items()}
     mask = _cut(real, rows, cols, batch, seq) if real is not None else None
 
@@ -367,7 +383,10 @@ def run_forward(
     if logits.dim() == 1:
         logits = logits.unsqueeze(-1)
     mask = prepared.mask
-    if mask is not None and logits.shape[:-1] == mask.shape and not bool(mask.all()):
+    positions = logits.shape[:-1]
+    if mask is not None and mask.dim() == 1 and positions == (1, mask.numel()):
+        mask = mask.unsqueeze(0)  # 1-D ids, logits [1, n, classes]
+    if mask is not None and positions == mask.shape and not bool(mask.all()):
         logits = logits[mask.to(logits.device)]  # a copy: only when some positions are masked
     flat = logits.detach().reshape(-1, logits.shape[-1])
     return flat if flat.dtype in _KEPT_DTYPES else flat.float()

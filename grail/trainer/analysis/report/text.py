@@ -127,9 +127,12 @@ _SAME = 1.25  # KLs within this factor of each other read as "about as close"
 
 
 def _times(ratio: float) -> str:
-    """``1.7x``, ``5x``, ``12x``: one decimal below ten, none above."""
-    text = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}".rstrip("0").rstrip(".")
-    return f"{text}x"
+    """``1.25x``, ``1.7x``, ``5x``, ``12x``: two decimals below 2 (a ratio at the edge of
+    :data:`_SAME` does not round into it), one below 10, none above."""
+    if ratio >= 10:
+        return f"{ratio:.0f}x"
+    text = f"{ratio:.2f}" if ratio < 2 else f"{ratio:.1f}"
+    return f"{text.rstrip('0').rstrip('.')}x"
 
 
 def quality_sentence(kl: float | None, baseline: float | None, top1: float | None,
@@ -152,6 +155,8 @@ def quality_sentence(kl: float | None, baseline: float | None, top1: float | Non
     if kl <= 1e-12:
         return f"Same outputs as the tuned model on these prompts (KL {number(kl)}).{agree}"
     lead, size = _closeness(kl, base_kl, top1, base_top1)
+    if not math.isfinite(baseline):
+        return f"{lead} ({size}).{agree}"
     if baseline <= 1e-12:
         cmp = f"{what} reproduces the tuned outputs exactly"
     elif baseline >= _SAME * kl:

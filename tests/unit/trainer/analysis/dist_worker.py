@@ -189,10 +189,6 @@ def kwargs_wrapper(mode: str) -> dict:
         for layer in model.inner.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    elif mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model)
     refused: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: refused.append(r.getMessage()) if "refused" in r.getMessage() else None

@@ -223,6 +223,7 @@ def test_a_kwargs_wrapper_refusing_the_mask_is_called_again_on_every_rank(tmp_pa
     ranks = _run("fsdp", 2, tmp_path, False, "--kwargs-wrapper")
     assert set(single["metrics"]) == {"4", "6"}
     assert "sparse/kl_at_keep_0.1_random" in single["metrics"]["4"]  # the forwards ran
+    assert single["metrics"]["4"]["sparse/tokens"] == 12 + 9  # the mask still selects positions
     for result in (single, *ranks):
         assert len(result["refused"]) == 1, result["refused"]  # one warning, then no retries
         assert "refused attention_mask" in result["refused"][0]

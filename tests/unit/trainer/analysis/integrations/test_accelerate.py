@@ -141,7 +141,7 @@ def test_no_trackers_or_a_failing_tracker_never_raise(caplog):
 
 def test_processes_other_than_the_main_one_drop_metrics_without_a_warning(caplog):
     class OtherRank:  # accelerate starts trackers on the main process only
-        trackers: list = []
+        trackers = ()
         is_main_process = False
 
         def log(self, values, step=None):

@@ -537,7 +537,7 @@ def _additive(mask: torch.Tensor, fill: float, dtype: torch.dtype) -> torch.Tens
     return torch.zeros(mask.shape, dtype=dtype).masked_fill(mask == 0, fill)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fill", [-math.inf, "min", -1e4])
 def test_an_additive_mask_compares_the_tokens_not_the_padding(dtype, fill):
     fill = torch.finfo(dtype).min if fill == "min" else fill
@@ -602,32 +602,117 @@ class _ChecksMaskShape(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         b, s = input_ids.shape
-        assert attention_mask.shape == (b, 1, s, s), attention_mask.shape
+        assert attention_mask.shape[-2:] == (s, s), attention_mask.shape
+        assert attention_mask.shape[0] in (b, 1), attention_mask.shape
         return self.inner(input_ids)
 
 
-def test_a_4d_mask_is_passed_on_cut_along_both_sequence_dimensions(caplog):
+def _square(padding: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """A [batch, 1, seq, seq] causal mask hiding the padded keys (bool, or additive)."""
+    s = padding.shape[1]
+    keep = torch.ones(s, s, dtype=torch.bool).tril() & (padding != 0)[:, None, None, :]
+    if dtype == torch.bool:
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, -math.inf)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_a_4d_mask_is_read_on_its_diagonal_and_cut_along_both_sequence_dimensions(dtype, caplog):
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-    causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[0, :3] = 0  # row 0 left-padded
+    padding[1, 10:] = 0  # row 1 right-padded
+    square = _square(padding, dtype)
     model = _ChecksMaskShape()
-    whole = prepare_inputs(model, {"input_ids": ids, "attention_mask": causal}, 1000)
-    assert whole.mask is None and whole.tokens == 24  # every position is compared
-    cut = prepare_inputs(model, {"input_ids": ids, "attention_mask": causal}, 5)
-    assert torch.equal(cut.kwargs["attention_mask"], causal[:1, :, :5, :5])
+    whole = prepare_inputs(model, {"input_ids": ids, "attention_mask": square}, 1000)
+    assert torch.equal(whole.mask, padding.bool()) and whole.tokens == 19
+    cut = prepare_inputs(model, {"input_ids": ids, "attention_mask": square}, 5)
+    assert torch.equal(cut.kwargs["input_ids"], ids[:1, 3:8])  # from row 0's first token
+    assert torch.equal(cut.kwargs["attention_mask"], square[:1, :, 3:8, 3:8])
     assert cut.tokens == 5
     with torch.no_grad():
-        assert run_forward(model, whole).shape == (24, VOCAB)
-        assert torch.equal(run_forward(model, cut), model.inner(ids[:1, :5])[0])
-    warned = [r for r in caplog.records if "is not [batch, seq]" in r.getMessage()]
+        assert torch.equal(run_forward(model, whole),
+                           model.inner(ids)[padding.bool()])
+        assert torch.equal(run_forward(model, cut), model.inner(ids[:1, 3:8])[0])
+    assert not [r for r in caplog.records if "attention_mask of shape" in r.getMessage()]
+
+
+def test_a_mask_broadcast_over_the_batch_keeps_its_row_when_cut():
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()[None, None]  # [1, 1, 12, 12]
+    model = _ChecksMaskShape()
+    whole = prepare_inputs(model, {"input_ids": ids, "attention_mask": causal}, 1000)
+    assert whole.mask.shape == (2, 12) and whole.tokens == 24
+    cut = prepare_inputs(model, {"input_ids": ids, "attention_mask": causal}, 5)
+    assert torch.equal(cut.kwargs["attention_mask"], causal[:, :, :5, :5])
+    with torch.no_grad():
+        assert run_forward(model, cut).shape == (5, VOCAB)
+
+
+def test_a_mask_of_another_shape_compares_every_position_with_one_warning(caplog):
+    class KeyPadding(_IgnoresMask):  # its own type: the warning is once per model type
+        pass
+
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    keys = torch.ones(2, 1, 1, 12)  # [batch, 1, 1, key]: not a square mask
+    for _ in range(2):
+        prepared = prepare_inputs(KeyPadding(), {"input_ids": ids, "attention_mask": keys}, 1000)
+        assert prepared.mask is None and prepared.tokens == 24
+    warned = [r for r in caplog.records if "attention_mask of shape" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    assert "[2, 1, 1, 12]" in warned[0].getMessage()
 
 
-def test_a_4d_mask_reaches_a_transformers_model_and_compares_every_position(qwen):
-    ids = _batch()["input_ids"]
-    causal = torch.ones(10, 10, dtype=torch.bool).tril().expand(4, 1, 10, 10)
-    prepared = prepare_inputs(qwen, {"input_ids": ids, "attention_mask": causal}, 1000)
-    assert prepared.tokens == 40  # positions, not entries of the mask
+def test_an_additive_mask_without_padding_compares_every_token():
+    batch = _batch(pad=False)
+    zeros = dict(batch, attention_mask=torch.zeros(4, 10))  # additive, nothing masked
+    prepared = prepare_inputs(_IgnoresMask(), zeros, 1000)
+    assert bool(prepared.mask.all()) and prepared.tokens == 40
+    # one rank's batch alone reads as the whole batch does: the rule looks at one batch
+    both = _additive(_batch(pad=True)["attention_mask"], -math.inf, torch.float32)
+    both[1:] = 0
+    rows = [prepare_inputs(_IgnoresMask(), dict(batch, attention_mask=both[r:r + 1],
+                                                input_ids=batch["input_ids"][r:r + 1]), 1000)
+            for r in range(4)]
+    whole = prepare_inputs(_IgnoresMask(), dict(batch, attention_mask=both), 1000)
+    assert torch.equal(torch.cat([r.mask for r in rows]), whole.mask)
+
+
+@pytest.mark.parametrize("shape", [(6,), (1, 6)])
+def test_one_dimensional_ids_take_a_mask_of_their_length(shape):
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _IgnoresMask()
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids)[None]  # [1, n, classes]
+
+    ids = torch.arange(6) % VOCAB
+    mask = torch.tensor([0, 1, 1, 1, 1, 0]).reshape(shape)
+    prepared = prepare_inputs(Flat(), {"input_ids": ids, "attention_mask": mask}, 1000)
+    assert prepared.tokens == 4
+    with torch.no_grad():
+        got = run_forward(Flat(), prepared)
+    assert got.shape == (4, VOCAB)
+
+
+def test_inputs_embeds_with_a_4d_mask_stay_within_the_budget(qwen):
+    embeds = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4))
+    padding = torch.ones(2, 6, dtype=torch.long)
+    square = _square(padding)
+    prepared = prepare_inputs(qwen, {"inputs_embeds": embeds, "attention_mask": square}, 4)
+    assert prepared.kwargs["inputs_embeds"].shape == (1, 4, 32)
+    assert prepared.kwargs["attention_mask"].shape == (1, 1, 4, 4)
+    assert prepared.tokens == 4
+
+
+def test_a_4d_mask_reaches_a_transformers_model_and_compares_its_tokens(qwen):
+    batch = _batch(pad=True)
+    square = _square(batch["attention_mask"])
+    prepared = prepare_inputs(qwen, {"input_ids": batch["input_ids"], "attention_mask": square},
+                              1000)
+    assert prepared.tokens == int(batch["attention_mask"].sum())  # positions, not mask entries
     with torch.no_grad():
         got = run_forward(qwen, prepared)
-        want = qwen(input_ids=ids).logits.reshape(-1, VOCAB)
-    torch.testing.assert_close(got, want)
+    assert got.shape == (prepared.tokens, VOCAB) and bool(got.isfinite().all())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from grail.trainer.analysis.report import headline
 from grail.trainer.analysis.report.text import (
     base_reference,
@@ -156,9 +158,14 @@ def test_a_mask_beside_its_random_baseline_reads_as_the_ratio_of_their_kls():
     def cmp(kl, baseline):
         return quality_sentence(kl, baseline, None, RANDOM, base_kl=0.005223).split("; ")[1]
 
-    # a factor of 1.7 is no longer "about as close"
-    assert cmp(0.002634, 0.004403) == "1.7x closer than a random mask of the same size."
+    # a factor of 1.67 is no longer "about as close"
+    assert cmp(0.002634, 0.004403) == "1.67x closer than a random mask of the same size."
     assert cmp(1e-4, 1.2e-4) == "about as close as a random mask of the same size."
     assert cmp(1.2e-4, 1e-4) == "about as close as a random mask of the same size."
     assert cmp(0.004, 0.002) == "a random mask of the same size does 2x better."
     assert cmp(1e-4, 1.5e-3) == "15x closer than a random mask of the same size."
+    assert cmp(1e-4, 1.25e-4) == "1.25x closer than a random mask of the same size."
+    assert cmp(1e-4, 1.98e-4) == "1.98x closer than a random mask of the same size."
+    for baseline in (math.nan, math.inf):  # no comparison with a baseline that is not a number
+        s = quality_sentence(1e-4, baseline, None, RANDOM, base_kl=0.005223)
+        assert "random" not in s and s.startswith("Practically the tuned model")
