@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.distributed import ShardInfo, local_tensor
+from .core.distributed import ShardInfo, agree, local_tensor
 from .core.snapshot import ANALYSED_DTYPES, ParameterSnapshot, collect_parameters
 
 __all__ = ["BaseAnchor", "BaseSource", "base_mismatch"]
@@ -209,6 +209,7 @@ class BaseAnchor:
         self.snapshot: ParameterSnapshot | None = None
         self.explicit = False  # set by set_base or a state dict: kept by reset()
         self.pending = False  # not yet checked against (and sharded like) the model
+        self.restored = False  # from a state dict: its pieces carry the saving rank's layout
         self.step: int | None = None  # the step whose weights it holds, when taken automatically
         self.failed = False  # taking or checking it raised: not retried until set or cleared
 
@@ -227,7 +228,7 @@ class BaseAnchor:
             snap = _as_given(tensors, self.device) if pending else _build(tensors, layout,
                                                                           self.device)
         self.snapshot, self.explicit, self.pending, self.step = snap, True, pending, None
-        self.failed = False
+        self.failed, self.restored = False, False
 
     def take(self, model: nn.Module, step: int) -> None:
         """The base from the live weights of ``model`` (at ``step``)."""
@@ -238,21 +239,33 @@ class BaseAnchor:
 
     def resolve(self, model: nn.Module, step: int) -> None:
         """Check a pending base against ``model`` and shard it like it; on a mismatch, warn and
-        take the base from the live weights (training must go on)."""
+        take the base from the live weights (training must go on). Every rank calls this at
+        the same step and all take the same decision (one vote): a base mixed from the saved
+        pieces on some ranks and the live weights on others would be no base at all."""
         assert self.snapshot is not None
         live = ParameterSnapshot.live(model, trainable_only=self.trainable_only)
+        snap: ParameterSnapshot | None = None
+        problem = ""
         if self.snapshot.spec() == live.spec():  # e.g. set_base(model) of the model itself
-            self.snapshot.shards = dict(live.shards)
-            self.pending = False
-            return
-        try:
-            snap = _build(self.snapshot.data, live, self.device)
-        except ValueError as err:
-            logger.warning("%s; drift/* is measured from the weights at step %d instead (pass "
-                           "model= to set_base to catch this when the base is set)", err, step)
+            snap = self.snapshot
+            snap.shards = dict(live.shards)
+        elif self.restored:  # the saving rank's pieces: only this rank's own fit
+            problem = ("the base in the loaded state holds other pieces than this rank's (each "
+                       "rank must load the state it saved, on as many ranks)")
+        else:
+            try:
+                snap = _build(self.snapshot.data, live, self.device)
+            except ValueError as err:
+                problem = (f"{err} (pass model= to set_base to catch this when the base is "
+                           "set)")
+        anywhere, _ = agree([bool(problem)])
+        if anywhere[0]:
+            logger.warning("%s; drift/* is measured from the weights at step %d instead",
+                           problem or "another rank cannot use the base", step)
             self.take(model, step)
             return
-        self.snapshot, self.pending = snap, False
+        assert snap is not None
+        self.snapshot, self.pending, self.restored = snap, False, False
 
     def ensure(self, model: nn.Module, wanted: bool, step: int) -> None:
         """Resolve a pending base, or take one from ``model`` when ``wanted`` and none is set
@@ -312,4 +325,4 @@ class BaseAnchor:
             device=self.device,
         )
         self.snapshot, self.explicit, self.pending, self.step = snap, True, True, None
-        self.failed = False
+        self.failed, self.restored = False, True

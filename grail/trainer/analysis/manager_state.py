@@ -22,6 +22,7 @@ from torch import nn
 
 from .anchor import BaseAnchor
 from .config import SNAPSHOT_DTYPES, AnalysisConfig
+from .core.engines import reshard
 from .core.snapshot import ParameterSnapshot
 from .metrics.base import MetricComputer
 
@@ -128,8 +129,10 @@ class ManagerState:
         self.last_metrics = {}
         self.last_histograms = {}
         if "snapshot" in state:
-            live = (ParameterSnapshot.live(model, self.config.trainable_only)
-                    if model is not None and "snapshot_shards" not in state else None)
+            live = None
+            if model is not None and "snapshot_shards" not in state:
+                reshard(model)  # FSDP2: local shards, as the saved snapshot holds them
+                live = ParameterSnapshot.live(model, self.config.trainable_only)
             self.old_snapshot = ParameterSnapshot.restored(
                 state["snapshot"],
                 state.get("snapshot_param_dtypes", {}),

@@ -301,13 +301,18 @@ class ParameterSnapshot:
         """A snapshot of saved ``tensors`` (:meth:`state_dict`) with the dtypes and shards of
         :meth:`layout_state`. A tensor saved without its shard (a checkpoint written before
         they were saved) takes the shard of ``live`` when the local shapes agree, else counts
-        as replicated (whole on every rank, counted on rank 0)."""
+        as replicated (whole on every rank, counted on rank 0). A replicated tensor is counted
+        by this process's rank 0 whichever rank saved it (replicas are the same bits); a
+        sharded one keeps the saving rank's place, which this rank's live layout must match
+        (:meth:`spec`) to be diffed against it."""
         snap = cls(None, device=device, dtype=dtype, trainable_only=trainable_only)
         for name, tensor in tensors.items():
-            snap.data[name] = tensor.to(snap._device).clone()
+            snap.data[name] = tensor.to(snap._device, copy=True)
             snap.param_dtypes[name] = getattr(torch, param_dtypes.get(name, ""), tensor.dtype)
             if name in shards:
-                snap.shards[name] = ShardInfo.from_state(shards[name])
+                info = ShardInfo.from_state(shards[name])
+                snap.shards[name] = info if info.sharded else ShardInfo.replicated(
+                    info.global_shape)
             elif live is not None and name in live.data and live.data[name].shape == tensor.shape:
                 snap.shards[name] = live.shards[name]
             else:

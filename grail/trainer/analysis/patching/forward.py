@@ -70,7 +70,7 @@ class PreparedInputs:
 
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
-    mask: torch.Tensor | None = None  # bool, shape [batch, seq] (or None: every position)
+    mask: torch.Tensor | None = None  # bool [batch, seq], [n] for 1-D ids; None: every position
     tokens: int = 0
     passed_on: tuple[str, ...] = ()  # keys given to a **kwargs forward that does not name them
 
@@ -113,21 +113,23 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _cut(
-    t: Any, rows: slice, cols: slice | None, batch: int, seq: int | None, mask: bool = False
+    t: Any, rows: slice, cols: slice | None, batch: int, seq: int | None, key: str = ""
 ) -> Any:
     """Rows ``rows`` and, where the tensor has the sequence dimension (dimension 1), columns
-    ``cols`` of a per-row tensor; anything else unchanged. An attention ``mask`` is cut along
-    every dimension after the first of the sequence's size (``[batch, heads, query, key]``),
-    and one broadcast over the batch (first dimension 1) keeps its single row."""
+    ``cols`` of a per-row tensor; anything else unchanged. ``attention_mask`` and
+    ``position_ids`` broadcast over the batch (first dimension 1) keep their single row, and a
+    3-D or 4-D attention mask is cut along its last two dimensions (``[batch, (heads,)
+    query, key]``)."""
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
     if t.shape[0] == batch:
         t = t[rows]
-    elif not (mask and t.shape[0] == 1):
+    elif not (key in _PASSED_ON and t.shape[0] == 1):
         return t
     if cols is None or seq is None:
         return t
-    for d in range(1, t.dim() if mask else min(2, t.dim())):
+    square = key == "attention_mask" and t.dim() >= 3
+    for d in range(t.dim() - 2, t.dim()) if square else range(1, min(2, t.dim())):
         if t.shape[d] == seq:
             t = t[(slice(None),) * d + (cols,)]
     return t
@@ -143,7 +145,7 @@ def _tokens(values: torch.Tensor) -> torch.Tensor:
 
 
 def _positions(
-    model_type: type, mask: Any, batch: int, seq: int | None
+    model_type: type, mask: Any, batch: int, seq: int | None, one_per_row: bool = False
 ) -> torch.Tensor | None:
     """The positions an attention mask marks as tokens, bool ``[batch, seq]`` (``[batch]`` for
     one position per row); None compares every position.
@@ -153,12 +155,15 @@ def _positions(
     entry is additive (added to attention scores): zero is a token, a negative value (down to
     ``-inf``) is padding. The rule looks at one batch only, so every rank reads its own the
     same way. A ``[batch, seq, seq]`` or ``[batch, heads, seq, seq]`` mask (first dimension
-    ``batch`` or 1) is read on its diagonal: a position that may attend to itself is a token.
-    A mask of any other shape compares every position, with one warning per model type.
+    ``batch`` or 1) is read on its diagonal: a position that may attend to itself is a token
+    (a mask whose fully masked rows were opened up again, as transformers' legacy SDPA path
+    does with ``_unmask_unattended``, reads those padded rows as tokens). A mask of any other
+    shape compares every position, with one warning per model type; a 2-D ``[seq, seq]`` mask
+    with as many rows as the batch is indistinguishable from ``[batch, seq]``.
     """
     if not isinstance(mask, torch.Tensor):
         return None
-    if seq is None and mask.numel() == batch:  # one position per row (1-D ids)
+    if seq is None and one_per_row and mask.numel() == batch:  # 1-D ids
         return _tokens(mask.reshape(batch))
     if seq is not None and tuple(mask.shape) == (batch, seq):
         return _tokens(mask)
@@ -236,15 +241,14 @@ def prepare_inputs(model: nn.Module, inputs: Any, max_tokens: int) -> PreparedIn
     embeds = ids.dim() >= 3 and isinstance(mask, torch.Tensor) and mask.dim() >= 2
     if seq is None and embeds and mask.shape[-1] == ids.shape[1]:
         seq = ids.shape[1]  # inputs_embeds [batch, seq, hidden]: the mask has the positions
-    real = _positions(type(model), mask, batch, seq)
+    real = _positions(type(model), mask, batch, seq, one_per_row=ids.dim() == 1)
     if seq is not None and seq > max_tokens:
         rows, cols = _window(real, seq, max_tokens)
     else:
         per_row = seq if seq is not None else 1
         rows, cols = slice(0, max(1, min(batch, max_tokens // per_row))), None
     args = tuple(_cut(a, rows, cols, batch, seq) for a in args)
-    kwargs = {k: _cut(v, rows, cols, batch, seq, mask=k == "attention_mask")
-              for k, v in kwargs.items()}
+    kwargs = {k: _cut(v, rows, cols, batch, seq, key=k) for k, v in kwargs.items()}
     mask = _cut(real, rows, cols, batch, seq) if real is not None else None
 
     def move(v: Any) -> Any:

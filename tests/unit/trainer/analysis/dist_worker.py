@@ -212,16 +212,17 @@ def kwargs_wrapper(mode: str) -> dict:
     return {"metrics": records, "refused": refused}
 
 
-def resume(mode: str, old_format: bool) -> dict:
+def resume(mode: str, form: str) -> dict:
     """Train 4 steps, save the analysis state with its snapshots, go on to step 8 (run A);
     restore the weights, the optimizer and, in a new manager, the state, and replay steps 5-8
-    (run B). With ``old_format`` the state loses its shard layouts, as states saved before they
-    were saved did."""
+    (run B). ``form``: ``"current"``; ``"old-format"``, the state without its shard layouts, as
+    states saved before they were saved; ``"rank0-state"``, every rank loads rank 0's state."""
     import copy
     import io
     import logging
 
     import torch
+    import torch.distributed as dist
     from torch import nn
 
     from grail.trainer.analysis import AnalysisConfig, ModelAnalysisManager
@@ -252,9 +253,13 @@ def resume(mode: str, old_format: bool) -> dict:
         step(s, first)
     saved = io.BytesIO()
     state = first.state_dict(include_snapshot=True)
-    if old_format:
+    if form == "old-format":
         del state["snapshot_shards"], state["base_shards"]
     torch.save(state, saved)
+    if form == "rank0-state" and dist.is_initialized():
+        shared = [saved.getvalue()]
+        dist.broadcast_object_list(shared, src=0)
+        saved = io.BytesIO(shared[0])
     weights = [local_tensor(p).clone() for p in train_model.parameters()]
     opt_state = copy.deepcopy(opt.state_dict())
     run_a = {str(s): step(s, first) for s in range(5, 9)}
@@ -281,7 +286,7 @@ def main() -> None:
     parser.add_argument("--budget-ties", action="store_true")
     parser.add_argument("--drift", action="store_true")
     parser.add_argument("--kwargs-wrapper", action="store_true")
-    parser.add_argument("--resume", choices=["current", "old-format"])
+    parser.add_argument("--resume", choices=["current", "old-format", "rank0-state"])
     parser.add_argument("--attribution", action="store_true")
     parser.add_argument(
         "--own-batches",
@@ -309,7 +314,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(kwargs_wrapper(args.mode)))
         leave_group(args.world)
     if args.resume:
-        result = resume(args.mode, old_format=args.resume == "old-format")
+        result = resume(args.mode, args.resume)
         Path(args.out).write_text(json.dumps(result))
         leave_group(args.world)
     model = tiny_qwen2(vocab=131, hidden=32, layers=2)  # 131 rows: uneven shards

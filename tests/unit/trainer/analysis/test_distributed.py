@@ -231,12 +231,13 @@ def test_a_kwargs_wrapper_refusing_the_mask_is_called_again_on_every_rank(tmp_pa
     _assert_close(ranks[0]["metrics"], single["metrics"], "fsdp")
 
 
-@pytest.mark.parametrize(("mode", "form"),
-                         [("ddp", "current"), ("fsdp", "current"), ("ddp", "old-format")])
+@pytest.mark.parametrize(("mode", "form"), [("ddp", "current"), ("fsdp", "current"),
+                                            ("ddp", "old-format"), ("ddp", "rank0-state")])
 def test_a_state_with_snapshots_resumes_the_uninterrupted_run(mode, form, tmp_path):
     """The snapshots' shard layouts travel with the state: a DDP replica is counted once (not
     once per rank) and an FSDP2 shard is not re-baselined; a state saved without the layouts
-    takes them from the model (DDP)."""
+    takes them from the model (DDP); under DDP any rank's state restores every rank (replicas
+    are counted by rank 0 whoever saved them)."""
     ranks = _run(mode, 2, tmp_path, False, "--resume", form)
     for result in ranks:
         a = {step: m for step, m in result["a"].items() if m}
@@ -251,4 +252,16 @@ def test_a_state_with_snapshots_resumes_the_uninterrupted_run(mode, form, tmp_pa
                     assert got == pytest.approx(want, rel=1e-6), (step, got, want)
                 else:
                     assert got == want or (math.isnan(got) and math.isnan(want)), (step, key)
+    assert ranks[0]["b"] == ranks[1]["b"]
+
+
+def test_another_ranks_sharded_state_is_refused_on_every_rank_alike(tmp_path):
+    """FSDP2 ranks that all load rank 0's state: rank 1's pieces are not rank 0's, so every
+    rank re-takes the base (one vote) and says so; the interval snapshot re-baselines."""
+    ranks = _run("fsdp", 2, tmp_path, False, "--resume", "rank0-state")
+    for result in ranks:
+        said = [w for w in result["warnings"] if "drift/* is measured from the weights" in w]
+        assert len(said) == 1, result["warnings"]
+    assert "other pieces than this rank's" in " ".join(ranks[1]["warnings"])
+    assert "another rank cannot use the base" in " ".join(ranks[0]["warnings"])
     assert ranks[0]["b"] == ranks[1]["b"]

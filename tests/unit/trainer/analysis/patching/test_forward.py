@@ -716,3 +716,31 @@ def test_a_4d_mask_reaches_a_transformers_model_and_compares_its_tokens(qwen):
     with torch.no_grad():
         got = run_forward(qwen, prepared)
     assert got.shape == (prepared.tokens, VOCAB) and bool(got.isfinite().all())
+
+
+def test_a_mask_with_as_many_heads_as_positions_is_cut_on_its_last_two_dimensions():
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(5))
+    causal = torch.ones(8, 8, dtype=torch.bool).tril().expand(1, 8, 8, 8)  # heads == seq
+    prepared = prepare_inputs(_ChecksMaskShape(), {"input_ids": ids, "attention_mask": causal},
+                              4)
+    assert prepared.kwargs["attention_mask"].shape == (1, 8, 4, 4)
+
+
+def test_broadcast_position_ids_follow_the_window():
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    batch = {"input_ids": ids, "position_ids": torch.arange(8)[None]}  # [1, seq]
+    prepared = prepare_inputs(tiny_qwen2(vocab=VOCAB), batch, 4)
+    assert prepared.kwargs["input_ids"].shape == (1, 4)
+    assert torch.equal(prepared.kwargs["position_ids"], torch.arange(4)[None])
+
+
+def test_inputs_embeds_with_a_mask_of_one_column_are_not_one_position_per_row(caplog):
+    class Embeds(nn.Module):
+        def forward(self, inputs_embeds, attention_mask=None):
+            return inputs_embeds
+
+    embeds = torch.randn(3, 5, 4)
+    prepared = prepare_inputs(Embeds(), {"inputs_embeds": embeds,
+                                         "attention_mask": torch.ones(3, 1)}, 1000)
+    assert prepared.mask is None  # not read as one position per row: every position compared
+    assert [r for r in caplog.records if "attention_mask of shape [3, 1]" in r.getMessage()]
