@@ -52,12 +52,15 @@ Decisions where the design is silent:
   records the weights before the first update. A resumed run keeps whatever base the analyzer
   has: call ``analyzer.set_base(...)`` with the original weights yourself before ``fit``.
 * Checkpoints: the callback's ``state_dict`` is ``analyzer.state_dict()`` (step, config,
-  carried computer state; not the snapshot), saved by Lightning in every checkpoint. On resume
-  from a single-process checkpoint into a single-process run it is restored with the loaded
-  weights as baseline when the resumed step is a measurement step, so values match the
-  uninterrupted run; otherwise (other steps, several processes, where each rank's carried
-  state may differ from rank zero's) the manager is aligned with ``global_step`` and
-  re-baselines at its next measurement step.
+  carried computer state; not the snapshot), saved by Lightning in every checkpoint (rank
+  zero's). On resume into as many processes, at a measurement step, it is restored with the
+  loaded weights as baseline, so values match the uninterrupted run: in one process, and under
+  DDP or DeepSpeed ZeRO-1/2, where every parameter is replicated and only rank zero carries
+  state for them (it counts them), so rank zero's state is right on every rank. Otherwise
+  (other steps, another number of processes, sharded parameters, whose carried state differs
+  per rank) the manager is aligned with ``global_step`` and re-baselines at its next
+  measurement step. Every rank takes the same branch: it depends on the checkpoint, the
+  world size and the strategy only.
 * The optimizer handed to the analysis is ``trainer.optimizers[0]`` when there is exactly one;
   with several (manual optimization) none is, and the families that read optimizer state are
   skipped (the manager says so once).
@@ -82,6 +85,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import shard_info
 from ..core.logonce import LogOnce
 from ..manager import ModelAnalysisManager
 from .batch import DROPPED_KEYS
@@ -267,8 +271,8 @@ class LightningAnalysisCallback(*_callback_bases()):  # type: ignore[misc]
         if (
             isinstance(manager, Mapping)
             and manager.get("step_count") == step
-            and saved.get("world_size") == 1
-            and world == 1
+            and saved.get("world_size") == world
+            and (world == 1 or _replicated(pl_module))
         ):
             try:
                 self.analyzer.reset()
@@ -319,3 +323,8 @@ class LightningAnalysisCallback(*_callback_bases()):  # type: ignore[misc]
             finite = finite_values(values)
             if finite is not None:
                 experiment.add_histogram(f"{self.prefix}{key}", finite, step)
+
+
+def _replicated(module: nn.Module) -> bool:
+    """True when no parameter is sharded (DDP, ZeRO-1/2): every rank holds the whole model."""
+    return not any(shard_info(p).sharded for p in module.parameters())

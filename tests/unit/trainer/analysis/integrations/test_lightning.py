@@ -443,3 +443,25 @@ def test_ddp_every_rank_measures_the_same_and_rank_zero_logs(tmp_path):
     found = _analysis_rows(_csv(tmp_path))
     assert sorted(found) == [4]
     assert found[4]["gradient/norm_l2"] == pytest.approx(ranks[0]["4"]["gradient/norm_l2"])
+
+
+@pytest.mark.distributed
+def test_ddp_resume_restores_the_carried_state_from_rank_zeros_checkpoint(tmp_path):
+    """Rank zero's state is saved; under DDP it is right on every rank (rank zero alone carries
+    the replicated parameters' changed sets), so mask_overlap goes on at the first measurement
+    after the resume instead of starting over (NaN). Lightning's DDP resume itself does not
+    reproduce the uninterrupted run's updates here, so values are not compared."""
+    config = _config(sparse_quality_enabled=False, gradient_enabled=False,
+                     adam_sign_enabled=False, param_change_track_mask_overlap=True)
+    ddp = {"devices": 2, "strategy": "ddp_spawn"}
+    first = ModelAnalysisManager.create(config)
+    saver = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1)
+    _fit(tmp_path / "a", TinyLM(same_batches=True), [LightningAnalysisCallback(first), saver],
+         max_steps=4, enable_checkpointing=True, **ddp)
+    ckpt = next((tmp_path / "ckpt").glob("*step=4.ckpt"))
+    second = ModelAnalysisManager.create(config)
+    _fit(tmp_path / "b", TinyLM(same_batches=True), [LightningAnalysisCallback(second)],
+         max_steps=6, ckpt_path=str(ckpt), **ddp)
+    resumed = _analysis_rows(_csv(tmp_path / "b"))
+    assert sorted(resumed) == [6]  # step 4 is the restored baseline: nothing lost
+    assert 0.0 < resumed[6]["param_change/mask_overlap"] <= 1.0  # carried state restored
