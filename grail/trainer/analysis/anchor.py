@@ -243,21 +243,22 @@ class BaseAnchor:
         the same step and all take the same decision (one vote): a base mixed from the saved
         pieces on some ranks and the live weights on others would be no base at all."""
         assert self.snapshot is not None
-        live = ParameterSnapshot.live(model, trainable_only=self.trainable_only)
         snap: ParameterSnapshot | None = None
         problem = ""
-        if self.snapshot.spec() == live.spec():  # e.g. set_base(model) of the model itself
-            snap = self.snapshot
-            snap.shards = dict(live.shards)
-        elif self.restored:  # the saving rank's pieces: only this rank's own fit
-            problem = ("the base in the loaded state holds other pieces than this rank's (each "
-                       "rank must load the state it saved, on as many ranks)")
-        else:
-            try:
+        try:  # whatever happens here, every rank reaches the vote
+            live = ParameterSnapshot.live(model, trainable_only=self.trainable_only)
+            if self.snapshot.spec() == live.spec():  # e.g. set_base(model) of the model itself
+                snap = self.snapshot
+                snap.shards = dict(live.shards)
+            elif self.restored:  # the saving rank's pieces: only this rank's own fit
+                problem = ("the base in the loaded state holds other pieces than this rank's "
+                           "(each rank must load the state it saved, on as many ranks)")
+            else:
                 snap = _build(self.snapshot.data, live, self.device)
-            except ValueError as err:
-                problem = (f"{err} (pass model= to set_base to catch this when the base is "
-                           "set)")
+        except ValueError as err:
+            problem = f"{err} (pass model= to set_base to catch this when the base is set)"
+        except Exception as err:  # e.g. out of memory on this rank only
+            problem = f"checking the base failed: {err!r}"
         anywhere, _ = agree([bool(problem)])
         if anywhere[0]:
             logger.warning("%s; drift/* is measured from the weights at step %d instead",

@@ -169,6 +169,32 @@ def test_a_pending_base_that_does_not_match_warns_once_and_training_goes_on(capl
     assert outs[-1]["drift/norm_l2"] == pytest.approx(_norm(_weights(model), start), rel=1e-6)
 
 
+def test_a_pending_base_whose_check_raises_is_re_taken_and_the_vote_still_runs(
+    caplog, monkeypatch
+):
+    from grail.trainer.analysis import anchor
+
+    model = tiny_qwen2()
+    manager = _manager(sparse_quality_enabled=False)
+    manager.set_base(_weights(model))  # pending: checked at the first call
+    votes = []
+    real_agree = anchor.agree
+    monkeypatch.setattr(anchor, "agree", lambda values: votes.append(values) or real_agree(values))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory on this rank")
+
+    monkeypatch.setattr(anchor, "_build", broken)
+    monkeypatch.setattr(anchor.ParameterSnapshot, "spec", lambda self: {id(self): None})
+    caplog.set_level(logging.WARNING)
+    _update(model, 1)
+    manager.on_optimizer_step(model)  # the vote is reached: no other rank is left waiting
+    assert votes == [[True]]
+    said = [r.getMessage() for r in caplog.records if "checking the base failed" in r.getMessage()]
+    assert len(said) == 1 and "out of memory on this rank" in said[0]
+    assert manager.base_snapshot is not None and manager._anchor.step == 1
+
+
 def test_an_architecture_change_re_takes_the_base_with_a_warning(caplog):
     model = tiny_qwen2()
     manager = _manager(sparse_quality_enabled=False)
