@@ -308,7 +308,7 @@ class BaseAnchor:
         return self.pending or (self.snapshot is None and wanted)
 
     def state(self) -> dict[str, Any]:
-        """``{"base", "base_param_dtypes", "base_shards"}`` for
+        """``{"base", "base_param_dtypes", "base_shards", "base_uid"}`` for
         ``state_dict(include_snapshot=True)``."""
         if self.snapshot is None:
             return {}
@@ -317,13 +317,14 @@ class BaseAnchor:
             "base": self.snapshot.state_dict(),
             "base_param_dtypes": layout["param_dtypes"],
             "base_shards": layout["shards"],
+            "base_uid": self.snapshot.uid,
         }
 
     def load(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state` (pending: checked against the model at the next call)."""
         snap = ParameterSnapshot.restored(
             state["base"], state.get("base_param_dtypes", {}), state.get("base_shards", {}),
-            device=self.device,
+            device=self.device, uid=state.get("base_uid"),
         )
         self.snapshot, self.explicit, self.pending, self.step = snap, True, True, None
         self.failed, self.restored = False, True

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -147,6 +148,7 @@ class ParameterSnapshot:
         self.param_dtypes: dict[str, torch.dtype] = {}
         self.is_live = False
         self.timestamp = 0.0
+        self.uid = uuid.uuid4().hex  # which weights these are: new at every capture, restored
         self._pending: list[torch.cuda.Event] = []
         if model is not None:
             self.capture_(model)
@@ -193,6 +195,7 @@ class ParameterSnapshot:
             event.record(torch.cuda.current_stream(device))
             self._pending.append(event)
         self.timestamp = time.time()
+        self.uid = uuid.uuid4().hex
         return self
 
     def _allocate(self, shape: torch.Size, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
@@ -297,9 +300,11 @@ class ParameterSnapshot:
         *,
         trainable_only: bool = False,
         live: ParameterSnapshot | None = None,
+        uid: str | None = None,
     ) -> ParameterSnapshot:
         """A snapshot of saved ``tensors`` (:meth:`state_dict`) with the dtypes and shards of
-        :meth:`layout_state`. A tensor saved without its shard (a checkpoint written before
+        :meth:`layout_state` (and ``uid``, the saved snapshot's). A tensor saved without its
+        shard (a checkpoint written before
         they were saved) takes the shard of ``live`` when the local shapes agree, else counts
         as replicated (whole on every rank, counted on rank 0). A replicated tensor is counted
         by this process's rank 0 whichever rank saved it (replicas are the same bits); a
@@ -318,6 +323,7 @@ class ParameterSnapshot:
             else:
                 snap.shards[name] = ShardInfo.replicated(tuple(tensor.shape))
         snap.timestamp = time.time()
+        snap.uid = uid if isinstance(uid, str) and uid else snap.uid
         return snap
 
 

@@ -246,7 +246,7 @@ class DriftMetrics(MetricComputer):
         )
         # (step, base identity, ||W_now - W_base||^2) of the last measurement: the next one's
         # ||W_prev - W_base||^2 when the interval snapshot holds those weights losslessly
-        self._last_norm: tuple[int, tuple[int, float], float] | None = None
+        self._last_norm: tuple[int, str, float] | None = None
 
     @classmethod
     def from_config(
@@ -294,6 +294,28 @@ class DriftMetrics(MetricComputer):
 
     def reset(self) -> None:
         self._last_norm = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"last_norm": [step, base uid, ||W_now - W_base||^2]}`` of the last measurement
+        (``{}`` before one): a resumed run reuses it exactly as the uninterrupted run does,
+        when its interval snapshot and base are the ones saved with it (same step, same uid)."""
+        if self._last_norm is None:
+            return {}
+        step, uid, norm = self._last_norm
+        return {"last_norm": [step, uid, norm]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (``{}`` forgets the carried norm)."""
+        last = state.get("last_norm") if state else None
+        if last is None:
+            self.reset()
+            return
+        ok = (isinstance(last, (list, tuple)) and len(last) == 3 and isinstance(last[0], int)
+              and isinstance(last[1], str) and isinstance(last[2], float))
+        if not ok:
+            raise ValueError(f"{self.name}: a state must be {{'last_norm': [step, base uid, "
+                             f"float]}} as returned by state_dict(); got {state!r}")
+        self._last_norm = (last[0], last[1], last[2])
 
     # --- computation -----------------------------------------------------------------------
     def compute(
@@ -355,7 +377,7 @@ class DriftMetrics(MetricComputer):
         """``drift/cos_interval`` from three squared norms (see module docstring)."""
         total = self.statistics.total
         s_tot = total.sum_sq if total is not None and total.nonfinite == 0 else _NAN
-        key = (id(base), base.timestamp)
+        key = base.uid
         last, self._last_norm = self._last_norm, None
         if delta is None or old is None or old is base:
             return _NAN  # no interval snapshot, or it is the base: W_prev = W_base

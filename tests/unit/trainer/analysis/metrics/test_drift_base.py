@@ -231,10 +231,36 @@ def test_state_dict_carries_the_base_and_a_restored_run_continues_exactly():
         _update(model, step)
         want = first.on_optimizer_step(model, inputs=_inputs())
         got = second.on_optimizer_step(model, inputs=_inputs())
-    # the restored run computes ||W_prev - W_base||^2 afresh, the first one remembers it: the
-    # same number up to the float32 chunk sums of the eager statistics
-    assert got.pop("drift/cos_interval") == pytest.approx(want.pop("drift/cos_interval"), abs=1e-7)
-    assert want and got == want
+    # the carried ||W_prev - W_base||^2 travels with the state: every value is the same bits
+    assert math.isfinite(want["drift/cos_interval"]) and got == want
+
+
+def test_a_carried_norm_is_used_only_with_the_base_it_was_saved_with():
+    model = tiny_qwen2()
+    first = _manager()
+    first.set_base(model)
+    weights = {}
+    for step in range(1, 5):
+        _update(model, step)
+        first.on_optimizer_step(model)
+        weights[step] = _weights(model)
+    state = first.state_dict(include_snapshot=True)
+    drift = next(v for k, v in state["computers"].items() if k.endswith(":drift"))
+    assert drift["last_norm"][:2] == [4, state["base_uid"]]
+    resumed = _manager()
+    resumed.load_state_dict(state)
+    resumed.set_base(weights[2], model=model)  # another base: the carried norm is not its own
+    for step in (5, 6):
+        _update(model, step)
+        got = resumed.on_optimizer_step(model)
+    now, prev, base = _weights(model), weights[4], weights[2]
+    dot = sum(((now[n].double() - prev[n].double()) * (prev[n].double() - base[n].double())).sum()
+              for n in now)
+    want = float(dot) / (_norm(now, prev) * _norm(prev, base))
+    assert got["drift/cos_interval"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="last_norm"):
+        next(c for c in resumed.computers if c.name == "drift").load_state_dict(
+            {"last_norm": [1, 2]})
 
 
 def test_reset_keeps_a_base_given_with_set_base_and_forgets_a_taken_one():
