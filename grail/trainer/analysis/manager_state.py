@@ -62,8 +62,8 @@ class ManagerState:
         has one (:meth:`MetricComputer.state_dict`), keyed ``"<position>:<name>"`` - always
         included, because it is small by contract (``mask_overlap`` keeps one bit per entry)
         and a resumed run needs it to match an uninterrupted one; ``"snapshot"`` (with
-        ``"snapshot_param_dtypes"``, ``"snapshot_shards"``: where this rank's pieces sit,
-        ``"snapshot_step"`` and ``"snapshot_uid"``: which weights they are) and the base of
+        ``"snapshot_param_dtypes"``, ``"snapshot_shards"``: where this rank's pieces sit, and
+        ``"snapshot_step"``: when they were taken) and the base of
         ``drift/*`` (``"base"``, ``"base_param_dtypes"``, ``"base_shards"``, ``"base_uid"``)
         only with ``include_snapshot=True``, because each is as large as the model (this
         rank's part of it). Tensors are returned as they are (no copies): save them with
@@ -81,7 +81,6 @@ class ManagerState:
             state["snapshot_param_dtypes"] = layout["param_dtypes"]
             state["snapshot_shards"] = layout["shards"]  # where this rank's pieces sit
             state["snapshot_step"] = self._snapshot_step
-            state["snapshot_uid"] = self.old_snapshot.uid
         if include_snapshot:
             state.update(self._anchor.state())  # "base", "base_param_dtypes"
         return state
@@ -144,12 +143,16 @@ class ManagerState:
                 dtype=SNAPSHOT_DTYPES[self.config.snapshot_dtype],
                 trainable_only=self.config.trainable_only,
                 live=live,
-                uid=state.get("snapshot_uid"),
             )
             saved_step = state.get("snapshot_step")
             self._snapshot_step = saved_step if isinstance(saved_step, int) else None
         elif exact and model is not None:
-            self.on_optimizer_step(model, step=step)  # the baseline from the given weights
+            try:
+                self.on_optimizer_step(model, step=step)  # the baseline from the given weights
+            except Exception:  # e.g. a computer's configuration does not fit the model
+                for computer in self.computers:
+                    computer.reset()  # carried state without its baseline would be stale
+                raise
         if not exact or self.old_snapshot is None:
             for computer in self.computers:  # stale without a baseline at `step`
                 computer.reset()

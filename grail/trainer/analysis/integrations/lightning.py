@@ -282,6 +282,7 @@ class LightningAnalysisCallback(*_callback_bases()):  # type: ignore[misc]
             except Exception as err:  # a foreign or damaged state: resume without it
                 self._fail_once("restore", "analysis state not restored (%r); the analysis "
                                 "re-baselines", err)
+                self.analyzer.reset()  # nothing restored is kept; the baseline is taken below
         if self.analyzer.step_count == step:
             return
         self.analyzer.reset()
@@ -326,5 +327,12 @@ class LightningAnalysisCallback(*_callback_bases()):  # type: ignore[misc]
 
 
 def _replicated(module: nn.Module) -> bool:
-    """True when no parameter is sharded (DDP, ZeRO-1/2): every rank holds the whole model."""
-    return not any(shard_info(p).sharded for p in module.parameters())
+    """True when every rank holds the whole model (DDP, ZeRO-1/2); False when a parameter is
+    sharded (FSDP2, ZeRO-3), under FSDP1 (its flat parameters look whole) or when the layout
+    cannot be read (tensor parallel): the same answer on every rank, and never an exception."""
+    try:
+        if any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules()):
+            return False
+        return not any(shard_info(p).sharded for p in module.parameters())
+    except Exception:  # e.g. DTensor placements the analysis does not read
+        return False

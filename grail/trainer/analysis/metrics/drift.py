@@ -83,11 +83,13 @@ in the steady state:
 :math:`a + b = \Delta_{tot}`; :math:`\lVert a\rVert^2` is shared by ``param_change`` through the
 context (:func:`~.parameter_change.update_norm_key`) and :math:`\lVert b\rVert^2` is the previous
 measurement's :math:`\lVert\Delta_{tot}\rVert^2` when the interval snapshot holds those weights
-losslessly. Otherwise (the first measurement, a lossy ``snapshot_dtype``, ``param_change`` off, a
-restored state) the missing norm is one streamed pass; every rank agrees on which (one tiny
-reduction). Accuracy: the three sums carry the statistics' rounding (float64 in the compiled
-kernels; float32 chunk sums on the eager path, ~1e-7 relative), so the cosine's absolute error is
-about that times :math:`\lVert a\rVert/\lVert b\rVert + \lVert b\rVert/\lVert a\rVert`.
+losslessly (it is carried in the computer's state, with its step and the base's ``uid``, so a
+resumed run reuses it too). Otherwise (the first measurement, a lossy ``snapshot_dtype``,
+``param_change`` off, another base) the missing norm is one streamed pass; every rank agrees on
+which (one tiny reduction). Accuracy: the three sums carry the statistics' rounding (float64 in
+the compiled kernels; float32 chunk sums on the eager path, ~1e-7 relative), so the cosine's
+absolute error is about that times
+:math:`\lVert a\rVert/\lVert b\rVert + \lVert b\rVert/\lVert a\rVert`.
 Outputs: the base logits are computed once and give both KLs (KL(P_base || P_now) in
 row blocks, so only a block of base probabilities is held); then one forward per mask.
 

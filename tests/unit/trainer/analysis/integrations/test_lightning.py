@@ -465,3 +465,70 @@ def test_ddp_resume_restores_the_carried_state_from_rank_zeros_checkpoint(tmp_pa
     resumed = _analysis_rows(_csv(tmp_path / "b"))
     assert sorted(resumed) == [6]  # step 4 is the restored baseline: nothing lost
     assert 0.0 < resumed[6]["param_change/mask_overlap"] <= 1.0  # carried state restored
+
+
+
+def test_only_a_model_every_rank_holds_whole_restores_rank_zeros_state(tmp_path):
+    """The DDP restore branch needs whole parameters on every rank; sharded ones (FSDP2's
+    DTensors), FSDP1's flat parameters and layouts the analysis cannot read take the
+    re-baseline branch, without raising into training."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.device_mesh import init_device_mesh
+
+    from grail.trainer.analysis.integrations.lightning import _replicated
+
+    assert _replicated(tiny_qwen2(vocab=VOCAB))
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for placement in (Shard(0), Shard(1)):  # Shard(1): not read by the analysis
+            linear = torch.nn.Linear(4, 4)
+            linear.weight = torch.nn.Parameter(distribute_tensor(linear.weight.detach(), mesh,
+                                                                 [placement]))
+            assert not _replicated(linear)
+    finally:
+        dist.destroy_process_group()
+
+    class FullyShardedDataParallel(torch.nn.Module):  # FSDP1's wrapper, by its name
+        pass
+
+    wrapped = torch.nn.Sequential(FullyShardedDataParallel(), torch.nn.Linear(2, 2))
+    assert not _replicated(wrapped)
+
+
+def test_a_restore_that_raises_keeps_no_carried_state(tmp_path, caplog):
+    """A computer whose configuration does not fit raises from the baseline taken in
+    load_state_dict: nothing restored survives, and the callback re-baselines (the error
+    reaches the caller there, as it would without a checkpoint)."""
+    from grail.trainer.analysis.metrics.base import MetricComputer
+
+    class Refuses(MetricComputer):
+        name = "refuses"
+
+        def requires_base(self) -> bool:
+            return True
+
+        def check_base(self, base) -> None:
+            raise ValueError("this computer's configuration does not fit the model")
+
+        def compute(self, delta=None, **kwargs):
+            return {}
+
+    model = tiny_qwen2(vocab=VOCAB)
+    source = ModelAnalysisManager.create(_config(param_change_track_mask_overlap=True))
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+        source.on_optimizer_step(model, step=step)
+    state = source.state_dict()
+    assert any(k.endswith("mask_overlap") for k in state["computers"])
+    target = ModelAnalysisManager.create(_config(param_change_track_mask_overlap=True))
+    target.add_metric(Refuses())
+    state["computers"] = dict(state["computers"])
+    with pytest.raises(ValueError, match="does not fit"):
+        target.load_state_dict(state, model=model)
+    overlap = next(c for c in target.computers if c.name == "mask_overlap")
+    assert overlap.state_dict() == {}  # not kept without its baseline
