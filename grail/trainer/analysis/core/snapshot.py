@@ -303,13 +303,15 @@ class ParameterSnapshot:
         uid: str | None = None,
     ) -> ParameterSnapshot:
         """A snapshot of saved ``tensors`` (:meth:`state_dict`) with the dtypes and shards of
-        :meth:`layout_state` (and ``uid``, the saved snapshot's). A tensor saved without its
-        shard (a checkpoint written before
-        they were saved) takes the shard of ``live`` when the local shapes agree, else counts
-        as replicated (whole on every rank, counted on rank 0). A replicated tensor is counted
-        by this process's rank 0 whichever rank saved it (replicas are the same bits); a
-        sharded one keeps the saving rank's place, which this rank's live layout must match
-        (:meth:`spec`) to be diffed against it."""
+        :meth:`layout_state` (and ``uid``, the saved snapshot's, when given).
+
+        A tensor saved without its shard (a checkpoint written before shards were saved) takes
+        the shard of ``live`` when the local shapes agree, else counts as replicated (whole on
+        every rank, counted on rank 0). A replicated tensor is counted by this process's rank 0
+        whichever rank saved it (replicas are the same bits); a sharded one keeps the saving
+        rank's place, which this rank's live layout must match (:meth:`spec`) to be diffed
+        against it.
+        """
         snap = cls(None, device=device, dtype=dtype, trainable_only=trainable_only)
         for name, tensor in tensors.items():
             snap.data[name] = tensor.to(snap._device, copy=True)

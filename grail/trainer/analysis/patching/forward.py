@@ -18,7 +18,7 @@ tensor itself. No tensor of at least one dimension there is a ``TypeError`` desc
 output and how to pass ``output_fn``. Logits are flattened to ``[positions, classes]``
 keeping only the positions the attention mask marks as tokens: non-zero, or zero in an
 additive floating-point mask (one without a positive entry); a ``[batch, (heads,) seq, seq]``
-mask is read on its diagonal and cut along both sequence dimensions. With a mask of any other
+mask is read on its diagonal and cut along its last two dimensions. With a mask of any other
 shape every position is compared, with one warning.
 
 Example:
