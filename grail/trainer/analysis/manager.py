@@ -176,6 +176,14 @@ class ModelAnalysisManager(ManagerBase, ManagerState, ManagerRuns):
                 f"add_metric expects a MetricComputer, got {type(computer).__name__}; subclass "
                 "grail.trainer.analysis.MetricComputer and implement compute()"
             )
+        kind = type(computer)
+        if kind.state_dict is not MetricComputer.state_dict and kind.reset is MetricComputer.reset:
+            raise TypeError(
+                f"{kind.__name__} carries state (it overrides state_dict()) but does not "
+                "override reset(): the manager calls reset() to drop that state (reset(), a "
+                "resume without an exact baseline, a step going back); implement reset() to "
+                "forget it"
+            )
         self.computers.append(computer)
         return self
 

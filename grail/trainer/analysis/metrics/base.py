@@ -278,10 +278,11 @@ class MetricComputer(ABC):
     def state_dict(self) -> dict[str, Any]:
         """State carried across measurements, for checkpoints; ``{}`` (the default) if none.
 
-        Override together with :meth:`load_state_dict` in a computer that remembers something
-        from one measurement to the next. Tensors are allowed (the manager's state is saved
-        with ``torch.save``); keep it small - it is saved with every checkpoint - and local to
-        this rank in a process group.
+        Override together with :meth:`load_state_dict` and :meth:`reset` (which the manager
+        calls to drop the state; ``add_metric`` refuses a computer without it) in a computer
+        that remembers something from one measurement to the next. Tensors are allowed (the
+        manager's state is saved with ``torch.save``); keep it small - it is saved with every
+        checkpoint - and local to this rank in a process group.
         """
         return {}
 

@@ -240,10 +240,14 @@ def metric_rows(m: Metrics, dtype: str | None, from_base: bool = False) -> list[
     still = nothing_moved(m)
     p = "param_change/"
     if m.get(p + "relative_norm") is not None:
+        of = "the base weights' norm" if from_base else (
+            "the norm of the weights at the start of the interval")
+        norm_l2, norm_max = m.get(p + "norm_l2"), m.get(p + "norm_max")
+        said = f"||dW||_2 = {number(norm_l2)} is" if norm_l2 is not None else "The update is"
+        largest = (f"; the largest single change is {number(norm_max)}"
+                   if norm_max is not None else "")
         rows.append(("Update size", f"{pct(m[p + 'relative_norm'])} relative L2",
-                     f"||dW||_2 = {number(m.get(p + 'norm_l2'))} is {pct(m[p + 'relative_norm'])} "
-                     f"of the base weights' norm; the largest single change is "
-                     f"{number(m.get(p + 'norm_max'))}."))
+                     f"{said} {pct(m[p + 'relative_norm'])} of {of}{largest}."))
     exact, bf16 = m.get(p + "exact_unchanged_ratio"), m.get(p + "bf16_unchanged_ratio")
     if exact is not None and bf16 is not None:
         rows.append(("Unchanged entries", f"{pct(exact)} exact, {pct(bf16)} in bf16",
@@ -352,11 +356,12 @@ def run_summary(records: Sequence[Mapping[str, Any]]) -> list[Row]:
     rows: list[Row] = [("Measurements", str(len(records)),
                         f"From step {first['step']} to step {last['step']}.")]
     key = "param_change/relative_norm"
-    a, b = first["metrics"].get(key), last["metrics"].get(key)
-    if a is not None and b is not None and len(records) > 1:
+    finite = [r for r in records if _finite(r["metrics"].get(key))]
+    if len(finite) > 1:
+        (s0, a), (s1, b) = ((r["step"], r["metrics"][key]) for r in (finite[0], finite[-1]))
+        trend = "shrinking" if b < a else "growing" if b > a else "unchanged"
         rows.append(("Update size trend", f"{pct(a)} -> {pct(b)}",
-                     f"Relative update per interval at step {first['step']} and at step "
-                     f"{last['step']} ({'shrinking' if b < a else 'growing'})."))
+                     f"Relative update per interval at step {s0} and at step {s1} ({trend})."))
     a, b = first["metrics"].get("drift/kl_base_now"), last["metrics"].get("drift/kl_base_now")
     if a is not None and b is not None and len(records) > 1:
         rows.append(("KL to the base trend", f"{number(a)} -> {number(b)}",
@@ -421,3 +426,8 @@ def family_reading(family: str) -> str:
     if family == "other":
         return "Keys outside the family/name grammar, as logged."
     return f"Metrics of the {family} computer, as logged."
+
+
+def _finite(value: Any) -> bool:
+    """A logged number that is not NaN or infinite (``null`` in a run log reads as NaN)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -544,3 +544,30 @@ def test_a_plain_base_for_a_peft_style_model_says_how_to_set_it():
     with pytest.raises(ValueError) as plain_error:  # a plain mismatch gets no PEFT hint
         manager.set_base({"x": torch.zeros(2)}, model=plain)
     assert "PEFT" not in str(plain_error.value)
+
+
+def test_a_computer_carrying_state_without_reset_is_refused_at_add_metric():
+    class Remembers(MetricComputer):
+        name = "remembers"
+
+        def __init__(self) -> None:
+            self.previous = None
+
+        def compute(self, delta=None, **kwargs):
+            return {}
+
+        def state_dict(self):
+            return {"previous": self.previous} if self.previous is not None else {}
+
+        def load_state_dict(self, state):
+            self.previous = state.get("previous")
+
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1))
+    with pytest.raises(TypeError, match=r"does not override reset\(\).*implement reset\(\)"):
+        manager.add_metric(Remembers())
+
+    class Forgets(Remembers):
+        def reset(self) -> None:
+            self.previous = None
+
+    assert manager.add_metric(Forgets()) is manager

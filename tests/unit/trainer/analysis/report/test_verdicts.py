@@ -169,3 +169,30 @@ def test_a_mask_beside_its_random_baseline_reads_as_the_ratio_of_their_kls():
     for baseline in (math.nan, math.inf):  # no comparison with a baseline that is not a number
         s = quality_sentence(1e-4, baseline, None, RANDOM, base_kl=0.005223)
         assert "random" not in s and s.startswith("Practically the tuned model")
+
+
+def test_the_update_size_trend_uses_finite_values_and_says_unchanged():
+    from grail.trainer.analysis.report.text import run_summary
+
+    def trend(values):
+        records = [{"step": 2 * (i + 1), "metrics": {"param_change/relative_norm": v}}
+                   for i, v in enumerate(values)]
+        rows = {q: (v, s) for q, v, s in run_summary(records)}
+        return rows.get("Update size trend")
+
+    assert trend([0.1, 0.1])[1].endswith("(unchanged).")
+    assert trend([0.2, 0.1])[1].endswith("(shrinking).")
+    value, said = trend([math.nan, 0.02, 0.017])  # a first measurement logged as null
+    assert value == "2.0% -> 1.7%" and "at step 4 and at step 6" in said
+    assert trend([math.nan, 0.02]) is None  # one finite value: no trend
+
+
+def test_the_update_size_sentence_names_the_interval_and_skips_missing_values():
+    rows = _rows({"param_change/relative_norm": 0.1})
+    said = rows["Update size"][1]
+    assert "of the norm of the weights at the start of the interval." in said
+    assert "n/a" not in said and "largest" not in said
+    rows = _rows({"param_change/relative_norm": 0.1, "param_change/norm_l2": 2.0,
+                  "param_change/norm_max": 0.5}, from_base=True)
+    assert rows["Update size"][1] == ("||dW||_2 = 2 is 10.0% of the base weights' norm; the "
+                                      "largest single change is 0.5.")
