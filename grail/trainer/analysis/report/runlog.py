@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..offline.checkpoint import CheckpointError, check_labels, number_repeats
 
 __all__ = ["has_values", "read_run_log", "run_labels"]
 
+logger = logging.getLogger(__name__)
+
 
 def read_run_log(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL training log written by ``JsonlSink`` (``{"step", "time", "metrics"}``).
@@ -29,6 +32,10 @@ def read_run_log(path: str | Path) -> list[dict[str, Any]]:
     line is skipped, ``null`` values read as ``nan``) and turns every problem - a missing file, a
     bad line, a line that is not such a record, a metric value that is not a number or ``null``
     - into a one-line ``CheckpointError``.
+
+    A log appended to by a resumed run (``JsonlSink`` appends) holds a step again, or an earlier
+    one: the resumed run re-measured from there, so the earlier records from that step on are
+    replaced by the later ones, with one warning; the records come out in increasing steps.
     """
     from ..integrations.sinks import read_jsonl
 
@@ -45,7 +52,24 @@ def read_run_log(path: str | Path) -> list[dict[str, Any]]:
     except (AttributeError, TypeError):  # a JSON line that is not an object
         msg = f"{path} holds lines that are not {{step, metrics}} records"
         raise CheckpointError(msg) from None
-    return _checked(path, records)
+    return _latest_timeline(path, _checked(path, records))
+
+
+def _latest_timeline(path: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with every record a later one re-measured (its step or a later one, written
+    before a resumed run's) left out: the run as its last segment left it."""
+    kept: list[dict[str, Any]] = []
+    replaced = 0
+    for record in records:
+        while kept and kept[-1]["step"] >= record["step"]:
+            kept.pop()
+            replaced += 1
+        kept.append(record)
+    if replaced:
+        logger.warning("%s: %d record%s replaced by records of the same or earlier steps logged "
+                       "after them (a resumed run appended to the log); plotting the later ones",
+                       path, replaced, "" if replaced == 1 else "s")
+    return kept
 
 
 def _check_first_line(path: Path) -> None:

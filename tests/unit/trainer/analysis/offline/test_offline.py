@@ -356,3 +356,17 @@ def test_prompts_of_special_tokens_only_are_not_usable(tmp_path, caplog):
         batch = prompt_batch(tdir, ["the cat", "<|endoftext|>"], 64)
     assert batch["attention_mask"].sum(dim=1).tolist() == [2, 1]
     assert "1 of 2 prompts encode to no tokens" in caplog.text
+
+
+def test_a_run_log_appended_to_by_a_resumed_run_keeps_the_later_records(tmp_path, caplog):
+    path = tmp_path / "resumed.jsonl"
+    lines = [(2, 0.1), (4, 0.2), (6, 0.3), (8, 0.4),  # interrupted after step 8
+             (6, 0.35), (8, 0.45), (10, 0.5)]  # resumed from the checkpoint of step 4
+    path.write_text("".join(json.dumps({"step": s, "time": 0.0, "metrics": {"a/b": v}}) + "\n"
+                            for s, v in lines))
+    with caplog.at_level("WARNING"):
+        records = read_run_log(path)
+    assert [(r["step"], r["metrics"]["a/b"]) for r in records] == [
+        (2, 0.1), (4, 0.2), (6, 0.35), (8, 0.45), (10, 0.5)]
+    said = [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()]
+    assert len(said) == 1 and "2 records replaced" in said[0]
