@@ -68,6 +68,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -91,6 +92,9 @@ from .metrics.base import AnalysisContext, MetricComputer
 __all__ = ["ModelAnalysisManager", "measurement_steps"]
 
 logger = logging.getLogger(__name__)
+
+#: What the manager passes to every ``compute`` (by keyword).
+_COMPUTE_KEYWORDS = frozenset({"delta", "old_snapshot", "current_snapshot", "context"})
 
 REPLICAS_KEY = "param_change/replicas_diverged"
 
@@ -177,6 +181,13 @@ class ModelAnalysisManager(ManagerBase, ManagerState, ManagerRuns):
                 "grail.trainer.analysis.MetricComputer and implement compute()"
             )
         kind = type(computer)
+        params = inspect.signature(computer.compute).parameters.values()
+        named = {p.name for p in params}
+        if not any(p.kind == p.VAR_KEYWORD for p in params) and not named >= _COMPUTE_KEYWORDS:
+            raise TypeError(
+                f"{kind.__name__}.compute must accept the keyword arguments the manager passes "
+                f"({', '.join(sorted(_COMPUTE_KEYWORDS))}): add **kwargs to its signature"
+            )
         if kind.state_dict is not MetricComputer.state_dict and kind.reset is MetricComputer.reset:
             raise TypeError(
                 f"{kind.__name__} carries state (it overrides state_dict()) but does not "

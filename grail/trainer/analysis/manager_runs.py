@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -111,16 +112,13 @@ class ManagerRuns:
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                raw = MetricResult.of(
-                    computer.compute(
-                        delta=delta,
-                        old_snapshot=self.old_snapshot,
-                        current_snapshot=live,
-                        context=context,
-                    )
+                value = computer.compute(
+                    delta=delta,
+                    old_snapshot=self.old_snapshot,
+                    current_snapshot=live,
+                    context=context,
                 )
-            metrics = {str(k): float(v) for k, v in raw.metrics.items()}
-            result = MetricResult(metrics, dict(raw.histograms))
+            result = _checked_result(computer.name, value)
         except Exception as err:
             self._report(computer.name, err)
         finally:
@@ -145,3 +143,22 @@ class ManagerRuns:
 
     def _warn_once(self, key: tuple[str, ...], message: str, *args: Any) -> None:
         self._once.warning(("warn", *key), message, *args)
+
+
+def _checked_result(name: str, value: Any) -> MetricResult:
+    """What ``compute`` returned, as a :class:`MetricResult` of floats; a ``TypeError`` naming
+    the computer and the key when it is not a mapping of string keys to numbers."""
+    if value is not None and not isinstance(value, (Mapping, MetricResult)):
+        raise TypeError(f"{name}.compute returned a {type(value).__name__}; return a dict of "
+                        "'family/name' keys to numbers, or a MetricResult")
+    raw = MetricResult.of(value)
+    metrics: dict[str, float] = {}
+    for key, number in raw.metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name} returned the key {key!r}; keys are 'family/name' strings")
+        try:
+            metrics[key] = float(number)
+        except (TypeError, ValueError):
+            shown = repr(number)[:60]
+            raise TypeError(f"{name} returned {key!r} = {shown}, not a number") from None
+    return MetricResult(metrics, dict(raw.histograms))

@@ -571,3 +571,35 @@ def test_a_computer_carrying_state_without_reset_is_refused_at_add_metric():
             self.previous = None
 
     assert manager.add_metric(Forgets()) is manager
+
+
+def test_mistakes_in_a_custom_compute_say_what_to_change(caplog):
+    class NoKeywords(MetricComputer):
+        name = "no_keywords"
+
+        def compute(self, delta):
+            return {}
+
+    with pytest.raises(TypeError, match=r"NoKeywords.compute must accept .*add \*\*kwargs"):
+        ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(NoKeywords())
+
+    class Returns(MetricComputer):
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        def compute(self, delta=None, **kwargs):
+            return self.value
+
+    model = torch.nn.Linear(3, 3)
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1, sparse_quality_enabled=False))
+    for computer in (Returns("a_float", 0.5), Returns("a_word", {"custom/x": "abc"}),
+                     Returns("an_int_key", {7: 1.0}), Returns("fine", {"custom/ok": 1})):
+        manager.add_metric(computer)
+    caplog.set_level(logging.WARNING)
+    manager.on_optimizer_step(model)
+    out = manager.on_optimizer_step(model)
+    assert out["custom/ok"] == 1.0 and "custom/x" not in out
+    said = " | ".join(r.getMessage() for r in caplog.records)
+    assert "a_float.compute returned a float; return a dict" in said
+    assert "a_word returned 'custom/x' = 'abc', not a number" in said
+    assert "an_int_key returned the key 7; keys are 'family/name' strings" in said
