@@ -28,11 +28,14 @@ from torch import nn
 
 from .core.logonce import LogOnce
 from .core.snapshot import ParameterSnapshot
+from .keys import parse_key
 from .metrics.base import AnalysisContext, MetricComputer, MetricResult
 
 __all__ = ["ManagerRuns"]
 
 logger = logging.getLogger("grail.trainer.analysis.manager")
+
+_BUILT_IN = "grail.trainer.analysis."  # the package's own computers
 
 
 class ManagerRuns:
@@ -121,11 +124,30 @@ class ManagerRuns:
             result = _checked_result(computer.name, value)
         except Exception as err:
             self._report(computer.name, err)
+        else:
+            self._check_grammar(computer, result.metrics)
         finally:
             for module, mode in modes:
                 module.training = mode
         logger.debug("%s took %.3fs", computer.name, time.perf_counter() - start)
         return result
+
+    def _check_grammar(self, computer: MetricComputer, metrics: dict[str, float]) -> None:
+        """One warning per computer whose keys fall outside the key grammar (``family/name``,
+        :func:`~.keys.parse_key`): they are returned and logged as they are, but a report
+        cannot place them (it lists them under "Other metrics"). Built-in computers are
+        held to the grammar by their tests and skipped here."""
+        if type(computer).__module__.startswith(_BUILT_IN):
+            return
+        odd = [k for k in metrics if parse_key(k) is None]
+        if odd:
+            self._once.warning(
+                ("grammar", computer.name),
+                "%s returned keys outside the key grammar 'family/name' (%s): they are logged "
+                "as they are, but reports list them under 'Other metrics'; name them "
+                "'family/name', e.g. 'custom/largest_update'",
+                computer.name, ", ".join(repr(k) for k in odd[:3]),
+            )
 
     def _report(self, name: str, err: BaseException) -> None:
         """A computer (or the manager itself) raised: one warning per name and error type."""

@@ -603,3 +603,24 @@ def test_mistakes_in_a_custom_compute_say_what_to_change(caplog):
     assert "a_float.compute returned a float; return a dict" in said
     assert "a_word returned 'custom/x' = 'abc', not a number" in said
     assert "an_int_key returned the key 7; keys are 'family/name' strings" in said
+
+
+
+def test_custom_keys_outside_the_grammar_are_logged_with_one_warning(caplog):
+    class Loose(MetricComputer):
+        name = "loose"
+
+        def compute(self, delta=None, **kwargs):
+            return {"largest": 1.0, "custom//empty": 2.0, "custom/fine": 3.0}
+
+    model = torch.nn.Linear(3, 3)
+    manager = ModelAnalysisManager(AnalysisConfig(interval=1, sparse_quality_enabled=False))
+    manager.add_metric(Loose())
+    caplog.set_level(logging.WARNING)
+    manager.on_optimizer_step(model)
+    for _ in range(2):
+        out = manager.on_optimizer_step(model)
+    assert out["largest"] == 1.0 and out["custom/fine"] == 3.0  # logged as they are
+    said = [r.getMessage() for r in caplog.records if "outside the key grammar" in r.getMessage()]
+    assert len(said) == 1 and "'largest', 'custom//empty'" in said[0]
+    assert not [r for r in caplog.records if "param_change" in r.getMessage()]  # built-ins pass
