@@ -82,7 +82,7 @@ class ManagerState:
             state["snapshot_shards"] = layout["shards"]  # where this rank's pieces sit
             state["snapshot_step"] = self._snapshot_step
         if include_snapshot:
-            state.update(self._anchor.state())  # "base", "base_param_dtypes"
+            state.update(self._anchor.state())  # "base" and its dtypes, shards and uid
         return state
 
     def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:

@@ -168,13 +168,13 @@ def shard_info(p: torch.Tensor) -> ShardInfo:
     if zero.is_partitioned(p):
         return zero.partition_info(p)
     if not _is_dtensor(p):
-        return ShardInfo(tuple(p.shape), 0, False, get_rank() == 0 or not is_distributed())
+        return ShardInfo.replicated(tuple(p.shape))
     from torch.distributed.tensor import Replicate, Shard
 
     placements = p.placements
     global_shape = tuple(p.shape)
     if all(isinstance(pl, Replicate) for pl in placements):
-        return ShardInfo(global_shape, 0, False, get_rank() == 0)
+        return ShardInfo.replicated(global_shape)
     if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
         raise NotImplementedError(
             f"DTensor placements {placements} are not supported; only Shard(0) (FSDP2) and "

@@ -49,6 +49,7 @@ from .text import (
     pct,
     quality_sentence,
     unchanged_sentence,
+    update_size_sentence,
 )
 
 __all__ = ["Card", "Entry", "cards", "entries", "headline_label", "panels"]
@@ -178,8 +179,7 @@ def _reading(entry: Entry, m: Mapping[str, float | None], dtype: str | None,
         return quality_sentence(first, rest[0], top1, "a random mask of the same size", base_kl,
                                 base_top1)
     if entry.kind == "size" and first is not None:
-        return (f"||dW||_2 = {number(m.get(_P + 'norm_l2'))} is {pct(first)} of the weights' "
-                f"norm; the largest single change is {number(m.get(_P + 'norm_max'))}.")
+        return update_size_sentence(m, from_base)
     return entry.reading
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "run_summary",
     "stored_dtype",
     "unchanged_sentence",
+    "update_size_sentence",
 ]
 
 Row = tuple[str, str, str]
@@ -216,6 +217,19 @@ def _labelled(m: Metrics, family: str, name: str, kinds: tuple[str, ...]
     return sorted(found, key=lambda pv: pv[0].label_value or 0.0)
 
 
+def update_size_sentence(m: Metrics, from_base: bool = False) -> str:
+    """What ``param_change/relative_norm`` (logged) says with the norms beside it: relative to
+    the weights at the start of the interval, or to the base's in a diff (``from_base``);
+    values not logged are left out."""
+    p = "param_change/"
+    of = "the base weights' norm" if from_base else (
+        "the norm of the weights at the start of the interval")
+    norm_l2, norm_max = m.get(p + "norm_l2"), m.get(p + "norm_max")
+    said = f"||dW||_2 = {number(norm_l2)} is" if norm_l2 is not None else "The update is"
+    largest = f"; the largest single change is {number(norm_max)}" if norm_max is not None else ""
+    return f"{said} {pct(m[p + 'relative_norm'])} of {of}{largest}."
+
+
 def _largest(word: str, group: str, v: float, med: float) -> Row:
     """The "Largest layer/component" row; no ratio to a median that did not move."""
     if not (math.isfinite(v) and math.isfinite(med)):
@@ -240,14 +254,8 @@ def metric_rows(m: Metrics, dtype: str | None, from_base: bool = False) -> list[
     still = nothing_moved(m)
     p = "param_change/"
     if m.get(p + "relative_norm") is not None:
-        of = "the base weights' norm" if from_base else (
-            "the norm of the weights at the start of the interval")
-        norm_l2, norm_max = m.get(p + "norm_l2"), m.get(p + "norm_max")
-        said = f"||dW||_2 = {number(norm_l2)} is" if norm_l2 is not None else "The update is"
-        largest = (f"; the largest single change is {number(norm_max)}"
-                   if norm_max is not None else "")
         rows.append(("Update size", f"{pct(m[p + 'relative_norm'])} relative L2",
-                     f"{said} {pct(m[p + 'relative_norm'])} of {of}{largest}."))
+                     update_size_sentence(m, from_base)))
     exact, bf16 = m.get(p + "exact_unchanged_ratio"), m.get(p + "bf16_unchanged_ratio")
     if exact is not None and bf16 is not None:
         rows.append(("Unchanged entries", f"{pct(exact)} exact, {pct(bf16)} in bf16",
